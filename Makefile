@@ -1,0 +1,41 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# Each creates .venv on first use (Python 3.12, JAX 0.11.2 pinned in pyproject.toml).
+
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+# Find a working Python 3.12: an explicit PYTHON=..., then pyenv's interpreter (the pyenv shim fails
+# unless a version is selected), then whatever `python3.12` / `python3` runs a 3.12+.
+PYTHON ?= $(shell for p in \
+	"$$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12 \
+	"$$HOME"/.pyenv/versions/3.12*/bin/python3.12 \
+	python3.12 python3; do \
+	  "$$p" -c 'import sys; assert sys.version_info[:2] >= (3, 12)' >/dev/null 2>&1 && { echo "$$p"; break; }; \
+	done)
+
+.PHONY: demo test test-all test-gpu venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "error: no Python >= 3.12 found; install one or run make PYTHON=/path/to/python3.12"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dsjax demo
+
+test: $(STAMP)
+	$(VPY) -m pytest -q -m "not gpu and not slow"
+
+test-all: $(STAMP)
+	$(VPY) -m pytest -q
+
+test-gpu: $(STAMP)
+	$(VPY) -m pytest -q -m gpu
+
+clean:
+	rm -rf $(VENV) .dsjax build *.egg-info

@@ -1,0 +1,126 @@
+"""The `dsjax` command line: thin argparse front-ends over the library (all logic lives in dsjax.*)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+
+def _print_stats(stats: dict, file=sys.stderr) -> None:
+    print(f"[dsjax] prompt tokens {stats.get('prompt_tokens')}, generated {stats.get('generated_tokens')}, "
+          f"time to first token {stats.get('ttft_s', 0) * 1e3:.1f} ms, decode {stats.get('decode_tok_s', 0):.1f} tok/s",
+          file=file)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import dsjax
+    engine = dsjax.load(args.path, dtype=args.dtype, progress=True)
+    prompts = args.prompt or ["Hello"]
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+              stop=tuple(args.stop), seed=args.seed)
+    if args.no_stream:
+        for g in engine.generate(prompts, chat=args.chat, **kw):
+            print(json.dumps({"prompt_ids": g.prompt_ids, "token_ids": g.token_ids, "text": g.text,
+                              "finish_reason": g.finish_reason}) if args.json else g.text)
+    else:
+        for i, p in enumerate(prompts):
+            print(p, end="", flush=True)
+            for ev in engine.stream(p, chat=args.chat, **kw):
+                print(ev.text, end="", flush=True)
+            print()
+            if args.stats:
+                _print_stats(engine.stats())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import dsjax
+    from dsjax.demo import ensure_demo_checkpoint
+    t0 = time.perf_counter()
+    path = ensure_demo_checkpoint(args.dir)
+    print(f"[dsjax demo] embedded model: tiny DeepSeek-V3 architecture, random weights, at {path}")
+    engine = dsjax.load(path, dtype=args.dtype)
+    cfg = engine.config
+    print(f"[dsjax demo] {cfg.num_hidden_layers} layers ({', '.join(cfg.layer_kinds)}), {cfg.n_routed_experts} "
+          f"routed experts (top-{cfg.num_experts_per_tok}, {cfg.n_group} groups), MLA latent {cfg.kv_lora_rank}+"
+          f"{cfg.qk_rope_head_dim}, vocab {cfg.vocab_size}; loaded in {time.perf_counter() - t0:.1f} s")
+    print("[dsjax demo] the weights are random, so the text is noise; the point is the machinery.")
+    for prompt in ["Shall I compare thee", "So long as men can breathe"]:
+        print(f"\n>>> {prompt}", end="", flush=True)
+        for ev in engine.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=0.8, top_p=0.95, seed=0):
+            print(ev.text, end="", flush=True)
+        print()
+        _print_stats(engine.stats(), file=sys.stdout)
+    g = engine.generate("Shall I compare thee", chat=True, max_new_tokens=8)
+    print(f"\n[dsjax demo] chat template prompt: {engine.tokenizer.decode(g.prompt_ids, False)!r}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from dsjax.config import ModelConfig
+    from dsjax.store.safetensors_io import Checkpoint
+    cfg = ModelConfig.from_json(args.path)
+    ck = Checkpoint(args.path)
+    kinds = cfg.layer_kinds
+    print(f"model_type {cfg.model_type}: {cfg.num_hidden_layers} layers ({kinds.count('dense')} dense, "
+          f"{kinds.count('moe')} MoE), hidden {cfg.hidden_size}, vocab {cfg.vocab_size}")
+    if cfg.has_moe:
+        print(f"experts: {cfg.n_routed_experts} routed (top-{cfg.num_experts_per_tok}, {cfg.topk_method}/"
+              f"{cfg.scoring_func}, groups {cfg.n_group}/{cfg.topk_group}) + {cfg.n_shared_experts or 0} shared")
+    print(f"checkpoint: {len(ck.files)} file(s), {len(ck.names())} tensors, {ck.total_bytes / 1e9:.3f} GB")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dsjax", description="DeepSeek MoE inference in JAX with FP4 weight tiering")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a checkpoint directory")
+    g.add_argument("path", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat template")
+    g.add_argument("--no-stream", action="store_true", help="print whole generations instead of streaming")
+    g.add_argument("--json", action="store_true", help="with --no-stream: one JSON object per generation")
+    g.add_argument("--stats", action="store_true", help="print timing statistics after each generation")
+    _add_sampling(g)
+    g.set_defaults(fn=cmd_generate)
+
+    d = sub.add_parser("demo", help="run the embedded tiny model end to end (no downloads)")
+    d.add_argument("--dir", default=None, help="where to build the demo checkpoint (default ~/.cache/dsjax)")
+    d.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"], help="compute dtype")
+    d.add_argument("--max-new-tokens", type=int, default=48, help="tokens per prompt (default 48)")
+    d.set_defaults(fn=cmd_demo)
+
+    i = sub.add_parser("info", help="summarize a checkpoint's config and tensors")
+    i.add_argument("path")
+    i.set_defaults(fn=cmd_info)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dsjax.config import ConfigError
+    from dsjax.runtime.engine import PromptError
+    from dsjax.runtime.tokenizer import TokenizerError
+    from dsjax.store.safetensors_io import CheckpointError
+    try:
+        return args.fn(args)
+    except (ConfigError, CheckpointError, PromptError, TokenizerError, FileNotFoundError, ValueError) as e:
+        print(f"dsjax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

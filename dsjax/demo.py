@@ -1,0 +1,97 @@
+"""The embedded default model: a tiny DeepSeek-V3-architecture checkpoint generated deterministically.
+
+Random weights (so its text is noise) and a small byte-level BPE tokenizer trained on an embedded sonnet: enough to
+run every code path of the product end to end with no downloads. `dsjax demo` builds it on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from dsjax.config import ModelConfig
+from dsjax.model.weights import random_weights
+from dsjax.store.hf_write import hf_tensors, write_hf_checkpoint
+
+DEMO_VERSION = "1"
+SONNET = """Shall I compare thee to a summer's day?
+Thou art more lovely and more temperate:
+Rough winds do shake the darling buds of May,
+And summer's lease hath all too short a date;
+Sometime too hot the eye of heaven shines,
+And often is his gold complexion dimm'd;
+And every fair from fair sometime declines,
+By chance or nature's changing course untrimm'd;
+But thy eternal summer shall not fade,
+Nor lose possession of that fair thou ow'st;
+Nor shall death brag thou wander'st in his shade,
+When in eternal lines to time thou grow'st:
+So long as men can breathe or eyes can see,
+So long lives this, and this gives life to thee.
+"""
+SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
+# DeepSeek-V3's chat format, reduced to what the demo needs.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+                 "{% elif m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+                 "{% else %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
+
+
+def demo_config_dict(vocab_size: int) -> dict:
+    return dict(
+        architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=vocab_size,
+        hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, n_shared_experts=1,
+        num_experts_per_tok=4, n_group=4, topk_group=2, topk_method="noaux_tc", scoring_func="sigmoid",
+        routed_scaling_factor=2.5, norm_topk_prob=True, rope_theta=10000.0,
+        rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=128, beta_fast=32.0,
+                          beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+        max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+        torch_dtype="bfloat16")
+
+
+def train_tokenizer(vocab_size: int = 512):
+    """Byte-level BPE on the embedded sonnet (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([SONNET] * 4, trainer=trainer)
+    return tok
+
+
+def write_demo_checkpoint(dst: str, seed: int = 0) -> str:
+    """Write the tiny checkpoint (config.json, model.safetensors bf16, tokenizer files) to dst atomically."""
+    tok = train_tokenizer()
+    cfg_dict = demo_config_dict(tok.get_vocab_size())
+    cfg = ModelConfig.from_dict(cfg_dict)
+    tensors = hf_tensors(cfg, random_weights(cfg, seed=seed, dtype=np.float32))
+
+    def tokenizer_files(d: str) -> None:
+        tok.save(os.path.join(d, "tokenizer.json"))
+        with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+            json.dump(dict(bos_token=SPECIALS[0], eos_token=SPECIALS[1], add_bos_token=True,
+                           chat_template=CHAT_TEMPLATE), f, indent=2, ensure_ascii=False)
+        with open(os.path.join(d, "DSJAX_DEMO"), "w") as f:
+            f.write(DEMO_VERSION + "\n")
+
+    return write_hf_checkpoint(dst, cfg_dict, tensors, extra_files=tokenizer_files)
+
+
+def demo_dir() -> str:
+    home = os.environ.get("DSJAX_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "dsjax")
+    return os.path.join(home, "demo-tiny-v3-random")
+
+
+def ensure_demo_checkpoint(path: str | None = None) -> str:
+    """The demo checkpoint's path, (re)building it when missing or from another demo version."""
+    path = path or demo_dir()
+    stamp = os.path.join(path, "DSJAX_DEMO")
+    if not (os.path.exists(stamp) and open(stamp).read().strip() == DEMO_VERSION):
+        write_demo_checkpoint(path)
+    return path

@@ -1,0 +1,90 @@
+"""Multi-head latent attention (MLA) over a compressed KV cache, in the naive and the absorbed form.
+
+The cache holds, per layer and token, the normed kv latent [C] and the rotated rope key [R] (576 values for V3),
+at the token's absolute position: cache index == position. Prefill writes a chunk of positions and attends over
+everything cached so far, so chunked prefill (start > 0) works in both forms. Math: reference/deepseek-spec.md
+§2.3 (naive), §2.6 (absorbed).
+"""
+
+# B batch, T query tokens, S cached positions, D hidden, H heads, N nope dim, R rope dim, V value dim,
+# C kv latent rank, Q q latent rank
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from dsjax import ops
+from dsjax.config import ModelConfig
+from dsjax.model.layers import LATENT_NORM_EPS, apply_rope, rms_norm, rope_cos_sin
+
+MlaForm = Literal["naive", "absorbed"]
+F32 = jnp.float32
+
+
+def init_layer_cache(batch: int, max_len: int, cfg: ModelConfig, dtype) -> dict[str, jax.Array]:
+    """Empty cache of one layer: {'c': [B, S, C], 'pe': [B, S, R]}."""
+    return {"c": jnp.zeros((batch, max_len, cfg.kv_lora_rank), dtype),
+            "pe": jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dtype)}
+
+
+def _write(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """cache[b, start[b]:start[b]+T] = new[b] for every row (rows may start at different positions)."""
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0)))(cache, new, start)
+
+
+def _project_q(w, x, cfg: ModelConfig):
+    B, T, _ = x.shape
+    if cfg.q_lora_rank is None:
+        q = ops.linear(x, w["q"])
+    else:
+        q = ops.linear(rms_norm(ops.linear(x, w["q_a"]), w["q_a_norm"], LATENT_NORM_EPS), w["q_b"])
+    q = q.reshape(B, T, cfg.num_attention_heads, cfg.qk_head_dim)  # per head [nope | rope]
+    return q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
+
+
+def attention(w: dict, x: jax.Array, cache: dict, positions: jax.Array, cfg: ModelConfig,
+              form: MlaForm = "absorbed") -> tuple[jax.Array, dict]:
+    """MLA block on normed input x [B, T, D] at absolute positions [B, T] (contiguous per row).
+
+    Returns the attention output [B, T, D] and the cache with this chunk written. Queries see cached positions
+    <= their own; the caller keeps each row's cache filled up to its current position.
+    """
+    B, T, _ = x.shape
+    H, N, R, V, C = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
+                     cfg.kv_lora_rank)
+    q_nope, q_pe = _project_q(w, x, cfg)                              # [B, T, H, N], [B, T, H, R]
+    kv = ops.linear(x, w["kv_a"])                                     # [B, T, C + R]: latent rows, then rope rows
+    c = rms_norm(kv[..., :C], w["kv_a_norm"], LATENT_NORM_EPS)        # [B, T, C]
+    cos, sin = rope_cos_sin(positions, cfg)
+    q_pe = apply_rope(q_pe, cos, sin)
+    k_pe = apply_rope(kv[..., C:], cos, sin)                          # [B, T, R], shared by all heads
+
+    start = positions[:, 0]
+    cache = {"c": _write(cache["c"], c, start), "pe": _write(cache["pe"], k_pe, start)}
+    cc, cpe = cache["c"], cache["pe"]                                 # [B, S, C], [B, S, R]
+    S = cc.shape[1]
+    visible = jnp.arange(S)[None, None, :] <= positions[:, :, None]  # [B, T, S] causal over absolute positions
+
+    kv_b = ops.materialize(w["kv_b"], x.dtype).reshape(H, N + V, C)  # per head [k_nope | v] rows
+    w_uk, w_uv = kv_b[:, :N, :], kv_b[:, N:, :]                       # [H, N, C], [H, V, C]
+    if form == "absorbed":
+        q_abs = jnp.einsum("bthn,hnc->bthc", q_nope, w_uk, preferred_element_type=F32)
+        scores = (jnp.einsum("bthc,bsc->bhts", q_abs, cc.astype(F32))
+                  + jnp.einsum("bthr,bsr->bhts", q_pe.astype(F32), cpe.astype(F32)))
+    else:
+        k_nope = jnp.einsum("bsc,hnc->bshn", cc, w_uk, preferred_element_type=F32)          # [B, S, H, N]
+        scores = (jnp.einsum("bthn,bshn->bhts", q_nope.astype(F32), k_nope)
+                  + jnp.einsum("bthr,bsr->bhts", q_pe.astype(F32), cpe.astype(F32)))
+    scores = jnp.where(visible[:, None], scores * cfg.softmax_scale, -jnp.inf)
+    p = jax.nn.softmax(scores, axis=-1)                               # [B, H, T, S] float32
+    if form == "absorbed":
+        o_lat = jnp.einsum("bhts,bsc->bthc", p, cc.astype(F32))
+        o = jnp.einsum("bthc,hvc->bthv", o_lat, w_uv.astype(F32))
+    else:
+        v = jnp.einsum("bsc,hvc->bshv", cc, w_uv, preferred_element_type=F32)               # [B, S, H, V]
+        o = jnp.einsum("bhts,bshv->bthv", p, v)
+    out = ops.linear(o.astype(x.dtype).reshape(B, T, H * V), w["o"])
+    return out, cache

@@ -1,0 +1,68 @@
+"""Decoder layers and the model's ends (embedding, final norm, lm_head), as pure functions of explicit weights.
+
+Every layer function takes its own weights as an argument, so one compiled executable serves every layer of a kind
+(dense or MoE) and the runtime decides where those weights live. `layer_step` is the jitted entry point with the
+layer's KV cache donated. MTP layers (index >= num_hidden_layers) are not part of this model.
+"""
+
+# B batch, T tokens, D hidden, V vocab
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from dsjax import ops
+from dsjax.config import ModelConfig
+from dsjax.model.attention import MlaForm, attention
+from dsjax.model.layers import embed, rms_norm, swiglu_mlp
+from dsjax.model.moe import Routing, moe_ffn
+
+
+def layer_forward(w: dict, x: jax.Array, cache: dict, positions: jax.Array, cfg: ModelConfig, kind: str,
+                  form: MlaForm = "absorbed") -> tuple[jax.Array, dict, Routing | None]:
+    """One pre-norm decoder layer: x + Attn(norm(x)), then + FFN(norm(.)). Returns (x, cache, routing or None)."""
+    with jax.named_scope("attention"):
+        a, cache = attention(w, rms_norm(x, w["attn_norm"], cfg.rms_norm_eps), cache, positions, cfg, form)
+    h = x + a
+    hn = rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps)
+    if kind == "moe":
+        with jax.named_scope("moe"):
+            y, routing = moe_ffn(w, hn, cfg)
+    else:
+        with jax.named_scope("mlp"):
+            y, routing = swiglu_mlp(hn, w["gate"], w["up"], w["down"]), None
+    return h + y, cache, routing
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "kind", "form"), donate_argnames=("cache",))
+def layer_step(w: dict, x: jax.Array, cache: dict, positions: jax.Array, cfg: ModelConfig, kind: str,
+               form: MlaForm = "absorbed"):
+    """Jitted `layer_forward`; the cache is donated (updated in place)."""
+    return layer_forward(w, x, cache, positions, cfg, kind, form)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def embed_step(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
+    return embed(tokens, table).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def head_step(final_norm: jax.Array, lm_head, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Final RMSNorm and lm_head; float32 logits [B, T, V]."""
+    return ops.linear(rms_norm(x, final_norm, cfg.rms_norm_eps), lm_head).astype(jnp.float32)
+
+
+def forward(weights: dict, tokens: jax.Array, cfg: ModelConfig, form: MlaForm = "naive") -> jax.Array:
+    """Full forward of tokens [B, T] from position 0 with every weight at hand (tests, small models)."""
+    from dsjax.model.attention import init_layer_cache
+    B, T = tokens.shape
+    dtype = weights["embed"].dtype
+    x = embed_step(weights["embed"], tokens, dtype)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    for i, w in enumerate(weights["layers"]):
+        cache = init_layer_cache(B, T, cfg, dtype)
+        x, _, _ = layer_step(w, x, cache, positions, cfg, cfg.layer_kind(i), form)
+    return head_step(weights["final_norm"], weights["lm_head"], x, cfg)

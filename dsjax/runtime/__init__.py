@@ -1,0 +1,1 @@
+"""Runtime: engine, loading, sampling and tokenization (the tiered memory system grows here)."""

@@ -1,0 +1,74 @@
+"""Sampling parameters and the token choice from logits: greedy, temperature, top-k, top-p.
+
+Randomness depends only on (seed, sequence index, step), never on batch composition, preset or budget, so the same
+prompt and seed give the same tokens everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 is greedy (argmax); top_k 0 and top_p 1.0 disable those filters.
+
+    Example:
+        >>> SamplingParams(max_new_tokens=64, temperature=0.6, top_p=0.95, seed=1)
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()          # stop strings (text is cut before them)
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must lie in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off)")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+@functools.partial(jax.jit, static_argnames=("greedy", "top_k", "use_top_p"))
+def _sample(logits, keys, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
+    # logits [B, V] float32, keys [B] PRNG keys
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if use_top_p:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs          # mass strictly above each token
+        drop_sorted = before >= top_p                        # always keeps the most likely token
+        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+        logits = jnp.where(drop, -jnp.inf, logits)
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+def sample(logits: jax.Array, params: SamplingParams, seq_ids: Sequence[int], step: int) -> jax.Array:
+    """Next tokens [B] for logits [B, V]; row b uses key (seed, seq_ids[b], step)."""
+    greedy = params.temperature == 0.0
+    base = jax.random.key(params.seed)
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(base, s), step))(jnp.asarray(seq_ids))
+    return _sample(logits, keys, jnp.float32(max(params.temperature, 1e-6)), jnp.float32(params.top_p),
+                   greedy=greedy, top_k=params.top_k, use_top_p=params.top_p < 1.0)

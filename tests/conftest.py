@@ -1,0 +1,37 @@
+"""Test set-up: markers with automatic skips that say why, and shared fixtures."""
+
+import os
+
+import pytest
+
+# Tests run on the CPU unless a GPU test asks for the accelerator; keep XLA from grabbing all host cores' memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def _has_gpu() -> bool:
+    import jax
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if any(item.get_closest_marker("gpu") for item in items) and not _has_gpu():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU: jax.devices() has none (run on the GPU machine)")
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory):
+    """The embedded demo checkpoint (tiny V3 architecture, random weights, BPE tokenizer, chat template)."""
+    from dsjax.demo import write_demo_checkpoint
+    return write_demo_checkpoint(str(tmp_path_factory.mktemp("demo") / "ckpt"))
+
+
+@pytest.fixture(scope="session")
+def demo_engine(demo_checkpoint):
+    import dsjax
+    return dsjax.load(demo_checkpoint, dtype="float32")
