@@ -17,10 +17,10 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
 
 
-def _print_stats(stats: dict, file=sys.stderr) -> None:
+def _print_stats(stats: dict, file=None) -> None:
     print(f"[dsjax] prompt tokens {stats.get('prompt_tokens')}, generated {stats.get('generated_tokens')}, "
           f"time to first token {stats.get('ttft_s', 0) * 1e3:.1f} ms, decode {stats.get('decode_tok_s', 0):.1f} tok/s",
-          file=file)
+          file=file or sys.stderr)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

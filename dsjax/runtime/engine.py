@@ -207,7 +207,9 @@ class Engine:
                 elif n_new[b] >= budget[b]:
                     reason = "length"
                 done[b] = reason is not None
-                yield TokenEvent(b, tok, text, done[b], reason)
+                if done[b] and decoders[b]:
+                    text += decoders[b].flush()
+                yield TokenEvent(b, tok, text, bool(done[b]), reason)
             step += 1
             if done.all():
                 break

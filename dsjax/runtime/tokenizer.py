@@ -111,3 +111,10 @@ class StreamDecoder:
         delta = text[len(self.text):] if text.startswith(self.text) else text
         self.text = text
         return delta
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete UTF-8 tail) once the sequence ends."""
+        text = self.tok.decode(self.ids)
+        delta = text[len(self.text):] if text.startswith(self.text) else ""
+        self.text = text
+        return delta
