@@ -82,6 +82,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import os
+    from dsjax.config import ModelConfig
+    from dsjax.runtime.planner import GB, Links, ModelBytes, plan
+    cfg = ModelConfig.from_json(args.path if os.path.isdir(args.path) or args.path.endswith(".json")
+                                else os.path.join(args.path, "config.json"))
+    mb = ModelBytes.from_config(cfg, args.format, args.policy)
+    links = Links(h2d=args.h2d_gbps * GB, disk=args.disk_gbps * GB, hbm=args.hbm_gbps * GB)
+    p = plan(mb, args.gpu_memory, args.host_memory, max_gpu_layers=args.max_gpu_layers,
+             prefetch_layers=args.prefetch_layers, links=links, overlap_io=not args.no_overlap,
+             context_tokens=min(args.context, cfg.max_position_embeddings))
+    print(p.report(mb, links))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dsjax", description="DeepSeek MoE inference in JAX with FP4 weight tiering")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -103,6 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=48, help="tokens per prompt (default 48)")
     d.set_defaults(fn=cmd_demo)
 
+    pl = sub.add_parser("plan", help="what fits where under memory budgets, and the predicted decode speed")
+    pl.add_argument("path", help="checkpoint or store directory, or a config.json")
+    pl.add_argument("--gpu-memory", default="16GB", help="GPU budget, bytes or e.g. 16GB / 16GiB (default 16GB)")
+    pl.add_argument("--host-memory", default="96GB", help="pinned host budget (default 96GB)")
+    pl.add_argument("--format", default="nvfp4", choices=["nvfp4", "mxfp4"], help="FP4 format of the store")
+    pl.add_argument("--policy", default="mlp", choices=["experts", "mlp", "all", "all+lm_head"],
+                    help="which tensors are FP4 (default mlp)")
+    pl.add_argument("--max-gpu-layers", type=int, default=3, help="GPU layer slots for streamed layers")
+    pl.add_argument("--prefetch-layers", type=int, default=2, help="layers of experts in flight ahead")
+    pl.add_argument("--context", type=int, default=4096, help="KV cache tokens the compute pool must hold")
+    pl.add_argument("--h2d-gbps", type=float, default=50.0, help="pinned host->GPU GB/s (default 50, PCIe 5)")
+    pl.add_argument("--disk-gbps", type=float, default=12.0, help="NVMe read GB/s (default 12)")
+    pl.add_argument("--hbm-gbps", type=float, default=3000.0, help="GPU memory GB/s (default 3000)")
+    pl.add_argument("--no-overlap", action="store_true", help="predict load-on-demand (links not overlapped)")
+    pl.set_defaults(fn=cmd_plan)
+
     i = sub.add_parser("info", help="summarize a checkpoint's config and tensors")
     i.add_argument("path")
     i.set_defaults(fn=cmd_info)
@@ -114,10 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     from dsjax.config import ConfigError
     from dsjax.runtime.engine import PromptError
     from dsjax.runtime.tokenizer import TokenizerError
+    from dsjax.runtime.planner import BudgetError
     from dsjax.store.safetensors_io import CheckpointError
     try:
         return args.fn(args)
-    except (ConfigError, CheckpointError, PromptError, TokenizerError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, PromptError, TokenizerError, BudgetError, FileNotFoundError,
+            ValueError) as e:
         print(f"dsjax: error: {e}", file=sys.stderr)
         return 2
 

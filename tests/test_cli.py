@@ -37,3 +37,13 @@ def test_errors_exit_2_with_message(tmp_path, capsys):
     assert "model_type 'llama' is not supported" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "no such checkpoint directory" in capsys.readouterr().err
+
+
+def test_plan_v3_from_config(tmp_path, capsys):
+    from test_config import MODELS
+    (tmp_path / "config.json").write_text(json.dumps(MODELS["v3"]))
+    assert main(["plan", str(tmp_path), "--gpu-memory", "16GB", "--host-memory", "96GB"]) == 0
+    out = capsys.readouterr().out
+    assert "58 MoE x 256 experts of 24.77 MB" in out and "predicted:" in out and "bound by disk->host" in out
+    assert main(["plan", str(tmp_path / "config.json"), "--gpu-memory", "2GB"]) == 2
+    assert "too small" in capsys.readouterr().err

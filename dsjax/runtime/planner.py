@@ -1,0 +1,268 @@
+"""The Planner: from model byte counts, memory budgets and link bandwidths to a Placement and a predicted speed.
+
+Pure bookkeeping, no I/O and no devices: it decides which layers stay resident on the GPU, how many GPU layer slots
+stream the rest, how many GPU expert slots each MoE layer gets and how many experts the pinned host tier holds, and
+it predicts decode tokens/s at batch 1 from the bytes each token must move over each link. The movers (layer ring,
+expert cache, disk reader) execute the Placement; they never second-guess it.
+
+Budget split within a tier follows the seed design (§3): GPU 2/8/4/2 of 16 (reserve, active layers, expert cache,
+compute) and host 40/32/16/8 of 96 (model weights, layer cache, prefetch, reserve), scaled to the given budgets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from dsjax.config import ModelConfig
+from dsjax.model.weights import F32_KEYS, global_shapes, layer_shapes
+
+GB = 10**9
+GIB = 2**30
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+GPU_SPLIT = dict(reserve=2, active_layers=8, expert_cache=4, compute=2)         # of 16 (seed §3.1)
+HOST_SPLIT = dict(model_weights=40, layer_cache=32, prefetch=16, reserve=8)     # of 96 (seed §3.2)
+
+
+class BudgetError(ValueError):
+    """A budget too small to run the model; the message says what the minimum is."""
+
+
+def parse_bytes(value: int | float | str, name: str = "budget") -> int:
+    """Bytes from an integer or a string with a unit: '512MB', '16GB' (10^9), '16GiB' (2^30)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is not a size")
+    if isinstance(value, (int, float)):
+        if value < 0 or not math.isfinite(value):
+            raise ValueError(f"{name}={value!r} must be a non-negative number of bytes")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"{name}={value!r} is not a size; write bytes as an integer or e.g. '512MB', '16GB', '16GiB'")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+# ---- what the model weighs ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ModelBytes:
+    """Byte counts per placement unit. `layer_core[i]` is layer i without its routed experts."""
+
+    embed: int                      # stays in host memory: a lookup of B rows needs no GPU table
+    head: int                       # final norm + lm_head, always on the GPU
+    layer_core: tuple[int, ...]
+    expert: int                     # one routed expert: gate + up + down
+    n_experts: int
+    top_k: int
+    moe_layers: tuple[int, ...]
+    kv_bytes_per_token: int         # compressed MLA cache over all layers
+
+    @property
+    def total(self) -> int:
+        return self.embed + self.head + sum(self.layer_core) + self.expert * self.n_experts * len(self.moe_layers)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, fmt: str = "nvfp4", policy: str = "mlp",
+                    dtype_bytes: int = 2) -> "ModelBytes":
+        """Byte counts of a store that `dsjax convert --format fmt --policy policy` would write for this config."""
+        from dsjax.store.policy import decide
+
+        def nbytes(key: str, shape: tuple[int, ...]) -> int:
+            n = math.prod(shape)
+            if decide(key, shape, fmt, policy).fp4:
+                from dsjax.quant import BLOCK_SIZES
+                lead = math.prod(shape[:-2])
+                return n // 2 + n // BLOCK_SIZES[fmt] + 4 * lead
+            return n * (4 if key in F32_KEYS else dtype_bytes)
+
+        g = global_shapes(cfg)
+        cores, expert, moe = [], 0, []
+        for i in range(cfg.num_hidden_layers):
+            shapes = layer_shapes(cfg, i)
+            cores.append(sum(nbytes(k, s) for k, s in shapes.items() if not k.startswith("experts_")))
+            if cfg.is_moe_layer(i):
+                moe.append(i)
+                expert = sum(nbytes(k, shapes[k][1:]) for k in ("experts_gate", "experts_up", "experts_down"))
+        return cls(embed=nbytes("embed", g["embed"]), head=nbytes("final_norm", g["final_norm"])
+                   + nbytes("lm_head", g["lm_head"]), layer_core=tuple(cores), expert=expert,
+                   n_experts=cfg.n_routed_experts or 0, top_k=cfg.num_experts_per_tok or 0, moe_layers=tuple(moe),
+                   kv_bytes_per_token=cfg.num_hidden_layers * cfg.kv_cache_dim * dtype_bytes)
+
+
+# ---- budgets, links, placement ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Links:
+    """Link ceilings in bytes/s. Defaults are the product's target box (PCIe 5 x16 pinned, a 12 GB/s NVMe, an
+    HBM-class GPU); pass measured values to plan for the machine at hand."""
+
+    h2d: float = 50 * GB
+    disk: float = 12 * GB
+    hbm: float = 3 * 10**12
+    sync_s: float = 0.45e-3         # one device->host read of a layer's top-k (hardware.md: ~0.42 ms)
+    layer_call_s: float = 50e-6     # host-side dispatch of one jitted layer call (assumed; measure with dsjax bench)
+    measured: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Pools:
+    reserve: int
+    active_layers: int
+    expert_cache: int
+    compute: int
+    host_weights: int
+    host_layer_cache: int
+    host_prefetch: int
+    host_reserve: int
+
+    @classmethod
+    def split(cls, gpu: int, host: int) -> "Pools":
+        gs, hs = sum(GPU_SPLIT.values()), sum(HOST_SPLIT.values())
+        return cls(*(gpu * v // gs for v in GPU_SPLIT.values()), *(host * v // hs for v in HOST_SPLIT.values()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """What the planner decided, and what it expects a decode token to cost."""
+
+    pools: Pools
+    resident_layers: tuple[int, ...]      # layer cores kept on the GPU for the whole run
+    ring_slots: int                       # GPU slots that stream the other layer cores (max_gpu_layers)
+    gpu_expert_slots: int                 # per MoE layer
+    gpu_expert_pool: int                  # bytes for GPU expert slots (+ the in-flight staging)
+    host_experts: int                     # per MoE layer, pinned host copies (>= gpu_expert_slots)
+    host_layers: tuple[int, ...]          # streamed layer cores that sit in pinned host memory
+    max_kv_tokens: int                    # batch x context the compute pool's KV cache holds
+    h2d_bytes_per_token: float
+    disk_bytes_per_token: float
+    hbm_bytes_per_token: float
+    t_h2d: float
+    t_disk: float
+    t_compute: float
+    t_token: float
+    bound: str                            # the term that sets t_token
+    overlap_io: bool
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1.0 / self.t_token
+
+    def report(self, mb: ModelBytes, links: Links) -> str:
+        p = self.pools
+        n_layers, moe = len(mb.layer_core), len(mb.moe_layers)
+        src = "measured" if links.measured else "assumed"
+        lines = [
+            f"model: {fmt_bytes(mb.total)} ({n_layers} layers, {moe} MoE x {mb.n_experts} experts of "
+            f"{fmt_bytes(mb.expert)}, top-{mb.top_k})",
+            f"GPU pools: reserve {fmt_bytes(p.reserve)}, active layers {fmt_bytes(p.active_layers)}, expert cache "
+            f"{fmt_bytes(p.expert_cache)}, compute {fmt_bytes(p.compute)}",
+            f"host pools: model weights {fmt_bytes(p.host_weights)}, layer cache {fmt_bytes(p.host_layer_cache)}, "
+            f"prefetch {fmt_bytes(p.host_prefetch)}, reserve {fmt_bytes(p.host_reserve)}",
+            f"placement: {len(self.resident_layers)}/{n_layers} layers resident on GPU, {self.ring_slots} GPU layer "
+            f"slots stream the rest ({len(self.host_layers)} from pinned host, "
+            f"{n_layers - len(self.resident_layers) - len(self.host_layers)} from disk)",
+            f"experts per MoE layer: {self.gpu_expert_slots} GPU slots ({fmt_bytes(self.gpu_expert_pool)} pool), {self.host_experts} in pinned host, "
+            f"{mb.n_experts - self.host_experts} on disk only; KV cache room: {self.max_kv_tokens} tokens",
+            f"decode, batch 1, uniform routing (no locality assumed): per token "
+            f"disk->host {fmt_bytes(self.disk_bytes_per_token)} @ {fmt_bytes(links.disk)}/s ({src}) = "
+            f"{self.t_disk * 1e3:.1f} ms; host->GPU {fmt_bytes(self.h2d_bytes_per_token)} @ {fmt_bytes(links.h2d)}/s "
+            f"({src}) = {self.t_h2d * 1e3:.1f} ms; GPU reads {fmt_bytes(self.hbm_bytes_per_token)} @ "
+            f"{fmt_bytes(links.hbm)}/s + layer dispatch and syncs = {self.t_compute * 1e3:.1f} ms",
+            f"predicted: {self.tokens_per_s:.2f} tok/s ({self.t_token * 1e3:.1f} ms/token, bound by {self.bound}"
+            f"{', links overlapped' if self.overlap_io else ', no overlap (load on demand)'})",
+        ]
+        return "\n".join(lines)
+
+
+def plan(mb: ModelBytes, gpu_memory: int | str, host_memory: int | str, *, max_gpu_layers: int = 3,
+         prefetch_layers: int = 2, links: Links = Links(), overlap_io: bool = True,
+         context_tokens: int = 4096) -> Placement:
+    """Decide placement for the budgets; raise BudgetError naming the minimum when the model cannot run at all."""
+    gpu, host = parse_bytes(gpu_memory, "gpu_memory"), parse_bytes(host_memory, "host_memory")
+    if max_gpu_layers < 1:
+        raise ValueError(f"max_gpu_layers={max_gpu_layers} must be >= 1")
+    pools = Pools.split(gpu, host)
+    n = len(mb.layer_core)
+    moe = len(mb.moe_layers)
+    biggest = max(mb.layer_core)
+    staging = mb.top_k * (1 + prefetch_layers) * mb.expert      # experts in flight: this layer + the prefetched
+    need_active = mb.head + max_gpu_layers * biggest
+    need_kv = context_tokens * mb.kv_bytes_per_token
+    if pools.active_layers < need_active or pools.expert_cache < staging or pools.compute < need_kv:
+        total = sum(GPU_SPLIT.values())
+        minimum = max(need_active * total // GPU_SPLIT["active_layers"], staging * total // GPU_SPLIT["expert_cache"],
+                      need_kv * total // GPU_SPLIT["compute"]) + 1
+        raise BudgetError(
+            f"gpu_memory {fmt_bytes(gpu)} is too small: the active-layer pool ({GPU_SPLIT['active_layers']}/{total}) "
+            f"must hold the head ({fmt_bytes(mb.head)}) and {max_gpu_layers} layer slots of {fmt_bytes(biggest)}, "
+            f"the expert pool ({GPU_SPLIT['expert_cache']}/{total}) {mb.top_k}x{1 + prefetch_layers} experts in "
+            f"flight ({fmt_bytes(staging)}), the compute pool ({GPU_SPLIT['compute']}/{total}) a KV cache of "
+            f"{context_tokens} tokens ({fmt_bytes(need_kv)}); the minimum is about {fmt_bytes(minimum)} "
+            f"(or lower max_gpu_layers / prefetch_layers / context)")
+    # Layer cores: keep as many resident as the active pool allows beyond the ring; stream the rest.
+    room = pools.active_layers - need_active
+    resident: list[int] = []
+    for i in sorted(range(n), key=lambda i: mb.layer_core[i]):
+        if mb.layer_core[i] <= room:
+            resident.append(i)
+            room -= mb.layer_core[i]
+    resident.sort()
+    ring = 0 if len(resident) == n else max_gpu_layers
+    streamed = [i for i in range(n) if i not in resident]
+    # Host: streamed layer cores first (they cross PCIe every token), then experts.
+    host_room = pools.host_weights + pools.host_layer_cache - mb.embed
+    host_layers = []
+    for i in streamed:
+        if mb.layer_core[i] <= host_room:
+            host_layers.append(i)
+            host_room -= mb.layer_core[i]
+    in_flight = mb.top_k * mb.expert                            # one layer's experts read from disk at once
+    if host_room < 0 or pools.host_prefetch < in_flight:
+        total = sum(HOST_SPLIT.values())
+        held = HOST_SPLIT["model_weights"] + HOST_SPLIT["layer_cache"]
+        minimum = max(mb.embed * total // held, in_flight * total // HOST_SPLIT["prefetch"]) + 1
+        raise BudgetError(f"host_memory {fmt_bytes(host)} is too small: the weights pools must hold the embedding "
+                          f"({fmt_bytes(mb.embed)}) and the prefetch pool one layer's {mb.top_k} experts "
+                          f"({fmt_bytes(in_flight)}); the minimum is about {fmt_bytes(minimum)}")
+    E = mb.n_experts
+    # When every layer core is resident, the ring needs no slots: the active pool's leftover goes to experts.
+    expert_pool = pools.expert_cache + (room + need_active - mb.head if ring == 0 else 0)
+    if moe and mb.expert:
+        gpu_slots = min(E, (expert_pool - staging) // (mb.expert * moe))
+        host_experts = min(E, max(gpu_slots, host_room // (mb.expert * moe)))
+    else:
+        gpu_slots = host_experts = 0
+    # Per token (batch 1, uniform routing): a cached expert is hit with probability slots / E.
+    K = mb.top_k
+    p_gpu = gpu_slots / E if E else 1.0
+    p_host = host_experts / E if E else 1.0
+    streamed_core = sum(mb.layer_core[i] for i in streamed)
+    disk_core = sum(mb.layer_core[i] for i in streamed if i not in host_layers)
+    h2d = streamed_core + moe * K * (1 - p_gpu) * mb.expert
+    disk = disk_core + moe * K * (1 - p_host) * mb.expert
+    hbm = mb.head + sum(mb.layer_core) + moe * K * mb.expert
+    syncs = moe * links.sync_s if (gpu_slots < E) else 0.0
+    t_h2d, t_disk = h2d / links.h2d, disk / links.disk
+    t_compute = hbm / links.hbm + syncs + n * links.layer_call_s
+    terms = {"disk->host": t_disk, "host->GPU": t_h2d, "GPU compute": t_compute}
+    if overlap_io:
+        bound = max(terms, key=terms.get)
+        t_token = terms[bound]
+    else:
+        bound, t_token = "the sum of all links (no overlap)", sum(terms.values())
+    return Placement(pools=pools, resident_layers=tuple(resident), ring_slots=ring, gpu_expert_slots=int(gpu_slots),
+                     gpu_expert_pool=int(expert_pool),
+                     host_experts=int(host_experts), host_layers=tuple(host_layers),
+                     max_kv_tokens=int(pools.compute // max(mb.kv_bytes_per_token, 1)), h2d_bytes_per_token=h2d,
+                     disk_bytes_per_token=disk, hbm_bytes_per_token=hbm, t_h2d=t_h2d, t_disk=t_disk,
+                     t_compute=t_compute, t_token=t_token, bound=bound, overlap_io=overlap_io)
