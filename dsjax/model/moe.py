@@ -1,4 +1,4 @@
-"""Mixture-of-experts FFN: the router (every DeepSeek routing variant), routed experts and shared experts.
+"""Mixture-of-experts math: the router (every DeepSeek routing variant) and the routed-expert combination.
 
 `route` is the ExpertRouter's math: it returns the selected experts, their combine weights and the full score
 matrix (the runtime reads these for caching, prediction and statistics). `routed_experts` runs the SwiGLU experts
@@ -17,7 +17,6 @@ import jax.numpy as jnp
 
 from dsjax import ops
 from dsjax.config import ModelConfig
-from dsjax.model.layers import swiglu_mlp
 
 
 class Routing(NamedTuple):
@@ -50,24 +49,16 @@ def route(x: jax.Array, router: jax.Array, bias: jax.Array | None, cfg: ModelCon
 
 
 def routed_experts(x: jax.Array, idx: jax.Array, weight: jax.Array, w_gate, w_up, w_down) -> jax.Array:
-    """sum_k weight[t, k] * Expert_{idx[t, k]}(x[t]) for x [T, D]; experts stacked on axis 0 of the weights."""
+    """sum_k weight[t, k] * Expert_{idx[t, k]}(x[t]) for x [T, D]; experts stacked on axis 0 of the weights.
+
+    The K contributions of a token are summed in top-k order, whatever rows of the weights hold the experts, so the
+    result does not depend on which GPU slot an expert sits in (the runtime's same-tokens invariant).
+    """
     T, K = idx.shape
     E = w_gate.shape[0]
     flat = idx.reshape(-1)                                            # [A]
     order = jnp.argsort(flat, stable=True)
-    token = order // K                                                # source row of each sorted assignment
     group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-    y = ops.expert_mlp(x[token], w_gate, w_up, w_down, group_sizes)  # [A, D]
-    y = y.astype(jnp.float32) * weight.reshape(-1)[order][:, None]
-    return jnp.zeros((T, x.shape[1]), jnp.float32).at[token].add(y).astype(x.dtype)
-
-
-def moe_ffn(w: dict, x: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, Routing]:
-    """Routed + shared experts on normed x [B, T, D]."""
-    B, T, D = x.shape
-    flat = x.reshape(B * T, D)
-    r = route(flat, w["router"], w.get("router_bias"), cfg)
-    y = routed_experts(flat, r.idx, r.weight, w["experts_gate"], w["experts_up"], w["experts_down"])
-    if "shared_gate" in w:
-        y = y + swiglu_mlp(flat, w["shared_gate"], w["shared_up"], w["shared_down"])
-    return y.reshape(B, T, D), r
+    y = ops.expert_mlp(x[order // K], w_gate, w_up, w_down, group_sizes)  # [A, D] rows sorted by expert
+    y = jnp.zeros_like(y).at[order].set(y).reshape(T, K, -1)          # back to [T, K, D] in top-k order
+    return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weight.astype(jnp.float32)).astype(x.dtype)

@@ -18,23 +18,53 @@ from dsjax import ops
 from dsjax.config import ModelConfig
 from dsjax.model.attention import MlaForm, attention
 from dsjax.model.layers import embed, rms_norm, swiglu_mlp
-from dsjax.model.moe import Routing, moe_ffn
+from dsjax.model.moe import Routing, route, routed_experts
+
+
+def attn_route(w: dict, x: jax.Array, cache: dict, positions: jax.Array, cfg: ModelConfig, kind: str,
+               form: MlaForm = "absorbed") -> tuple[jax.Array, jax.Array, dict, Routing | None]:
+    """First half of a layer: attention, residual, FFN norm and (MoE) routing. Returns (h, normed h, cache, routing).
+
+    The runtime reads the routing to bring the selected experts to the GPU before `ffn_finish` runs.
+    """
+    with jax.named_scope("attention"):
+        a, cache = attention(w, rms_norm(x, w["attn_norm"], cfg.rms_norm_eps), cache, positions, cfg, form)
+    h = x + a
+    hn = rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps)
+    routing = None
+    if kind == "moe":
+        B, T, D = hn.shape
+        with jax.named_scope("router"):
+            routing = route(hn.reshape(B * T, D), w["router"], w.get("router_bias"), cfg)
+    return h, hn, cache, routing
+
+
+def ffn_finish(w: dict, h: jax.Array, hn: jax.Array, kind: str, idx: jax.Array | None = None,
+               weight: jax.Array | None = None, experts: tuple | None = None) -> jax.Array:
+    """Second half of a layer: h + FFN(hn). For MoE, `experts` = (gate, up, down) stacked on axis 0 and `idx` [B*T, K]
+    names rows of that axis (expert ids when all experts are given, GPU slot ids for a slot pool)."""
+    if kind != "moe":
+        with jax.named_scope("mlp"):
+            return h + swiglu_mlp(hn, w["gate"], w["up"], w["down"])
+    B, T, D = hn.shape
+    flat = hn.reshape(B * T, D)
+    with jax.named_scope("experts"):
+        y = routed_experts(flat, idx, weight, *experts)
+    if "shared_gate" in w:
+        with jax.named_scope("shared_experts"):
+            y = y + swiglu_mlp(flat, w["shared_gate"], w["shared_up"], w["shared_down"])
+    return h + y.reshape(B, T, D)
 
 
 def layer_forward(w: dict, x: jax.Array, cache: dict, positions: jax.Array, cfg: ModelConfig, kind: str,
                   form: MlaForm = "absorbed") -> tuple[jax.Array, dict, Routing | None]:
     """One pre-norm decoder layer: x + Attn(norm(x)), then + FFN(norm(.)). Returns (x, cache, routing or None)."""
-    with jax.named_scope("attention"):
-        a, cache = attention(w, rms_norm(x, w["attn_norm"], cfg.rms_norm_eps), cache, positions, cfg, form)
-    h = x + a
-    hn = rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps)
+    h, hn, cache, r = attn_route(w, x, cache, positions, cfg, kind, form)
     if kind == "moe":
-        with jax.named_scope("moe"):
-            y, routing = moe_ffn(w, hn, cfg)
+        out = ffn_finish(w, h, hn, kind, r.idx, r.weight, (w["experts_gate"], w["experts_up"], w["experts_down"]))
     else:
-        with jax.named_scope("mlp"):
-            y, routing = swiglu_mlp(hn, w["gate"], w["up"], w["down"]), None
-    return h + y, cache, routing
+        out = ffn_finish(w, h, hn, kind)
+    return out, cache, r
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kind", "form"), donate_argnames=("cache",))
