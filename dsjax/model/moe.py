@@ -48,17 +48,26 @@ def route(x: jax.Array, router: jax.Array, bias: jax.Array | None, cfg: ModelCon
     return Routing(idx.astype(jnp.int32), w * cfg.routed_scaling_factor, s)
 
 
-def routed_experts(x: jax.Array, idx: jax.Array, weight: jax.Array, w_gate, w_up, w_down) -> jax.Array:
-    """sum_k weight[t, k] * Expert_{idx[t, k]}(x[t]) for x [T, D]; experts stacked on axis 0 of the weights.
-
-    The K contributions of a token are summed in top-k order, whatever rows of the weights hold the experts, so the
-    result does not depend on which GPU slot an expert sits in (the runtime's same-tokens invariant).
-    """
+def expert_rows(x: jax.Array, idx: jax.Array, w_gate, w_up, w_down) -> jax.Array:
+    """Expert_{idx[t, k]}(x[t]) for every assignment: x [T, D], idx [T, K] rows of the stacked weights -> [T, K, D]."""
     T, K = idx.shape
     E = w_gate.shape[0]
     flat = idx.reshape(-1)                                            # [A]
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
     y = ops.expert_mlp(x[order // K], w_gate, w_up, w_down, group_sizes)  # [A, D] rows sorted by expert
-    y = jnp.zeros_like(y).at[order].set(y).reshape(T, K, -1)          # back to [T, K, D] in top-k order
-    return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weight.astype(jnp.float32)).astype(x.dtype)
+    return jnp.zeros_like(y).at[order].set(y).reshape(T, K, -1)       # back to [T, K, D] in top-k order
+
+
+def combine(y: jax.Array, weight: jax.Array, dtype) -> jax.Array:
+    """sum_k weight[t, k] * y[t, k] in top-k order: [T, K, D] -> [T, D]."""
+    return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weight.astype(jnp.float32)).astype(dtype)
+
+
+def routed_experts(x: jax.Array, idx: jax.Array, weight: jax.Array, w_gate, w_up, w_down) -> jax.Array:
+    """sum_k weight[t, k] * Expert_{idx[t, k]}(x[t]) for x [T, D]; experts stacked on axis 0 of the weights.
+
+    The K contributions of a token are summed in top-k order, whatever rows of the weights hold the experts, so the
+    result does not depend on which GPU slot an expert sits in (the runtime's same-tokens invariant).
+    """
+    return combine(expert_rows(x, idx, w_gate, w_up, w_down), weight, x.dtype)

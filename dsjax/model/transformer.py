@@ -18,7 +18,7 @@ from dsjax import ops
 from dsjax.config import ModelConfig
 from dsjax.model.attention import MlaForm, attention
 from dsjax.model.layers import embed, rms_norm, swiglu_mlp
-from dsjax.model.moe import Routing, route, routed_experts
+from dsjax.model.moe import Routing, combine, expert_rows, route
 
 
 def attn_route(w: dict, x: jax.Array, cache: dict, positions: jax.Array, cfg: ModelConfig, kind: str,
@@ -47,12 +47,19 @@ def ffn_finish(w: dict, h: jax.Array, hn: jax.Array, kind: str, idx: jax.Array |
         with jax.named_scope("mlp"):
             return h + swiglu_mlp(hn, w["gate"], w["up"], w["down"])
     B, T, D = hn.shape
-    flat = hn.reshape(B * T, D)
     with jax.named_scope("experts"):
-        y = routed_experts(flat, idx, weight, *experts)
+        rows = expert_rows(hn.reshape(B * T, D), idx, *experts)
+    return moe_output(w, h, hn, rows, weight)
+
+
+def moe_output(w: dict, h: jax.Array, hn: jax.Array, rows: jax.Array, weight: jax.Array) -> jax.Array:
+    """h + combine(expert rows [B*T, K, D], weights) + shared experts(hn): the one place MoE outputs are summed,
+    so the all-in-memory path and the runtime's chunked expert path give the same bits."""
+    B, T, D = hn.shape
+    y = combine(rows, weight, hn.dtype)
     if "shared_gate" in w:
         with jax.named_scope("shared_experts"):
-            y = y + swiglu_mlp(flat, w["shared_gate"], w["shared_up"], w["shared_down"])
+            y = y + swiglu_mlp(hn.reshape(B * T, D), w["shared_gate"], w["shared_up"], w["shared_down"])
     return h + y.reshape(B, T, D)
 
 
