@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="summarize a checkpoint's config and tensors")
     i.add_argument("path")
     i.set_defaults(fn=cmd_info)
+
+    from dsjax.store import cli_commands
+    cli_commands.add_parsers(sub)
     return ap
 
 
