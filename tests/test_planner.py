@@ -94,3 +94,14 @@ def test_too_small_budget_states_a_minimum_that_works():
         plan(mb, "16GB", "1GB")
     with pytest.raises(ValueError, match="max_gpu_layers"):
         plan(mb, "16GB", "96GB", max_gpu_layers=0)
+
+
+def test_minimum_budgets_are_exact():
+    from dsjax.runtime.planner import minimum_gpu_memory, minimum_host_memory
+    mb = ModelBytes.from_config(ModelConfig.from_dict(MODELS["v3"]), "nvfp4", "mlp")
+    g, h = minimum_gpu_memory(mb), minimum_host_memory(mb)
+    plan(mb, g, h)
+    with pytest.raises(BudgetError):
+        plan(mb, g - 16, h)
+    with pytest.raises(BudgetError):
+        plan(mb, g, h - 96)

@@ -7,6 +7,9 @@ TOL = {
     "logits_vs_hf_f32": 1e-4,
     # absorbed decode after prefill vs the full forward, float32, relative L2
     "decode_vs_forward_f32": 1e-5,
+    # the tiered runtime under different budgets, float32 logits: XLA's grouped matmul (ragged_dot) on the CPU
+    # rounds differently when the same expert rows sit in another group layout (measured ~1e-6 relative)
+    "budgets_f32": 1e-5,
     # naive vs absorbed MLA, float32, relative L2
     "mla_forms_f32": 1e-5,
     # bf16 model vs float32 oracle: median over tokens of the per-token relative L2 error, and top-1 agreement.

@@ -107,6 +107,18 @@ class SlotCache:
             self.pin(key)
         return slot, evicted
 
+    def evict_one(self) -> Hashable:
+        """Evict the lowest-valued unpinned key now and return it (RuntimeError if all are pinned)."""
+        candidates = [k for k in self._slot if not self._pins.get(k)]
+        if not candidates:
+            raise RuntimeError(f"all {self.capacity} slots are pinned")
+        victim = min(candidates, key=lambda k: (self._value(k), self._last[k]))
+        self._free.append(self._slot.pop(victim))
+        self._crf.pop(victim)
+        self._last.pop(victim)
+        self.counters.evictions += 1
+        return victim
+
     def pin(self, key: Hashable) -> None:
         self._pins[key] = self._pins.get(key, 0) + 1
 

@@ -64,11 +64,11 @@ class Engine:
     """
 
     def __init__(self, cfg: ModelConfig, weights: dict, tokenizer: Tokenizer | None = None, *,
-                 prefill_form: MlaForm = "naive", name: str = ""):
+                 prefill_form: MlaForm = "naive", name: str = "", dtype=None):
         self.config = cfg
         self.weights = weights
         self.tokenizer = tokenizer
-        self.dtype = weights["embed"].dtype
+        self.dtype = np.dtype(dtype) if dtype is not None else weights["embed"].dtype
         self.prefill_form = prefill_form
         self.name = name
         self._stats: dict[str, Any] = {}
@@ -84,6 +84,12 @@ class Engine:
             x, caches[i], _ = layer_step(w, x, caches[i], positions, cfg, cfg.layer_kind(i), form)
         return x
 
+    def _embed(self, tokens: np.ndarray) -> jax.Array:
+        return embed_step(self.weights["embed"], jnp.asarray(tokens), self.dtype)
+
+    def _head(self, x: jax.Array) -> jax.Array:
+        return head_step(self.weights["final_norm"], self.weights["lm_head"], x, self.config)
+
     def _new_caches(self, batch: int, length: int) -> list[dict]:
         return [init_layer_cache(batch, length, self.config, self.dtype) for _ in range(self.config.num_hidden_layers)]
 
@@ -96,10 +102,10 @@ class Engine:
         B, T = ids.shape
         if T > self.max_context:
             raise PromptError(f"{T} tokens exceed the model's context limit of {self.max_context}")
-        x = embed_step(self.weights["embed"], jnp.asarray(ids), self.dtype)
+        x = self._embed(ids)
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x = self._run_layers(x, self._new_caches(B, T), positions, self.prefill_form)
-        return np.asarray(head_step(self.weights["final_norm"], self.weights["lm_head"], x, self.config))
+        return np.asarray(self._head(x))
 
     def _check_ids(self, ids: np.ndarray) -> None:
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
@@ -163,8 +169,10 @@ class Engine:
         ids, _ = self._normalize(prompts, chat)
         yield from self._generate(ids, params)
 
-    def _generate(self, ids: list[list[int]], params: SamplingParams) -> Iterator[TokenEvent]:
-        cfg = self.config
+    def _generate(self, ids: list[list[int]], params: SamplingParams, *, seq_offset: int = 0,
+                  n_real: int | None = None) -> Iterator[TokenEvent]:
+        """Prefill and decode one batch. Rows from `n_real` on are padding (no events); row b samples with the
+        key of sequence seq_offset + b."""
         B = len(ids)
         lengths = np.array([len(p) for p in ids], np.int32)
         budget = np.minimum(params.max_new_tokens, self.max_context - lengths)   # tokens each row may still add
@@ -172,24 +180,24 @@ class Engine:
         S = min(_bucket(int((lengths + budget).max()), 64), self.max_context)
         stop_ids = self._stop_ids(params)
         decoders = [StreamDecoder(self.tokenizer) if self.tokenizer else None for _ in range(B)]
-        done = np.zeros(B, bool)
+        done = np.arange(B) >= (B if n_real is None else n_real)
         n_new = np.zeros(B, np.int32)
-        stats = dict(batch=B, prompt_tokens=int(lengths.sum()), generated_tokens=0)
+        stats = dict(batch=B, prompt_tokens=int(lengths[: n_real or B].sum()), generated_tokens=0)
 
         t0 = time.perf_counter()
         tokens = np.zeros((B, T), np.int32)
         for b, p in enumerate(ids):
             tokens[b, : len(p)] = p
         caches = self._new_caches(B, S)
-        x = embed_step(self.weights["embed"], jnp.asarray(tokens), self.dtype)
+        x = self._embed(tokens)
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x = self._run_layers(x, caches, positions, self.prefill_form)
         last = x[jnp.arange(B), jnp.asarray(lengths - 1)][:, None]               # [B, 1, D] last real token
-        logits = head_step(self.weights["final_norm"], self.weights["lm_head"], last, cfg)[:, 0]
+        logits = self._head(last)[:, 0]
         pos = lengths.copy()
         step = 0
         while True:
-            nxt = np.asarray(sample(logits, params, list(range(B)), step))
+            nxt = np.asarray(sample(logits, params, list(range(seq_offset, seq_offset + B)), step))
             if step == 0:
                 stats["ttft_s"] = time.perf_counter() - t0
                 t_dec = time.perf_counter()
@@ -209,13 +217,13 @@ class Engine:
                 done[b] = reason is not None
                 if done[b] and decoders[b]:
                     text += decoders[b].flush()
-                yield TokenEvent(b, tok, text, bool(done[b]), reason)
+                yield TokenEvent(seq_offset + b, tok, text, bool(done[b]), reason)
             step += 1
             if done.all():
                 break
-            x = embed_step(self.weights["embed"], jnp.asarray(nxt[:, None]), self.dtype)
+            x = self._embed(nxt[:, None])
             x = self._run_layers(x, caches, jnp.asarray(pos[:, None]), "absorbed")
-            logits = head_step(self.weights["final_norm"], self.weights["lm_head"], x, cfg)[:, 0]
+            logits = self._head(x)[:, 0]
             pos = pos + 1
         stats["generated_tokens"] = int(n_new.sum())
         stats["decode_s"] = time.perf_counter() - t_dec

@@ -31,26 +31,42 @@ def _dtype(dtype) -> np.dtype:
     return d
 
 
-def load(path: str | os.PathLike, dtype: str = "bfloat16", *, prefill_form: MlaForm = "naive",
-         progress: bool | None = None) -> Engine:
-    """Load a Hugging Face DeepSeek checkpoint directory (config.json, *.safetensors, tokenizer.json) for inference.
+def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None = None,
+         gpu_memory: int | str | None = None, host_memory: int | str | None = None, prefill_form: MlaForm = "naive",
+         progress: bool | None = None, **overrides) -> Engine:
+    """Load a dsjax store (manifest.json; made by `dsjax convert`) or a Hugging Face DeepSeek checkpoint directory
+    (config.json, *.safetensors, tokenizer.json) for inference.
 
-    Tensors are read one at a time and placed on the default device; routers stay float32.
+    A store runs on the tiered runtime: weights spread over the GPU, pinned host memory and the disk under the
+    budgets (`gpu_memory`, `host_memory`: bytes or "16GB"; None = no limit) and a preset of configs/
+    ("low_latency", "high_throughput", "balanced"; its budgets apply unless given here), with any memory_config or
+    compute_config key as a keyword override. A Hugging Face checkpoint is read tensor by tensor onto the device.
 
     Example:
-        >>> engine = dsjax.load("DeepSeek-V2-Lite", dtype="bfloat16")
+        >>> engine = dsjax.load("v3-nvfp4-store", preset="balanced", gpu_memory="16GB", host_memory="96GB")
         >>> engine.generate("Hello", max_new_tokens=8).text
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    if os.path.exists(os.path.join(path, "manifest.json")):
-        raise NotImplementedError(f"{path} is a dsjax FP4 store; loading stores arrives with the store format")
     dt = _dtype(dtype)
-    cfg = ModelConfig.from_json(path)
-    ck = Checkpoint(path)
     if progress is None:
         progress = sys.stderr.isatty()
+    tok = Tokenizer.from_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
+    name = os.path.basename(os.path.normpath(path))
+    if os.path.exists(os.path.join(path, "manifest.json")):
+        from dsjax.runtime.config import RuntimeConfig
+        from dsjax.runtime.tiered import TieredEngine
+        from dsjax.store.reader import Store
+        budgets = {k: v for k, v in (("gpu_memory", gpu_memory), ("host_memory", host_memory)) if v is not None}
+        runtime = (RuntimeConfig.from_preset(preset, **budgets, **overrides) if preset
+                   else RuntimeConfig.from_dict({}, **budgets, **overrides))
+        return TieredEngine(Store(path), runtime, dt, tok, prefill_form=prefill_form, name=name)
+    if preset or gpu_memory is not None or host_memory is not None or overrides:
+        raise ValueError(f"{path} is a Hugging Face checkpoint: presets, budgets and runtime options apply to dsjax "
+                         "stores; convert it first with `dsjax convert SRC DST --format nvfp4`")
+    cfg = ModelConfig.from_json(path)
+    ck = Checkpoint(path)
     try:
         weights = {k: jax.device_put(read_global(ck, cfg, k, dt)) for k in ("embed", "final_norm", "lm_head")}
         weights["layers"] = []
@@ -58,5 +74,4 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", *, prefill_form: MlaF
             weights["layers"].append({k: jax.device_put(v) for k, v in read_layer(ck, cfg, i, dt).items()})
     finally:
         ck.close()
-    tok = Tokenizer.from_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
-    return Engine(cfg, weights, tok, prefill_form=prefill_form, name=os.path.basename(os.path.normpath(path)))
+    return Engine(cfg, weights, tok, prefill_form=prefill_form, name=name)

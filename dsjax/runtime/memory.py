@@ -53,6 +53,15 @@ class MemoryManager:
             p.items += 1
             self._ledger[key] = (pool, nbytes)
 
+    def reserve_first(self, pools: tuple[str, ...], key: object, nbytes: int) -> str:
+        """Account `key` in the first of `pools` with room (e.g. host model weights, then the host layer cache)."""
+        for pool in pools[:-1]:
+            if self.free(pool) >= nbytes:
+                self.reserve(pool, key, nbytes)
+                return pool
+        self.reserve(pools[-1], key, nbytes)
+        return pools[-1]
+
     def release(self, key: object) -> None:
         with self._lock:
             pool, nbytes = self._ledger.pop(key)

@@ -46,6 +46,8 @@ def parse_bytes(value: int | float | str, name: str = "budget") -> int:
 
 
 def fmt_bytes(n: float) -> str:
+    if n >= 2**59:
+        return "unlimited"
     for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if abs(n) >= div:
             return f"{n / div:.2f} {unit}"
@@ -140,8 +142,9 @@ class Placement:
     ring_slots: int                       # GPU slots that stream the other layer cores (max_gpu_layers)
     gpu_expert_slots: int                 # per MoE layer
     gpu_expert_pool: int                  # bytes for GPU expert slots (+ the in-flight staging)
-    host_experts: int                     # per MoE layer, pinned host copies (>= gpu_expert_slots)
+    host_experts: int                     # per MoE layer, pinned host copies
     host_layers: tuple[int, ...]          # streamed layer cores that sit in pinned host memory
+    prefetch_layers: int
     max_kv_tokens: int                    # batch x context the compute pool's KV cache holds
     h2d_bytes_per_token: float
     disk_bytes_per_token: float
@@ -171,8 +174,10 @@ class Placement:
             f"placement: {len(self.resident_layers)}/{n_layers} layers resident on GPU, {self.ring_slots} GPU layer "
             f"slots stream the rest ({len(self.host_layers)} from pinned host, "
             f"{n_layers - len(self.resident_layers) - len(self.host_layers)} from disk)",
-            f"experts per MoE layer: {self.gpu_expert_slots} GPU slots ({fmt_bytes(self.gpu_expert_pool)} pool), {self.host_experts} in pinned host, "
-            f"{mb.n_experts - self.host_experts} on disk only; KV cache room: {self.max_kv_tokens} tokens",
+            f"GPU expert pool {fmt_bytes(self.gpu_expert_pool)} ({self.gpu_expert_pool // max(mb.expert, 1)} slots "
+            f"shared by the MoE layers, {mb.top_k}x{1 + self.prefetch_layers} of them for experts in flight); "
+            f"cached per MoE layer: {self.gpu_expert_slots} on the GPU, {self.host_experts} in pinned host, "
+            f"{mb.n_experts - max(self.gpu_expert_slots, self.host_experts)} on disk only; KV cache room: {self.max_kv_tokens} tokens",
             f"decode, batch 1, uniform routing (no locality assumed): per token "
             f"disk->host {fmt_bytes(self.disk_bytes_per_token)} @ {fmt_bytes(links.disk)}/s ({src}) = "
             f"{self.t_disk * 1e3:.1f} ms; host->GPU {fmt_bytes(self.h2d_bytes_per_token)} @ {fmt_bytes(links.h2d)}/s "
@@ -200,8 +205,8 @@ def plan(mb: ModelBytes, gpu_memory: int | str, host_memory: int | str, *, max_g
     need_kv = context_tokens * mb.kv_bytes_per_token
     if pools.active_layers < need_active or pools.expert_cache < staging or pools.compute < need_kv:
         total = sum(GPU_SPLIT.values())
-        minimum = max(need_active * total // GPU_SPLIT["active_layers"], staging * total // GPU_SPLIT["expert_cache"],
-                      need_kv * total // GPU_SPLIT["compute"]) + 1
+        minimum = minimum_gpu_memory(mb, max_gpu_layers=max_gpu_layers, prefetch_layers=prefetch_layers,
+                                     context_tokens=context_tokens)
         raise BudgetError(
             f"gpu_memory {fmt_bytes(gpu)} is too small: the active-layer pool ({GPU_SPLIT['active_layers']}/{total}) "
             f"must hold the head ({fmt_bytes(mb.head)}) and {max_gpu_layers} layer slots of {fmt_bytes(biggest)}, "
@@ -219,33 +224,37 @@ def plan(mb: ModelBytes, gpu_memory: int | str, host_memory: int | str, *, max_g
     resident.sort()
     ring = 0 if len(resident) == n else max_gpu_layers
     streamed = [i for i in range(n) if i not in resident]
-    # Host: streamed layer cores first (they cross PCIe every token), then experts.
-    host_room = pools.host_weights + pools.host_layer_cache - mb.embed
+    # Host: the embedding and the streamed layer cores (they cross PCIe every token) go first-fit into the model
+    # weights pool, then the layer cache; experts take what is left of both, in whole experts (the MemoryManager
+    # accounts in the same order).
+    host_w = pools.host_weights - mb.embed
+    host_lc = pools.host_layer_cache
+    in_flight = mb.top_k * mb.expert                            # one layer's experts read from disk at once
+    if host_w < 0 or pools.host_prefetch < in_flight:
+        raise BudgetError(f"host_memory {fmt_bytes(host)} is too small: the model-weights pool must hold the "
+                          f"embedding ({fmt_bytes(mb.embed)}) and the prefetch pool one layer's {mb.top_k} experts "
+                          f"({fmt_bytes(in_flight)}); the minimum is about {fmt_bytes(minimum_host_memory(mb))}")
     host_layers = []
     for i in streamed:
-        if mb.layer_core[i] <= host_room:
-            host_layers.append(i)
-            host_room -= mb.layer_core[i]
-    in_flight = mb.top_k * mb.expert                            # one layer's experts read from disk at once
-    if host_room < 0 or pools.host_prefetch < in_flight:
-        total = sum(HOST_SPLIT.values())
-        held = HOST_SPLIT["model_weights"] + HOST_SPLIT["layer_cache"]
-        minimum = max(mb.embed * total // held, in_flight * total // HOST_SPLIT["prefetch"]) + 1
-        raise BudgetError(f"host_memory {fmt_bytes(host)} is too small: the weights pools must hold the embedding "
-                          f"({fmt_bytes(mb.embed)}) and the prefetch pool one layer's {mb.top_k} experts "
-                          f"({fmt_bytes(in_flight)}); the minimum is about {fmt_bytes(minimum)}")
+        if mb.layer_core[i] <= host_w:
+            host_w -= mb.layer_core[i]
+        elif mb.layer_core[i] <= host_lc:
+            host_lc -= mb.layer_core[i]
+        else:
+            continue
+        host_layers.append(i)
     E = mb.n_experts
     # When every layer core is resident, the ring needs no slots: the active pool's leftover goes to experts.
     expert_pool = pools.expert_cache + (room + need_active - mb.head if ring == 0 else 0)
     if moe and mb.expert:
         gpu_slots = min(E, (expert_pool - staging) // (mb.expert * moe))
-        host_experts = min(E, max(gpu_slots, host_room // (mb.expert * moe)))
+        host_experts = min(E, (host_lc // mb.expert + host_w // mb.expert) // moe)
     else:
         gpu_slots = host_experts = 0
     # Per token (batch 1, uniform routing): a cached expert is hit with probability slots / E.
     K = mb.top_k
     p_gpu = gpu_slots / E if E else 1.0
-    p_host = host_experts / E if E else 1.0
+    p_host = max(gpu_slots, host_experts) / E if E else 1.0   # GPU slots are filled through the host cache
     streamed_core = sum(mb.layer_core[i] for i in streamed)
     disk_core = sum(mb.layer_core[i] for i in streamed if i not in host_layers)
     h2d = streamed_core + moe * K * (1 - p_gpu) * mb.expert
@@ -263,6 +272,26 @@ def plan(mb: ModelBytes, gpu_memory: int | str, host_memory: int | str, *, max_g
     return Placement(pools=pools, resident_layers=tuple(resident), ring_slots=ring, gpu_expert_slots=int(gpu_slots),
                      gpu_expert_pool=int(expert_pool),
                      host_experts=int(host_experts), host_layers=tuple(host_layers),
+                     prefetch_layers=prefetch_layers,
                      max_kv_tokens=int(pools.compute // max(mb.kv_bytes_per_token, 1)), h2d_bytes_per_token=h2d,
                      disk_bytes_per_token=disk, hbm_bytes_per_token=hbm, t_h2d=t_h2d, t_disk=t_disk,
                      t_compute=t_compute, t_token=t_token, bound=bound, overlap_io=overlap_io)
+
+
+def minimum_gpu_memory(mb: ModelBytes, *, max_gpu_layers: int = 3, prefetch_layers: int = 2,
+                       context_tokens: int = 4096) -> int:
+    """The smallest GPU budget `plan` accepts: each pool of the split must hold its minimum."""
+    total = sum(GPU_SPLIT.values())
+    active = mb.head + max_gpu_layers * max(mb.layer_core)
+    staging = mb.top_k * (1 + prefetch_layers) * mb.expert
+    kv = context_tokens * mb.kv_bytes_per_token
+    return max(-(-active * total // GPU_SPLIT["active_layers"]), -(-staging * total // GPU_SPLIT["expert_cache"]),
+               -(-kv * total // GPU_SPLIT["compute"]))
+
+
+def minimum_host_memory(mb: ModelBytes) -> int:
+    """The smallest host budget `plan` accepts: the embedding in the model-weights pool, one layer's experts in the
+    prefetch pool."""
+    total = sum(HOST_SPLIT.values())
+    return max(-(-mb.embed * total // HOST_SPLIT["model_weights"]),
+               -(-mb.top_k * mb.expert * total // HOST_SPLIT["prefetch"]))

@@ -1,0 +1,166 @@
+"""Runtime configuration: the seed design's presets (memory_config, compute_config) plus memory budgets.
+
+`RuntimeConfig.from_preset("balanced", gpu_memory="16GB", max_gpu_layers=2)` reads configs/<preset>.yaml and applies
+overrides; a key in a YAML file or an override that is unknown, of the wrong type or impossible is an error naming
+the key. Every key's effect is documented on its field and in configs/README.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from typing import Any
+
+import yaml
+
+from dsjax.runtime.planner import parse_bytes
+
+PRESETS = ("low_latency", "high_throughput", "balanced")
+
+
+class RuntimeConfigError(ValueError):
+    """A runtime configuration key that is unknown, mistyped or impossible; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MemoryConfig:
+    max_gpu_layers: int = 3          # GPU layer slots that stream the layers not resident on the GPU
+    prefetch_layers: int = 2         # how many layers ahead layer weights are copied to the GPU
+    expert_threshold: float = 0.15   # predicted activation probability above which an expert is prefetched
+    min_batch_size: int = 1          # batches are padded up to at least this many rows
+    max_batch_size: int = 32         # prompts beyond this are run in successive batches
+    dynamic_batch: bool = True       # pad a batch to the next power of two (True) or always to max_batch_size
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ComputeConfig:
+    enable_fusion: bool = True       # fused FP4 Pallas kernels where the platform has them; else jnp references
+    overlap_io: bool = True          # prefetch asynchronously; False loads every weight on demand (the baseline)
+    use_cuda_graph: bool = True      # let XLA capture command buffers (CUDA graphs) in each layer executable
+    overlap_compute: bool = True     # prefill: read the next expert chunk while the current chunk computes
+    use_parallel_compute: bool = True  # shared experts run while the routed experts' weights are being fetched
+    auto_tune: bool = False          # measure disk and host->GPU bandwidth at load and plan with them
+    adaptive_schedule: bool = False  # adapt prefetch depth and expert_threshold from observed hit rates
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    """Presets plus budgets. `gpu_memory` / `host_memory` None = no limit (everything on the GPU)."""
+
+    memory_config: MemoryConfig = MemoryConfig()
+    compute_config: ComputeConfig = ComputeConfig()
+    gpu_memory: int | None = None
+    host_memory: int | None = None
+    preset: str = "custom"
+
+    @classmethod
+    def from_preset(cls, preset: str = "balanced", **overrides: Any) -> "RuntimeConfig":
+        """A preset name (or a YAML path) with keyword overrides of any memory/compute key or budget."""
+        if os.path.exists(preset):
+            path, name = preset, os.path.splitext(os.path.basename(preset))[0]
+        elif preset in PRESETS:
+            path, name = preset_path(preset), preset
+        else:
+            raise RuntimeConfigError(f"preset {preset!r} is not known; choose one of {', '.join(PRESETS)} or give "
+                                     "a YAML file path")
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        return cls.from_dict(raw, source=path, preset=name, **overrides)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config", preset: str = "custom",
+                  **overrides: Any) -> "RuntimeConfig":
+        if not isinstance(raw, dict):
+            raise RuntimeConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+        sections = {"memory_config": MemoryConfig, "compute_config": ComputeConfig}
+        budgets = {"gpu_memory", "host_memory"}
+        values: dict[str, dict[str, Any]] = {s: {} for s in sections}
+        top: dict[str, Any] = {}
+        for key, val in raw.items():
+            if key in sections:
+                if not isinstance(val, dict):
+                    raise RuntimeConfigError(f"{source}: {key} must be a mapping")
+                for k, v in val.items():
+                    _field(sections[key], k, f"{source}: {key}.{k}")
+                    values[key][k] = v
+            elif key in budgets:
+                top[key] = val
+            else:
+                raise RuntimeConfigError(f"{source}: unknown key {key!r}; top-level keys are memory_config, "
+                                         "compute_config, gpu_memory, host_memory")
+        for k, v in overrides.items():
+            if k in budgets:
+                top[k] = v
+                continue
+            owner = [s for s, c in sections.items() if k in {f.name for f in dataclasses.fields(c)}]
+            if not owner:
+                raise RuntimeConfigError(f"unknown option {k!r}; options are the keys of memory_config "
+                                         f"({', '.join(f.name for f in dataclasses.fields(MemoryConfig))}), "
+                                         f"compute_config ({', '.join(f.name for f in dataclasses.fields(ComputeConfig))})"
+                                         ", gpu_memory and host_memory")
+            values[owner[0]][k] = v
+        built = {s: sections[s](**{k: _check(sections[s], k, v, f"{s}.{k}") for k, v in values[s].items()})
+                 for s in sections}
+        for b in budgets:
+            if top.get(b) is not None:
+                try:
+                    top[b] = parse_bytes(top[b], b)
+                except ValueError as e:
+                    raise RuntimeConfigError(str(e)) from None
+        cfg = cls(**built, gpu_memory=top.get("gpu_memory"), host_memory=top.get("host_memory"), preset=preset)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        m = self.memory_config
+        if m.max_gpu_layers < 1:
+            raise RuntimeConfigError(f"memory_config.max_gpu_layers={m.max_gpu_layers} must be >= 1")
+        if m.prefetch_layers < 0:
+            raise RuntimeConfigError(f"memory_config.prefetch_layers={m.prefetch_layers} must be >= 0")
+        if not 0.0 <= m.expert_threshold <= 1.0:
+            raise RuntimeConfigError(f"memory_config.expert_threshold={m.expert_threshold} must lie in [0, 1]")
+        if m.min_batch_size < 1:
+            raise RuntimeConfigError(f"memory_config.min_batch_size={m.min_batch_size} must be >= 1")
+        if m.max_batch_size < m.min_batch_size:
+            raise RuntimeConfigError(f"memory_config.max_batch_size={m.max_batch_size} must be >= min_batch_size="
+                                     f"{m.min_batch_size}")
+
+    def replace(self, **overrides: Any) -> "RuntimeConfig":
+        raw = {"memory_config": dataclasses.asdict(self.memory_config),
+               "compute_config": dataclasses.asdict(self.compute_config),
+               "gpu_memory": self.gpu_memory, "host_memory": self.host_memory}
+        return RuntimeConfig.from_dict(raw, preset=self.preset, **overrides)
+
+
+def preset_path(name: str) -> str:
+    """Path of a shipped preset (configs/ of the source tree, or the installed dsjax_configs package)."""
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+    candidate = os.path.join(here, f"{name}.yaml")
+    if os.path.exists(candidate):
+        return candidate
+    from importlib import resources
+    return str(resources.files("dsjax_configs").joinpath(f"{name}.yaml"))
+
+
+def _field(cls, key: str, where: str) -> dataclasses.Field:
+    for f in dataclasses.fields(cls):
+        if f.name == key:
+            return f
+    raise RuntimeConfigError(f"{where}: unknown key; valid keys: {', '.join(f.name for f in dataclasses.fields(cls))}")
+
+
+def _check(cls, key: str, value: Any, where: str) -> Any:
+    typ = typing.get_type_hints(cls)[key]
+    if typ is bool:
+        ok = isinstance(value, bool)
+    elif typ is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif typ is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = True
+    if not ok:
+        raise RuntimeConfigError(f"{where}={value!r} has the wrong type; expected {typ.__name__}")
+    return value

@@ -1,0 +1,112 @@
+"""Metrics: counters and timings of the runtime (seed §5), exported as a dict, Prometheus text and JSON lines.
+
+Owns numbers only: bytes and seconds per link, per-layer compute latency, time stalled waiting for weights,
+prediction precision/recall and expert activation counts. Hit rates come from the caches' own counters.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import time
+from typing import Any
+
+
+class Metrics:
+    def __init__(self, n_layers: int = 0, n_experts: int = 0):
+        self._lock = threading.Lock()
+        self.link_bytes: dict[str, int] = collections.defaultdict(int)
+        self.link_seconds: dict[str, float] = collections.defaultdict(float)
+        self.link_count: dict[str, int] = collections.defaultdict(int)
+        self.layer_seconds = [0.0] * n_layers
+        self.layer_calls = [0] * n_layers
+        self.stall_seconds = 0.0
+        self.pred_tp = self.pred_fp = self.pred_fn = 0
+        self.activations = [[0] * n_experts for _ in range(n_layers)] if n_experts else []
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def add_transfer(self, link: str, nbytes: int, seconds: float, issued_only: bool = False) -> None:
+        """Bytes moved over a link; `issued_only` marks asynchronous copies whose seconds are issue time only."""
+        with self._lock:
+            self.link_bytes[link] += int(nbytes)
+            self.link_count[link] += 1
+            if not issued_only:
+                self.link_seconds[link] += seconds
+
+    def add_layer(self, i: int, seconds: float) -> None:
+        self.layer_seconds[i] += seconds
+        self.layer_calls[i] += 1
+
+    def add_stall(self, seconds: float) -> None:
+        self.stall_seconds += seconds
+
+    def add_prediction(self, predicted: set, actual: set) -> None:
+        self.pred_tp += len(predicted & actual)
+        self.pred_fp += len(predicted - actual)
+        self.pred_fn += len(actual - predicted)
+
+    def add_activations(self, layer: int, experts) -> None:
+        row = self.activations[layer]
+        for e in experts:
+            row[int(e)] += 1
+
+    def snapshot(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        with self._lock:
+            links = {k: {"bytes": self.link_bytes[k], "copies": self.link_count[k],
+                         "seconds": self.link_seconds[k],
+                         "GB_per_s": (self.link_bytes[k] / self.link_seconds[k] / 1e9) if self.link_seconds[k] else None}
+                     for k in sorted(self.link_bytes)}
+        p = self.pred_tp + self.pred_fp
+        r = self.pred_tp + self.pred_fn
+        out = {
+            "links": links,
+            "stall_seconds": self.stall_seconds,
+            "layer_ms": [1e3 * s / n if n else None for s, n in zip(self.layer_seconds, self.layer_calls)],
+            "prediction": {"precision": self.pred_tp / p if p else None, "recall": self.pred_tp / r if r else None,
+                           "predicted": p, "activated": r},
+            "expert_activations": self.activations,
+            "tokens": self.tokens,
+        }
+        out.update(extra or {})
+        return out
+
+
+DICT_LABELS = {"links": "link", "pools": "pool", "hit_rates": "tier"}
+LIST_LABELS = {"layer_ms": ("layer",), "expert_activations": ("layer", "expert")}
+
+
+def prometheus_text(snapshot: dict[str, Any], prefix: str = "dsjax") -> str:
+    """Prometheus exposition text of a stats snapshot: numeric leaves become gauges; the keys of `links`, `pools`
+    and `hit_rates` and the indices of per-layer lists become labels."""
+    lines: list[str] = []
+
+    def emit(name: str, value, labels: dict[str, str]):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        lines.append(f"{prefix}_{name}{{{lab}}} {value}" if lab else f"{prefix}_{name} {value}")
+
+    def walk(name: str, v, labels: dict[str, str], list_labels: tuple[str, ...] = ()):
+        if isinstance(v, dict):
+            label = DICT_LABELS.get(name)
+            for k, x in v.items():
+                if label and label not in labels:
+                    walk(name, x, {**labels, label: str(k)})
+                else:
+                    walk(f"{name}_{k}" if name else str(k), x, labels)
+        elif isinstance(v, list):
+            names = list_labels or LIST_LABELS.get(name, ("index",))
+            for j, x in enumerate(v):
+                walk(name, x, {**labels, names[0]: str(j)}, names[1:] or ("index",))
+        else:
+            emit(name.replace("->", "_to_").replace("-", "_"), v, labels)
+
+    walk("", snapshot, {})
+    return "\n".join(lines) + "\n"
+
+
+def json_line(snapshot: dict[str, Any]) -> str:
+    """One JSON object per line (append to a file for a time series)."""
+    return json.dumps(dict(snapshot, time=time.time()), separators=(",", ":"))

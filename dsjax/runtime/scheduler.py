@@ -1,0 +1,97 @@
+"""ComputeScheduler: the per-layer jitted calls of the tiered runtime, compiled once per layer kind and shape bucket.
+
+Weights are arguments (never constants), the KV cache is donated. The calls are the halves of a decoder layer from
+dsjax/model/transformer.py, so the tiered runtime computes exactly the model's math:
+
+    attn(w, x, cache, pos, next_routers)  -> h, hn, cache, top-k ids, weights, predicted next-layer experts,
+                                            shared-expert output (when use_parallel_compute)
+    dense(w, h, hn)                       -> x
+    rows_direct(hn, ids, experts)                    every expert on the GPU: rows [T, K, D] with no host sync
+    moe_rows(pool, gather, hn, sub_ids, mask, acc)   one chunk of GPU expert slots -> rows of [T, K, D]
+    moe_out(w, h, hn, rows, weights, shared)         combine in top-k order + shared experts
+
+Both expert paths end in the same `moe_out` executable, so where the experts sat cannot change the result.
+"""
+
+# B batch, T tokens, D hidden, K top-k, E experts, P GPU expert slots, C slots gathered for one chunk
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from dsjax.config import ModelConfig
+from dsjax.model.layers import swiglu_mlp
+from dsjax.model.moe import combine, expert_rows, route
+from dsjax.model.transformer import attn_route, ffn_finish
+
+
+def _predict(hn_flat: jax.Array, routers: tuple, cfg: ModelConfig) -> jax.Array:
+    """Predicted activation probability per expert of the next MoE layers [len(routers), E]: their routers applied
+    to this layer's normed hidden state; an expert's probability is its share of the predicted top-k weight,
+    maximized over the batch's tokens."""
+    out = []
+    for router, bias in routers:
+        r = route(hn_flat, router, bias, cfg)
+        share = r.weight / (r.weight.sum(-1, keepdims=True) + 1e-20)                  # [T, K]
+        p = jnp.zeros((hn_flat.shape[0], cfg.n_routed_experts), jnp.float32)
+        p = p.at[jnp.arange(hn_flat.shape[0])[:, None], r.idx].set(share)
+        out.append(p.max(0))
+    return jnp.stack(out) if out else jnp.zeros((0, cfg.n_routed_experts), jnp.float32)
+
+
+def _shared(w: dict, hn: jax.Array) -> jax.Array | None:
+    if "shared_gate" not in w:
+        return None
+    B, T, D = hn.shape
+    return swiglu_mlp(hn.reshape(B * T, D), w["shared_gate"], w["shared_up"], w["shared_down"])
+
+
+def _moe_out(w: dict, h, hn, rows, weight, shared):
+    """As model.transformer.moe_output, with the shared-expert output possibly computed earlier."""
+    B, T, D = hn.shape
+    y = combine(rows, weight, hn.dtype)
+    if shared is None:
+        shared = _shared(w, hn)
+    if shared is not None:
+        y = y + shared
+    return h + y.reshape(B, T, D)
+
+
+class ComputeScheduler:
+    def __init__(self, cfg: ModelConfig, *, use_cuda_graph: bool = True, parallel_shared: bool = True):
+        self.cfg = cfg
+        self.parallel_shared = parallel_shared
+        opts = None
+        if not use_cuda_graph and jax.default_backend() == "gpu":
+            opts = {"xla_gpu_enable_command_buffer": ""}       # no CUDA-graph capture inside the executables
+        self.compiler_options = opts
+        jit = functools.partial(jax.jit, compiler_options=opts)
+        self.attn = jit(self._attn, static_argnames=("kind", "form"), donate_argnames=("cache",))
+        self.dense = jit(lambda w, h, hn: ffn_finish(w, h, hn, "dense"))
+        self.rows_direct = jit(self._rows_direct)
+        self.moe_rows = jit(self._moe_rows, donate_argnames=("acc",))
+        self.moe_out = jit(_moe_out)
+
+    def _attn(self, w, x, cache, positions, next_routers, kind, form):
+        h, hn, cache, r = attn_route(w, x, cache, positions, self.cfg, kind, form)
+        if kind != "moe":
+            return h, hn, cache, None, None, None, None
+        B, T, D = hn.shape
+        pred = _predict(hn.reshape(B * T, D), next_routers, self.cfg)
+        shared = _shared(w, hn) if self.parallel_shared else None
+        return h, hn, cache, r.idx, r.weight, pred, shared
+
+    @staticmethod
+    def _rows_direct(hn, idx, experts):
+        B, T, D = hn.shape
+        return expert_rows(hn.reshape(B * T, D), idx, *experts)
+
+    @staticmethod
+    def _moe_rows(pool, gather, hn, sub_idx, mask, acc):
+        B, T, D = hn.shape
+        experts = jax.tree.map(lambda a: a[gather], pool)             # [C, ...] slots of this chunk
+        rows = expert_rows(hn.reshape(B * T, D), sub_idx, experts["gate"], experts["up"], experts["down"])
+        return jnp.where(mask[..., None], rows, acc)

@@ -1,0 +1,371 @@
+"""TieredEngine: runs a dsjax store with weights spread over GPU, pinned host memory and NVMe, behind generate().
+
+Per layer: the attention half runs on the GPU (with routing and the next layers' expert predictions); the runtime
+reads the top-k ids (one small sync), makes the selected experts resident in GPU slots (from the host cache, or from
+disk through it) and runs the expert half. Meanwhile the PrefetchSystem has issued the next layers' weights and the
+predicted experts: host->GPU copies for layer L+1, disk->host reads for L+2..L+prefetch_layers. When every expert
+fits on the GPU the sync disappears. Same store, prompt and seed give the same tokens under every preset and budget.
+"""
+
+# B batch, T tokens, D hidden, K top-k, E experts, P GPU expert slots
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax.model.weights import F32_KEYS
+from dsjax.quant import QTensor
+from dsjax.runtime.config import RuntimeConfig
+from dsjax.runtime.engine import Engine
+from dsjax.runtime.memory import MemoryManager
+from dsjax.runtime.metrics import Metrics, json_line, prometheus_text
+from dsjax.runtime.planner import Links, ModelBytes, plan
+from dsjax.runtime.scheduler import ComputeScheduler
+from dsjax.runtime.tiers import DiskReader, ExpertCache, HostCache, LayerManager, shardings, tree_nbytes
+
+UNLIMITED = 1 << 60
+PROJ = ("gate", "up", "down")
+
+
+def model_bytes_from_store(store) -> ModelBytes:
+    """The planner's byte counts, read from the store's manifest (what will actually move)."""
+    cfg = store.config
+    core: dict[str, int] = {}
+    expert = 0
+    for rec in store.manifest.tensors.values():
+        if rec.tier == "core":
+            core[rec.unit] = core.get(rec.unit, 0) + rec.bytes
+        elif rec.tier == "experts" and rec.unit.split(".")[0] == f"layer_{_first_moe(cfg):03d}":
+            expert += rec.bytes // rec.shape[0]
+    moe = tuple(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
+    return ModelBytes(embed=core.get("embed", 0), head=core.get("head", 0),
+                      layer_core=tuple(core[f"layer_{i:03d}"] for i in range(cfg.num_hidden_layers)),
+                      expert=expert, n_experts=cfg.n_routed_experts or 0, top_k=cfg.num_experts_per_tok or 0,
+                      moe_layers=moe, kv_bytes_per_token=cfg.num_hidden_layers * cfg.kv_cache_dim * 2)
+
+
+def _first_moe(cfg) -> int:
+    return next((i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)), -1)
+
+
+def _cast(tree: dict, dtype, sharding) -> dict:
+    """Plain tensors to the compute dtype (routers stay float32); QTensors untouched."""
+    out = {}
+    for k, a in tree.items():
+        if isinstance(a, QTensor) or k in F32_KEYS or a.dtype == dtype:
+            out[k] = a
+        else:
+            out[k] = jax.device_put(np.asarray(a).astype(dtype), sharding)
+    return out
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+class TieredEngine(Engine):
+    """Example:
+        >>> engine = dsjax.load("store", preset="balanced", gpu_memory="16GB", host_memory="96GB")
+        >>> engine.generate("Hello", max_new_tokens=16).text; engine.stats()
+    """
+
+    def __init__(self, store, runtime: RuntimeConfig, dtype, tokenizer=None, *, prefill_form="naive",
+                 links: Links | None = None, name: str = ""):
+        cfg = store.config
+        self.store = store
+        self.runtime = runtime
+        mc, cc = runtime.memory_config, runtime.compute_config
+        self.metrics = Metrics(cfg.num_hidden_layers, cfg.n_routed_experts or 0)
+        self.model_bytes = mb = model_bytes_from_store(store)
+        self.links = links or (measure_links(store) if cc.auto_tune else Links())
+        self.placement = plan(mb, runtime.gpu_memory or UNLIMITED, runtime.host_memory or UNLIMITED,
+                              max_gpu_layers=mc.max_gpu_layers, prefetch_layers=mc.prefetch_layers,
+                              links=self.links, overlap_io=cc.overlap_io,
+                              context_tokens=min(4096, cfg.max_position_embeddings))
+        p = self.placement
+        moved = p.gpu_expert_pool - p.pools.expert_cache   # active-pool room the planner gave to experts
+        self.mm = MemoryManager(p.pools, {"expert_cache": p.gpu_expert_pool,
+                                          "active_layers": p.pools.active_layers - moved})
+        s_dev, s_host = shardings()
+        dt = np.dtype(dtype)
+
+        # Ends of the model: the embedding stays in host RAM (a row lookup needs no GPU table); the head on the GPU.
+        self._embed_table = np.asarray(store.read_core_unit("embed", "pinned_host")["embed"]).astype(dt)
+        self.mm.reserve("host_weights", "embed", mb.embed)
+        head = _cast(store.read_core_unit("head", "device"), dt, s_dev)
+        self.mm.reserve("active_layers", "head", mb.head)
+
+        # Layer cores: resident, pinned on the host, or read from disk when streamed.
+        unit = lambda i: f"layer_{i:03d}"  # noqa: E731
+        resident = {}
+        for i in p.resident_layers:
+            resident[i] = _cast(store.read_core_unit(unit(i), "device"), dt, s_dev)
+            self.mm.reserve("active_layers", ("layer", i), mb.layer_core[i])
+        host = {}
+        for i in p.host_layers:
+            host[i] = _cast(store.read_core_unit(unit(i), "pinned_host"), dt, s_host)
+            self.mm.reserve_first(("host_weights", "host_layer_cache"), ("layer", i), mb.layer_core[i])
+        self.layers = LayerManager(resident, host, lambda i: _cast(store.read_core_unit(unit(i), "pinned_host"),
+                                                                     dt, s_host),
+                                   p.ring_slots, self.mm, self.metrics,
+                                   {i: mb.layer_core[i] for i in range(cfg.num_hidden_layers) if i not in resident})
+        # Routers of every MoE layer stay on the GPU: prediction applies layer L+1's router at layer L.
+        self.moe_layers = list(mb.moe_layers)
+        self.routers = {}
+        for i in self.moe_layers:
+            if i in resident:
+                w = resident[i]
+            elif i in host:
+                w = host[i]
+            else:
+                w = _cast(store.read_core_unit(unit(i), "pinned_host"), dt, s_host)
+            self.routers[i] = (jax.device_put(w["router"], s_dev),
+                               jax.device_put(w["router_bias"], s_dev) if "router_bias" in w else None)
+
+        # Experts: all on the GPU when they fit, else a GPU slot pool + a pinned host cache + the disk reader.
+        E, moe = mb.n_experts, len(self.moe_layers)
+        self.full_experts: dict[int, tuple] = {}
+        self.experts = self.host_cache = self.disk = None
+        if moe and p.gpu_expert_slots >= E:
+            for i in self.moe_layers:
+                futs = store.read_experts(i, range(E))
+                self.full_experts[i] = tuple(self._to_tree(i, proj, futs[proj].result(), s_dev) for proj in PROJ)
+                self.mm.reserve("expert_cache", ("experts", i), E * mb.expert)
+        elif moe:
+            slots = min(E * moe, p.gpu_expert_pool // mb.expert)
+            one = store.read_experts(self.moe_layers[0], [0])
+            template = {proj: self._to_tree(self.moe_layers[0], proj, one[proj].result(), None, index=0)
+                        for proj in PROJ}
+            self.experts = ExpertCache(slots, template, self.mm, self.metrics, mb.expert)
+            self.host_cache = HostCache(p.host_experts * moe, self.mm, self.metrics, mb.expert)
+            self.disk = DiskReader(store, self.metrics)
+        self.sched = ComputeScheduler(cfg, use_cuda_graph=cc.use_cuda_graph, parallel_shared=cc.use_parallel_compute)
+        self.threshold = mc.expert_threshold
+        self.prefetch_depth = mc.prefetch_layers
+        self._pending: dict[tuple[int, int], Any] = {}      # (layer, expert) -> Future of a disk read
+        self._predicted: dict[int, set] = {}
+        self.chunk_reads_ahead = 0                           # experts read ahead of their prefill chunk
+        self.batch_sizes: list[int] = []                     # padded batch of each prefill (dynamic batching)
+        weights = {"embed": None, "final_norm": head["final_norm"], "lm_head": head["lm_head"], "layers": []}
+        super().__init__(cfg, weights, tokenizer, prefill_form=prefill_form, name=name, dtype=dt)
+
+    # ---- helpers -------------------------------------------------------------------------------------------------
+    def _to_tree(self, layer: int, proj: str, parts: dict, sharding, index: int | None = None):
+        rec = self.store.expert_record(layer, proj)
+        if index is not None:
+            parts = {k: a[index] for k, a in parts.items()}
+        if sharding is not None:
+            parts = {k: jax.device_put(a, sharding) for k, a in parts.items()}
+        return QTensor(**parts, fmt=rec.dtype) if rec.is_fp4 else parts["weight"]
+
+    def _embed(self, tokens: np.ndarray) -> jax.Array:
+        return jax.device_put(self._embed_table[np.asarray(tokens)], shardings()[0])
+
+    def _next_moe(self, i: int, depth: int) -> list[int]:
+        return [j for j in self.moe_layers if j > i][:depth]
+
+    # ---- the layer loop ------------------------------------------------------------------------------------------
+    def _run_layers(self, x, caches, positions, form):
+        cfg = self.config
+        overlap = self.runtime.compute_config.overlap_io
+        for i in range(cfg.num_hidden_layers):
+            t0 = time.perf_counter()
+            kind = cfg.layer_kind(i)
+            w = self.layers.get(i)
+            if overlap:
+                for j in range(i + 1, min(i + 1 + self.prefetch_depth, cfg.num_hidden_layers)):
+                    self.layers.prefetch(j)
+            nxt = self._next_moe(i, max(self.prefetch_depth, 1)) if (overlap and self.experts is not None) else []
+            routers = tuple(self.routers[j] for j in nxt)
+            h, hn, caches[i], idx, weight, pred, shared = self.sched.attn(w, x, caches[i], positions, routers,
+                                                                          kind=kind, form=form)
+            if kind != "moe":
+                x = self.sched.dense(w, h, hn)
+            elif self.full_experts:
+                rows = self.sched.rows_direct(hn, idx, self.full_experts[i])
+                x = self.sched.moe_out(w, h, hn, rows, weight, shared)
+            else:
+                x = self._moe_tiered(i, w, h, hn, idx, weight, shared, pred, nxt)
+            self.layers.release(i)
+            self.metrics.add_layer(i, time.perf_counter() - t0)
+        if self.experts is not None:
+            self.experts.tick()
+            self.host_cache.tick()
+            if self.runtime.compute_config.adaptive_schedule:
+                self._adapt()
+        self.metrics.tokens += 1
+        return x
+
+    def _moe_tiered(self, i, w, h, hn, idx, weight, shared, pred, nxt):
+        ids = np.asarray(idx)                                            # the one sync of this layer
+        used = sorted(set(ids.reshape(-1).tolist()))
+        self.metrics.add_activations(i, ids.reshape(-1))
+        if i in self._predicted:
+            self.metrics.add_prediction(self._predicted.pop(i), set(used))
+        P = self.experts.slots.capacity
+        chunk = max(1, P // 2) if (self.runtime.compute_config.overlap_compute and len(used) > P) else P
+        chunks = [used[c:c + chunk] for c in range(0, len(used), chunk)]
+        if self.runtime.compute_config.overlap_compute and len(chunks) > 1:
+            for ch in chunks[1:]:                                        # read later chunks while earlier compute
+                ahead = [e for e in ch if self._where(i, e) == "disk" and (i, e) not in self._pending]
+                self.chunk_reads_ahead += len(ahead)
+                self._start_disk(i, ahead)
+        B, T, D = hn.shape
+        acc = jnp.zeros((B * T, ids.shape[1], D), hn.dtype)
+        for ch in chunks:
+            slots = self._ensure(i, ch)
+            pos = {e: j for j, e in enumerate(ch)}
+            mask = np.isin(ids, ch)
+            # Assignments of other chunks go to a spare last group, so each real group holds exactly its own rows
+            # (as when every expert is on the GPU) and the grouped matmul sees the same problem per expert.
+            gather = np.zeros(_bucket(len(ch) + 1), np.int32)
+            gather[: len(ch)] = slots
+            spare = len(gather) - 1
+            sub = np.where(mask, np.vectorize(lambda e: pos.get(int(e), spare))(ids), spare).astype(np.int32)
+            acc = self.sched.moe_rows(self.experts.pool, jnp.asarray(gather), hn, jnp.asarray(sub),
+                                      jnp.asarray(mask), acc)
+            if pred is not None and len(nxt):                  # after this layer's experts are secured
+                self._prefetch(np.asarray(pred), nxt)
+                pred = None
+            self.experts.slots.unpin_all([(i, e) for e in ch])
+        return self.sched.moe_out(w, h, hn, acc, weight, shared)
+
+    def _where(self, i: int, e: int) -> str:
+        if self.experts.lookup((i, e), count=False) is not None:
+            return "gpu"
+        if self.host_cache.get((i, e), count=False) is not None:
+            return "host"
+        return "disk"
+
+    def _start_disk(self, i: int, experts: list[int]) -> None:
+        todo = [e for e in experts if (i, e) not in self._pending]
+        if not todo:
+            return
+        fut = self.disk.read(i, todo, stage=self.host_cache.put)
+        for e in todo:
+            self._pending[(i, e)] = fut
+
+    def _host_tree(self, i: int, e: int):
+        """Expert (i, e) in pinned host memory (waiting for its disk read if needed)."""
+        got = self.host_cache.get((i, e))
+        if got is not None:
+            return got
+        if (i, e) not in self._pending:
+            self._start_disk(i, [e])
+        t0 = time.perf_counter()
+        tree = self._pending.pop((i, e)).result()[e]                  # staged in pinned memory by the loader
+        self.metrics.add_stall(time.perf_counter() - t0)
+        return tree
+
+    def _ensure(self, i: int, experts: list[int]) -> list[int]:
+        """GPU slots of `experts` of layer i, loading misses; the experts stay pinned until unpinned."""
+        slots = []
+        misses = [e for e in experts if self.experts.lookup((i, e)) is None]
+        self._start_disk(i, [e for e in misses if self.host_cache.get((i, e), count=False) is None])
+        for e in experts:
+            slot = self.experts.lookup((i, e), count=False)
+            if slot is not None:
+                self.experts.slots.pin((i, e))
+            else:
+                slot = self.experts.load((i, e), self._host_tree(i, e), pin=True)
+            slots.append(slot)
+        return slots
+
+    def _prefetch(self, pred: np.ndarray, nxt: list[int]) -> None:
+        """Issue predicted experts: host->GPU for the next MoE layer, disk->host for the ones after it."""
+        for depth, j in enumerate(nxt):
+            chosen = set(np.flatnonzero(pred[depth] >= max(self.threshold, 1e-9)).tolist())
+            if depth == 0:
+                self._predicted[j] = chosen
+            for e in sorted(chosen):
+                where = self._where(j, e)
+                if where == "disk":
+                    self._start_disk(j, [e])
+                elif where == "host" and depth == 0:
+                    try:
+                        self.experts.load((j, e), self.host_cache.get((j, e), count=False))
+                    except RuntimeError:      # every slot pinned: leave it to the on-demand path
+                        return
+
+    def _adapt(self) -> None:
+        """adaptive_schedule: lower the threshold when predictions miss experts, raise it when they are wasted."""
+        m = self.metrics
+        p, r = m.pred_tp + m.pred_fp, m.pred_tp + m.pred_fn
+        if not r:
+            return
+        precision, recall = (m.pred_tp / p if p else 1.0), m.pred_tp / r
+        if recall < 0.7:
+            self.threshold = max(0.01, self.threshold * 0.9)
+        elif precision < 0.5:
+            self.threshold = min(0.9, self.threshold * 1.1)
+
+    # ---- batching ---------------------------------------------------------------------------------------------------
+    def _generate(self, ids, params, *, seq_offset: int = 0, n_real: int | None = None):
+        """Batches of at most max_batch_size, padded to a power of two (dynamic_batch) or to max_batch_size, and to
+        at least min_batch_size, so each batch size compiles once."""
+        mc = self.runtime.memory_config
+        for start in range(0, len(ids), mc.max_batch_size):
+            chunk = ids[start:start + mc.max_batch_size]
+            n = len(chunk)
+            size = min(max(_bucket(n), mc.min_batch_size), mc.max_batch_size) if mc.dynamic_batch \
+                else mc.max_batch_size
+            size = max(size, n, mc.min_batch_size)
+            self.batch_sizes.append(size)
+            yield from super()._generate(chunk + [chunk[0]] * (size - n), params, seq_offset=start, n_real=n)
+
+    # ---- monitoring -----------------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Generation counters plus the runtime's: memory per pool, bytes and GB/s per link against the ceilings,
+        per-layer latency, stall time, hit rates per tier, prediction precision/recall, expert activations."""
+        hit = {}
+        if self.experts is not None:
+            hit["gpu"] = self.experts.slots.counters.hit_rate
+            hit["host"] = self.host_cache.slots.counters.hit_rate
+        p = self.placement
+        extra = {
+            "generation": dict(self._stats),
+            "pools": self.mm.report(),
+            "hit_rates": hit,
+            "layers": {"resident": len(p.resident_layers), "ring_slots": p.ring_slots, **self.layers.counters,
+                       "max_inflight": self.layers.max_inflight},
+            "ceilings_GB_per_s": {"host->GPU": self.links.h2d / 1e9, "disk->host": self.links.disk / 1e9,
+                                  "measured": self.links.measured},
+            "predicted_tok_s": p.tokens_per_s,
+            "expert_threshold": self.threshold,
+        }
+        return self.metrics.snapshot(extra)
+
+    def stats_prometheus(self) -> str:
+        return prometheus_text(self.stats())
+
+    def stats_json_line(self) -> str:
+        return json_line(self.stats())
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+
+
+def measure_links(store, nbytes: int = 64 << 20) -> Links:
+    """auto_tune: time a pinned host->device copy and a read of a few experts from the store."""
+    s_dev, s_host = shardings()
+    host = jax.device_put(np.ones(nbytes // 4, np.float32), s_host)
+    jax.block_until_ready(jax.device_put(host, s_dev))
+    t0 = time.perf_counter()
+    jax.block_until_ready(jax.device_put(host, s_dev))
+    h2d = nbytes / max(time.perf_counter() - t0, 1e-9)
+    cfg = store.config
+    first = _first_moe(cfg)
+    disk = Links().disk
+    if first >= 0:
+        t0 = time.perf_counter()
+        futs = store.read_experts(first, range(min(8, cfg.n_routed_experts)))
+        got = sum(tree_nbytes(f.result()) for f in futs.values())
+        disk = got / max(time.perf_counter() - t0, 1e-9)
+    return Links(h2d=h2d, disk=disk, measured=True)

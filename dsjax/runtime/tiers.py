@@ -1,0 +1,219 @@
+"""The movers: DiskReader (NVMe -> host), HostCache (pinned host experts), ExpertCache (GPU expert slots) and
+LayerManager (GPU ring for layer weights that are not resident).
+
+They execute what the planner decided and keep counters; the policy of what to fetch when lives in the engine and
+the PrefetchSystem. Every buffer they hold is accounted in the MemoryManager. Copies are asynchronous: a
+`jax.device_put` returns at once and the computation that consumes the array waits for it on the device.
+"""
+
+# P GPU expert slots, E experts, N out-features, K in-features
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax.quant import QTensor
+from dsjax.runtime.cache_policy import SlotCache
+from dsjax.runtime.memory import MemoryManager
+from dsjax.runtime.metrics import Metrics
+
+PROJ = ("gate", "up", "down")
+
+
+def tree_nbytes(tree) -> int:
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
+
+
+def shardings(device=None):
+    dev = device or jax.devices()[0]
+    return (jax.sharding.SingleDeviceSharding(dev, memory_kind="device"),
+            jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host"))
+
+
+class DiskReader:
+    """Reads routed experts from the store on loader threads; results are per-expert numpy trees
+    {proj: QTensor | array} (one expert, no leading axis). At most `max_inflight` layer reads run at once."""
+
+    def __init__(self, store, metrics: Metrics, max_inflight: int = 4):
+        self.store = store
+        self.metrics = metrics
+        self._pool = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="dsjax-disk")
+        self._fmt = {}
+
+    def _record_fmt(self, layer: int, proj: str) -> str | None:
+        key = (layer, proj)
+        if key not in self._fmt:
+            rec = self.store.expert_record(layer, proj)
+            self._fmt[key] = rec.dtype if rec.is_fp4 else None
+        return self._fmt[key]
+
+    def read(self, layer: int, experts: list[int], stage: Callable[[tuple[int, int], Any], Any] | None = None
+             ) -> Future:
+        """Future of {expert: tree} for `experts` of `layer`; `stage((layer, e), tree)` runs on the loader thread
+        (the host cache's pinned staging copy) and its result replaces the numpy tree."""
+        return self._pool.submit(self._read, layer, list(experts), stage)
+
+    def _read(self, layer: int, experts: list[int], stage=None) -> dict[int, dict[str, Any]]:
+        t0 = time.perf_counter()
+        futs = self.store.read_experts(layer, experts)
+        parts = {proj: f.result() for proj, f in futs.items()}
+        out: dict[int, dict[str, Any]] = {e: {} for e in experts}
+        nbytes = 0
+        for proj, p in parts.items():
+            fmt = self._record_fmt(layer, proj)
+            nbytes += sum(a.nbytes for a in p.values())
+            for j, e in enumerate(experts):
+                one = {k: a[j] for k, a in p.items()}
+                out[e][proj] = QTensor(**one, fmt=fmt) if fmt else one["weight"]
+        self.metrics.add_transfer("disk->host", nbytes, time.perf_counter() - t0)
+        if stage is not None:
+            out = {e: stage((layer, e), tree) for e, tree in out.items()}
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class HostCache:
+    """Pinned-host copies of routed experts, keyed (layer, expert), LRFU eviction, accounted in the host pools."""
+
+    def __init__(self, capacity: int, mm: MemoryManager, metrics: Metrics, expert_bytes: int, decay: float = 0.1):
+        self.slots = SlotCache(capacity, decay)
+        self.mm = mm
+        self.metrics = metrics
+        self.expert_bytes = expert_bytes
+        self._data: dict[tuple[int, int], Any] = {}
+        self._lock = threading.Lock()
+        self._s_host = shardings()[1]
+
+    def get(self, key: tuple[int, int], count: bool = True):
+        with self._lock:
+            hit = (self.slots.lookup(key) if count else self.slots.peek(key)) is not None
+            return self._data[key] if hit else None
+
+    def put(self, key: tuple[int, int], tree_np) -> Any:
+        """Stage a numpy expert into pinned host memory (on the calling loader thread) and cache it if there is
+        room; returns the pinned tree either way."""
+        t0 = time.perf_counter()
+        pinned = jax.device_put(tree_np, self._s_host)
+        jax.block_until_ready(pinned)
+        self.metrics.add_transfer("stage->pinned", self.expert_bytes, time.perf_counter() - t0)
+        with self._lock:
+            if self.slots.capacity == 0 or key in self.slots:
+                return pinned
+            if len(self.slots) == self.slots.capacity:      # make room first, so a refusal leaves no trace
+                victim = self.slots.evict_one()
+                self._data.pop(victim)
+                self.mm.release(("host_expert", *victim))
+            self.mm.reserve_first(("host_layer_cache", "host_weights"), ("host_expert", *key), self.expert_bytes)
+            self.slots.insert(key)
+            self._data[key] = pinned
+        return pinned
+
+    def tick(self) -> None:
+        with self._lock:
+            self.slots.tick()
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _write_slot(pool, slot, value):
+    """pool[slot] = value for every leaf (the pool is donated: updated in place)."""
+    return jax.tree.map(lambda p, v: jax.lax.dynamic_update_index_in_dim(p, v.astype(p.dtype), slot, 0),
+                        pool, value)
+
+
+class ExpertCache:
+    """GPU expert slots shared by all MoE layers: one device array per projection part with P slots on axis 0,
+    LRFU over (layer, expert) keys. `ensure` makes experts resident and returns their slots."""
+
+    def __init__(self, capacity: int, template: dict[str, Any], mm: MemoryManager, metrics: Metrics,
+                 expert_bytes: int, decay: float = 0.1):
+        s_dev, _ = shardings()
+        self.slots = SlotCache(capacity, decay)
+        self.metrics = metrics
+        self.expert_bytes = expert_bytes
+        mm.reserve("expert_cache", "gpu_expert_slots", capacity * expert_bytes)
+        self.pool = jax.tree.map(lambda a: jax.device_put(jnp.zeros((capacity,) + a.shape, a.dtype), s_dev),
+                                 template)
+        self._s_dev = s_dev
+
+    def lookup(self, key, count: bool = True) -> int | None:
+        return self.slots.lookup(key) if count else self.slots.peek(key)
+
+    def load(self, key, host_tree, pin: bool = False) -> int:
+        """Copy one expert (pinned host or numpy tree) into a slot; asynchronous on the device."""
+        slot, _ = self.slots.insert(key, pin=pin)
+        t0 = time.perf_counter()
+        dev = jax.device_put(host_tree, self._s_dev)
+        self.pool = _write_slot(self.pool, jnp.int32(slot), dev)
+        self.metrics.add_transfer("host->GPU", self.expert_bytes, time.perf_counter() - t0, issued_only=True)
+        return slot
+
+    def tick(self) -> None:
+        self.slots.tick()
+
+
+class LayerManager:
+    """Layer weights that are not resident on the GPU stream through a ring of `ring_slots` GPU copies.
+
+    `get(i)` returns layer i's weights on the GPU: resident ones directly, streamed ones from the copy issued by
+    `prefetch` (or now, on demand). Host copies are pinned (or read from the store when the host tier has no room).
+    """
+
+    def __init__(self, resident: dict[int, Any], host: dict[int, Any], load_from_disk: Callable[[int], Any],
+                 ring_slots: int, mm: MemoryManager, metrics: Metrics, layer_bytes: dict[int, int]):
+        self.resident = resident
+        self.host = host
+        self.load_from_disk = load_from_disk
+        self.ring_slots = ring_slots
+        self.mm = mm
+        self.metrics = metrics
+        self.layer_bytes = layer_bytes
+        self.inflight: dict[int, Any] = {}
+        self.s_dev, _ = shardings()
+        self.counters = {"resident_gets": 0, "prefetched": 0, "on_demand": 0}
+        self.max_inflight = 0
+
+    def _issue(self, i: int) -> Any:
+        t0 = time.perf_counter()
+        src = self.host.get(i)
+        if src is None:
+            src = self.load_from_disk(i)
+        dev = jax.device_put(src, self.s_dev)
+        self.mm.reserve("active_layers", ("ring", i), self.layer_bytes[i])
+        self.metrics.add_transfer("host->GPU", self.layer_bytes[i], time.perf_counter() - t0, issued_only=True)
+        return dev
+
+    def prefetch(self, i: int) -> None:
+        if i in self.resident or i in self.inflight or i not in self.layer_bytes:
+            return
+        if len(self.inflight) >= self.ring_slots:
+            return
+        self.inflight[i] = self._issue(i)
+        self.max_inflight = max(self.max_inflight, len(self.inflight))
+
+    def get(self, i: int) -> Any:
+        if i in self.resident:
+            self.counters["resident_gets"] += 1
+            return self.resident[i]
+        if i in self.inflight:
+            self.counters["prefetched"] += 1
+            return self.inflight[i]
+        self.counters["on_demand"] += 1
+        while len(self.inflight) >= self.ring_slots:
+            self.release(next(iter(self.inflight)))
+        self.inflight[i] = self._issue(i)
+        self.max_inflight = max(self.max_inflight, len(self.inflight))
+        return self.inflight[i]
+
+    def release(self, i: int) -> None:
+        if self.inflight.pop(i, None) is not None:
+            self.mm.release(("ring", i))

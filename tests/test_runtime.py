@@ -1,0 +1,257 @@
+"""The tiered runtime on real stores (TensorStore experts, orbax core) on the CPU: the same tokens under every
+preset and budget, each configuration key's effect, monitoring exports, and run-time errors."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import dsjax
+from dsjax.runtime.config import PRESETS, RuntimeConfig, RuntimeConfigError
+from dsjax.runtime.planner import minimum_gpu_memory, minimum_host_memory
+from dsjax.runtime.tiered import model_bytes_from_store
+from dsjax.store.manifest import StoreCorruptError
+from dsjax.store.reader import Store
+from tolerances import assert_close
+
+PROMPTS = [[0, 17, 42, 99, 7, 3, 250, 11, 80, 5, 6, 120], [0, 5, 6]]
+
+
+@pytest.fixture(scope="module")
+def store(demo_checkpoint, tmp_path_factory):
+    from dsjax.store.writer import convert
+    dst = str(tmp_path_factory.mktemp("store") / "demo-nvfp4")
+    convert(demo_checkpoint, dst, fmt="nvfp4", policy="mlp", progress=False)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def budgets(store):
+    """Budgets from 'no limit' down to 'one layer slot, a handful of expert slots, a tiny host cache'."""
+    mb = model_bytes_from_store(Store(store))
+    tight = dict(max_gpu_layers=1, prefetch_layers=1)
+    g = minimum_gpu_memory(mb, context_tokens=512, **tight)
+    h = minimum_host_memory(mb)
+    return {
+        "unlimited": {},
+        "roomy": dict(gpu_memory=4 * g, host_memory=100 * h),
+        "tight": dict(gpu_memory=g, host_memory=2 * h, **tight),
+        "minimal": dict(gpu_memory=g, host_memory=h, **tight),
+    }
+
+
+def _load(store, **kw):
+    return dsjax.load(store, dtype="float32", **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(store):
+    e = _load(store)
+    greedy = [g.token_ids for g in e.generate(PROMPTS, max_new_tokens=10, stop_token_ids=())]
+    sampled = [g.token_ids for g in e.generate(PROMPTS, max_new_tokens=10, temperature=0.9, seed=3,
+                                                 stop_token_ids=())]
+    return e, greedy, sampled
+
+
+@pytest.mark.parametrize("budget", ["roomy", "tight", "minimal"])
+def test_same_tokens_under_every_budget(store, budgets, reference, budget):
+    _, greedy, sampled = reference
+    e = _load(store, **budgets[budget])
+    assert [g.token_ids for g in e.generate(PROMPTS, max_new_tokens=10, stop_token_ids=())] == greedy
+    assert [g.token_ids for g in e.generate(PROMPTS, max_new_tokens=10, temperature=0.9, seed=3,
+                                            stop_token_ids=())] == sampled
+    s = e.stats()
+    if budget in ("tight", "minimal"):
+        assert s["links"]["disk->host"]["bytes"] > 0 and s["links"]["host->GPU"]["bytes"] > 0
+        assert s["layers"]["ring_slots"] == 1 and s["layers"]["resident"] < 4
+    if budget == "minimal":
+        assert e.placement.host_experts < e.config.n_routed_experts   # experts come back from disk
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_same_tokens_under_every_preset(store, budgets, reference, preset):
+    _, greedy, sampled = reference
+    e = _load(store, preset=preset, **budgets["tight"])
+    assert e.runtime.preset == preset
+    assert [g.token_ids for g in e.generate(PROMPTS, max_new_tokens=10, stop_token_ids=())] == greedy
+    assert [g.token_ids for g in e.generate(PROMPTS, max_new_tokens=10, temperature=0.9, seed=3,
+                                            stop_token_ids=())] == sampled
+
+
+def test_logits_across_budgets(store, budgets, reference):
+    """Bit-identical while every expert is on the GPU; within rounding when experts come through slot chunks."""
+    ids = np.asarray([PROMPTS[0] * 2])
+    want = reference[0].logits(ids)
+    np.testing.assert_array_equal(_load(store, **dict(budgets["roomy"], max_gpu_layers=1)).logits(ids), want)
+    assert_close(_load(store, **budgets["minimal"]).logits(ids), want, "budgets_f32", "minimal budget")
+
+
+def test_store_logits_match_the_in_memory_model(store):
+    """The tiered engine computes the model of dsjax.model over the store's dequantized weights."""
+    import jax
+    import jax.numpy as jnp
+    from dsjax.model import forward
+    s = Store(store)
+    weights = s.load_weights(jnp.float32)
+    ids = np.asarray([PROMPTS[0]])
+    want = np.asarray(forward(weights, jnp.asarray(ids), s.config))
+    got = _load(store, **{}).logits(ids)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+# ---- the effect of each key ----------------------------------------------------------------------------------
+
+def test_overlap_io_off_loads_on_demand(store, budgets, reference):
+    e = _load(store, overlap_io=False, **budgets["tight"])
+    assert [g.token_ids for g in e.generate(PROMPTS, max_new_tokens=6, stop_token_ids=())] == \
+        [t[:6] for t in reference[1]]
+    s = e.stats()
+    assert s["layers"]["prefetched"] == 0 and s["layers"]["on_demand"] > 0
+    assert s["prediction"]["predicted"] == 0
+    on = _load(store, **budgets["tight"])
+    on.generate(PROMPTS, max_new_tokens=6)
+    assert on.stats()["layers"]["prefetched"] > 0 and on.stats()["prediction"]["predicted"] > 0
+
+
+def test_expert_threshold_sets_how_much_is_prefetched(store, budgets):
+    counts = []
+    for th in (0.0, 0.3, 1.0):
+        e = _load(store, expert_threshold=th, adaptive_schedule=False, **budgets["tight"])
+        e.generate(PROMPTS, max_new_tokens=6, stop_token_ids=())
+        counts.append(e.stats()["prediction"]["predicted"])
+    assert counts[0] > counts[1] > counts[2] >= 0
+
+
+def test_prefetch_layers_and_max_gpu_layers(store, budgets):
+    e = _load(store, **dict(budgets["tight"], prefetch_layers=0))
+    e.generate(PROMPTS, max_new_tokens=4)
+    assert e.stats()["layers"]["prefetched"] == 0
+    g = budgets["tight"]["gpu_memory"] * 3
+    e = _load(store, gpu_memory=g, host_memory=budgets["tight"]["host_memory"], max_gpu_layers=2)
+    assert e.placement.ring_slots in (0, 2)
+    e.generate(PROMPTS, max_new_tokens=4)
+    assert e.layers.max_inflight <= 2
+
+
+def test_adaptive_schedule_moves_the_threshold(store, budgets):
+    e = _load(store, expert_threshold=0.9, adaptive_schedule=True, **budgets["tight"])
+    e.generate(PROMPTS, max_new_tokens=8)
+    assert e.stats()["expert_threshold"] < 0.9          # recall at 0.9 is poor: the schedule lowers it
+    fixed = _load(store, expert_threshold=0.9, adaptive_schedule=False, **budgets["tight"])
+    fixed.generate(PROMPTS, max_new_tokens=8)
+    assert fixed.stats()["expert_threshold"] == 0.9
+
+
+def test_use_parallel_compute_runs_shared_experts_before_the_sync(store, budgets, reference):
+    for flag in (True, False):
+        e = _load(store, use_parallel_compute=flag, **budgets["tight"])
+        assert e.sched.parallel_shared is flag
+        assert [g.token_ids for g in e.generate(PROMPTS, max_new_tokens=10, stop_token_ids=())] == reference[1]
+
+
+def test_overlap_compute_reads_later_chunks_ahead(store, budgets, reference):
+    """Prefill touches more experts than the minimal GPU pool holds: chunks; overlap_compute starts their disk
+    reads before the first chunk computes."""
+    ahead = {}
+    for flag in (True, False):
+        e = _load(store, overlap_compute=flag, **budgets["minimal"])
+        assert [g.token_ids for g in e.generate(PROMPTS, max_new_tokens=4, stop_token_ids=())] == \
+            [t[:4] for t in reference[1]]
+        ahead[flag] = e.chunk_reads_ahead
+    assert ahead[True] > 0 and ahead[False] == 0
+
+
+def test_auto_tune_measures_links(store):
+    assert _load(store, auto_tune=True).stats()["ceilings_GB_per_s"]["measured"] is True
+    assert _load(store, auto_tune=False).stats()["ceilings_GB_per_s"]["measured"] is False
+
+
+def test_use_cuda_graph_sets_xla_command_buffers(monkeypatch, store):
+    from dsjax.runtime import scheduler
+    monkeypatch.setattr(scheduler.jax, "default_backend", lambda: "gpu")
+    off = scheduler.ComputeScheduler(Store(store).config, use_cuda_graph=False)
+    on = scheduler.ComputeScheduler(Store(store).config, use_cuda_graph=True)
+    assert off.compiler_options == {"xla_gpu_enable_command_buffer": ""} and on.compiler_options is None
+
+
+def test_batching_keys(store, reference):
+    prompts = PROMPTS + [[0, 9, 9], [0, 1], [0, 44, 45, 46]]
+    e = _load(store, max_batch_size=2, dynamic_batch=True)
+    out = [g.token_ids for g in e.generate(prompts, max_new_tokens=5, stop_token_ids=())]
+    assert e.batch_sizes == [2, 2, 1]
+    assert out[:2] == [t[:5] for t in reference[1]]
+    e = _load(store, max_batch_size=4, min_batch_size=4, dynamic_batch=False)
+    assert [g.token_ids for g in e.generate(prompts, max_new_tokens=5, stop_token_ids=())] == out
+    assert e.batch_sizes == [4, 4]
+
+
+# ---- configuration ---------------------------------------------------------------------------------------------
+
+def test_presets_carry_the_seed_values():
+    ll, ht, bal = (RuntimeConfig.from_preset(p) for p in ("low_latency", "high_throughput", "balanced"))
+    assert (ll.memory_config.max_gpu_layers, ll.memory_config.prefetch_layers, ll.memory_config.expert_threshold) \
+        == (2, 1, 0.2)
+    assert (ht.memory_config.max_gpu_layers, ht.memory_config.max_batch_size) == (4, 32)
+    assert (bal.memory_config.expert_threshold, bal.compute_config.adaptive_schedule) == (0.15, True)
+    assert ll.gpu_memory == 16 * 10**9 and ll.host_memory == 96 * 10**9
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"memory_config": {"max_gpu_layer": 2}}, "memory_config.max_gpu_layer: unknown key"),
+    ({"compute_config": {"overlap_io": "yes"}}, "compute_config.overlap_io='yes' has the wrong type"),
+    ({"memory_config": {"expert_threshold": 1.5}}, "expert_threshold=1.5 must lie in"),
+    ({"memory_config": {"max_batch_size": 2, "min_batch_size": 4}}, "max_batch_size=2 must be >="),
+    ({"gpu_memory": "lots"}, "gpu_memory='lots' is not a size"),
+    ({"turbo": True}, "unknown key 'turbo'"),
+])
+def test_bad_config_names_the_key(raw, match):
+    with pytest.raises(RuntimeConfigError, match=match):
+        RuntimeConfig.from_dict(raw)
+
+
+def test_overrides_and_yaml_file(tmp_path):
+    with pytest.raises(RuntimeConfigError, match="unknown option 'warp_speed'"):
+        RuntimeConfig.from_preset("balanced", warp_speed=9)
+    with pytest.raises(RuntimeConfigError, match="preset 'fast' is not known"):
+        RuntimeConfig.from_preset("fast")
+    p = tmp_path / "mine.yaml"
+    p.write_text("memory_config:\n  max_gpu_layers: 5\ngpu_memory: 24GB\n")
+    c = RuntimeConfig.from_preset(str(p), prefetch_layers=0)
+    assert (c.memory_config.max_gpu_layers, c.memory_config.prefetch_layers, c.gpu_memory) == (5, 0, 24 * 10**9)
+
+
+def test_hf_checkpoint_rejects_runtime_options(demo_checkpoint):
+    with pytest.raises(ValueError, match="convert it first"):
+        dsjax.load(demo_checkpoint, gpu_memory="1GB")
+
+
+# ---- monitoring and errors -------------------------------------------------------------------------------------
+
+def test_stats_exports(store, budgets):
+    e = _load(store, **budgets["tight"])
+    e.generate(PROMPTS, max_new_tokens=4)
+    s = e.stats()
+    assert set(s["pools"]) >= {"active_layers", "expert_cache", "host_weights", "host_layer_cache"}
+    assert 0 <= s["hit_rates"]["gpu"] <= 1 and 0 <= s["hit_rates"]["host"] <= 1
+    acts = np.asarray(s["expert_activations"])
+    assert acts[0].sum() == 0 and acts[1:].sum() > 0      # layer 0 is dense
+    text = e.stats_prometheus()
+    assert f'dsjax_links_bytes{{link="disk->host"}} {s["links"]["disk->host"]["bytes"]}' in text
+    assert f'dsjax_hit_rates{{tier="gpu"}} {s["hit_rates"]["gpu"]}' in text
+    assert f'dsjax_expert_activations{{layer="2",expert="5"}} {s["expert_activations"][2][5]}' in text
+    assert json.loads(e.stats_json_line())["tokens"] == s["tokens"]
+
+
+def test_corrupt_expert_found_at_run_time_names_the_tensor(store, budgets, tmp_path):
+    bad = str(tmp_path / "bad")
+    shutil.copytree(store, bad)
+    shard = next(os.path.join(r, f) for r, _, fs in os.walk(os.path.join(bad, "experts", "layer_002", "up"))
+                 for f in fs)
+    data = bytearray(open(shard, "rb").read())
+    data[100] ^= 0xFF
+    open(shard, "wb").write(bytes(data))
+    e = _load(bad, **budgets["minimal"])
+    with pytest.raises(StoreCorruptError, match="experts_up"):
+        e.generate(PROMPTS, max_new_tokens=3)
