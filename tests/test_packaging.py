@@ -33,6 +33,7 @@ def test_normal_install_imports_dsjax_kernels(tmp_path):
                         "--target", str(target), REPO], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (target / "dsjax_kernels" / "__init__.py").exists() and not (target / "kernels").exists()
+    assert (target / "dsjax_configs" / "balanced.yaml").exists()        # presets ship with the package
     env = dict(os.environ, PYTHONPATH=str(target))
     path, no_kernels = _probe(tmp_path, env)
     assert path.startswith(str(target)), path

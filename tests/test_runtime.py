@@ -255,3 +255,21 @@ def test_corrupt_expert_found_at_run_time_names_the_tensor(store, budgets, tmp_p
     e = _load(bad, **budgets["minimal"])
     with pytest.raises(StoreCorruptError, match="experts_up"):
         e.generate(PROMPTS, max_new_tokens=3)
+
+
+def test_enable_fusion_selects_kernels_on_gpu_only(monkeypatch, store):
+    import jax.numpy as jnp
+    from dsjax import ops
+    from dsjax.quant import quantize
+    w = quantize(np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32), "nvfp4")
+    x = jnp.ones((2, 64), jnp.bfloat16)
+    with ops.fusion(True):
+        assert ops.fp4_path(x, w) == "reference"          # this CPU has no kernel
+    monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
+    with ops.fusion(True):
+        assert ops.fp4_path(x, w) == "kernel"
+        assert ops.fp4_path(x.astype(jnp.float32), w) == "reference"   # kernels take bf16 activations
+    with ops.fusion(False):
+        assert ops.fp4_path(x, w) == "reference"
+    assert _load(store, enable_fusion=False).sched.enable_fusion is False
+    assert _load(store).sched.enable_fusion is True

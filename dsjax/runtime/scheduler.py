@@ -22,6 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dsjax import ops
 from dsjax.config import ModelConfig
 from dsjax.model.layers import swiglu_mlp
 from dsjax.model.moe import combine, expert_rows, route
@@ -40,6 +41,10 @@ def _predict(hn_flat: jax.Array, routers: tuple, cfg: ModelConfig) -> jax.Array:
         p = p.at[jnp.arange(hn_flat.shape[0])[:, None], r.idx].set(share)
         out.append(p.max(0))
     return jnp.stack(out) if out else jnp.zeros((0, cfg.n_routed_experts), jnp.float32)
+
+
+def _dense(w: dict, h: jax.Array, hn: jax.Array) -> jax.Array:
+    return ffn_finish(w, h, hn, "dense")
 
 
 def _shared(w: dict, hn: jax.Array) -> jax.Array | None:
@@ -61,16 +66,26 @@ def _moe_out(w: dict, h, hn, rows, weight, shared):
 
 
 class ComputeScheduler:
-    def __init__(self, cfg: ModelConfig, *, use_cuda_graph: bool = True, parallel_shared: bool = True):
+    def __init__(self, cfg: ModelConfig, *, use_cuda_graph: bool = True, parallel_shared: bool = True,
+                 enable_fusion: bool = True):
         self.cfg = cfg
         self.parallel_shared = parallel_shared
+        self.enable_fusion = enable_fusion
         opts = None
         if not use_cuda_graph and jax.default_backend() == "gpu":
             opts = {"xla_gpu_enable_command_buffer": ""}       # no CUDA-graph capture inside the executables
         self.compiler_options = opts
-        jit = functools.partial(jax.jit, compiler_options=opts)
+        def jit(fn, **kw):
+            # Kernels vs references is decided while tracing; each scheduler owns its executables, so the
+            # choice is part of what they were compiled with.
+            @functools.wraps(fn)
+            def traced(*args, **kwargs):
+                with ops.fusion(enable_fusion):
+                    return fn(*args, **kwargs)
+            return jax.jit(traced, compiler_options=opts, **kw)
+
         self.attn = jit(self._attn, static_argnames=("kind", "form"), donate_argnames=("cache",))
-        self.dense = jit(lambda w, h, hn: ffn_finish(w, h, hn, "dense"))
+        self.dense = jit(_dense)
         self.rows_direct = jit(self._rows_direct)
         self.moe_rows = jit(self._moe_rows, donate_argnames=("acc",))
         self.moe_out = jit(_moe_out)

@@ -145,7 +145,8 @@ class TieredEngine(Engine):
             self.experts = ExpertCache(slots, template, self.mm, self.metrics, mb.expert)
             self.host_cache = HostCache(p.host_experts * moe, self.mm, self.metrics, mb.expert)
             self.disk = DiskReader(store, self.metrics)
-        self.sched = ComputeScheduler(cfg, use_cuda_graph=cc.use_cuda_graph, parallel_shared=cc.use_parallel_compute)
+        self.sched = ComputeScheduler(cfg, use_cuda_graph=cc.use_cuda_graph, parallel_shared=cc.use_parallel_compute,
+                                      enable_fusion=cc.enable_fusion)
         self.threshold = mc.expert_threshold
         self.prefetch_depth = mc.prefetch_layers
         self._pending: dict[tuple[int, int], Any] = {}      # (layer, expert) -> Future of a disk read

@@ -1,0 +1,233 @@
+"""Benchmark the FP4 kernels on DeepSeek-V3 shapes against XLA on bf16 weights and the jnp reference.
+
+Run on the GPU machine:  PYTHONPATH=<dir with dsjax_kernels>:. python3 bench/kernels.py [--quick] [--out F.json]
+Measures the HBM ceiling (device-to-device copy, bytes read + written) and bf16 XLA matmul peak in the same run.
+Every timing rotates among enough weight copies to exceed the 60 MB L2 (several launches inside one jitted call,
+median over repeats); per-launch time = (time of two passes over the copies - time of one pass) / copies, which
+cancels the Python dispatch of a call with many arguments but keeps XLA's gaps between launches. GB/s counts packed bytes + scale bytes read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax_kernels.fp4_matmul import Fp4MatmulConfig, default_config, fp4_matmul, fp4_matmul_reference
+from dsjax_kernels.moe_gmm import MoeGmmConfig, default_config as default_grouped, expert_swiglu, expert_swiglu_reference, moe_gmm, moe_gmm_reference
+
+L2_ROTATE_BYTES = 256 << 20
+BS = {"nvfp4": 16, "mxfp4": 32}
+
+
+def timeit(fn, *args, reps=15, warmup=2) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def rotated(op):
+    """One jitted call running op on each weight copy in turn, once per activation in xs (distinct activations,
+    so XLA cannot merge the passes)."""
+    @jax.jit
+    def run(xs, ws):
+        return [op(x, *w) for x in xs for w in ws]
+    return run
+
+
+def per_launch(op, x, ws) -> float:
+    """Seconds per launch inside a stream of launches: (time of 2 passes - time of 1 pass) / copies. The
+    difference cancels the fixed cost of dispatching one call with many arguments from Python."""
+    f = rotated(op)
+    x2 = jax.random.normal(jax.random.PRNGKey(11), x.shape, x.dtype)   # independent: not -x, which XLA folds
+    t1 = timeit(f, [x], ws, reps=21)                                    # into the first pass's dot
+    t2 = timeit(f, [x, x2], ws, reps=21)
+    return (t2 - t1) / len(ws)
+
+
+def fp4_weights(key, lead, n, k, fmt, copies):
+    out = []
+    for c in range(copies):
+        k1, k2, key = jax.random.split(key, 3)
+        p = jax.random.randint(k1, (*lead, n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
+        lo, hi = (0x08, 0x48) if fmt == "nvfp4" else (119, 130)
+        s = jax.random.randint(k2, (*lead, n, k // BS[fmt]), lo, hi, jnp.int32).astype(jnp.uint8)
+        out.append((p, s, jnp.ones(tuple(lead), jnp.float32)))
+    return out
+
+
+def hbm_ceiling() -> float:
+    x = jnp.ones((1 << 30,), jnp.float32)                      # 4 GiB
+    f = jax.jit(lambda a: a * 1.0001)
+    t = timeit(f, x, reps=10)
+    return 2 * x.nbytes / t / 1e9
+
+
+def bf16_peak() -> float:
+    a = jax.random.normal(jax.random.PRNGKey(0), (8192, 8192), jnp.bfloat16)
+    b = jax.random.normal(jax.random.PRNGKey(1), (8192, 8192), jnp.bfloat16)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    return 2 * 8192**3 / timeit(f, a, b) / 1e12
+
+
+def dense_row(m, n, k, fmt, hbm, configs=(None,), with_baselines=True):
+    wbytes = n * k // 2 + n * k // BS[fmt]
+    copies = max(2, -(-L2_ROTATE_BYTES // wbytes))
+    key = jax.random.PRNGKey(m * 7 + n)
+    ws = fp4_weights(key, (), n, k, fmt, copies)
+    x = jax.random.normal(jax.random.PRNGKey(3), (m, k), jnp.bfloat16)
+    row = dict(kind="dense", fmt=fmt, M=m, N=n, K=k, bytes=wbytes)
+    best = None
+    for cfg in configs:
+        if cfg == "join":          # the default tiles with the in-register interleave instead of split x
+            cfg = dataclasses.replace(default_config(m, n, k), x_split=False)
+        op = lambda x, p, s, g, cfg=cfg: fp4_matmul(x, p, s, g, fmt=fmt, config=cfg)
+        t = per_launch(op, x, ws)
+        if best is None or t < best[0]:
+            best = (t, cfg)
+    t, cfg = best
+    row.update(t_us=t * 1e6, cfg=str(cfg), gbs=wbytes / t / 1e9, hbm_frac=wbytes / t / 1e9 / hbm,
+               tflops=2 * m * n * k / t / 1e12)
+    if with_baselines:
+        ref = lambda x, p, s, g: fp4_matmul_reference(x, p, s, g, fmt=fmt)
+        row["t_ref_us"] = per_launch(ref, x, ws) * 1e6
+        bcopies = max(2, -(-L2_ROTATE_BYTES // (2 * n * k)))
+        wb = [(jax.random.normal(jax.random.PRNGKey(100 + c), (n, k), jnp.bfloat16),) for c in range(bcopies)]
+        xla = lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+        row["t_xla_us"] = per_launch(xla, x, wb) * 1e6
+        row["xla_tflops"] = 2 * m * n * k / row["t_xla_us"] / 1e6
+        row["vs_xla"] = row["t_xla_us"] / row["t_us"]
+        row["vs_ref"] = row["t_ref_us"] / row["t_us"]
+    return row
+
+
+def grouped_sizes(rng, experts, lo, hi):
+    return np.asarray(rng.integers(lo, hi + 1, size=experts), np.int32)
+
+
+def grouped_row(experts, lo, hi, n, k, fmt, hbm, swiglu=False, configs=(None,)):
+    rng = np.random.default_rng(experts * 100 + hi)
+    sizes = jnp.asarray(grouped_sizes(rng, experts, lo, hi))
+    t_rows = int(sizes.sum())
+    mats = 3 if swiglu else 1
+    wbytes = experts * mats * (n * k // 2 + n * k // BS[fmt])
+    copies = max(2, -(-L2_ROTATE_BYTES // wbytes))
+    x = jax.random.normal(jax.random.PRNGKey(5), (t_rows, k), jnp.bfloat16) * 0.1
+    row = dict(kind="swiglu" if swiglu else "grouped", fmt=fmt, experts=experts, rows=t_rows, N=n, K=k,
+               bytes=wbytes)
+    if swiglu:          # gate/up [S, I=n, D=k], down [S, D, I]
+        ws = [tuple(fp4_weights(jax.random.PRNGKey(10 * c + j), (experts,), *((k, n) if j == 2 else (n, k)), fmt, 1)[0]
+                    for j in range(3)) for c in range(copies)]
+        op = lambda x, g, u, d: expert_swiglu(x, g, u, d, sizes, fmt=fmt)
+        ref = lambda x, g, u, d: expert_swiglu_reference(x, g, u, d, sizes, fmt=fmt)
+        flops = 2 * t_rows * n * k * 3
+    else:
+        ws = fp4_weights(jax.random.PRNGKey(7), (experts,), n, k, fmt, copies)
+        best = None
+        for cfg in configs:
+            if cfg == "join":
+                cfg = dataclasses.replace(default_grouped(t_rows, n, k, experts), x_split=False)
+            o = lambda x, p, s, g, cfg=cfg: moe_gmm(x, p, s, g, sizes, fmt=fmt, config=cfg)
+            tt = per_launch(o, x, ws)
+            if best is None or tt < best[0]:
+                best = (tt, cfg)
+        op = lambda x, p, s, g, cfg=best[1]: moe_gmm(x, p, s, g, sizes, fmt=fmt, config=cfg)
+        row["cfg"] = str(best[1])
+        ref = lambda x, p, s, g: moe_gmm_reference(x, p, s, g, sizes, fmt=fmt)
+        flops = 2 * t_rows * n * k
+    t = per_launch(op, x, ws)
+    row.update(t_us=t * 1e6, gbs=wbytes / t / 1e9, hbm_frac=wbytes / t / 1e9 / hbm, tflops=flops / t / 1e12)
+    row["t_ref_us"] = per_launch(ref, x, ws) * 1e6
+    row["vs_ref"] = row["t_ref_us"] / row["t_us"]
+    # XLA baseline: ragged_dot on bf16 slot weights
+    dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((1,), (2,)), ((), ())),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+    if not swiglu:
+        bcopies = max(2, -(-L2_ROTATE_BYTES // (2 * experts * n * k)))
+        wb = [(jax.random.normal(jax.random.PRNGKey(200 + c), (experts, n, k), jnp.bfloat16),) for c in range(bcopies)]
+        xla = lambda x, w: jax.lax.ragged_dot_general(x, w, sizes, dims, preferred_element_type=jnp.float32).astype(x.dtype)
+        row["t_xla_us"] = per_launch(xla, x, wb) * 1e6
+        row["vs_xla"] = row["t_xla_us"] / row["t_us"]
+    return row
+
+
+def fmt_row(r):
+    shape = (f"M={r['M']:<5d} K={r['K']} N={r['N']}" if r["kind"] == "dense"
+             else f"{r['experts']}e x {r['rows']}rows K={r['K']} N={r['N']}")
+    g = lambda key, f: (f % r[key]) if key in r else "-"
+    return (f"| {r['kind']} {r['fmt']} | {shape} | {r['t_us']:.1f} | {r['gbs']:.0f} | {100 * r['hbm_frac']:.0f}% | "
+            f"{r['tflops']:.1f} | {g('t_xla_us', '%.1f')} | {g('vs_xla', '%.2fx')} | {g('t_ref_us', '%.1f')} | "
+            f"{g('vs_ref', '%.2fx')} |")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--sweep", action="store_true", help="try several decode tile configs, report the best")
+    args = ap.parse_args()
+    print(jax.devices()[0].device_kind, jax.__version__, flush=True)
+    hbm = hbm_ceiling()
+    peak = bf16_peak()
+    print(f"HBM copy ceiling {hbm:.0f} GB/s; bf16 XLA 8192^3 {peak:.0f} TFLOP/s", flush=True)
+    rows = []
+    dec_cfgs = (None,)
+    if args.sweep:
+        dec_cfgs = (None, "join",
+                    Fp4MatmulConfig(bm=16, bn=32, bkh=128, split_k=4, num_warps=4, num_stages=4),
+                    Fp4MatmulConfig(bm=16, bn=64, bkh=256, split_k=2, num_warps=8, num_stages=3),
+                    Fp4MatmulConfig(bm=16, bn=16, bkh=256, split_k=2, num_warps=2, num_stages=4),
+                    Fp4MatmulConfig(bm=16, bn=32, bkh=512, split_k=1, num_warps=4, num_stages=3))
+    pre_cfgs = (None,)
+    if args.sweep:
+        pre_cfgs = (None, "join", Fp4MatmulConfig(bm=256, bn=128, bkh=32, num_warps=8, num_stages=3),
+                    Fp4MatmulConfig(bm=128, bn=256, bkh=32, num_warps=8, num_stages=3),
+                    Fp4MatmulConfig(bm=256, bn=128, bkh=32, num_warps=8, num_stages=3, x_split=False),
+                    Fp4MatmulConfig(bm=128, bn=128, bkh=64, num_warps=8, num_stages=4))
+    for k, n in ((7168, 2048), (2048, 7168)):
+        for m in ((1, 8, 4096) if args.quick else (1, 8, 32, 256, 4096)):
+            for fmt in ("nvfp4", "mxfp4") if m in (8, 4096) else ("nvfp4",):
+                cfgs = dec_cfgs if m <= 64 else pre_cfgs if m >= 1024 else (None,)
+                try:
+                    rows.append(dense_row(m, n, k, fmt, hbm, configs=cfgs))
+                    print(fmt_row(rows[-1]), rows[-1]["cfg"], flush=True)
+                except Exception as e:  # noqa: BLE001 -- report and continue: one failing shape must not hide the rest
+                    print(f"FAILED dense {fmt} M={m} K={k} N={n}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    g_cfgs = (None,) if not args.sweep else (None, "join", MoeGmmConfig(bm=16, bn=32, bkh=128, num_warps=4, num_stages=4),
+                                               MoeGmmConfig(bm=16, bn=128, bkh=64, num_warps=4, num_stages=4))
+    for experts, lo, hi in ((8, 1, 8), (64, 1, 8), (64, 48, 80)):
+        for k, n in ((7168, 2048), (2048, 7168)):
+            try:
+                rows.append(grouped_row(experts, lo, hi, n, k, "nvfp4", hbm, configs=g_cfgs))
+                print(fmt_row(rows[-1]), rows[-1].get("cfg"), flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"FAILED grouped {experts}e K={k} N={n}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    for experts, lo, hi in ((8, 1, 8), (64, 48, 80)):
+        try:
+            rows.append(grouped_row(experts, lo, hi, 2048, 7168, "nvfp4", hbm, swiglu=True))
+            print(fmt_row(rows[-1]), flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"FAILED swiglu {experts}e: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(hbm_gbs=hbm, bf16_tflops=peak, device=jax.devices()[0].device_kind, rows=rows), f, indent=1)
+    print(f"\nHBM copy ceiling {hbm:.0f} GB/s; bf16 XLA 8192^3 {peak:.0f} TFLOP/s; device {jax.devices()[0].device_kind}")
+    print("| kernel | shape | time us | GB/s packed | % HBM | TFLOP/s | XLA bf16 us | vs XLA | jnp ref us | vs ref |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(fmt_row(r))
+
+
+if __name__ == "__main__":
+    main()

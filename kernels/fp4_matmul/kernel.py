@@ -1,0 +1,164 @@
+"""Dense FP4 matmul kernel: y[M, N] = x[M, K] @ W.T, W read as packed E2M1 bytes + block scales, never as bf16.
+
+Pallas on the Triton lowering (deprecated since JAX 0.11 in favour of Mosaic GPU, but still supported in 0.11.2;
+see bench/RESULTS.md for why this first version uses it). Each program owns an [bm, bn] output tile and a slice
+of K (split-K for small M so that enough programs stream the weight): per K step it loads bn x bkh packed bytes
+and their scales, decodes them in registers (decode.py), and feeds a bf16 dot with float32 accumulation. The
+per-matrix global scale multiplies the accumulator once. With split-K the partial sums go to a float32
+[split_k, M, N] buffer that one small XLA reduction sums.
+
+This file owns tiling and launch; decode.py owns the bit-level decode; reference.py the pure-jnp twin.
+"""
+
+# M rows (tokens), N out-features, K in-features, H = K/2 packed bytes, bs block size
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from dsjax_kernels.fp4_matmul.decode import check_fmt, decode_tile, decode_tile_halves
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Fp4MatmulConfig:
+    """Tile shape and launch parameters. bm, bn, bkh powers of two, bm and bn >= 16; bkh packed bytes per K step.
+
+    x_split: feed the kernel x's even and odd columns as two [M, K/2] planes (one XLA pass over x) and run two
+    dots on the weight's low and high nibbles, instead of interleaving the decoded nibbles in registers.
+    """
+
+    bm: int = 16
+    bn: int = 64
+    bkh: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    x_split: bool = True
+
+
+def default_config(m: int, n: int, k: int) -> Fp4MatmulConfig:
+    """Heuristic tiles: small M streams the weight with split-K; large M uses 128-wide tiles."""
+    h = k // 2
+    if m <= 64:
+        bm = max(16, 1 << (m - 1).bit_length())
+        bn = 64 if n % 64 == 0 else 32 if n % 32 == 0 else 16
+        bkh = 128 if h % 128 == 0 else 64 if h % 64 == 0 else 32 if h % 32 == 0 else 16
+        steps = h // bkh
+        tiles = pl.cdiv(m, bm) * (n // bn)
+        split_k = 1
+        for s in range(1, steps + 1):                    # smallest divisor of steps giving >= 2 waves of 132 SMs
+            if steps % s == 0:
+                split_k = s
+                if tiles * s >= 264:
+                    break
+        return Fp4MatmulConfig(bm=bm, bn=bn, bkh=bkh, split_k=split_k, num_warps=4, num_stages=4)
+    bn = 128 if n % 128 == 0 else 64 if n % 64 == 0 else 32 if n % 32 == 0 else 16
+    bkh = 32 if h % 32 == 0 else 16
+    return Fp4MatmulConfig(bm=128, bn=bn, bkh=bkh, split_k=1, num_warps=8, num_stages=3)
+
+
+def _check_tiles(m_pad: int, n: int, h: int, fmt: str, cfg: Fp4MatmulConfig) -> None:
+    bs = check_fmt(fmt)
+    for name in ("bm", "bn", "bkh"):
+        v = getattr(cfg, name)
+        if v & (v - 1) or v < 16:
+            raise ValueError(f"{name}={v} must be a power of two >= 16")
+    if n % cfg.bn or h % cfg.bkh or cfg.bkh % (bs // 2) or (h // cfg.bkh) % cfg.split_k:
+        raise ValueError(f"tiles {cfg} do not divide N={n}, K/2={h} (format {fmt}, block {bs})")
+    assert m_pad % cfg.bm == 0
+
+
+_NT = (((1,), (1,)), ((), ()))          # a [m, k] . b [n, k] -> [m, n]
+
+
+def split_even_odd(x: jax.Array) -> jax.Array:
+    """x [..., M, K] -> [2, ..., M, K/2]: x[..., 0::2] and x[..., 1::2], the columns the low and high nibbles
+    multiply."""
+    xs = x.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
+    return jnp.moveaxis(xs, -1, 0)
+
+
+def _fp4_matmul_kernel(x_ref, p_ref, s_ref, g_ref, o_ref, *, fmt, cfg: Fp4MatmulConfig, k_steps: int):
+    """Grid (N/bn, split_k, M/bm): one output tile over one K slice of k_steps steps."""
+    bs = check_fmt(fmt)
+    bm, bn, bkh = cfg.bm, cfg.bn, cfg.bkh
+    sg = bkh // (bs // 2)                                       # scale groups per K step
+    i_n, i_k, i_m = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    n0 = i_n * bn
+    m0 = i_m * bm
+    h_base = i_k * (k_steps * bkh)
+
+    def step(t, acc):
+        h0 = pl.multiple_of(h_base + t * bkh, bkh)
+        p = p_ref[pl.ds(n0, bn), pl.ds(h0, bkh)]                            # uint8 [bn, bkh]
+        s = s_ref[pl.ds(n0, bn), pl.ds(h0 // (bs // 2), sg)]                # uint8 [bn, sg]
+        if cfg.x_split:
+            xe = x_ref[0, pl.ds(m0, bm), pl.ds(h0, bkh)]                    # bf16 [bm, bkh], x[:, 0::2]
+            xo = x_ref[1, pl.ds(m0, bm), pl.ds(h0, bkh)]                    # x[:, 1::2]
+            lo, hi = decode_tile_halves(p, s, fmt, xe.dtype)                # bf16 [bn, bkh] each
+            acc = acc + jax.lax.dot_general(xe, lo, _NT, preferred_element_type=jnp.float32)
+            return acc + jax.lax.dot_general(xo, hi, _NT, preferred_element_type=jnp.float32)
+        x = x_ref[pl.ds(m0, bm), pl.ds(2 * h0, 2 * bkh)]                    # bf16 [bm, 2 bkh]
+        w = decode_tile(p, s, fmt, x.dtype)                                 # bf16 [bn, 2 bkh]
+        return acc + jax.lax.dot_general(x, w, _NT, preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((bm, bn), jnp.float32))
+    if cfg.split_k == 1:
+        o_ref[pl.ds(m0, bm), pl.ds(n0, bn)] = (acc * g_ref[0]).astype(o_ref.dtype)
+    else:
+        o_ref[i_k, pl.ds(m0, bm), pl.ds(n0, bn)] = acc
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "config", "interpret"))
+def fp4_matmul(x: jax.Array, packed: jax.Array, scales: jax.Array, global_scale: jax.Array, *, fmt: str,
+               config: Fp4MatmulConfig | None = None, interpret: bool = False) -> jax.Array:
+    """y = x @ W.T for an FP4 weight W [N, K], decoded tile by tile in registers (fused Pallas kernel).
+
+    Args:
+        x: activations [M, K], bfloat16 (any M >= 1; rows are padded to the tile internally).
+        packed: uint8 [N, K/2], element 2j in the low nibble.
+        scales: uint8 [N, K/bs], raw E4M3 ('nvfp4', bs 16) or E8M0 ('mxfp4', bs 32) bits.
+        global_scale: float32 [] or [1] (NVFP4's per-matrix scale; ones for MXFP4).
+        fmt: 'nvfp4' or 'mxfp4'.
+        config: tiles (default_config(M, N, K) if None). N, K/2 must be multiples of the tiles.
+        interpret: run the Pallas interpreter (CPU tests) instead of compiling for the GPU.
+
+    Returns:
+        [M, N] in x.dtype: float32 accumulation, global scale applied to the accumulator.
+
+    Example:
+        >>> y = fp4_matmul(x, q.packed, q.scales, q.global_scale, fmt=q.fmt)     # q: dsjax.quant.QTensor
+    """
+    m, k = x.shape
+    n, h = packed.shape
+    if 2 * h != k:
+        raise ValueError(f"x [M, K] = {x.shape} does not match packed [N, K/2] = {packed.shape}")
+    cfg = config or default_config(m, n, k)
+    m_pad = pl.cdiv(m, cfg.bm) * cfg.bm
+    _check_tiles(m_pad, n, h, fmt, cfg)
+    if m_pad != m:
+        x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
+    g = jnp.reshape(global_scale, (1,)).astype(jnp.float32)
+    x_in = split_even_odd(x) if cfg.x_split else x
+    k_steps = h // cfg.bkh // cfg.split_k
+    if cfg.split_k == 1:
+        out_shape = jax.ShapeDtypeStruct((m_pad, n), x.dtype)
+    else:
+        out_shape = jax.ShapeDtypeStruct((cfg.split_k, m_pad, n), jnp.float32)
+    out = pl.pallas_call(
+        functools.partial(_fp4_matmul_kernel, fmt=fmt, cfg=cfg, k_steps=k_steps),
+        out_shape=out_shape,
+        grid=(n // cfg.bn, cfg.split_k, m_pad // cfg.bm),
+        compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="fp4_matmul",
+    )(x_in, packed, scales, g)
+    if cfg.split_k > 1:
+        out = (out.sum(0) * g[0]).astype(x.dtype)
+    return out[:m] if m_pad != m else out

@@ -1,0 +1,225 @@
+"""Grouped FP4 expert matmuls for MoE: rows sorted by expert slot, weights [S, N, K/2] resident in GPU slots.
+
+Pallas on the Triton lowering, like fp4_matmul (same decode, decode.py). A static-size tile schedule, built in
+jnp from `group_sizes`, maps each program along the second grid axis to (slot, first row, end row): every
+non-empty group gets ceil(size / bm) row tiles, empty slots get none (so an idle slot's weights are never read),
+and trailing rows past sum(group_sizes) get "zero" tiles that write zeros, as `lax.ragged_dot` does. Unused
+schedule entries exit at once. Row tiles may straddle the next group: loads and stores are masked to the
+tile's own rows.
+
+`expert_swiglu` fuses gate and up into one kernel that reads both weights against one activation tile and
+writes silu(gate) * up in bf16, so the [T, 2I] pre-activations never reach HBM; the down projection is a
+second `moe_gmm` launch.
+"""
+
+# T token rows (sorted by slot), S expert slots, N out-features, K in-features, H = K/2, I intermediate
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from dsjax_kernels.fp4_matmul.decode import check_fmt, decode_tile, decode_tile_halves
+from dsjax_kernels.fp4_matmul.kernel import split_even_odd
+from dsjax_kernels.moe_gmm.reference import weight_parts
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoeGmmConfig:
+    """Tiles: bm rows per program (power of two >= 16), bn out-features, bkh packed bytes per K step;
+    x_split as in Fp4MatmulConfig."""
+
+    bm: int = 16
+    bn: int = 64
+    bkh: int = 128
+    num_warps: int = 4
+    num_stages: int = 4
+    x_split: bool = True
+
+
+def default_config(t: int, n: int, k: int, num_slots: int) -> MoeGmmConfig:
+    """Small tiles when groups are small (decode), 64x128 tiles for prefill-sized groups."""
+    h = k // 2
+    bkh = 128 if h % 128 == 0 else 64 if h % 64 == 0 else 32 if h % 32 == 0 else 16
+    per_group = t / max(num_slots, 1)
+    if per_group <= 16:
+        bn = 64 if n % 64 == 0 else 32 if n % 32 == 0 else 16
+        return MoeGmmConfig(bm=16, bn=bn, bkh=bkh, num_warps=4, num_stages=4)
+    bn = 128 if n % 128 == 0 else 64 if n % 64 == 0 else 32 if n % 32 == 0 else 16
+    return MoeGmmConfig(bm=64 if per_group <= 64 else 128, bn=bn, bkh=min(bkh, 32), num_warps=8, num_stages=3)
+
+
+def tile_schedule(group_sizes: jax.Array, num_rows: int, bm: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(slot, row_start, row_end) int32 arrays of static length ceil(T/bm) + S + 1 (an upper bound on the tiles).
+
+    slot -1 marks a tile of the zero rows past sum(group_sizes); entries with row_start >= row_end are unused.
+    """
+    s = group_sizes.shape[0]
+    sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    sizes = ends - starts
+    tiles = (sizes + bm - 1) // bm                                             # [S]; 0 for empty groups
+    tile_end = jnp.cumsum(tiles)
+    tile_begin = tile_end - tiles
+    total_rows, total_tiles = ends[-1], tile_end[-1]
+    max_tiles = pl.cdiv(num_rows, bm) + s + 1
+    t = jnp.arange(max_tiles, dtype=jnp.int32)
+    slot = jnp.searchsorted(tile_end, t, side="right").astype(jnp.int32)      # first slot whose tiles end after t
+    real = slot < s
+    si = jnp.minimum(slot, s - 1)
+    row_start = jnp.where(real, starts[si] + (t - tile_begin[si]) * bm, total_rows + (t - total_tiles) * bm)
+    row_end = jnp.where(real, ends[si], num_rows)
+    return jnp.where(real, slot, -1), jnp.minimum(row_start, num_rows), row_end
+
+
+def _grouped_kernel(slot_ref, start_ref, end_ref, x_ref, xo_ref, *refs, fmt, cfg: MoeGmmConfig, k_steps: int,
+                    num_weights: int):
+    """Grid (N/bn, tiles). num_weights 1: y = x W.T; 2 (gate, up): y = silu(x Wg.T) * (x Wu.T).
+
+    With cfg.x_split, x_ref and xo_ref hold x's even and odd columns; otherwise x_ref is x and xo_ref unused."""
+    bs = check_fmt(fmt)
+    bm, bn, bkh = cfg.bm, cfg.bn, cfg.bkh
+    sg = bkh // (bs // 2)
+    w_refs, o_ref = refs[:3 * num_weights], refs[3 * num_weights]
+    i_n, t = pl.program_id(0), pl.program_id(1)
+    slot, r0, r1 = slot_ref[t], start_ref[t], end_ref[t]
+    n0 = i_n * bn
+    rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+    row_ok = rows < r1                                                         # [bm, 1]
+    out_mask = jnp.broadcast_to(row_ok, (bm, bn))
+
+    @pl.when(jnp.logical_and(r0 < r1, slot >= 0))
+    def _compute():
+        nt = (((1,), (1,)), ((), ()))
+        x_mask = jnp.broadcast_to(row_ok, (bm, bkh if cfg.x_split else 2 * bkh))
+
+        def step(i, accs):
+            h0 = pl.multiple_of(i * bkh, bkh)
+            if cfg.x_split:
+                xe = plt.load(x_ref.at[pl.ds(r0, bm), pl.ds(h0, bkh)], mask=x_mask, other=0)
+                xo = plt.load(xo_ref.at[pl.ds(r0, bm), pl.ds(h0, bkh)], mask=x_mask, other=0)
+            else:
+                x = plt.load(x_ref.at[pl.ds(r0, bm), pl.ds(2 * h0, 2 * bkh)], mask=x_mask, other=0)
+            new = []
+            for j in range(num_weights):
+                p_ref, s_ref = w_refs[3 * j], w_refs[3 * j + 1]
+                p = p_ref[slot, pl.ds(n0, bn), pl.ds(h0, bkh)]                 # uint8 [bn, bkh]
+                s = s_ref[slot, pl.ds(n0, bn), pl.ds(h0 // (bs // 2), sg)]     # uint8 [bn, sg]
+                if cfg.x_split:
+                    lo, hi = decode_tile_halves(p, s, fmt, xe.dtype)           # bf16 [bn, bkh] each
+                    acc = accs[j] + jax.lax.dot_general(xe, lo, nt, preferred_element_type=jnp.float32)
+                    acc = acc + jax.lax.dot_general(xo, hi, nt, preferred_element_type=jnp.float32)
+                else:
+                    w = decode_tile(p, s, fmt, x.dtype)                        # bf16 [bn, 2 bkh]
+                    acc = accs[j] + jax.lax.dot_general(x, w, nt, preferred_element_type=jnp.float32)
+                new.append(acc)
+            return tuple(new)
+
+        accs = jax.lax.fori_loop(0, k_steps, step,
+                                 tuple(jnp.zeros((bm, bn), jnp.float32) for _ in range(num_weights)))
+        ys = [accs[j] * w_refs[3 * j + 2][slot] for j in range(num_weights)]
+        if num_weights == 1:
+            y = ys[0]
+        else:
+            y = ys[0] / (1.0 + jnp.exp(-ys[0])) * ys[1]                        # silu(gate) * up, float32
+        plt.store(o_ref.at[pl.ds(r0, bm), pl.ds(n0, bn)], y.astype(o_ref.dtype), mask=out_mask)
+
+    @pl.when(jnp.logical_and(r0 < r1, slot < 0))
+    def _zero_rows():
+        plt.store(o_ref.at[pl.ds(r0, bm), pl.ds(n0, bn)], jnp.zeros((bm, bn), o_ref.dtype), mask=out_mask)
+
+
+def _grouped_call(x, weights, group_sizes, *, fmt, cfg, num_weights, interpret):
+    t, k = x.shape
+    packed = weights[0][0]
+    s_slots, n, h = packed.shape
+    bs = check_fmt(fmt)
+    if 2 * h != k:
+        raise ValueError(f"x [T, K] = {x.shape} does not match packed [S, N, K/2] = {packed.shape}")
+    if group_sizes.shape != (s_slots,):
+        raise ValueError(f"group_sizes shape {group_sizes.shape} must be [S] = ({s_slots},)")
+    for name in ("bm", "bn", "bkh"):
+        v = getattr(cfg, name)
+        if v & (v - 1) or v < 16:
+            raise ValueError(f"{name}={v} must be a power of two >= 16")
+    if n % cfg.bn or h % cfg.bkh or cfg.bkh % (bs // 2):
+        raise ValueError(f"tiles {cfg} do not divide N={n}, K/2={h} (format {fmt}, block {bs})")
+    slot, start, end = tile_schedule(group_sizes, t, cfg.bm)
+    rows = t
+    if interpret:                      # the interpreter clamps out-of-range slices: give every tile real rows
+        rows = t + cfg.bm
+        x = jnp.pad(x, ((0, cfg.bm), (0, 0)))
+    if cfg.x_split:
+        xs = split_even_odd(x)
+        args = [slot, start, end, xs[0], xs[1]]
+    else:
+        args = [slot, start, end, x, jnp.zeros((1, 1), x.dtype)]
+    for p, s, g in weights:
+        args += [p, s, jnp.reshape(g, (s_slots,)).astype(jnp.float32)]
+    out = pl.pallas_call(
+        functools.partial(_grouped_kernel, fmt=fmt, cfg=cfg, k_steps=h // cfg.bkh, num_weights=num_weights),
+        out_shape=jax.ShapeDtypeStruct((rows, n), x.dtype),
+        grid=(n // cfg.bn, slot.shape[0]),
+        compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="moe_gmm_swiglu" if num_weights == 2 else "moe_gmm",
+    )(*args)
+    return out[:t] if interpret else out
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "config", "interpret"))
+def moe_gmm(x: jax.Array, packed: jax.Array, scales: jax.Array, global_scale: jax.Array, group_sizes: jax.Array,
+            *, fmt: str, config: MoeGmmConfig | None = None, interpret: bool = False) -> jax.Array:
+    """Grouped y[t] = x[t] @ W[slot(t)].T with FP4 slot weights decoded in registers (fused Pallas kernel).
+
+    Args:
+        x: [T, K] bfloat16 activations, rows sorted by slot (slot 0's rows first).
+        packed: uint8 [S, N, K/2]; scales: uint8 [S, N, K/bs]; global_scale: float32 [S].
+        group_sizes: int32 [S], rows per slot; zeros allowed, sum <= T.
+        fmt: 'nvfp4' or 'mxfp4'.
+        config: tiles (default_config(T, N, K, S) if None).
+        interpret: run the Pallas interpreter (CPU tests).
+
+    Returns:
+        [T, N] in x.dtype; rows past sum(group_sizes) are zero.
+
+    Example:
+        >>> y = moe_gmm(x_sorted, q.packed, q.scales, q.global_scale, group_sizes, fmt=q.fmt)
+    """
+    cfg = config or default_config(x.shape[0], packed.shape[1], x.shape[1], packed.shape[0])
+    return _grouped_call(x, [(packed, scales, global_scale)], group_sizes, fmt=fmt, cfg=cfg, num_weights=1,
+                         interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "config", "interpret"))
+def expert_swiglu(x: jax.Array, gate, up, down, group_sizes: jax.Array, *, fmt: str,
+                  config: tuple[MoeGmmConfig, MoeGmmConfig] | None = None, interpret: bool = False) -> jax.Array:
+    """SwiGLU expert MLP over rows sorted by slot, [T, D] -> [T, D]: down(silu(gate(x)) * up(x)).
+
+    Two launches: gate and up fused (one activation tile, both weights, silu * up in float32, bf16 out), then
+    down. Weights are (packed, scales, global_scale) tuples or QTensors: gate, up [S, I, D]; down [S, D, I].
+
+    Args:
+        x: [T, D] bfloat16, rows sorted by slot. group_sizes: int32 [S].
+        fmt: 'nvfp4' or 'mxfp4'.
+        config: (gate/up tiles, down tiles); defaults from default_config.
+        interpret: run the Pallas interpreter (CPU tests).
+
+    Returns:
+        [T, D] in x.dtype; rows past sum(group_sizes) are zero.
+
+    Example:
+        >>> y = expert_swiglu(x_sorted, w_gate, w_up, w_down, group_sizes, fmt="nvfp4")   # QTensors
+    """
+    g, u, d = weight_parts(gate), weight_parts(up), weight_parts(down)
+    t, dim = x.shape
+    s_slots, inter, _ = g[0].shape
+    cfg_gu, cfg_d = config or (default_config(t, inter, dim, s_slots), default_config(t, dim, 2 * d[0].shape[2], s_slots))
+    h = _grouped_call(x, [g, u], group_sizes, fmt=fmt, cfg=cfg_gu, num_weights=2, interpret=interpret)
+    return _grouped_call(h, [d], group_sizes, fmt=fmt, cfg=cfg_d, num_weights=1, interpret=interpret)

@@ -1,0 +1,114 @@
+"""Grouped FP4 expert matmul and fused SwiGLU: the tile schedule and references on CPU, the kernels in Pallas
+interpret mode on CPU, and the compiled kernels against the references on the GPU (ragged and empty groups,
+rows past the groups, both formats)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsjax_kernels.moe_gmm import (MoeGmmConfig, expert_swiglu, expert_swiglu_reference, moe_gmm,
+                                   moe_gmm_reference, tile_schedule)
+from fp4_cases import assert_kernel_close, dequant_oracle, fresh_rng, poison_device_memory, random_fp4
+
+FMTS = ["nvfp4", "mxfp4"]
+
+
+def grouped_oracle(x, w, group_sizes):
+    """float64 y over rows sorted by group; rows past the groups are zero."""
+    x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    y = np.zeros((x.shape[0], w.shape[1]))
+    r = 0
+    for g, c in enumerate(np.asarray(group_sizes)):
+        y[r:r + c] = x[r:r + c] @ w[g].T
+        r += c
+    return y
+
+
+def test_tile_schedule_covers_every_row_once():
+    rng, seed = fresh_rng()
+    schedule = jax.jit(tile_schedule, static_argnums=(1, 2))          # one compile per bm: shapes fixed below
+    s, t = 6, 200
+    for i in range(16):
+        bm = (16, 32)[i % 2]
+        sizes = rng.integers(0, 33, size=s) * (rng.random(s) < 0.7)
+        slot, start, end = (np.asarray(a) for a in schedule(jnp.asarray(sizes, jnp.int32), t, bm))
+        owner = np.full(t, -2)
+        for g, r0, r1 in zip(slot, start, end):
+            rows = np.arange(r0, min(r0 + bm, r1))
+            assert (owner[rows] == -2).all(), f"row written twice (seed {seed})"
+            owner[rows] = g
+        expect = np.concatenate([np.repeat(np.arange(s), sizes), np.full(t - sizes.sum(), -1)])
+        np.testing.assert_array_equal(owner, expect, err_msg=f"sizes {sizes} T={t} bm={bm} seed {seed}")
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_reference_matches_oracle(fmt):
+    rng, seed = fresh_rng()
+    packed, scales, gs = random_fp4(rng, (4, 32, 128), fmt)
+    sizes = np.array([3, 0, 9, 1], np.int32)
+    x = rng.standard_normal((16, 128)).astype(np.float32)
+    y = moe_gmm_reference(jnp.asarray(x), packed, scales, gs, jnp.asarray(sizes), fmt=fmt)
+    expect = grouped_oracle(x, dequant_oracle(packed, scales, gs, fmt), sizes)
+    assert_kernel_close(y, expect, "reference_vs_oracle_f32", f"{fmt} seed {seed}")
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_kernels_interpret(fmt):
+    rng, seed = fresh_rng()
+    s, n, k, t = 4, 32, 128, 30
+    packed, scales, gs = random_fp4(rng, (s, n, k), fmt)
+    sizes = jnp.asarray([3, 0, 20, 1], jnp.int32)                     # empty group, straddling tiles, 6 zero rows
+    x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
+    cfg = MoeGmmConfig(bm=16, bn=16, bkh=32)
+    y = moe_gmm(x, packed, scales, gs, sizes, fmt=fmt, config=cfg, interpret=True)
+    assert_kernel_close(y, moe_gmm_reference(x, packed, scales, gs, sizes, fmt=fmt), "kernel_vs_reference",
+                        f"interpret moe_gmm {fmt} seed {seed}")
+    down = random_fp4(rng, (s, k, n), fmt)
+    z = expert_swiglu(x, (packed, scales, gs), (packed, scales, gs), down, sizes, fmt=fmt,
+                      config=(cfg, MoeGmmConfig(bm=16, bn=16, bkh=16)), interpret=True)
+    zr = expert_swiglu_reference(x, (packed, scales, gs), (packed, scales, gs), down, sizes, fmt=fmt)
+    assert_kernel_close(z, zr, "swiglu_vs_reference", f"interpret expert_swiglu {fmt} seed {seed}")
+
+
+GPU_CASES = [   # (group sizes, extra rows past the groups, N, K)
+    ([1, 2, 8, 3, 5, 7, 4, 6], 0, 2048, 7168),                       # decode: 8 experts, 1-8 tokens
+    ([0, 5, 0, 0, 17, 1, 0, 33], 3, 512, 1024),                       # empty slots, straddling tiles, zero rows
+    ([0, 0, 0, 0], 5, 256, 512),                                       # nothing routed: all zeros
+    ([200, 0, 77, 129, 1, 300], 0, 1024, 2048),                        # prefill-sized ragged groups
+    (list(range(0, 64)), 10, 7168, 2048),                              # 64 slots, 0..63 rows
+]
+
+
+@pytest.mark.gpu
+class TestMoeGmmGpu:
+    @pytest.mark.parametrize("fmt", FMTS)
+    @pytest.mark.parametrize("sizes,extra,n,k", GPU_CASES)
+    def test_moe_gmm_vs_reference(self, fmt, sizes, extra, n, k):
+        rng, seed = fresh_rng()
+        sizes = jnp.asarray(sizes, jnp.int32)
+        t = int(sizes.sum()) + extra
+        packed, scales, gs = (jnp.asarray(a) for a in random_fp4(rng, (len(sizes), n, k), fmt))
+        x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
+        ref = moe_gmm_reference(x, packed, scales, gs, sizes, fmt=fmt)
+        for run in range(2):
+            poison_device_memory()
+            y = moe_gmm(x, packed, scales, gs, sizes, fmt=fmt)
+            assert_kernel_close(y, ref, "kernel_vs_reference", f"{fmt} sizes {list(sizes)} T={t} N={n} K={k} run {run} seed {seed}")
+            assert not np.asarray(y[int(sizes.sum()):]).any(), "rows past the groups must be zero"
+
+    @pytest.mark.parametrize("fmt", FMTS)
+    @pytest.mark.parametrize("sizes,extra", [([1, 2, 8, 3, 5, 7, 4, 6], 0), ([0, 9, 0, 40, 1], 2),
+                                              ([130, 0, 64, 257], 0)])
+    def test_expert_swiglu_vs_reference(self, fmt, sizes, extra):
+        rng, seed = fresh_rng()
+        d, i = 1024, 512
+        sizes = jnp.asarray(sizes, jnp.int32)
+        t = int(sizes.sum()) + extra
+        gate, up = (tuple(jnp.asarray(a) for a in random_fp4(rng, (len(sizes), i, d), fmt)) for _ in range(2))
+        down = tuple(jnp.asarray(a) for a in random_fp4(rng, (len(sizes), d, i), fmt))
+        x = jnp.asarray(rng.standard_normal((t, d)) * 0.05, jnp.bfloat16)
+        ref = expert_swiglu_reference(x, gate, up, down, sizes, fmt=fmt)
+        poison_device_memory()
+        y = expert_swiglu(x, gate, up, down, sizes, fmt=fmt)
+        assert_kernel_close(y, ref, "swiglu_vs_reference", f"{fmt} sizes {list(sizes)} T={t} seed {seed}")
