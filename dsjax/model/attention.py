@@ -72,19 +72,19 @@ def attention(w: dict, x: jax.Array, cache: dict, positions: jax.Array, cfg: Mod
     w_uk, w_uv = kv_b[:, :N, :], kv_b[:, N:, :]                       # [H, N, C], [H, V, C]
     if form == "absorbed":
         q_abs = ops.einsum_f32("bthn,hnc->bthc", q_nope, w_uk)
-        scores = (jnp.einsum("bthc,bsc->bhts", q_abs, cc.astype(F32))
-                  + jnp.einsum("bthr,bsr->bhts", q_pe.astype(F32), cpe.astype(F32)))
+        scores = (ops.einsum_f32("bthc,bsc->bhts", q_abs, cc.astype(F32))
+                  + ops.einsum_f32("bthr,bsr->bhts", q_pe.astype(F32), cpe.astype(F32)))
     else:
         k_nope = ops.einsum_f32("bsc,hnc->bshn", cc, w_uk)                                  # [B, S, H, N]
-        scores = (jnp.einsum("bthn,bshn->bhts", q_nope.astype(F32), k_nope)
-                  + jnp.einsum("bthr,bsr->bhts", q_pe.astype(F32), cpe.astype(F32)))
+        scores = (ops.einsum_f32("bthn,bshn->bhts", q_nope.astype(F32), k_nope)
+                  + ops.einsum_f32("bthr,bsr->bhts", q_pe.astype(F32), cpe.astype(F32)))
     scores = jnp.where(visible[:, None], scores * cfg.softmax_scale, -jnp.inf)
     p = jax.nn.softmax(scores, axis=-1)                               # [B, H, T, S] float32
     if form == "absorbed":
-        o_lat = jnp.einsum("bhts,bsc->bthc", p, cc.astype(F32))
-        o = jnp.einsum("bthc,hvc->bthv", o_lat, w_uv.astype(F32))
+        o_lat = ops.einsum_f32("bhts,bsc->bthc", p, cc.astype(F32))
+        o = ops.einsum_f32("bthc,hvc->bthv", o_lat, w_uv.astype(F32))
     else:
         v = ops.einsum_f32("bsc,hvc->bshv", cc, w_uv)                                       # [B, S, H, V]
-        o = jnp.einsum("bhts,bshv->bthv", p, v)
+        o = ops.einsum_f32("bhts,bshv->bthv", p, v)
     out = ops.linear(o.astype(x.dtype).reshape(B, T, H * V), w["o"])
     return out, cache

@@ -29,7 +29,7 @@ def route(x: jax.Array, router: jax.Array, bias: jax.Array | None, cfg: ModelCon
     """Group-limited top-k routing of x [T, D] (router logits in float32, like HF)."""
     T = x.shape[0]
     E, K, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
-    logits = jnp.einsum("td,ed->te", x.astype(jnp.float32), router.astype(jnp.float32))
+    logits = ops.einsum_f32("td,ed->te", x.astype(jnp.float32), router.astype(jnp.float32))
     s = jax.nn.sigmoid(logits) if cfg.scoring_func == "sigmoid" else jax.nn.softmax(logits, axis=-1)
     sel = s + bias.astype(jnp.float32)[None] if (cfg.topk_method == "noaux_tc" and bias is not None) else s
     if G > 1 and cfg.topk_method in ("noaux_tc", "group_limited_greedy"):
@@ -61,7 +61,7 @@ def expert_rows(x: jax.Array, idx: jax.Array, w_gate, w_up, w_down) -> jax.Array
 
 def combine(y: jax.Array, weight: jax.Array, dtype) -> jax.Array:
     """sum_k weight[t, k] * y[t, k] in top-k order: [T, K, D] -> [T, D]."""
-    return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weight.astype(jnp.float32)).astype(dtype)
+    return ops.einsum_f32("tkd,tk->td", y.astype(jnp.float32), weight.astype(jnp.float32)).astype(dtype)
 
 
 def routed_experts(x: jax.Array, idx: jax.Array, weight: jax.Array, w_gate, w_up, w_down) -> jax.Array:
