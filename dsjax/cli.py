@@ -18,14 +18,37 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def _print_stats(stats: dict, file=None) -> None:
+    stats = stats.get("generation", stats)
     print(f"[dsjax] prompt tokens {stats.get('prompt_tokens')}, generated {stats.get('generated_tokens')}, "
           f"time to first token {stats.get('ttft_s', 0) * 1e3:.1f} ms, decode {stats.get('decode_tok_s', 0):.1f} tok/s",
           file=file or sys.stderr)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import contextlib
     import dsjax
-    engine = dsjax.load(args.path, dtype=args.dtype, progress=True)
+    import yaml
+    runtime = {k: v for k, v in (("preset", args.preset), ("gpu_memory", args.gpu_memory),
+                                 ("host_memory", args.host_memory)) if v is not None}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: write KEY=VALUE, e.g. --set max_gpu_layers=2")
+        runtime[key.strip()] = yaml.safe_load(value)
+    engine = dsjax.load(args.path, dtype=args.dtype, progress=True, **runtime)
+    trace = contextlib.nullcontext()
+    if args.trace:
+        import jax
+        trace = jax.profiler.trace(args.trace)
+    with trace:
+        rc = _generate(engine, args)
+    if args.stats and hasattr(engine, "stats_prometheus"):
+        print(engine.stats_prometheus() if args.stats_format == "prometheus" else engine.stats_json_line(),
+              file=sys.stderr)
+    return rc
+
+
+def _generate(engine, args: argparse.Namespace) -> int:
     prompts = args.prompt or ["Hello"]
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
               stop=tuple(args.stop), seed=args.seed)
@@ -45,25 +68,52 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Embedded model -> FP4 store -> generation under budgets that make all three tiers work."""
+    import os
     import dsjax
     from dsjax.demo import ensure_demo_checkpoint
+    from dsjax.runtime.planner import fmt_bytes, minimum_gpu_memory, minimum_host_memory
+    from dsjax.runtime.tiered import model_bytes_from_store
+    from dsjax.store.reader import Store
+    from dsjax.store.writer import convert
     t0 = time.perf_counter()
     path = ensure_demo_checkpoint(args.dir)
-    print(f"[dsjax demo] embedded model: tiny DeepSeek-V3 architecture, random weights, at {path}")
-    engine = dsjax.load(path, dtype=args.dtype)
-    cfg = engine.config
+    store = path + "-nvfp4"
+    if not os.path.exists(os.path.join(store, "manifest.json")):
+        convert(path, store, fmt="nvfp4", policy="mlp", progress=False)
+    mb = model_bytes_from_store(Store(store))
+    tight = dict(max_gpu_layers=1, prefetch_layers=1)
+    gpu = minimum_gpu_memory(mb, context_tokens=512, **tight)
+    host = 2 * minimum_host_memory(mb)
+    print(f"[dsjax demo] embedded model: tiny DeepSeek-V3 architecture with random weights ({path}),\n"
+          f"             converted to an NVFP4 store of {fmt_bytes(mb.total)} ({store})")
+    engine = dsjax.load(store, dtype=args.dtype, preset="balanced", gpu_memory=gpu, host_memory=host, **tight)
+    cfg, p = engine.config, engine.placement
     print(f"[dsjax demo] {cfg.num_hidden_layers} layers ({', '.join(cfg.layer_kinds)}), {cfg.n_routed_experts} "
           f"routed experts (top-{cfg.num_experts_per_tok}, {cfg.n_group} groups), MLA latent {cfg.kv_lora_rank}+"
-          f"{cfg.qk_rope_head_dim}, vocab {cfg.vocab_size}; loaded in {time.perf_counter() - t0:.1f} s")
+          f"{cfg.qk_rope_head_dim}, vocab {cfg.vocab_size}; ready in {time.perf_counter() - t0:.1f} s")
+    print(f"[dsjax demo] budgets GPU {fmt_bytes(gpu)}, host {fmt_bytes(host)}: {len(p.resident_layers)} layers "
+          f"resident, {p.ring_slots} GPU layer slot streams the rest, {engine.experts.slots.capacity} GPU expert "
+          f"slots, {p.host_experts} experts per layer in pinned host, the rest on disk")
     print("[dsjax demo] the weights are random, so the text is noise; the point is the machinery.")
     for prompt in ["Shall I compare thee", "So long as men can breathe"]:
         print(f"\n>>> {prompt}", end="", flush=True)
         for ev in engine.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=0.8, top_p=0.95, seed=0):
             print(ev.text, end="", flush=True)
         print()
-        _print_stats(engine.stats(), file=sys.stdout)
+        _print_stats(engine.stats()["generation"], file=sys.stdout)
+    s = engine.stats()
+    links = ", ".join(f"{k} {v['bytes'] / 1e6:.2f} MB in {v['copies']} copies" for k, v in s["links"].items())
+    pr = s["prediction"]
+    print(f"\n[dsjax demo] moved: {links}")
+    print(f"[dsjax demo] hit rates: GPU {s['hit_rates']['gpu']:.2f}, host {s['hit_rates']['host']:.2f}; "
+          f"next-layer prediction precision {pr['precision']:.2f}, recall {pr['recall']:.2f}; "
+          f"stalled on weights {s['stall_seconds'] * 1e3:.0f} ms")
     g = engine.generate("Shall I compare thee", chat=True, max_new_tokens=8)
-    print(f"\n[dsjax demo] chat template prompt: {engine.tokenizer.decode(g.prompt_ids, False)!r}")
+    print(f"[dsjax demo] chat template prompt: {engine.tokenizer.decode(g.prompt_ids, False)!r}")
+    print(f"[dsjax demo] done in {time.perf_counter() - t0:.1f} s; try `dsjax plan {store}` and "
+          f"`dsjax generate {store} --prompt ... --stats`")
+    engine.close()
     return 0
 
 
@@ -86,9 +136,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import os
     from dsjax.config import ModelConfig
     from dsjax.runtime.planner import GB, Links, ModelBytes, plan
-    cfg = ModelConfig.from_json(args.path if os.path.isdir(args.path) or args.path.endswith(".json")
-                                else os.path.join(args.path, "config.json"))
-    mb = ModelBytes.from_config(cfg, args.format, args.policy)
+    if os.path.exists(os.path.join(args.path, "manifest.json")):      # a store: its real byte counts
+        from dsjax.runtime.tiered import model_bytes_from_store
+        from dsjax.store.reader import Store
+        store = Store(args.path)
+        cfg, mb = store.config, model_bytes_from_store(store)
+    else:
+        cfg = ModelConfig.from_json(args.path)
+        mb = ModelBytes.from_config(cfg, args.format, args.policy)
     links = Links(h2d=args.h2d_gbps * GB, disk=args.disk_gbps * GB, hbm=args.hbm_gbps * GB)
     p = plan(mb, args.gpu_memory, args.host_memory, max_gpu_layers=args.max_gpu_layers,
              prefetch_layers=args.prefetch_layers, links=links, overlap_io=not args.no_overlap,
@@ -108,7 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat template")
     g.add_argument("--no-stream", action="store_true", help="print whole generations instead of streaming")
     g.add_argument("--json", action="store_true", help="with --no-stream: one JSON object per generation")
-    g.add_argument("--stats", action="store_true", help="print timing statistics after each generation")
+    g.add_argument("--stats", action="store_true", help="print timing statistics after each generation and, for "
+                   "a store, the runtime's figures (memory per pool, bytes and GB/s per link, hit rates, prediction)")
+    g.add_argument("--stats-format", default="json", choices=["json", "prometheus"], help="runtime figures as one "
+                   "JSON line (default) or Prometheus text")
+    g.add_argument("--trace", default=None, help="write a jax.profiler trace (Perfetto/XProf) of the run to DIR")
+    g.add_argument("--preset", default=None, help="runtime preset for a store: low_latency, high_throughput, "
+                   "balanced, or a YAML file")
+    g.add_argument("--gpu-memory", default=None, help="GPU budget for a store, e.g. 16GB (default: the preset's, "
+                   "or no limit)")
+    g.add_argument("--host-memory", default=None, help="pinned host budget for a store, e.g. 96GB")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any memory_config / compute_config key for a store, e.g. --set max_gpu_layers=2 (repeatable)")
     _add_sampling(g)
     g.set_defaults(fn=cmd_generate)
 
@@ -122,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("path", help="checkpoint or store directory, or a config.json")
     pl.add_argument("--gpu-memory", default="16GB", help="GPU budget, bytes or e.g. 16GB / 16GiB (default 16GB)")
     pl.add_argument("--host-memory", default="96GB", help="pinned host budget (default 96GB)")
-    pl.add_argument("--format", default="nvfp4", choices=["nvfp4", "mxfp4"], help="FP4 format of the store")
+    pl.add_argument("--format", default="nvfp4", choices=["nvfp4", "mxfp4"],
+                    help="FP4 format to plan for (a store's own format is used when PATH is a store)")
     pl.add_argument("--policy", default="mlp", choices=["experts", "mlp", "all", "all+lm_head"],
                     help="which tensors are FP4 (default mlp)")
     pl.add_argument("--max-gpu-layers", type=int, default=3, help="GPU layer slots for streamed layers")

@@ -47,3 +47,27 @@ def test_plan_v3_from_config(tmp_path, capsys):
     assert "58 MoE x 256 experts of 24.77 MB" in out and "predicted:" in out and "bound by disk->host" in out
     assert main(["plan", str(tmp_path / "config.json"), "--gpu-memory", "2GB"]) == 2
     assert "too small" in capsys.readouterr().err
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    """The README's first command: embedded model -> FP4 store -> generation through all three tiers."""
+    assert main(["demo", "--dir", str(tmp_path / "demo"), "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "converted to an NVFP4 store" in out and "GPU expert slots" in out
+    moved = out.split("[dsjax demo] moved: ")[1].splitlines()[0]
+    assert "disk->host" in moved and "host->GPU" in moved       # every tier did work
+    assert (tmp_path / "demo-nvfp4" / "manifest.json").exists()
+
+
+def test_generate_from_store_with_runtime_options(tmp_path, capsys):
+    main(["demo", "--dir", str(tmp_path / "d"), "--max-new-tokens", "1"])
+    capsys.readouterr()
+    store = str(tmp_path / "d-nvfp4")
+    assert main(["generate", store, "--prompt", "Thou", "--max-new-tokens", "3", "--dtype", "float32",
+                 "--set", "overlap_io=false", "--stats", "--stats-format", "prometheus"]) == 0
+    err = capsys.readouterr().err
+    assert "dsjax_pools_capacity{pool=\"expert_cache\"}" in err and "dsjax_links_bytes{link=\"host->GPU\"}" in err
+    assert main(["generate", store, "--prompt", "x", "--set", "max_gpu_layers"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert main(["plan", store, "--gpu-memory", "1GB", "--host-memory", "1GB"]) == 0
+    assert "predicted:" in capsys.readouterr().out
