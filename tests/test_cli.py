@@ -64,7 +64,8 @@ def test_generate_from_store_with_runtime_options(tmp_path, capsys):
     capsys.readouterr()
     store = str(tmp_path / "d-nvfp4")
     assert main(["generate", store, "--prompt", "Thou", "--max-new-tokens", "3", "--dtype", "float32",
-                 "--set", "overlap_io=false", "--stats", "--stats-format", "prometheus"]) == 0
+                 "--gpu-memory", "3MB", "--host-memory", "3MB", "--set", "max_gpu_layers=1", "--set",
+                 "prefetch_layers=1", "--set", "overlap_io=false", "--stats", "--stats-format", "prometheus"]) == 0
     err = capsys.readouterr().err
     assert "dsjax_pools_capacity{pool=\"expert_cache\"}" in err and "dsjax_links_bytes{link=\"host->GPU\"}" in err
     assert main(["generate", store, "--prompt", "x", "--set", "max_gpu_layers"]) == 2
