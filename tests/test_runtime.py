@@ -90,7 +90,6 @@ def test_logits_across_budgets(store, budgets, reference):
 
 def test_store_logits_match_the_in_memory_model(store):
     """The tiered engine computes the model of dsjax.model over the store's dequantized weights."""
-    import jax
     import jax.numpy as jnp
     from dsjax.model import forward
     s = Store(store)

@@ -53,8 +53,7 @@ def attention(w: dict, x: jax.Array, cache: dict, positions: jax.Array, cfg: Mod
     <= their own; the caller keeps each row's cache filled up to its current position.
     """
     B, T, _ = x.shape
-    H, N, R, V, C = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
-                     cfg.kv_lora_rank)
+    H, N, V, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     q_nope, q_pe = _project_q(w, x, cfg)                              # [B, T, H, N], [B, T, H, R]
     kv = ops.linear(x, w["kv_a"])                                     # [B, T, C + R]: latent rows, then rope rows
     c = rms_norm(kv[..., :C], w["kv_a_norm"], LATENT_NORM_EPS)        # [B, T, C]

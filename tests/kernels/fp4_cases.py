@@ -1,7 +1,6 @@
 """Shared helpers for the FP4 kernel tests: fresh random FP4 weights, an f64 oracle, output poisoning, and
 the comparison whose failure message prints max-abs and relative error."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -1,7 +1,6 @@
 """Dense FP4 matmul kernel: decode helpers and the reference on CPU (bit-exact against dsjax's numpy oracle),
 the kernel in Pallas interpret mode on CPU, and the compiled kernel against the reference on the GPU."""
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -11,7 +10,7 @@ from dsjax.quant.fp4 import E2M1_VALUES
 from dsjax.quant.mxfp4 import e8m0_to_float_np
 from dsjax_kernels.fp4_matmul import (Fp4MatmulConfig, decode_tile, dequantize_reference, fp4_matmul,
                                       fp4_matmul_reference, nibbles_to_f16_bits, scale_bits_to_f32)
-from fp4_cases import (KERNEL_TOL, assert_kernel_close, dequant_oracle, fresh_rng, poison_device_memory,
+from fp4_cases import (assert_kernel_close, dequant_oracle, fresh_rng, poison_device_memory,
                        random_fp4)
 
 FMTS = ["nvfp4", "mxfp4"]
