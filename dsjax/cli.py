@@ -79,7 +79,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     path = ensure_demo_checkpoint(args.dir)
     store = path + "-nvfp4"
-    if not os.path.exists(os.path.join(store, "manifest.json")):
+    manifest, stamp = os.path.join(store, "manifest.json"), os.path.join(path, "DSJAX_DEMO")
+    if os.path.exists(manifest) and os.path.getmtime(manifest) < os.path.getmtime(stamp):
+        import shutil
+        shutil.rmtree(store)                        # the checkpoint was rebuilt: its store is stale
+    if not os.path.exists(manifest):
         convert(path, store, fmt="nvfp4", policy="mlp", progress=False)
     mb = model_bytes_from_store(Store(store))
     tight = dict(max_gpu_layers=1, prefetch_layers=1)
