@@ -143,6 +143,18 @@ def test_adaptive_schedule_moves_the_threshold(store, budgets):
     assert fixed.stats()["expert_threshold"] == 0.9
 
 
+def test_adaptive_schedule_looks_further_ahead_after_disk_waits(store, budgets, reference):
+    e = _load(store, adaptive_schedule=True, **budgets["minimal"])
+    start = e.prefetch_depth
+    out = [g.token_ids for g in e.generate(PROMPTS, max_new_tokens=10, stop_token_ids=())]
+    s = e.stats()
+    assert s["disk_waits"] > 0 and s["prefetch_depth"] > start
+    assert out == reference[1]
+    fixed = _load(store, adaptive_schedule=False, **budgets["minimal"])
+    fixed.generate(PROMPTS, max_new_tokens=10, stop_token_ids=())
+    assert fixed.stats()["prefetch_depth"] == start
+
+
 def test_use_parallel_compute_runs_shared_experts_before_the_sync(store, budgets, reference):
     for flag in (True, False):
         e = _load(store, use_parallel_compute=flag, **budgets["tight"])

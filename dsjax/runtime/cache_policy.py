@@ -119,6 +119,9 @@ class SlotCache:
         self.counters.evictions += 1
         return victim
 
+    def pinned_count(self) -> int:
+        return len(self._pins)
+
     def pin(self, key: Hashable) -> None:
         self._pins[key] = self._pins.get(key, 0) + 1
 

@@ -149,6 +149,8 @@ class TieredEngine(Engine):
                                       enable_fusion=cc.enable_fusion)
         self.threshold = mc.expert_threshold
         self.prefetch_depth = mc.prefetch_layers
+        self.max_depth = mc.prefetch_layers + 2          # adaptive_schedule may look up to two MoE layers further
+        self.disk_waits = self._disk_waits_seen = 0      # expert reads the compute had to wait for
         self._pending: dict[tuple[int, int], Any] = {}      # (layer, expert) -> Future of a disk read
         self._predicted: dict[int, set] = {}
         self.chunk_reads_ahead = 0                           # experts read ahead of their prefill chunk
@@ -260,23 +262,28 @@ class TieredEngine(Engine):
         if (i, e) not in self._pending:
             self._start_disk(i, [e])
         t0 = time.perf_counter()
-        tree = self._pending.pop((i, e)).result()[e]                  # staged in pinned memory by the loader
+        fut = self._pending.pop((i, e))
+        if not fut.done():
+            self.disk_waits += 1
+        tree = fut.result()[e]                                        # staged in pinned memory by the loader
         self.metrics.add_stall(time.perf_counter() - t0)
         return tree
 
     def _ensure(self, i: int, experts: list[int]) -> list[int]:
-        """GPU slots of `experts` of layer i, loading misses; the experts stay pinned until unpinned."""
-        slots = []
-        misses = [e for e in experts if self.experts.lookup((i, e)) is None]
-        self._start_disk(i, [e for e in misses if self.host_cache.get((i, e), count=False) is None])
+        """GPU slots of `experts` of layer i, loading misses in one batch; they stay pinned until unpinned."""
+        slots: dict[int, int] = {}
+        misses = []
         for e in experts:
-            slot = self.experts.lookup((i, e), count=False)
-            if slot is not None:
-                self.experts.slots.pin((i, e))
+            slot = self.experts.lookup((i, e))
+            if slot is None:
+                misses.append(e)
             else:
-                slot = self.experts.load((i, e), self._host_tree(i, e), pin=True)
-            slots.append(slot)
-        return slots
+                self.experts.slots.pin((i, e))
+                slots[e] = slot
+        self._start_disk(i, [e for e in misses if self.host_cache.get((i, e), count=False) is None])
+        loaded = self.experts.load([((i, e), self._host_tree(i, e)) for e in misses], pin=True)
+        slots.update(zip(misses, loaded))
+        return [slots[e] for e in experts]
 
     def _prefetch(self, pred: np.ndarray, nxt: list[int]) -> None:
         """Issue predicted experts: host->GPU for the next MoE layer, disk->host for the ones after it."""
@@ -284,27 +291,30 @@ class TieredEngine(Engine):
             chosen = set(np.flatnonzero(pred[depth] >= max(self.threshold, 1e-9)).tolist())
             if depth == 0:
                 self._predicted[j] = chosen
-            for e in sorted(chosen):
-                where = self._where(j, e)
-                if where == "disk":
-                    self._start_disk(j, [e])
-                elif where == "host" and depth == 0:
-                    try:
-                        self.experts.load((j, e), self.host_cache.get((j, e), count=False))
-                    except RuntimeError:      # every slot pinned: leave it to the on-demand path
-                        return
+            where = {e: self._where(j, e) for e in sorted(chosen)}
+            self._start_disk(j, [e for e, w in where.items() if w == "disk"])
+            if depth == 0:
+                up = [((j, e), self.host_cache.get((j, e), count=False)) for e, w in where.items() if w == "host"]
+                free = self.experts.slots.capacity - self.experts.slots.pinned_count()
+                self.experts.load(up[:max(free, 0)])  # never more than the unpinned slots can take
 
     def _adapt(self) -> None:
-        """adaptive_schedule: lower the threshold when predictions miss experts, raise it when they are wasted."""
+        """adaptive_schedule, once per step: lower the threshold when predictions miss experts, raise it when they
+        are wasted; look one MoE layer further ahead when the step waited on disk reads (so they start earlier),
+        one layer less when predictions are mostly wasted."""
         m = self.metrics
         p, r = m.pred_tp + m.pred_fp, m.pred_tp + m.pred_fn
-        if not r:
-            return
-        precision, recall = (m.pred_tp / p if p else 1.0), m.pred_tp / r
-        if recall < 0.7:
-            self.threshold = max(0.01, self.threshold * 0.9)
-        elif precision < 0.5:
-            self.threshold = min(0.9, self.threshold * 1.1)
+        if r:
+            precision, recall = (m.pred_tp / p if p else 1.0), m.pred_tp / r
+            if recall < 0.7:
+                self.threshold = max(0.01, self.threshold * 0.9)
+            elif precision < 0.5:
+                self.threshold = min(0.9, self.threshold * 1.1)
+            if precision < 0.3 and self.prefetch_depth > 1:
+                self.prefetch_depth -= 1
+        if self.disk_waits > self._disk_waits_seen and self.prefetch_depth < self.max_depth:
+            self.prefetch_depth += 1
+        self._disk_waits_seen = self.disk_waits
 
     # ---- batching ---------------------------------------------------------------------------------------------------
     def _generate(self, ids, params, *, seq_offset: int = 0, n_real: int | None = None):
@@ -339,6 +349,8 @@ class TieredEngine(Engine):
                                   "measured": self.links.measured},
             "predicted_tok_s": p.tokens_per_s,
             "expert_threshold": self.threshold,
+            "prefetch_depth": self.prefetch_depth,
+            "disk_waits": self.disk_waits,
         }
         return self.metrics.snapshot(extra)
 

@@ -124,10 +124,9 @@ class HostCache:
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _write_slot(pool, slot, value):
-    """pool[slot] = value for every leaf (the pool is donated: updated in place)."""
-    return jax.tree.map(lambda p, v: jax.lax.dynamic_update_index_in_dim(p, v.astype(p.dtype), slot, 0),
-                        pool, value)
+def _write_slots(pool, slots, values):
+    """pool[slots[j]] = values[j] for every leaf, one executable per bucketed count (the pool is donated)."""
+    return jax.tree.map(lambda p, *v: p.at[slots].set(jnp.stack(v).astype(p.dtype)), pool, *values)
 
 
 class ExpertCache:
@@ -148,14 +147,21 @@ class ExpertCache:
     def lookup(self, key, count: bool = True) -> int | None:
         return self.slots.lookup(key) if count else self.slots.peek(key)
 
-    def load(self, key, host_tree, pin: bool = False) -> int:
-        """Copy one expert (pinned host or numpy tree) into a slot; asynchronous on the device."""
-        slot, _ = self.slots.insert(key, pin=pin)
+    def load(self, items: list[tuple[Any, Any]], pin: bool = False) -> list[int]:
+        """Copy experts [(key, pinned-host or numpy tree)] into slots: one list put (every copy in flight at once,
+        which a lone expert copy cannot fill the link with) and one slot write; asynchronous on the device."""
+        if not items:
+            return []
+        slots = [self.slots.insert(key, pin=pin)[0] for key, _ in items]
         t0 = time.perf_counter()
-        dev = jax.device_put(host_tree, self._s_dev)
-        self.pool = _write_slot(self.pool, jnp.int32(slot), dev)
-        self.metrics.add_transfer("host->GPU", self.expert_bytes, time.perf_counter() - t0, issued_only=True)
-        return slot
+        devs = jax.device_put([tree for _, tree in items], self._s_dev)
+        n = 1 << (len(items) - 1).bit_length()                 # bucket the count: few executables
+        idx = slots + [slots[-1]] * (n - len(items))          # padding rewrites the last slot with its own value
+        devs = list(devs) + [devs[-1]] * (n - len(items))
+        self.pool = _write_slots(self.pool, jnp.asarray(idx, jnp.int32), tuple(devs))
+        self.metrics.add_transfer("host->GPU", self.expert_bytes * len(items), time.perf_counter() - t0,
+                                  issued_only=True)
+        return slots
 
     def tick(self) -> None:
         self.slots.tick()
