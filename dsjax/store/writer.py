@@ -350,7 +350,7 @@ def _is_disk_full(e: BaseException) -> bool:
     return False
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "nvfp4", policy: str = "mlp",
+def convert(src: "str | os.PathLike | Source", dst: str | os.PathLike, fmt: str = "nvfp4", policy: str = "mlp",
             progress: bool = True, *, on_unit: Callable[[str], None] | None = None,
             band_bytes: int = DEFAULT_BAND_BYTES) -> Manifest:
     """Convert a Hugging Face DeepSeek checkpoint (bf16/fp32, DeepSeek FP8-block or ModelOpt NVFP4) into a store.
@@ -359,7 +359,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "nvfp4", 
     the same store as an uninterrupted run. Re-running on a complete store of the same job returns its manifest.
 
     Args:
-        src: checkpoint directory (config.json, *.safetensors, optional tokenizer files and hf_quant_config.json).
+        src: checkpoint directory (config.json, *.safetensors, optional tokenizer files and hf_quant_config.json),
+            or an opened source with the same interface (dsjax.store.synthetic.SyntheticSource).
         dst: store directory: new, empty, or an unfinished conversion of the same source, format and policy.
         fmt: 'nvfp4' or 'mxfp4'.
         policy: 'experts', 'mlp' (default), 'all' or 'all+lm_head' (dsjax/store/policy.py).
@@ -379,8 +380,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "nvfp4", 
     """
     import dsjax
     policy_lib.check(fmt, policy)
-    src, dst = os.fspath(src), os.fspath(dst)
-    source = Source(src)
+    if hasattr(src, "refs"):            # an opened source (e.g. dsjax.store.synthetic.SyntheticSource)
+        source, src, dst = src, src.path, os.fspath(dst)
+    else:
+        src, dst = os.fspath(src), os.fspath(dst)
+        source = Source(src)
     try:
         source.preflight()
         described = source.describe()
