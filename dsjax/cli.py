@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -27,14 +28,9 @@ def _print_stats(stats: dict, file=None) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import contextlib
     import dsjax
-    import yaml
     runtime = {k: v for k, v in (("preset", args.preset), ("gpu_memory", args.gpu_memory),
                                  ("host_memory", args.host_memory)) if v is not None}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: write KEY=VALUE, e.g. --set max_gpu_layers=2")
-        runtime[key.strip()] = yaml.safe_load(value)
+    runtime.update(_overrides(args.set))
     engine = dsjax.load(args.path, dtype=args.dtype, progress=True, **runtime)
     trace = contextlib.nullcontext()
     if args.trace:
@@ -156,6 +152,34 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(items: list[str]) -> dict:
+    import yaml
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: write KEY=VALUE, e.g. --set max_gpu_layers=2")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json as _json
+    from dsjax.runtime.bench import bench, markdown
+    result = bench(args.path, gpu_memory=args.gpu_memory, host_memory=args.host_memory, preset=args.preset,
+                   batches=[int(b) for b in args.batches.split(",")], prompt_len=args.prompt_len,
+                   tokens=args.tokens, dtype=args.dtype, configs=args.configs.split(","), cold=args.cold,
+                   trace=not args.no_trace, **_overrides(args.set))
+    table = markdown(result)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            _json.dump(result, f, indent=1)
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+            f.write(f"`dsjax bench {' '.join(sys.argv[2:])}`\n\n{table}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dsjax", description="DeepSeek MoE inference in JAX with FP4 weight tiering")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -204,6 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--hbm-gbps", type=float, default=3000.0, help="GPU memory GB/s (default 3000)")
     pl.add_argument("--no-overlap", action="store_true", help="predict load-on-demand (links not overlapped)")
     pl.set_defaults(fn=cmd_plan)
+
+    b = sub.add_parser("bench", help="measure a store under budgets against the machine's measured ceilings")
+    b.add_argument("path", help="dsjax store directory")
+    b.add_argument("--gpu-memory", default=None, help="GPU budget of the 'budget' and 'on_demand' configs")
+    b.add_argument("--host-memory", default=None, help="pinned host budget of those configs")
+    b.add_argument("--preset", default=None, help="runtime preset (low_latency, high_throughput, balanced)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="runtime option (repeatable)")
+    b.add_argument("--batches", default="1,8,32", help="decode batch sizes (default 1,8,32)")
+    b.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per sequence (default 64)")
+    b.add_argument("--tokens", type=int, default=16, help="tokens generated per sequence (default 16)")
+    b.add_argument("--configs", default="budget,resident,on_demand",
+                   help="which of budget (the given budgets), resident (no limit), on_demand (overlap_io off)")
+    b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    b.add_argument("--cold", action="store_true", help="drop the page cache before the disk ceiling (root)")
+    b.add_argument("--no-trace", action="store_true", help="skip the profiler trace (GPU busy fraction)")
+    b.add_argument("--out", default=None, help="write the results as JSON (and a .md table beside it)")
+    b.set_defaults(fn=cmd_bench)
 
     i = sub.add_parser("info", help="summarize a checkpoint's config and tensors")
     i.add_argument("path")

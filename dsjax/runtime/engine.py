@@ -90,6 +90,9 @@ class Engine:
     def _head(self, x: jax.Array) -> jax.Array:
         return head_step(self.weights["final_norm"], self.weights["lm_head"], x, self.config)
 
+    def _set_phase(self, phase: str) -> None:
+        """'prefill' or 'decode': lets a runtime attribute its transfers (no-op here)."""
+
     def _new_caches(self, batch: int, length: int) -> list[dict]:
         return [init_layer_cache(batch, length, self.config, self.dtype) for _ in range(self.config.num_hidden_layers)]
 
@@ -189,6 +192,7 @@ class Engine:
         for b, p in enumerate(ids):
             tokens[b, : len(p)] = p
         caches = self._new_caches(B, S)
+        self._set_phase("prefill")
         x = self._embed(tokens)
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x = self._run_layers(x, caches, positions, self.prefill_form)
@@ -201,6 +205,7 @@ class Engine:
             if step == 0:
                 stats["ttft_s"] = time.perf_counter() - t0
                 t_dec = time.perf_counter()
+                self._set_phase("decode")
             for b in range(B):
                 if done[b]:
                     continue

@@ -26,12 +26,15 @@ class Metrics:
         self.activations = [[0] * n_experts for _ in range(n_layers)] if n_experts else []
         self.tokens = 0
         self.started = time.perf_counter()
+        self.phase = "prefill"               # set by the engine; transfers are also counted per phase
+        self.phase_bytes: dict[str, dict[str, int]] = collections.defaultdict(lambda: collections.defaultdict(int))
 
     def add_transfer(self, link: str, nbytes: int, seconds: float, issued_only: bool = False) -> None:
         """Bytes moved over a link; `issued_only` marks asynchronous copies whose seconds are issue time only."""
         with self._lock:
             self.link_bytes[link] += int(nbytes)
             self.link_count[link] += 1
+            self.phase_bytes[self.phase][link] += int(nbytes)
             if not issued_only:
                 self.link_seconds[link] += seconds
 
@@ -68,6 +71,7 @@ class Metrics:
                            "predicted": p, "activated": r},
             "expert_activations": self.activations,
             "tokens": self.tokens,
+            "phase_bytes": {ph: dict(v) for ph, v in self.phase_bytes.items()},
         }
         out.update(extra or {})
         return out

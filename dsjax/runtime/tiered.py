@@ -167,6 +167,9 @@ class TieredEngine(Engine):
             parts = {k: jax.device_put(a, sharding) for k, a in parts.items()}
         return QTensor(**parts, fmt=rec.dtype) if rec.is_fp4 else parts["weight"]
 
+    def _set_phase(self, phase: str) -> None:
+        self.metrics.phase = phase
+
     def _embed(self, tokens: np.ndarray) -> jax.Array:
         return jax.device_put(self._embed_table[np.asarray(tokens)], shardings()[0])
 
