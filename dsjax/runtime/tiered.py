@@ -298,6 +298,7 @@ class TieredEngine(Engine):
             self._start_disk(j, [e for e, w in where.items() if w == "disk"])
             if depth == 0:
                 up = [((j, e), self.host_cache.get((j, e), count=False)) for e, w in where.items() if w == "host"]
+                up = [(k, t) for k, t in up if t is not None]     # a loader thread may have evicted it since
                 free = self.experts.slots.capacity - self.experts.slots.pinned_count()
                 self.experts.load(up[:max(free, 0)])  # never more than the unpinned slots can take
 
