@@ -65,29 +65,20 @@ def _generate(engine, args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Embedded model -> FP4 store -> generation under budgets that make all three tiers work."""
-    import os
     import dsjax
-    from dsjax.demo import ensure_demo_checkpoint
-    from dsjax.runtime.planner import fmt_bytes, minimum_gpu_memory, minimum_host_memory
+    from dsjax.demo import demo_budgets, ensure_demo_store
+    from dsjax.runtime.planner import fmt_bytes
     from dsjax.runtime.tiered import model_bytes_from_store
     from dsjax.store.reader import Store
-    from dsjax.store.writer import convert
     t0 = time.perf_counter()
-    path = ensure_demo_checkpoint(args.dir)
-    store = path + "-nvfp4"
-    manifest, stamp = os.path.join(store, "manifest.json"), os.path.join(path, "DSJAX_DEMO")
-    if os.path.exists(manifest) and os.path.getmtime(manifest) < os.path.getmtime(stamp):
-        import shutil
-        shutil.rmtree(store)                        # the checkpoint was rebuilt: its store is stale
-    if not os.path.exists(manifest):
-        convert(path, store, fmt="nvfp4", policy="mlp", progress=False)
+    store = ensure_demo_store(args.dir)
+    path = store[: -len("-nvfp4")]
     mb = model_bytes_from_store(Store(store))
-    tight = dict(max_gpu_layers=1, prefetch_layers=1)
-    gpu = minimum_gpu_memory(mb, context_tokens=512, **tight)
-    host = 2 * minimum_host_memory(mb)
+    budgets = demo_budgets(store)
+    gpu, host = budgets["gpu_memory"], budgets["host_memory"]
     print(f"[dsjax demo] embedded model: tiny DeepSeek-V3 architecture with random weights ({path}),\n"
           f"             converted to an NVFP4 store of {fmt_bytes(mb.total)} ({store})")
-    engine = dsjax.load(store, dtype=args.dtype, preset="balanced", gpu_memory=gpu, host_memory=host, **tight)
+    engine = dsjax.load(store, dtype=args.dtype, preset="balanced", **budgets)
     cfg, p = engine.config, engine.placement
     print(f"[dsjax demo] {cfg.num_hidden_layers} layers ({', '.join(cfg.layer_kinds)}), {cfg.n_routed_experts} "
           f"routed experts (top-{cfg.num_experts_per_tok}, {cfg.n_group} groups), MLA latent {cfg.kv_lora_rank}+"

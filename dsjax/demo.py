@@ -95,3 +95,29 @@ def ensure_demo_checkpoint(path: str | None = None) -> str:
     if not (os.path.exists(stamp) and open(stamp).read().strip() == DEMO_VERSION):
         write_demo_checkpoint(path)
     return path
+
+
+def ensure_demo_store(checkpoint: str | None = None) -> str:
+    """The embedded model as an NVFP4 store (built on first use, rebuilt when its checkpoint was)."""
+    import shutil
+    from dsjax.store.writer import convert
+    path = ensure_demo_checkpoint(checkpoint)
+    store = path + "-nvfp4"
+    manifest, stamp = os.path.join(store, "manifest.json"), os.path.join(path, "DSJAX_DEMO")
+    if os.path.exists(manifest) and os.path.getmtime(manifest) < os.path.getmtime(stamp):
+        shutil.rmtree(store)                        # the checkpoint was rebuilt: its store is stale
+    if not os.path.exists(manifest):
+        convert(path, store, fmt="nvfp4", policy="mlp", progress=False)
+    return store
+
+
+def demo_budgets(store: str) -> dict:
+    """Budgets that make all three tiers of the demo store work: the GPU minimum with one layer slot and one layer
+    of prefetch, twice the host minimum (most experts come back from disk)."""
+    from dsjax.runtime.planner import minimum_gpu_memory, minimum_host_memory
+    from dsjax.runtime.tiered import model_bytes_from_store
+    from dsjax.store.reader import Store
+    mb = model_bytes_from_store(Store(store))
+    tight = dict(max_gpu_layers=1, prefetch_layers=1)
+    return dict(gpu_memory=minimum_gpu_memory(mb, context_tokens=512, **tight),
+                host_memory=2 * minimum_host_memory(mb), **tight)
