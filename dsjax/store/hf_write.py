@@ -42,6 +42,7 @@ def write_hf_checkpoint(dst: str, config: dict[str, Any], tensors: dict[str, np.
     parent = os.path.dirname(os.path.abspath(dst))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".partial-", dir=parent)
+    os.chmod(tmp, 0o755)                     # mkdtemp makes it private; a checkpoint is meant to be shared
     try:
         groups: list[dict[str, np.ndarray]] = [{}]
         size = 0
