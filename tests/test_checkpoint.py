@@ -145,3 +145,16 @@ def test_not_a_checkpoint(tmp_path):
         dsjax.load(tmp_path)
     with pytest.raises(ValueError, match="dtype='float16'"):
         dsjax.load(tmp_path, dtype="float16")
+
+
+def test_streamed_writer_equals_dict_writer(tmp_path):
+    """An iterable of tensors is written shard by shard (checkpoints larger than memory) with the same result."""
+    cfg = config("v2_lite")
+    tensors = hf_tensors(cfg, random_weights(cfg, seed=3), dtype=np.float32)
+    write_hf_checkpoint(str(tmp_path / "d"), CONFIGS["v2_lite"], tensors, shard_bytes=150_000)
+    write_hf_checkpoint(str(tmp_path / "g"), CONFIGS["v2_lite"], ((k, v) for k, v in tensors.items()),
+                        shard_bytes=150_000)
+    a, b = Checkpoint(tmp_path / "d"), Checkpoint(tmp_path / "g")
+    assert len(a.files) == len(b.files) > 1 and sorted(a.names()) == sorted(b.names())
+    for n in a.names():
+        np.testing.assert_array_equal(a.read(n), b.read(n))

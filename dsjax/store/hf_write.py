@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import ml_dtypes
 import numpy as np
@@ -34,35 +34,48 @@ def hf_tensors(cfg: ModelConfig, weights: dict, dtype=ml_dtypes.bfloat16) -> dic
     return out
 
 
-def write_hf_checkpoint(dst: str, config: dict[str, Any], tensors: dict[str, np.ndarray], *,
+def write_hf_checkpoint(dst: str, config: dict[str, Any], tensors: "dict[str, np.ndarray] | Iterable", *,
                         shard_bytes: int | None = None,
                         extra_files: Callable[[str], None] | None = None) -> str:
-    """Write config.json and safetensors (one file, or shards of about `shard_bytes` with an index) atomically."""
+    """Write config.json and safetensors atomically: one file, or shards of about `shard_bytes` with an index.
+
+    `tensors` is a dict or an iterable of (name, array) pairs; an iterable is consumed shard by shard, so a
+    checkpoint larger than memory can be generated (memory ~ one shard).
+    """
     from safetensors.numpy import save_file
     parent = os.path.dirname(os.path.abspath(dst))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".partial-", dir=parent)
     os.chmod(tmp, 0o755)                     # mkdtemp makes it private; a checkpoint is meant to be shared
     try:
-        groups: list[dict[str, np.ndarray]] = [{}]
+        shards: list[list[str]] = []
+        total = 0
+        group: dict[str, np.ndarray] = {}
         size = 0
-        for name, a in tensors.items():
+
+        def flush():
+            fn = f"shard-{len(shards):05d}.safetensors"
+            save_file(group, os.path.join(tmp, fn), metadata={"format": "pt"})
+            shards.append(list(group))
+
+        for name, a in (tensors.items() if isinstance(tensors, dict) else tensors):
             if shard_bytes and size and size + a.nbytes > shard_bytes:
-                groups.append({})
-                size = 0
-            groups[-1][name] = a
+                flush()
+                group, size = {}, 0
+            group[name] = a
             size += a.nbytes
-        if len(groups) == 1:
-            save_file(groups[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            total += a.nbytes
+        flush()
+        if len(shards) == 1:
+            os.replace(os.path.join(tmp, "shard-00000.safetensors"), os.path.join(tmp, "model.safetensors"))
         else:
             weight_map = {}
-            for j, g in enumerate(groups):
-                fn = f"model-{j + 1:05d}-of-{len(groups):05d}.safetensors"
-                save_file(g, os.path.join(tmp, fn), metadata={"format": "pt"})
-                weight_map.update({n: fn for n in g})
+            for j, names in enumerate(shards):
+                fn = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
+                os.replace(os.path.join(tmp, f"shard-{j:05d}.safetensors"), os.path.join(tmp, fn))
+                weight_map.update({n: fn for n in names})
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
-                           "weight_map": weight_map}, f, indent=2)
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
         if extra_files:

@@ -1,6 +1,6 @@
 """Benchmark the FP4 kernels on DeepSeek-V3 shapes against XLA on bf16 weights and the jnp reference.
 
-Run on the GPU machine:  PYTHONPATH=<dir with dsjax_kernels>:. python3 bench/kernels.py [--quick] [--out F.json]
+Run on the GPU machine:  PYTHONPATH=<dir with dsjax_kernels>:. python3 bench/kernel_bench.py [--quick] [--out F.json]
 Measures the HBM ceiling (device-to-device copy, bytes read + written) and bf16 XLA matmul peak in the same run.
 Every timing rotates among enough weight copies to exceed the 60 MB L2 (several launches inside one jitted call,
 median over repeats); per-launch time = (time of two passes over the copies - time of one pass) / copies, which
