@@ -9,19 +9,14 @@ deterministic per seed. Convert it for dsjax with `dsjax convert DST STORE --for
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
-
-import ml_dtypes
-import numpy as np
+import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from dsjax.config import ModelConfig  # noqa: E402
-from dsjax.model.weights import F32_KEYS, global_shapes, layer_shapes  # noqa: E402
-from dsjax.store.hf_names import GLOBAL_NAMES, hf_name  # noqa: E402
 from dsjax.store.hf_write import write_hf_checkpoint  # noqa: E402
+from dsjax.store.synthetic import SyntheticSource  # noqa: E402
 
 
 def v2_lite_config(layers: int = 27, **over) -> dict:
@@ -40,34 +35,6 @@ def v2_lite_config(layers: int = 27, **over) -> dict:
     return cfg
 
 
-def tensors(cfg: ModelConfig, seed: int):
-    """(HF name, array) pairs in checkpoint order, each a pure function of (seed, name)."""
-    def make(name, key, shape):
-        rng = np.random.default_rng(int.from_bytes(hashlib.blake2b(f"{seed}|{name}".encode(),
-                                                                   digest_size=8).digest(), "little"))
-        if key.endswith("norm"):
-            a = 1.0 + 0.05 * rng.standard_normal(shape, np.float32)
-        elif key == "embed":
-            a = rng.standard_normal(shape, np.float32)
-        else:
-            a = rng.standard_normal(shape, np.float32) / np.float32(np.sqrt(shape[-1]))
-        return a if key in F32_KEYS else a.astype(ml_dtypes.bfloat16)
-
-    g = global_shapes(cfg)
-    yield GLOBAL_NAMES["embed"], make(GLOBAL_NAMES["embed"], "embed", g["embed"])
-    for i in range(cfg.num_hidden_layers):
-        for key, shape in layer_shapes(cfg, i).items():
-            if key.startswith("experts_"):
-                for e in range(shape[0]):
-                    name = hf_name(key, i, e)
-                    yield name, make(name, key, shape[1:])
-            else:
-                name = hf_name(key, i)
-                yield name, make(name, key, shape)
-    for key in ("final_norm", "lm_head"):
-        yield GLOBAL_NAMES[key], make(GLOBAL_NAMES[key], key, g[key])
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dst")
@@ -77,8 +44,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     raw = v2_lite_config(args.layers, n_routed_experts=args.experts)
-    cfg = ModelConfig.from_dict(raw)
-    write_hf_checkpoint(args.dst, raw, tensors(cfg, args.seed), shard_bytes=int(args.shard_gb * 1e9))
+    with tempfile.TemporaryDirectory() as work:
+        src = SyntheticSource(raw, work, policy=None, seed=args.seed)      # every tensor plain bf16 / float32
+        write_hf_checkpoint(args.dst, raw, ((ref.name, src.read(ref)) for ref in src.refs()),
+                            shard_bytes=int(args.shard_gb * 1e9))
     size = sum(os.path.getsize(os.path.join(args.dst, f)) for f in os.listdir(args.dst))
     print(f"wrote {args.dst}: {size / 1e9:.2f} GB")
     return 0

@@ -177,15 +177,7 @@ class Source:
                                   f"{list(ref.shape)} from config.json; the checkpoint and its config disagree")
 
     def refs(self) -> list[Ref]:
-        """Every ref the model needs, in conversion order (MTP layers >= num_hidden_layers are not part of it)."""
-        out = [self.global_ref("embed")]
-        for i in range(self.cfg.num_hidden_layers):
-            for key, shape in layer_shapes(self.cfg, i).items():
-                if key in EXPERT_NAMES:
-                    out += [self.expert_ref(i, key, e) for e in range(shape[0])]
-                else:
-                    out.append(self.layer_ref(i, key))
-        return out + [self.global_ref("final_norm"), self.global_ref("lm_head")]
+        return ordered_refs(self)
 
     def preflight(self) -> None:
         for ref in self.refs():
@@ -236,3 +228,16 @@ class Source:
 
 def is_fp4(value) -> bool:
     return isinstance(value, QTensor)
+
+
+def ordered_refs(src) -> list[Ref]:
+    """Every ref the model needs, in conversion order, from a source's global_ref / layer_ref / expert_ref (MTP
+    layers >= num_hidden_layers are not part of it)."""
+    out = [src.global_ref("embed")]
+    for i in range(src.cfg.num_hidden_layers):
+        for key, shape in layer_shapes(src.cfg, i).items():
+            if key in EXPERT_NAMES:
+                out += [src.expert_ref(i, key, e) for e in range(shape[0])]
+            else:
+                out.append(src.layer_ref(i, key))
+    return out + [src.global_ref("final_norm"), src.global_ref("lm_head")]

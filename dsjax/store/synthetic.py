@@ -21,8 +21,8 @@ from dsjax.config import ModelConfig
 from dsjax.model.weights import F32_KEYS, global_shapes, layer_shapes
 from dsjax.quant import QTensor
 from dsjax.store import policy as policy_lib
-from dsjax.store.hf_names import EXPERT_NAMES, GLOBAL_NAMES, hf_name
-from dsjax.store.source import Ref
+from dsjax.store.hf_names import GLOBAL_NAMES, hf_name
+from dsjax.store.source import Ref, ordered_refs
 
 E2M1_RMS = float(np.sqrt(np.mean(np.square([0, 0.5, 1, 1.5, 2, 3, 4, 6]))))
 # E4M3 codes of 0.75, 0.875, 1.0, 1.125, 1.25: block scales near one.
@@ -37,7 +37,9 @@ class SyntheticSource:
         >>> convert(src, "/nvme/v3-slice-nvfp4", fmt="nvfp4", policy="mlp")
     """
 
-    def __init__(self, config: dict[str, Any], workdir: str | os.PathLike, *, policy: str = "mlp", seed: int = 0):
+    def __init__(self, config: dict[str, Any], workdir: str | os.PathLike, *, policy: str | None = "mlp",
+                 seed: int = 0):
+        """policy None: every tensor plain (bf16 / float32), for Hugging Face checkpoints."""
         self.raw_config = dict(config)
         self.cfg = ModelConfig.from_dict(self.raw_config)
         self.path = os.fspath(workdir)
@@ -59,14 +61,7 @@ class SyntheticSource:
         return Ref(key, hf_name(key, i, e), layer_shapes(self.cfg, i)[key][1:], layer=i)
 
     def refs(self) -> list[Ref]:
-        out = [self.global_ref("embed")]
-        for i in range(self.cfg.num_hidden_layers):
-            for key, shape in layer_shapes(self.cfg, i).items():
-                if key in EXPERT_NAMES:
-                    out += [self.expert_ref(i, key, e) for e in range(shape[0])]
-                else:
-                    out.append(self.layer_ref(i, key))
-        return out + [self.global_ref("final_norm"), self.global_ref("lm_head")]
+        return ordered_refs(self)
 
     def _index(self) -> list[Ref]:
         if not hasattr(self, "_refs"):
@@ -75,7 +70,7 @@ class SyntheticSource:
         return self._refs
 
     def _fp4(self, ref: Ref) -> bool:
-        return policy_lib.decide(ref.key, tuple(ref.shape), "nvfp4", self.policy).fp4
+        return self.policy is not None and policy_lib.decide(ref.key, tuple(ref.shape), "nvfp4", self.policy).fp4
 
     def is_nvfp4(self, name: str) -> bool:
         self._index()
