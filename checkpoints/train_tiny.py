@@ -55,10 +55,13 @@ def load_corpus(src: str) -> dict[str, str]:
     return texts
 
 
-def split_plays(texts: dict[str, str], every: int = 8) -> tuple[dict[str, str], dict[str, str]]:
+def split_plays(texts: dict[str, str], every: int = 8) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """(train, validation, held-out test) by play, in sorted order: the 4th of every `every` plays validates (it
+    picks the checkpoint), the last of every `every` is the test set nothing is ever chosen by."""
     names = sorted(texts)
-    held = {n for i, n in enumerate(names) if i % every == every - 1}
-    return {n: texts[n] for n in names if n not in held}, {n: texts[n] for n in names if n in held}
+    part = lambda j: {n: texts[n] for i, n in enumerate(names) if i % every == j}  # noqa: E731
+    test, valid = part(every - 1), part(every // 2 - 1)
+    return {n: texts[n] for n in names if n not in test and n not in valid}, valid, test
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 4096):
@@ -139,26 +142,40 @@ def batches(ids: np.ndarray, batch: int, seq: int, rng: np.random.Generator):
         yield np.stack([ids[s:s + seq + 1] for s in starts])
 
 
-def evaluate(w, cfg, ids: np.ndarray, seq: int, n: int = 16) -> float:
-    """Mean next-token loss over n fixed windows of held-out text (perplexity = exp of it)."""
-    fwd = jax.jit(lambda w, x: forward_train(w, x, cfg)[0])
+def make_eval(cfg: ModelConfig):
+    @jax.jit
+    def loss(w, x):
+        lp = jax.nn.log_softmax(forward_train(w, x[:, :-1], cfg)[0])
+        return -jnp.take_along_axis(lp, x[:, 1:, None], -1).mean()
+    return loss
+
+
+def eval_windows(ids: np.ndarray, seq: int, n: int) -> np.ndarray:
+    """n fixed, evenly spaced windows of seq + 1 tokens."""
     starts = np.linspace(0, len(ids) - seq - 2, n).astype(int)
-    x = np.stack([ids[s:s + seq + 1] for s in starts])
-    lp = jax.nn.log_softmax(fwd(w, jnp.asarray(x[:, :-1])))
-    return float(-jnp.take_along_axis(lp, jnp.asarray(x[:, 1:, None]), -1).mean())
+    return np.stack([ids[s:s + seq + 1] for s in starts])
+
+
+def evaluate(w, cfg, ids: np.ndarray, seq: int, n: int = 16, loss=None) -> float:
+    """Mean next-token loss over n fixed windows of held-out text (perplexity = exp of it)."""
+    loss = loss or make_eval(cfg)
+    x = eval_windows(ids, seq, n)
+    return float(np.mean([loss(w, jnp.asarray(x[i:i + 16])) for i in range(0, n, 16)]))
 
 
 def train(corpus: dict[str, str], out: str, *, steps: int = 2000, batch: int = 32, seq: int = 256,
           lr: float = 3e-3, seed: int = 0, vocab_size: int = 4096, bias_speed: float = 1e-3,
-          config_over: dict | None = None, log_every: int = 50) -> tuple[dict, dict]:
-    """Train, evaluate on the held-out plays, export to `out`; returns (report, trained weights)."""
+          config_over: dict | None = None, log_every: int = 50, eval_every: int = 250,
+          eval_windows_n: int = 64, max_seconds: float | None = None) -> tuple[dict, dict]:
+    """Train; every `eval_every` steps measure the validation plays and keep the best weights; evaluate those on the
+    held-out test plays and export them to `out`. Returns (report, exported weights)."""
     import optax
-    train_texts, held_texts = split_plays(corpus)
+    train_texts, valid_texts, held_texts = split_plays(corpus)
     tok = train_tokenizer(list(train_texts.values()), vocab_size)
     cfg_dict = model_config(tok.get_vocab_size(), **(config_over or {}))
     cfg = ModelConfig.from_dict(cfg_dict)
     enc = lambda texts: np.concatenate([tok.encode(t).ids for t in texts]).astype(np.int32)  # noqa: E731
-    train_ids, held_ids = enc(train_texts.values()), enc(held_texts.values())
+    train_ids, valid_ids, held_ids = (enc(t.values()) for t in (train_texts, valid_texts, held_texts))
     w = jax.tree.map(jnp.asarray, random_weights(cfg, seed=seed, std=0.02))
     for lw in w["layers"]:
         if "router_bias" in lw:
@@ -169,19 +186,33 @@ def train(corpus: dict[str, str], out: str, *, steps: int = 2000, batch: int = 3
     opt_state = optimizer.init(w)
     step = make_step(cfg, optimizer, bias_speed)
     rng = np.random.default_rng(seed)
-    curve, t0 = [], time.perf_counter()
+    eval_loss = make_eval(cfg)
+    curve, valid_curve, t0 = [], [], time.perf_counter()
+    best = (np.inf, -1, None)
     for k, ids in zip(range(steps), batches(train_ids, batch, seq, rng)):
         w, opt_state, loss, loads = step(w, opt_state, jnp.asarray(ids))
         if k % log_every == 0 or k == steps - 1:
             imbalance = float(np.mean([np.max(np.asarray(x)) / max(np.mean(np.asarray(x)), 1e-9) for x in loads]))
             curve.append({"step": k, "loss": float(loss), "max_over_mean_load": imbalance,
                           "seconds": time.perf_counter() - t0})
-    held = evaluate(w, cfg, held_ids, seq)
+        if (k + 1) % eval_every == 0 or k == steps - 1:
+            v = evaluate(w, cfg, valid_ids, seq, eval_windows_n, eval_loss)
+            valid_curve.append({"step": k + 1, "valid_loss": v})
+            if v < best[0]:
+                best = (v, k + 1, jax.tree.map(np.asarray, w))
+            if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+                break
+    w = jax.tree.map(jnp.asarray, best[2])
+    held = evaluate(w, cfg, held_ids, seq, eval_windows_n, eval_loss)
     export(w, cfg_dict, tok, out)
     report = {"config": cfg_dict, "steps": steps, "batch": batch, "seq": seq, "lr": lr, "seed": seed,
-              "train_tokens": int(len(train_ids)), "heldout_tokens": int(len(held_ids)),
-              "heldout_plays": sorted(held_texts), "heldout_loss": held, "heldout_ppl": float(np.exp(held)),
-              "curve": curve, "backend": jax.default_backend()}
+              "train_tokens": int(len(train_ids)), "valid_tokens": int(len(valid_ids)),
+              "heldout_tokens": int(len(held_ids)), "valid_plays": sorted(valid_texts),
+              "heldout_plays": sorted(held_texts), "best_step": best[1], "valid_loss": best[0],
+              "heldout_loss": held, "heldout_ppl": float(np.exp(held)), "eval_windows": eval_windows_n,
+              "steps_run": valid_curve[-1]["step"], "curve": curve, "valid_curve": valid_curve,
+              "backend": jax.default_backend(),
+              "train_seconds": time.perf_counter() - t0}
     with open(os.path.join(out, "training.json"), "w") as f:
         json.dump(report, f, indent=1)
     return report, w
@@ -210,11 +241,19 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--max-seconds", type=float, default=None, help="stop at the first evaluation after this long")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="override a model config value, e.g. --set hidden_size=320")
     args = ap.parse_args(argv)
+    over = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     r, _ = train(load_corpus(args.corpus), args.out, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr,
-              seed=args.seed)
-    print(f"held-out loss {r['heldout_loss']:.3f} (ppl {r['heldout_ppl']:.1f}) after {args.steps} steps on "
-          f"{r['backend']}; final train loss {r['curve'][-1]['loss']:.3f}; wrote {args.out}")
+                 seed=args.seed, eval_every=args.eval_every, config_over=over,
+                 max_seconds=args.max_seconds)
+    print(f"held-out loss {r['heldout_loss']:.3f} (ppl {r['heldout_ppl']:.1f}) with the weights of step "
+          f"{r['best_step']} (best validation loss {r['valid_loss']:.3f}) of {r['steps_run']} run on "
+          f"{r['backend']} in {r['train_seconds']:.0f} s; final train loss {r['curve'][-1]['loss']:.3f}; "
+          f"wrote {args.out}")
     return 0
 
 

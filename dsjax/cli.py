@@ -155,17 +155,14 @@ def _overrides(items: list[str]) -> dict:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import json as _json
     from dsjax.runtime.bench import bench, markdown
     result = bench(args.path, gpu_memory=args.gpu_memory, host_memory=args.host_memory, preset=args.preset,
                    batches=[int(b) for b in args.batches.split(",")], prompt_len=args.prompt_len,
                    tokens=args.tokens, dtype=args.dtype, configs=args.configs.split(","), cold=args.cold,
-                   trace=not args.no_trace, **_overrides(args.set))
+                   trace=not args.no_trace, out=args.out, trace_dir=args.trace_dir, **_overrides(args.set))
     table = markdown(result)
     print(table)
     if args.out:
-        with open(args.out, "w") as f:
-            _json.dump(result, f, indent=1)
         with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
             f.write(f"`dsjax bench {' '.join(sys.argv[2:])}`\n\n{table}\n")
     return 0
@@ -234,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     b.add_argument("--cold", action="store_true", help="drop the page cache before the disk ceiling (root)")
     b.add_argument("--no-trace", action="store_true", help="skip the profiler trace (GPU busy fraction)")
-    b.add_argument("--out", default=None, help="write the results as JSON (and a .md table beside it)")
+    b.add_argument("--out", default=None, help="write the results as JSON, row by row (and a .md table beside it); "
+                   "rerunning with the same --out resumes, measuring only the rows not there yet")
+    b.add_argument("--trace-dir", default=None, help="keep each row's jax.profiler trace under DIR/<config>_b<batch>")
     b.set_defaults(fn=cmd_bench)
 
     i = sub.add_parser("info", help="summarize a checkpoint's config and tensors")

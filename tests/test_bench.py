@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from dsjax.runtime.bench import bench, gpu_busy_fraction, markdown
+from dsjax.runtime.bench import bench, gpu_busy_fraction, markdown, trace_timeline
 
 
 def test_busy_fraction_is_the_union_of_kernel_time(tmp_path):
@@ -26,6 +26,31 @@ def test_busy_fraction_is_the_union_of_kernel_time(tmp_path):
     assert gpu_busy_fraction(str(tmp_path / "none"), wall_s=1.0) is None
 
 
+def test_trace_timeline_measures_copy_compute_overlap(tmp_path):
+    gpu = {"pid": 1, "ph": "X"}
+    h2d = lambda ts, dur, size: dict(gpu, tid=9, name="MemcpyH2D", ts=ts, dur=dur,  # noqa: E731
+                                     args={"memcpy_details": f"kind_src:pinned kind_dst:device size:{size} async:1"})
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        dict(gpu, tid=1, name="fusion", ts=0, dur=4000),            # kernels: 0..4 ms and 6..10 ms
+        dict(gpu, tid=1, name="gemm", ts=6000, dur=4000),
+        h2d(3000, 2000, 2_000_000),                                  # 3..5 ms: 1 ms under a kernel
+        h2d(7000, 1000, 1_000_000),                                  # 7..8 ms: all under a kernel
+        dict(gpu, tid=1, name="MemcpyD2D", ts=4500, dur=100),        # not compute, not host->GPU
+    ]
+    d = tmp_path / "plugins" / "profile" / "run"
+    d.mkdir(parents=True)
+    with gzip.open(d / "vm.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    t = trace_timeline(str(tmp_path), bin_ms=5.0)
+    assert t["span_s"] == pytest.approx(10e-3) and t["kernel_s"] == pytest.approx(8e-3)
+    assert t["h2d_s"] == pytest.approx(3e-3) and t["h2d_overlapped_s"] == pytest.approx(2e-3)
+    assert t["h2d_bytes"] == 3_000_000
+    # bins of 5 ms: kernels 4 of 5 ms in each; copies 2 MB in the first bin, 1 MB in the second
+    assert t["kernel_busy"] == pytest.approx([0.8, 0.8])
+    assert t["h2d_GB_s"] == pytest.approx([2e6 / 5e-3 / 1e9, 1e6 / 5e-3 / 1e9])
+
+
 def test_bench_on_a_store(demo_checkpoint, tmp_path):
     from dsjax.runtime.planner import minimum_gpu_memory, minimum_host_memory
     from dsjax.runtime.tiered import model_bytes_from_store
@@ -35,8 +60,12 @@ def test_bench_on_a_store(demo_checkpoint, tmp_path):
     convert(demo_checkpoint, store, progress=False)
     mb = model_bytes_from_store(Store(store))
     g = minimum_gpu_memory(mb, context_tokens=512, max_gpu_layers=1, prefetch_layers=1)
-    r = bench(store, gpu_memory=g, host_memory=minimum_host_memory(mb), batches=(1, 2), prompt_len=8, tokens=4,
-              dtype="float32", trace=False, max_gpu_layers=1, prefetch_layers=1)
+    kw = dict(gpu_memory=g, host_memory=minimum_host_memory(mb), prompt_len=8, tokens=4, dtype="float32",
+              trace=False, max_gpu_layers=1, prefetch_layers=1, out=str(tmp_path / "b.json"))
+    first = bench(store, batches=(1,), configs=("budget",), **kw)
+    r = bench(store, batches=(1, 2), **kw)            # resumes: the budget/1 row is kept, the others measured
+    assert r["rows"][0] == first["rows"][0] and r["ceilings"] == first["ceilings"]
+    assert json.load(open(tmp_path / "b.json"))["rows"] == r["rows"]
     rows = {(x["config"], x["batch"]): x for x in r["rows"]}
     assert set(rows) == {(c, b) for c in ("budget", "resident", "on_demand") for b in (1, 2)}
     assert rows[("resident", 1)]["bytes_per_step"].get("host->GPU", 0) == 0

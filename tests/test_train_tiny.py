@@ -38,8 +38,9 @@ def corpus(tmp_path_factory):
 
 def test_corpus_and_split(corpus):
     assert sorted(corpus) == [f"play{k}" for k in range(9)]
-    train, held = train_tiny.split_plays(corpus)
-    assert sorted(held) == ["play7"] and len(train) == 8
+    train, valid, held = train_tiny.split_plays(corpus)
+    assert sorted(held) == ["play7"] and sorted(valid) == ["play3"] and len(train) == 7
+    assert not set(train) & (set(valid) | set(held))
 
 
 def test_balancing_bias_follows_the_rule():
@@ -62,10 +63,14 @@ def test_balancing_bias_follows_the_rule():
 def test_train_export_roundtrip(corpus, tmp_path):
     out = str(tmp_path / "ckpt")
     r, w = train_tiny.train(corpus, out, steps=40, batch=8, seq=32, lr=1e-2, vocab_size=300, config_over=SMALL,
-                            log_every=10)
+                            log_every=10, eval_every=20, eval_windows_n=8)
     curve = [c["loss"] for c in r["curve"]]
     assert curve[-1] < curve[0] - 0.5                  # it learns
     assert r["heldout_loss"] < curve[0]
+    # the exported weights are the validation-best of the evaluated steps
+    assert [v["step"] for v in r["valid_curve"]] == [20, 40]
+    assert r["valid_loss"] == min(v["valid_loss"] for v in r["valid_curve"])
+    assert r["best_step"] == min(r["valid_curve"], key=lambda v: v["valid_loss"])["step"]
     engine = dsjax.load(out, dtype="float32")
     ids = np.asarray([engine.tokenizer.encode("Shall I compare thee to a summer's day?")])
     # The checkpoint is the trained model: the logits of its bf16 weights are those of the trained weights rounded

@@ -79,28 +79,90 @@ def measure_ceilings(store_path: str, cold: bool, h2d_bytes: int = 256 << 20) ->
     return Ceilings(h2d=h2d, disk=disk, hbm=hbm, cold=cold)
 
 
-def gpu_busy_fraction(trace_dir: str, wall_s: float) -> float | None:
-    """Union of GPU kernel time over the profiled wall time, from a jax.profiler trace (None without a GPU)."""
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _length(spans) -> float:
+    return sum(b - a for a, b in spans)
+
+
+def _intersection(x: list[tuple[float, float]], y: list[tuple[float, float]]) -> float:
+    """Total length of the intersection of two disjoint sorted span lists."""
+    i = j = 0
+    total = 0.0
+    while i < len(x) and j < len(y):
+        lo, hi = max(x[i][0], y[j][0]), min(x[i][1], y[j][1])
+        total += max(0.0, hi - lo)
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def _memcpy_bytes(e: dict) -> int:
+    for part in str(e.get("args", {}).get("memcpy_details", "")).split():
+        if part.startswith("size:"):
+            return int(part[5:])
+    return 0
+
+
+def trace_timeline(trace_dir: str, bin_ms: float = 5.0) -> dict[str, Any] | None:
+    """What the GPU did during a jax.profiler trace: the union of kernel time, of host->GPU copy time, how much of
+    the copy time ran while a kernel ran (overlap), the copied bytes, and per-bin series (kernel busy fraction,
+    host->GPU GB/s) for plots. Times in seconds from the first GPU event; None when the trace has no GPU."""
     paths = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
     if not paths:
         return None
-    events = json.load(gzip.open(paths[0]))["traceEvents"]
+    with gzip.open(paths[0]) as f:
+        events = json.load(f)["traceEvents"]
     gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                 and "GPU" in str(e.get("args", {}).get("name", ""))}
-    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("ph") == "X" and e["pid"] in gpu_pids
-                   and "Memcpy" not in e["name"] and "Memset" not in e["name"])
-    if not spans:
+    gpu = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids]
+    if not gpu:
         return None
-    busy, end = 0.0, -1.0
-    for a, b in spans:
-        if b > end:
-            busy += b - max(a, end)
-            end = b
-    return min(1.0, busy / 1e6 / wall_s)
+    kernels = _union([(e["ts"], e["ts"] + e["dur"]) for e in gpu
+                      if "Memcpy" not in e["name"] and "Memset" not in e["name"]])
+    h2d_ev = [e for e in gpu if e["name"] == "MemcpyH2D"]
+    h2d = _union([(e["ts"], e["ts"] + e["dur"]) for e in h2d_ev])
+    t0 = min(e["ts"] for e in gpu)
+    t1 = max(e["ts"] + e["dur"] for e in gpu)
+    n = max(1, int(np.ceil((t1 - t0) / (bin_ms * 1e3))))
+    busy, moved = np.zeros(n), np.zeros(n)
+    edges = t0 + np.arange(n + 1) * bin_ms * 1e3
+
+    def spread(a: float, b: float, into: np.ndarray, weight: float) -> None:
+        for k in range(int((a - t0) // (bin_ms * 1e3)), min(n, int((b - t0) // (bin_ms * 1e3)) + 1)):
+            part = max(0.0, min(b, edges[k + 1]) - max(a, edges[k]))
+            into[k] += weight * part / max(b - a, 1e-9) if weight else part
+
+    for a, b in kernels:
+        spread(a, b, busy, 0.0)
+    for e in h2d_ev:
+        spread(e["ts"], e["ts"] + e["dur"], moved, float(_memcpy_bytes(e)))
+    return {"span_s": (t1 - t0) / 1e6, "kernel_s": _length(kernels) / 1e6, "h2d_s": _length(h2d) / 1e6,
+            "h2d_bytes": int(sum(_memcpy_bytes(e) for e in h2d_ev)),
+            "h2d_overlapped_s": _intersection(kernels, h2d) / 1e6,
+            "bin_ms": bin_ms, "kernel_busy": (busy / (bin_ms * 1e3)).round(4).tolist(),
+            "h2d_GB_s": (moved / (bin_ms * 1e-3) / GB).round(3).tolist()}
+
+
+def gpu_busy_fraction(trace_dir: str, wall_s: float) -> float | None:
+    """Union of GPU kernel time over the profiled wall time, from a jax.profiler trace (None without a GPU)."""
+    t = trace_timeline(trace_dir)
+    return None if t is None or t["kernel_s"] == 0 else min(1.0, t["kernel_s"] / wall_s)
 
 
 def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], prompt_len: int, tokens: int,
-               ceilings: Ceilings, dtype: str, trace: bool) -> list[dict[str, Any]]:
+               ceilings: Ceilings, dtype: str, trace: bool, trace_dir: str | None = None,
+               on_row=None, cold: bool = False) -> list[dict[str, Any]]:
     import dsjax
     rows = []
     engine = dsjax.load(store, dtype=dtype, **kw)
@@ -109,9 +171,13 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
     for B in batches:
         prompts = [rng.integers(0, vocab, prompt_len).tolist() for _ in range(B)]
         engine.generate(prompts, max_new_tokens=2, stop_token_ids=())             # compile this batch shape
-        before = engine.stats()["phase_bytes"].get("decode", {})
+        if cold:
+            drop_page_cache()        # each measured generation starts from a cold disk (what the host cache holds stays)
+        s0 = engine.stats()
+        before = s0["phase_bytes"].get("decode", {})
         engine.generate(prompts, max_new_tokens=tokens, stop_token_ids=())
         s = engine.stats()
+        stall = s["stall_seconds"] - s0["stall_seconds"]
         g = s["generation"]
         steps = max(tokens - 1, 1)
         after = s["phase_bytes"].get("decode", {})
@@ -120,13 +186,21 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
         roof = {"host->GPU": per_step.get("host->GPU", 0) / ceilings.h2d,
                 "disk->host": per_step.get("disk->host", 0) / ceilings.disk}
         bound = max(roof.values()) if roof else 0.0
-        busy = None
+        busy = timeline = None
         if trace:
-            tdir = tempfile.mkdtemp(prefix="dsjax-bench-trace-")
+            if trace_dir:
+                tdir = os.path.join(trace_dir, f"{name}_b{B}")
+                os.makedirs(tdir, exist_ok=True)
+            else:
+                tdir = tempfile.mkdtemp(prefix="dsjax-bench-trace-")
             t0 = time.perf_counter()
             with jax.profiler.trace(tdir):
                 engine.generate(prompts, max_new_tokens=4, stop_token_ids=())
-            busy = gpu_busy_fraction(tdir, time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
+            timeline = trace_timeline(tdir)
+            if timeline:
+                timeline["wall_s"] = wall
+                busy = min(1.0, timeline["kernel_s"] / wall) if timeline["kernel_s"] else None
         rows.append(dict(
             config=name, batch=B, ttft_ms=1e3 * g["ttft_s"], prefill_tok_s=B * prompt_len / g["ttft_s"],
             decode_tok_s=g["decode_tok_s"], step_ms=1e3 * t_step,
@@ -134,7 +208,9 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
             achieved_GB_s={k: v / t_step / GB for k, v in per_step.items() if k in roof},
             roofline_ms=1e3 * bound, roofline_fraction=(bound / t_step) if bound else None,
             hit_rates=s["hit_rates"], prediction=s["prediction"], gpu_busy=busy,
-            predicted_tok_s=s["predicted_tok_s"]))
+            stall_s=stall, predicted_tok_s=s["predicted_tok_s"], trace=timeline))
+        if on_row:
+            on_row(rows[-1])
     engine.close()
     return rows
 
@@ -142,20 +218,47 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
 def bench(store: str, *, gpu_memory=None, host_memory=None, preset: str | None = None,
           batches=(1, 8, 32), prompt_len: int = 64, tokens: int = 16, dtype: str = "bfloat16",
           configs=("budget", "resident", "on_demand"), cold: bool = False, trace: bool = True,
-          **overrides) -> dict[str, Any]:
+          out: str | None = None, trace_dir: str | None = None, **overrides) -> dict[str, Any]:
     """Measure `store` under the budgets (config 'budget'), with no limit ('resident') and with overlap_io off
-    ('on_demand'); returns {'ceilings', 'rows', 'machine'}."""
-    ceilings = measure_ceilings(store, cold)
+    ('on_demand'); returns {'ceilings', 'rows', 'machine'}. With `out`, every row is written to that JSON file as it
+    is measured and a rerun with the same `out` resumes: rows already there are kept, not measured again (the
+    ceilings are those of the first run). With `trace_dir`, each row's profiler trace is kept there."""
+    dev = jax.devices()[0]
+    result: dict[str, Any] = {}
+    if out and os.path.exists(out):
+        with open(out) as f:
+            result = json.load(f)
+    if "ceilings" in result:
+        ceilings = Ceilings(**result["ceilings"])
+    else:
+        ceilings = measure_ceilings(store, cold)
+    result.update({"machine": f"{dev.platform} {dev.device_kind}", "ceilings": dataclasses.asdict(ceilings),
+                   "date": time.strftime("%Y-%m-%d"), "store": os.path.abspath(store)})
+    result.setdefault("rows", [])
+
+    def save(row: dict[str, Any] | None = None) -> None:
+        if row is not None:
+            result["rows"].append(row)
+        if out:
+            tmp = out + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(result, f, indent=1)
+            os.replace(tmp, out)
     budget = {k: v for k, v in (("gpu_memory", gpu_memory), ("host_memory", host_memory), ("preset", preset))
               if v is not None}
     kws = {"budget": dict(budget, **overrides), "resident": {},
            "on_demand": dict(budget, **dict(overrides, overlap_io=False))}
-    rows = []
+    save()
     for name in configs:
-        rows += run_config(store, name, kws[name], list(batches), prompt_len, tokens, ceilings, dtype, trace)
-    dev = jax.devices()[0]
-    return {"machine": f"{dev.platform} {dev.device_kind}", "ceilings": dataclasses.asdict(ceilings), "rows": rows,
-            "date": time.strftime("%Y-%m-%d"), "store": os.path.abspath(store)}
+        done = {r["batch"] for r in result["rows"] if r["config"] == name}
+        todo = [b for b in batches if b not in done]
+        if todo:
+            run_config(store, name, kws[name], todo, prompt_len, tokens, ceilings, dtype, trace, trace_dir, save,
+                       cold)
+    order = {(c, b): i for i, (c, b) in enumerate((c, b) for c in configs for b in batches)}
+    result["rows"].sort(key=lambda r: order.get((r["config"], r["batch"]), len(order)))
+    save()
+    return result
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -166,8 +269,9 @@ def markdown(result: dict[str, Any]) -> str:
              f"HBM {hbm}",
              "",
              "| config | batch | TTFT ms | prefill tok/s | decode tok/s | step ms | host->GPU MB/step | disk MB/step "
-             "| achieved GB/s (h2d / disk) | I/O roofline ms | of roofline | hit GPU/host | pred P/R | GPU busy |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| achieved GB/s (h2d / disk) | I/O roofline ms | of roofline | hit GPU/host | pred P/R | GPU busy "
+             "| copy time under compute |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         b, a = r["bytes_per_step"], r["achieved_GB_s"]
         hit = r["hit_rates"]
@@ -180,5 +284,6 @@ def markdown(result: dict[str, Any]) -> str:
             + (f"{r['roofline_fraction']:.0%}" if r["roofline_fraction"] else "-") + " | "
             + (f"{hit.get('gpu', 1):.2f}/{hit.get('host', 1):.2f}" if hit else "all GPU") + " | "
             + (f"{pr['precision']:.2f}/{pr['recall']:.2f}" if pr["precision"] is not None else "-") + " | "
-            + (f"{r['gpu_busy']:.0%}" if r["gpu_busy"] is not None else "-") + " |")
+            + (f"{r['gpu_busy']:.0%}" if r["gpu_busy"] is not None else "-") + " | "
+            + (f"{t['h2d_overlapped_s'] / t['h2d_s']:.0%}" if (t := r.get("trace")) and t["h2d_s"] else "-") + " |")
     return "\n".join(lines)
