@@ -65,18 +65,22 @@ def _generate(engine, args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Embedded model -> FP4 store -> generation under budgets that make all three tiers work."""
+    import json as _json
     import dsjax
-    from dsjax.demo import demo_budgets, ensure_demo_store
+    from dsjax.demo import demo_budgets, embedded_checkpoint, ensure_demo_store
     from dsjax.runtime.planner import fmt_bytes
     from dsjax.runtime.tiered import model_bytes_from_store
     from dsjax.store.reader import Store
     t0 = time.perf_counter()
+    path = embedded_checkpoint()
     store = ensure_demo_store(args.dir)
-    path = store[: -len("-nvfp4")]
     mb = model_bytes_from_store(Store(store))
     budgets = demo_budgets(store)
     gpu, host = budgets["gpu_memory"], budgets["host_memory"]
-    print(f"[dsjax demo] embedded model: tiny DeepSeek-V3 architecture with random weights ({path}),\n"
+    with open(os.path.join(path, "training.json")) as f:
+        tr = _json.load(f)
+    print(f"[dsjax demo] embedded model: DeepSeek-V3 architecture trained on Shakespeare ({path}; held-out plays "
+          f"perplexity {tr['heldout_ppl']:.1f} in bf16),\n"
           f"             converted to an NVFP4 store of {fmt_bytes(mb.total)} ({store})")
     engine = dsjax.load(store, dtype=args.dtype, preset="balanced", **budgets)
     cfg, p = engine.config, engine.placement
@@ -86,10 +90,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[dsjax demo] budgets GPU {fmt_bytes(gpu)}, host {fmt_bytes(host)}: {len(p.resident_layers)} layers "
           f"resident, {p.ring_slots} GPU layer slot streams the rest, {engine.experts.slots.capacity} GPU expert "
           f"slots, {p.host_experts} experts per layer in pinned host, the rest on disk")
-    print("[dsjax demo] the weights are random, so the text is noise; the point is the machinery.")
-    for prompt in ["Shall I compare thee", "So long as men can breathe"]:
+    for prompt in ["MACBETH.\nIs this a dagger", "ROMEO.\nBut soft, what light"]:
         print(f"\n>>> {prompt}", end="", flush=True)
-        for ev in engine.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=0.8, top_p=0.95, seed=0):
+        for ev in engine.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=0.9, seed=0):
             print(ev.text, end="", flush=True)
         print()
         _print_stats(engine.stats()["generation"], file=sys.stdout)
@@ -100,7 +103,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[dsjax demo] hit rates: GPU {s['hit_rates']['gpu']:.2f}, host {s['hit_rates']['host']:.2f}; "
           f"next-layer prediction precision {pr['precision']:.2f}, recall {pr['recall']:.2f}; "
           f"stalled on weights {s['stall_seconds'] * 1e3:.0f} ms")
-    g = engine.generate("Shall I compare thee", chat=True, max_new_tokens=8)
+    g = engine.generate("Speak, what news?", chat=True, max_new_tokens=8)
     print(f"[dsjax demo] chat template prompt: {engine.tokenizer.decode(g.prompt_ids, False)!r}")
     print(f"[dsjax demo] done in {time.perf_counter() - t0:.1f} s; try `dsjax plan {store}` and "
           f"`dsjax generate {store} --prompt ... --stats`")
@@ -195,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_generate)
 
     d = sub.add_parser("demo", help="run the embedded tiny model end to end (no downloads)")
-    d.add_argument("--dir", default=None, help="where to build the demo checkpoint (default ~/.cache/dsjax)")
+    d.add_argument("--dir", default=None, help="where to write the demo's NVFP4 store (default ~/.cache/dsjax/...)")
     d.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"], help="compute dtype")
     d.add_argument("--max-new-tokens", type=int, default=48, help="tokens per prompt (default 48)")
     d.set_defaults(fn=cmd_demo)

@@ -1,7 +1,10 @@
-"""The embedded default model: a tiny DeepSeek-V3-architecture checkpoint generated deterministically.
+"""The embedded default model and the random test model.
 
-Random weights (so its text is noise) and a small byte-level BPE tokenizer trained on an embedded sonnet: enough to
-run every code path of the product end to end with no downloads. `dsjax demo` builds it on first use.
+`EMBEDDED` is a small DeepSeek-V3-architecture model trained on Shakespeare by `checkpoints/train_tiny.py` (MLA,
+grouped sigmoid routing, 16 routed experts top-4 + a shared one, YaRN; ~10.7M parameters, bf16, with its BPE
+tokenizer), shipped inside the package so the demo needs no download; `dsjax demo` converts it to an NVFP4 store on
+first use. `write_demo_checkpoint` generates a tiny model with random weights and a tokenizer trained on one sonnet:
+fast and deterministic, for tests of code paths where the text does not matter.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dsjax.config import ModelConfig
 from dsjax.model.weights import random_weights
 from dsjax.store.hf_write import hf_tensors, write_hf_checkpoint
 
-DEMO_VERSION = "1"
+EMBEDDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shakespeare-v3-tiny")
 SONNET = """Shall I compare thee to a summer's day?
 Thou art more lovely and more temperate:
 Rough winds do shake the darling buds of May,
@@ -77,47 +80,56 @@ def write_demo_checkpoint(dst: str, seed: int = 0) -> str:
         with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
             json.dump(dict(bos_token=SPECIALS[0], eos_token=SPECIALS[1], add_bos_token=True,
                            chat_template=CHAT_TEMPLATE), f, indent=2, ensure_ascii=False)
-        with open(os.path.join(d, "DSJAX_DEMO"), "w") as f:
-            f.write(DEMO_VERSION + "\n")
 
     return write_hf_checkpoint(dst, cfg_dict, tensors, extra_files=tokenizer_files)
 
 
-def demo_dir() -> str:
-    home = os.environ.get("DSJAX_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "dsjax")
-    return os.path.join(home, "demo-tiny-v3-random")
+def cache_dir() -> str:
+    return os.environ.get("DSJAX_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "dsjax")
 
 
-def ensure_demo_checkpoint(path: str | None = None) -> str:
-    """The demo checkpoint's path, (re)building it when missing or from another demo version."""
-    path = path or demo_dir()
-    stamp = os.path.join(path, "DSJAX_DEMO")
-    if not (os.path.exists(stamp) and open(stamp).read().strip() == DEMO_VERSION):
-        write_demo_checkpoint(path)
-    return path
+def embedded_checkpoint() -> str:
+    """The shipped Shakespeare model's directory (read-only; a Hugging Face checkpoint)."""
+    if not os.path.exists(os.path.join(EMBEDDED, "model.safetensors")):
+        raise FileNotFoundError(f"{EMBEDDED}: the embedded model is missing from this installation; reinstall dsjax "
+                                "(the package data dsjax/data/shakespeare-v3-tiny/* must be included)")
+    return EMBEDDED
 
 
-def ensure_demo_store(checkpoint: str | None = None) -> str:
-    """The embedded model as an NVFP4 store (built on first use, rebuilt when its checkpoint was)."""
+def _fingerprint(path: str) -> str:
+    st = os.stat(os.path.join(path, "model.safetensors"))
+    return f"{st.st_size}-{int(st.st_mtime)}"
+
+
+def ensure_demo_store(store: str | None = None, checkpoint: str | None = None) -> str:
+    """A checkpoint (default: the embedded model) as an NVFP4 store, converted on first use into `store` (default
+    in DSJAX_HOME or ~/.cache/dsjax) and rebuilt when the checkpoint changed since."""
     import shutil
     from dsjax.store.writer import convert
-    path = ensure_demo_checkpoint(checkpoint)
-    store = path + "-nvfp4"
-    manifest, stamp = os.path.join(store, "manifest.json"), os.path.join(path, "DSJAX_DEMO")
-    if os.path.exists(manifest) and os.path.getmtime(manifest) < os.path.getmtime(stamp):
-        shutil.rmtree(store)                        # the checkpoint was rebuilt: its store is stale
+    path = checkpoint or embedded_checkpoint()
+    store = store or os.path.join(cache_dir(), os.path.basename(path.rstrip("/")) + "-nvfp4")
+    manifest, stamp = os.path.join(store, "manifest.json"), os.path.join(store, "DSJAX_SOURCE")
+    if os.path.exists(manifest) and not (os.path.exists(stamp) and open(stamp).read() == _fingerprint(path)):
+        shutil.rmtree(store)                        # made from another version of the checkpoint: stale
     if not os.path.exists(manifest):
         convert(path, store, fmt="nvfp4", policy="mlp", progress=False)
+        with open(stamp, "w") as f:
+            f.write(_fingerprint(path))
     return store
 
 
 def demo_budgets(store: str) -> dict:
-    """Budgets that make all three tiers of the demo store work: the GPU minimum with one layer slot and one layer
-    of prefetch, twice the host minimum (most experts come back from disk)."""
-    from dsjax.runtime.planner import minimum_gpu_memory, minimum_host_memory
+    """Budgets that make all three tiers of a store work: the GPU minimum with one layer slot and one layer of
+    prefetch; a host budget whose cache holds about half of each layer's experts (the rest come from disk)."""
+    from dsjax.runtime.planner import minimum_gpu_memory, minimum_host_memory, plan
     from dsjax.runtime.tiered import model_bytes_from_store
     from dsjax.store.reader import Store
-    mb = model_bytes_from_store(Store(store))
+    st = Store(store)
+    mb = model_bytes_from_store(st)
     tight = dict(max_gpu_layers=1, prefetch_layers=1)
-    return dict(gpu_memory=minimum_gpu_memory(mb, context_tokens=512, **tight),
-                host_memory=2 * minimum_host_memory(mb), **tight)
+    context = min(4096, st.config.max_position_embeddings)     # the KV cache the engine allocates
+    gpu = minimum_gpu_memory(mb, context_tokens=context, **tight)
+    host = minimum_host_memory(mb)
+    while plan(mb, gpu, host, context_tokens=context, **tight).host_experts < mb.n_experts // 2:
+        host += max(mb.expert, 1)
+    return dict(gpu_memory=gpu, host_memory=host, **tight)

@@ -56,15 +56,16 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "converted to an NVFP4 store" in out and "GPU expert slots" in out
     moved = out.split("[dsjax demo] moved: ")[1].splitlines()[0]
     assert "disk->host" in moved and "host->GPU" in moved       # every tier did work
-    assert (tmp_path / "demo-nvfp4" / "manifest.json").exists()
+    assert (tmp_path / "demo" / "manifest.json").exists()
+    assert "trained on Shakespeare" in out
 
 
 def test_generate_from_store_with_runtime_options(tmp_path, capsys):
     main(["demo", "--dir", str(tmp_path / "d"), "--max-new-tokens", "1"])
     capsys.readouterr()
-    store = str(tmp_path / "d-nvfp4")
+    store = str(tmp_path / "d")
     assert main(["generate", store, "--prompt", "Thou", "--max-new-tokens", "3", "--dtype", "float32",
-                 "--gpu-memory", "3MB", "--host-memory", "3MB", "--set", "max_gpu_layers=1", "--set",
+                 "--gpu-memory", "7MB", "--host-memory", "7MB", "--set", "max_gpu_layers=1", "--set",
                  "prefetch_layers=1", "--set", "overlap_io=false", "--stats", "--stats-format", "prometheus"]) == 0
     err = capsys.readouterr().err
     assert "dsjax_pools_capacity{pool=\"expert_cache\"}" in err and "dsjax_links_bytes{link=\"host->GPU\"}" in err
