@@ -8,12 +8,24 @@ Public API:
     >>> for ev in engine.stream("Hello", max_new_tokens=8): print(ev.text, end="")
 """
 
-from dsjax.config import ConfigError, ModelConfig
-from dsjax.runtime.engine import Engine, Generation, PromptError, TokenEvent
-from dsjax.runtime.load import load
-from dsjax.runtime.sampling import SamplingParams
-from dsjax.runtime.tokenizer import Tokenizer, TokenizerError
-from dsjax.store.safetensors_io import CheckpointError
+import os as _os
+
+# PJRT caps pinned host memory (allocations fail at ~62 GiB on the H200 machine) unless the cap is raised before the
+# GPU backend starts. dsjax enforces its own host budget, so when the user has not set the cap it is lifted to 90% of
+# the machine's RAM; this must run before JAX creates its GPU client, i.e. before the first jax.devices().
+if "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB" not in _os.environ:
+    try:
+        _ram = _os.sysconf("SC_PAGE_SIZE") * _os.sysconf("SC_PHYS_PAGES")
+        _os.environ["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"] = str(max(1, int(0.9 * _ram / 2**30)))
+    except (ValueError, OSError):
+        pass
+
+from dsjax.config import ConfigError, ModelConfig  # noqa: E402
+from dsjax.runtime.engine import Engine, Generation, PromptError, TokenEvent  # noqa: E402
+from dsjax.runtime.load import load  # noqa: E402
+from dsjax.runtime.sampling import SamplingParams  # noqa: E402
+from dsjax.runtime.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+from dsjax.store.safetensors_io import CheckpointError  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["CheckpointError", "ConfigError", "Engine", "Generation", "ModelConfig", "PromptError", "SamplingParams",

@@ -73,3 +73,17 @@ def test_generate_from_store_with_runtime_options(tmp_path, capsys):
     assert "KEY=VALUE" in capsys.readouterr().err
     assert main(["plan", store, "--gpu-memory", "1GB", "--host-memory", "1GB"]) == 0
     assert "predicted:" in capsys.readouterr().out
+
+
+def test_import_lifts_the_pinned_host_cap_unless_set():
+    import os
+    import subprocess
+    import sys
+    code = "import os, dsjax; print(os.environ['XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB'])"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"}
+    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert int(out) == max(1, int(0.9 * ram_gib))
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB="7"),
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "7"                           # a user's setting is kept
