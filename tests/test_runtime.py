@@ -205,7 +205,8 @@ def test_presets_carry_the_seed_values():
     assert (ll.memory_config.max_gpu_layers, ll.memory_config.prefetch_layers, ll.memory_config.expert_threshold) \
         == (2, 1, 0.2)
     assert (ht.memory_config.max_gpu_layers, ht.memory_config.max_batch_size) == (4, 32)
-    assert (bal.memory_config.expert_threshold, bal.compute_config.adaptive_schedule) == (0.15, True)
+    # balanced's threshold is the measured best F1 (docs/tiny_model.md §3), not the seed's 0.15
+    assert (bal.memory_config.expert_threshold, bal.compute_config.adaptive_schedule) == (0.1, True)
     assert ll.gpu_memory == 16 * 10**9 and ll.host_memory == 96 * 10**9
 
 
