@@ -179,9 +179,11 @@ def test_resume_after_interruption_between_units_is_byte_identical(bf16_ckpt, cl
     assert_same_files(dst, clean_store)
 
 
+@pytest.mark.parametrize("workers", [1, 4])
 def test_resume_after_a_kill_inside_an_expert_unit_is_byte_identical(bf16_ckpt, clean_store, tmp_path,
-                                                                       monkeypatch):
-    """A crash in the middle of writing a shard (leftovers not cleaned, as after SIGKILL) is redone from scratch."""
+                                                                       monkeypatch, workers):
+    """A crash in the middle of writing a shard (leftovers not cleaned, as after SIGKILL) is redone from scratch,
+    also when the crash happens on one of several worker threads."""
     calls = {"n": 0}
     real = writer.quantize_banded
 
@@ -195,10 +197,10 @@ def test_resume_after_a_kill_inside_an_expert_unit_is_byte_identical(bf16_ckpt, 
     monkeypatch.setattr(writer.ShardWriter, "abort", lambda self: self._f.close())   # leave .partial behind
     dst = tmp_path / "s"
     with pytest.raises(Stop):
-        convert(bf16_ckpt[0], dst, "nvfp4", "mlp", progress=False)
+        convert(bf16_ckpt[0], dst, "nvfp4", "mlp", progress=False, workers=workers)
     assert any(k.endswith(".partial") for k in files_of(dst))
     monkeypatch.setattr(writer, "quantize_banded", real)
-    convert(bf16_ckpt[0], dst, "nvfp4", "mlp", progress=False)
+    convert(bf16_ckpt[0], dst, "nvfp4", "mlp", progress=False, workers=workers)
     assert_same_files(dst, clean_store)
 
 
@@ -259,6 +261,52 @@ def test_disk_full_is_clear_and_resumable(bf16_ckpt, clean_store, tmp_path, monk
     monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     with pytest.raises(StoreError, match=r"not enough disk space: the rest of the store needs 0\.\d+ GB"):
         convert(bf16_ckpt[0], tmp_path / "t", "nvfp4", "mlp", progress=False)
+
+
+# ---- parallel conversion -----------------------------------------------------------------------------
+def jittered(fn):
+    """fn delayed by 0-3 ms depending on its input's bytes, so worker threads finish out of order."""
+    import time
+    import zlib
+
+    def slow(w, *a, **k):
+        time.sleep((zlib.crc32(np.ascontiguousarray(w).view(np.uint8)) % 4) / 1000)
+        return fn(w, *a, **k)
+    return slow
+
+
+@pytest.mark.parametrize("fmt,policy", [("nvfp4", "mlp"), ("mxfp4", "all")])
+def test_workers_give_byte_identical_stores(bf16_ckpt, tmp_path, monkeypatch, fmt, policy):
+    """Experts and tensors converted on 4 threads that finish out of order: every file, the manifest included, is the
+    serial conversion's, byte for byte."""
+    convert(bf16_ckpt[0], tmp_path / "serial", fmt, policy, progress=False, workers=1)
+    monkeypatch.setattr(writer, "quantize_banded", jittered(writer.quantize_banded))
+    convert(bf16_ckpt[0], tmp_path / "parallel", fmt, policy, progress=False, workers=4)
+    assert_same_files(tmp_path / "parallel", tmp_path / "serial")
+
+
+def test_map_ordered_keeps_order_bounds_the_window_and_raises_at_the_item():
+    import threading
+    import time
+    held, peak, lock = [0], [0], threading.Lock()
+
+    def work(i):
+        with lock:
+            held[0] += 1
+            peak[0] = max(peak[0], held[0])
+        time.sleep((7 * i % 5) / 1000)
+        if i == 13:
+            raise Stop(i)
+        return i
+
+    got = []
+    with pytest.raises(Stop, match="13"):
+        for i in writer.map_ordered(work, range(40), 3):
+            got.append(i)
+            with lock:
+                held[0] -= 1
+    assert got == list(range(13)) and peak[0] <= 6               # in order; at most 2 x workers held at once
+    assert list(writer.map_ordered(lambda i: i * i, range(5), 1)) == [0, 1, 4, 9, 16]
 
 
 # ---- destinations and bad input -------------------------------------------------------------------
@@ -322,7 +370,7 @@ def test_unknown_format_policy_and_quant_algo(bf16_ckpt, tmp_path):
 # ---- CLI ----------------------------------------------------------------------------------------
 def test_cli_convert_and_verify(bf16_ckpt, tmp_path, capsys):
     src, dst = str(bf16_ckpt[0]), str(tmp_path / "s")
-    assert main(["convert", src, dst, "--format", "mxfp4", "--policy", "all", "--no-progress"]) == 0
+    assert main(["convert", src, dst, "--format", "mxfp4", "--policy", "all", "--no-progress", "--workers", "3"]) == 0
     out = capsys.readouterr().out
     assert "tensors" in out and "in mxfp4, policy all" in out
     assert main(["verify", dst]) == 0 and capsys.readouterr().out.strip().endswith(": OK")
@@ -345,7 +393,7 @@ def test_cli_help_documents_every_flag(cmd, capsys):
         main([cmd, "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    flags = ["SRC", "DST", "--format", "--policy", "--no-progress"] if cmd == "convert" else ["STORE"]
+    flags = ["SRC", "DST", "--format", "--policy", "--no-progress", "--workers"] if cmd == "convert" else ["STORE"]
     for f in flags:
         assert f in text
     assert text.count("default") >= (2 if cmd == "convert" else 0)

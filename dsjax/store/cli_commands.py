@@ -17,7 +17,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from dsjax.store.writer import convert
     t0 = time.perf_counter()
     try:
-        m = convert(args.src, args.dst, fmt=args.fmt, policy=args.policy, progress=not args.no_progress)
+        m = convert(args.src, args.dst, fmt=args.fmt, policy=args.policy, progress=not args.no_progress,
+                    workers=args.workers)
     except KeyboardInterrupt:
         print(f"\ndsjax: interrupted; re-run the same command to resume the conversion into {args.dst}",
               file=sys.stderr)
@@ -54,6 +55,9 @@ def add_parsers(subparsers) -> None:
                    help="which tensors become FP4: experts (routed experts), mlp (+ shared experts and dense MLPs; "
                         "default), all (+ attention), all+lm_head (+ output head)")
     c.add_argument("--no-progress", action="store_true", help="do not show the progress bar (bytes and MB/s)")
+    c.add_argument("--workers", type=int, default=None,
+                   help="threads converting tensors and experts (default: cores, at most 16); the store is the same "
+                        "for any value, memory grows with it")
     c.set_defaults(fn=cmd_convert)
 
     v = subparsers.add_parser(

@@ -17,24 +17,37 @@ restarted run skips recorded units and rewrites any other unit from scratch, so 
 Every byte written is a pure function of (source, format, policy): orbax's two time-stamped files are normalized
 (`_save_orbax`), so a resumed conversion produces the same files, byte for byte, as an uninterrupted one.
 
+Parallelism: `workers` threads (numpy, zlib.crc32 and file writes release the GIL) convert a unit's tensors, or a
+unit's experts, while the calling thread takes their results in order: experts are appended to the shard and
+checksums recorded in expert order, so the store and manifest are byte-identical for any `workers` (workers=1 runs
+everything on the calling thread). At most 2 x workers results are held, done or in flight.
+
 Peak memory (anonymous, excluding the source's memory-mapped pages, which the kernel can drop) is bounded by
-    (largest core unit as stored) + 6 x (one routed expert in float32) + 6 x band_bytes
+    (largest core unit as stored) + workers x 6 x min(band_bytes, largest quantized matrix in float32)
+                                  + 2 x workers x (one routed expert matrix as stored) + 256 MB
 The first term is the one unit orbax writes at a time, e.g. the bf16 embedding (V3: 1.85 GB) or a dense layer's
-attention + MLP; a routed expert is converted alone (V3: 59 MB in float32, x6 for quantization temporaries); large
-tensors are quantized in bands of `band_bytes` (64 MiB) of float32 rows. FP8-block tensors are dequantized whole
-(V3's largest, a dense MLP matrix, is 0.53 GB in float32). The number of layers or experts never enters: measured
-flat at ~89 MB for 0.4 and 1.1 GB inputs (bench/convert.py, bench/RESULTS_convert.md).
+attention + MLP (orbax's defensive copy is turned off, `_save_orbax`; an orbax without that switch, e.g. 0.12.4 on
+the GPU machine, copies the unit: count this term twice there). Each worker quantizes one matrix at a time, a routed
+expert's (V3: 59 MB in float32) or a band of `band_bytes` (64 MiB) of float32 rows of a larger tensor, with up to 6x
+that in temporaries; converted experts wait in a window of 2 x workers (V3: 8.3 MB each in NVFP4). A synthetic
+source generates straight into the stored format, within the same terms. FP8-block tensors are dequantized whole
+(V3's largest, a dense MLP matrix, is 0.53 GB in float32), one per worker. The last term is an allowance for
+TensorStore/orbax buffers and thread arenas (~0.1 GB measured on 16 cores). The number of layers or experts never
+enters (bench/convert.py measures the peak for two input sizes and each worker count: bench/RESULTS_convert.md).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import errno
 import glob
 import json
 import os
 import shutil
-from typing import Any, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import ml_dtypes
 import numpy as np
@@ -56,6 +69,39 @@ COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "toke
 PROGRESS = "progress"
 JOB_FILE = "conversion.json"
 DEFAULT_BAND_BYTES = 64 << 20
+T, R = TypeVar("T"), TypeVar("R")
+
+
+def default_workers() -> int:
+    """Threads for conversion and generation: one per core, at most 16. On the 16-core GPU machine quantizing a bf16
+    checkpoint still gains from 8 to 16 (bench/RESULTS_convert.md); memory grows with it (module docstring)."""
+    return max(1, min(16, os.cpu_count() or 1))
+
+
+def map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """fn(item) for each item, yielded in order, computed on `workers` threads with at most 2 x workers results held
+    (done or in flight). workers <= 1: computed on the calling thread. An exception in fn is raised at its item;
+    closing the iterator early cancels what has not started and waits for what has.
+
+    Example:
+        >>> with contextlib.closing(map_ordered(convert_expert, range(E), 8)) as results:
+        ...     for r in results: append(r)
+    """
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="dsjax-convert") as pool:
+        pending: collections.deque = collections.deque()
+        try:
+            for item in items:
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+                pending.append(pool.submit(fn, item))
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +173,9 @@ def _parts(value) -> dict[str, np.ndarray]:
 class _Job:
     """One conversion: the source, the destination, the format and policy, and how each tensor is converted."""
 
-    def __init__(self, source: Source, dst: str, fmt: str, policy: str, band_bytes: int):
+    def __init__(self, source: Source, dst: str, fmt: str, policy: str, band_bytes: int, workers: int = 1):
         self.source, self.dst, self.fmt, self.policy, self.band_bytes = source, dst, fmt, policy, band_bytes
+        self.workers = workers
 
     def ref(self, u: Unit, key: str, expert: int | None = None) -> Ref:
         if u.layer is None:
@@ -160,7 +207,7 @@ class _Job:
                 return quantize_banded(raw, self.fmt, self.band_bytes)
             except ValueError as e:     # e.g. inf/NaN weights: name the tensor, not just a shape
                 raise CheckpointError(f"{self.source.path}: tensor {ref.name!r} cannot be quantized: {e}") from None
-        return np.asarray(raw).astype(store_dtype(key))
+        return np.asarray(raw).astype(store_dtype(key), copy=False)   # a bf16 source is stored as is
 
     def source_bytes(self, u: Unit) -> int:
         if u.tier == "core":
@@ -182,17 +229,21 @@ class _Job:
 
     # ---- units -----------------------------------------------------------------------------------
     def write_core(self, u: Unit, bar) -> dict[str, TensorRecord]:
-        tree: dict[str, Any] = {}
-        records: dict[str, TensorRecord] = {}
-        for key in u.keys:
+        def convert_one(key: str):
             ref = self.ref(u, key)
             fp4, note = self.stores_fp4(key, ref)
             value = self.convert(key, ref, fp4)
             parts = _parts(value)
-            tree[key] = parts if isinstance(value, QTensor) else value
-            records[tensor_name(key, u.layer)] = self._record(u, key, ref, value, note,
-                                                              {p: PartRecord.of(a) for p, a in parts.items()})
-            bar.update(self.source.ref_bytes(ref))
+            record = self._record(u, key, ref, value, note, {p: PartRecord.of(a) for p, a in parts.items()})
+            return ref, (parts if isinstance(value, QTensor) else value), record
+
+        tree: dict[str, Any] = {}
+        records: dict[str, TensorRecord] = {}
+        with contextlib.closing(map_ordered(convert_one, u.keys, self.workers)) as results:
+            for key, (ref, stored, record) in zip(u.keys, results):
+                tree[key] = stored
+                records[record.name] = record
+                bar.update(self.source.ref_bytes(ref))
         _save_orbax(os.path.join(self.dst, u.path), tree)
         return records
 
@@ -211,12 +262,18 @@ class _Job:
             for part, (shape, dtype) in specs.items():
                 create_array(os.path.join(base, part), shape, np.dtype(dtype))
                 writers[part] = ShardWriter(os.path.join(base, part), shape, np.dtype(dtype))
-            for e in range(E):
+
+            def convert_one(e: int):
                 ref = self.ref(u, key, e)
-                for part, a in _parts(self.convert(key, ref, fp4)).items():
-                    writers[part].append(a)
-                    crcs[part].append(checksum(a))
-                bar.update(self.source.ref_bytes(ref))
+                parts = _parts(self.convert(key, ref, fp4))
+                return ref, parts, {p: checksum(a) for p, a in parts.items()}
+
+            with contextlib.closing(map_ordered(convert_one, range(E), self.workers)) as results:
+                for ref, parts, crc in results:         # expert order, whatever order the workers finish in
+                    for part, a in parts.items():
+                        writers[part].append(a)
+                        crcs[part].append(crc[part])
+                    bar.update(self.source.ref_bytes(ref))
             for w in writers.values():
                 w.close()
         except BaseException:
@@ -244,16 +301,24 @@ def _save_orbax(path: str, tree: dict) -> None:
 
     Orbax stamps wall-clock times into `_CHECKPOINT_METADATA` and the absolute path into `commit_success.txt` (a
     marker for filesystems without atomic rename; orbax's local-disk restore does not read it). We zero the former
-    and drop the latter so identical inputs give identical files, and a store can be moved.
+    and drop the latter so identical inputs give identical files, and a store can be moved. Orbax's numpy handler
+    deep-copies every array by default (a guard for asynchronous saves); this save is synchronous and nothing
+    changes the arrays meanwhile, so we turn that off: the unit is held once, not twice (V3's embedding: 1.85 GB).
     """
     import orbax.checkpoint as ocp
     from absl import logging as absl_logging
     os.makedirs(os.path.dirname(path), exist_ok=True)
     level = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)   # orbax warns about OCDBT merging, which we do not use
+    absl_logging.set_verbosity(absl_logging.ERROR)   # orbax warns about OCDBT merging and jax.Array metadata (unused)
     try:
-        ocp.PyTreeCheckpointer(use_ocdbt=False, use_zarr3=True, use_compression=False).save(
-            os.path.abspath(path), tree)
+        try:
+            numpy_handler = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+        except TypeError:       # older orbax (0.12.4) always copies: the unit is held twice while it is saved
+            numpy_handler = ocp.type_handlers.NumpyHandler()
+        registry = ocp.type_handlers.create_type_handler_registry((np.ndarray, numpy_handler))  # trees: only ndarrays
+        handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True, use_compression=False,
+                                              type_handler_registry=registry)
+        ocp.Checkpointer(handler).save(os.path.abspath(path), tree)
     finally:
         absl_logging.set_verbosity(level)
     meta = os.path.join(path, "_CHECKPOINT_METADATA")
@@ -352,7 +417,7 @@ def _is_disk_full(e: BaseException) -> bool:
 
 def convert(src: "str | os.PathLike | Source", dst: str | os.PathLike, fmt: str = "nvfp4", policy: str = "mlp",
             progress: bool = True, *, on_unit: Callable[[str], None] | None = None,
-            band_bytes: int = DEFAULT_BAND_BYTES) -> Manifest:
+            band_bytes: int = DEFAULT_BAND_BYTES, workers: int | None = None) -> Manifest:
     """Convert a Hugging Face DeepSeek checkpoint (bf16/fp32, DeepSeek FP8-block or ModelOpt NVFP4) into a store.
 
     Resumable: re-running the same command after an interruption continues at the first unfinished unit and yields
@@ -367,6 +432,8 @@ def convert(src: "str | os.PathLike | Source", dst: str | os.PathLike, fmt: str 
         progress: show a progress bar (bytes of input and MB/s).
         on_unit: called with each unit's name once it is durably recorded (progress hooks, tests).
         band_bytes: float32 rows quantized at once for large tensors (bounds peak memory).
+        workers: threads converting tensors and experts (default `default_workers()`: cores, at most 16); the store is
+            byte-identical for any value, peak memory grows with it (module docstring).
 
     Returns:
         The store's Manifest.
@@ -391,7 +458,7 @@ def convert(src: "str | os.PathLike | Source", dst: str | os.PathLike, fmt: str 
         identity = conversion_identity(described["fingerprint"], fmt, policy)
         if _prepare(dst, identity) == "complete":
             return read_manifest(dst)
-        job = _Job(source, dst, fmt, policy, band_bytes)
+        job = _Job(source, dst, fmt, policy, band_bytes, default_workers() if workers is None else max(1, workers))
         units = plan_units(source.cfg)
         done = _done_units(dst, units)
         todo = [u for u in units if u.name not in done]
