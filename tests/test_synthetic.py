@@ -11,7 +11,7 @@ from dsjax.config import ModelConfig
 from dsjax.runtime.planner import ModelBytes
 from dsjax.runtime.tiered import model_bytes_from_store
 from dsjax.store.reader import Store
-from dsjax.store.synthetic import SyntheticSource, v3_slice_config
+from dsjax.store.synthetic import E4M3_NEAR_ONE, SyntheticSource, v3_slice_config
 from dsjax.store.verify import verify
 from dsjax.store.writer import convert
 from model_configs import CONFIGS
@@ -65,3 +65,39 @@ def test_store_bytes_match_the_planner(tmp_path):
     analytic = ModelBytes.from_config(ModelConfig.from_dict(CFG), "nvfp4", "mlp")
     stored = model_bytes_from_store(Store(store))
     assert stored.expert == analytic.expert and stored.layer_core == analytic.layer_core
+
+
+def test_generation_threads_and_converter_workers_do_not_change_the_store(tmp_path, monkeypatch):
+    """Many small row blocks (each its own random stream) generated on 1 or 4 threads, converted with 1 or 4
+    workers: the same store, byte for byte."""
+    from ckpt_builders import assert_same_files
+    from dsjax.store import synthetic
+    monkeypatch.setattr(synthetic, "BLOCK_BYTES", 4096)
+    for workers in (1, 4):
+        src = SyntheticSource(CFG, tmp_path / f"src{workers}", policy="mlp", seed=1, workers=workers)
+        convert(src, tmp_path / f"w{workers}", fmt="nvfp4", policy="mlp", progress=False, workers=workers)
+    assert_same_files(tmp_path / "w1", tmp_path / "w4")
+
+
+def test_generated_weights_have_the_intended_statistics(tmp_path):
+    """bf16 weights N(0, 1/fan_in), norms 1 + N(0, 0.05^2), router bias N(0, 0.01^2); FP4 codes uniform over all 16
+    nibbles and block scales spread over E4M3 0.75..1.25, whose dequantized RMS is ~1/sqrt(fan_in)."""
+    from dsjax.quant import dequantize_np
+    src = SyntheticSource(v3_slice_config(1, n_routed_experts=16), tmp_path / "src", policy="mlp", workers=2)
+    try:
+        q_b = src.read(src.layer_ref(1, "q_b")).astype(np.float64)                 # [24576, 1536] bf16
+        assert abs(q_b.mean()) < 1e-4 and abs(np.sqrt(np.mean(q_b ** 2)) * np.sqrt(1536) - 1) < 0.01
+        norm = src.read(src.layer_ref(1, "attn_norm")).astype(np.float64)
+        assert abs(norm.mean() - 1) < 0.005 and abs(norm.std() - 0.05) < 0.005
+        router = src.read(src.layer_ref(1, "router")).astype(np.float64)             # [16, 7168] float32
+        assert abs(np.sqrt(np.mean(router ** 2)) * np.sqrt(7168) - 1) < 0.02
+        bias = src.read(src.layer_ref(1, "router_bias"))
+        assert bias.dtype == np.float32 and np.all(np.abs(bias) < 0.05)
+        q = src.read(src.expert_ref(1, "experts_down", 0))                           # [7168, 2048] NVFP4
+        nibbles = np.concatenate([q.packed.ravel() & 15, q.packed.ravel() >> 4])
+        assert np.all(np.abs(np.bincount(nibbles, minlength=16) / nibbles.size - 1 / 16) < 0.002)
+        assert np.array_equal(np.unique(q.scales), E4M3_NEAR_ONE)
+        rms = np.sqrt(np.mean(dequantize_np(q).astype(np.float64) ** 2)) * np.sqrt(2048)
+        assert 0.9 < rms < 1.15
+    finally:
+        src.close()
