@@ -1,9 +1,10 @@
 """Write a DeepSeek-V2-Lite-shaped Hugging Face checkpoint (bf16, random weights) for the comparison with
 transformers + accelerate offloading (issue 5): 27 layers, hidden 2048, 64 routed + 2 shared experts of 1408, top-6,
-MLA without q_lora, vocab 102400 (about 31 GB). Generated and written shard by shard (memory ~ one shard);
-deterministic per seed. Convert it for dsjax with `dsjax convert DST STORE --format nvfp4`.
+MLA without q_lora, vocab 102400 (about 31 GB). Generated on --workers threads in order and written shard by shard
+(memory ~ one shard + 2 x workers tensors); deterministic per seed, whatever --workers. Convert it for dsjax with
+`dsjax convert DST STORE --format nvfp4`.
 
-    python bench/make_v2_lite_hf.py /data/v2-lite-shaped [--layers 27]
+    python bench/make_v2_lite_hf.py /data/v2-lite-shaped [--layers 27] [--workers 16]
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from dsjax.store.hf_write import write_hf_checkpoint  # noqa: E402
 from dsjax.store.synthetic import SyntheticSource  # noqa: E402
+from dsjax.store.writer import default_workers, map_ordered  # noqa: E402
 
 
 def v2_lite_config(layers: int = 27, **over) -> dict:
@@ -42,14 +45,21 @@ def main(argv=None) -> int:
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--shard-gb", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=default_workers(),
+                    help=f"threads generating tensors (default {default_workers()}: cores, at most 16)")
     args = ap.parse_args(argv)
     raw = v2_lite_config(args.layers, n_routed_experts=args.experts)
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
-        src = SyntheticSource(raw, work, policy=None, seed=args.seed)      # every tensor plain bf16 / float32
-        write_hf_checkpoint(args.dst, raw, ((ref.name, src.read(ref)) for ref in src.refs()),
-                            shard_bytes=int(args.shard_gb * 1e9))
+        src = SyntheticSource(raw, work, policy=None, seed=args.seed, workers=args.workers)   # all bf16 / float32
+        try:
+            tensors = map_ordered(lambda ref: (ref.name, src.read(ref)), src.refs(), args.workers)
+            write_hf_checkpoint(args.dst, raw, tensors, shard_bytes=int(args.shard_gb * 1e9))
+        finally:
+            src.close()
     size = sum(os.path.getsize(os.path.join(args.dst, f)) for f in os.listdir(args.dst))
-    print(f"wrote {args.dst}: {size / 1e9:.2f} GB")
+    dt = time.perf_counter() - t0
+    print(f"wrote {args.dst}: {size / 1e9:.2f} GB in {dt:.0f} s ({size / 1e6 / dt:.0f} MB/s, {args.workers} workers)")
     return 0
 
 

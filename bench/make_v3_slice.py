@@ -2,9 +2,10 @@
 
 Hidden 7168, MLA dims, vocab 129280, 256 routed + 1 shared experts of width 2048 in NVFP4 (generated, not
 quantized), one dense layer then N MoE layers: every layer has V3's true size, so per-layer figures extrapolate to
-61 layers on paper. Deterministic per seed; resumable like any conversion (re-run the same command).
+61 layers on paper. Deterministic per seed (the bytes do not depend on --workers); resumable like any conversion
+(re-run the same command).
 
-    python bench/make_v3_slice.py /nvme/v3-slice --moe-layers 6      # ~44 GB
+    python bench/make_v3_slice.py /nvme/v3-slice --moe-layers 6 [--workers 16]     # ~44 GB
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from dsjax.runtime.planner import ModelBytes, fmt_bytes  # noqa: E402
 from dsjax.config import ModelConfig  # noqa: E402
 from dsjax.store.synthetic import SyntheticSource, v3_slice_config  # noqa: E402
-from dsjax.store.writer import convert  # noqa: E402
+from dsjax.store.writer import convert, default_workers  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -29,6 +30,8 @@ def main(argv=None) -> int:
     ap.add_argument("--experts", type=int, default=256, help="routed experts per layer (default 256, as V3)")
     ap.add_argument("--policy", default="mlp", choices=["experts", "mlp", "all", "all+lm_head"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=default_workers(),
+                    help=f"threads generating and writing (default {default_workers()}: cores, at most 16)")
     args = ap.parse_args(argv)
     over = {} if args.experts == 256 else {"n_routed_experts": args.experts}
     if args.experts < 16 or args.experts % 8:         # V3's 8 groups need >= 2 experts each
@@ -37,10 +40,12 @@ def main(argv=None) -> int:
     mb = ModelBytes.from_config(ModelConfig.from_dict(config), "nvfp4", args.policy)
     print(f"V3 slice: 1 dense + {args.moe_layers} MoE layers x {args.experts} experts, {fmt_bytes(mb.total)} "
           f"(one expert {fmt_bytes(mb.expert)}, one MoE layer's experts {fmt_bytes(mb.expert * args.experts)})")
-    src = SyntheticSource(config, args.dst.rstrip("/") + "-src", policy=args.policy, seed=args.seed)
+    src = SyntheticSource(config, args.dst.rstrip("/") + "-src", policy=args.policy, seed=args.seed,
+                          workers=args.workers)
     t0 = time.perf_counter()
-    convert(src, args.dst, fmt="nvfp4", policy=args.policy, progress=True)
-    print(f"written in {time.perf_counter() - t0:.0f} s: {args.dst}")
+    convert(src, args.dst, fmt="nvfp4", policy=args.policy, progress=True, workers=args.workers)
+    dt = time.perf_counter() - t0
+    print(f"written in {dt:.0f} s ({mb.total / 1e6 / dt:.0f} MB/s, {args.workers} workers): {args.dst}")
     return 0
 
 
