@@ -27,7 +27,7 @@ class RuntimeConfigError(ValueError):
 class MemoryConfig:
     max_gpu_layers: int = 3          # GPU layer slots that stream the layers not resident on the GPU
     prefetch_layers: int = 2         # how many layers ahead layer weights are copied to the GPU
-    expert_threshold: float = 0.15   # predicted activation probability above which an expert is prefetched
+    expert_threshold: float = 0.4    # predicted probability (top_k x share, capped at 1) to prefetch an expert
     min_batch_size: int = 1          # batches are padded up to at least this many rows
     max_batch_size: int = 32         # prompts beyond this are run in successive batches
     dynamic_batch: bool = True       # pad a batch to the next power of two (True) or always to max_batch_size

@@ -31,14 +31,18 @@ from dsjax.model.transformer import attn_route, ffn_finish
 
 def _predict(hn_flat: jax.Array, routers: tuple, cfg: ModelConfig) -> jax.Array:
     """Predicted activation probability per expert of the next MoE layers [len(routers), E]: their routers applied
-    to this layer's normed hidden state; an expert's probability is its share of the predicted top-k weight,
-    maximized over the batch's tokens."""
+    to this layer's normed hidden state. An expert outside a token's predicted top-k gets 0; inside it, top_k times
+    its share of the predicted top-k weight, capped at 1 (1 = at least an average share), so `expert_threshold`
+    means the same for top-4 and top-8 models (a raw share averages 1/top_k: with V3's top-8 and near-even
+    weights every share sat below 0.15 and nothing was ever prefetched). Maximized over the batch's tokens."""
     out = []
+    K = cfg.num_experts_per_tok
     for router, bias in routers:
         r = route(hn_flat, router, bias, cfg)
         share = r.weight / (r.weight.sum(-1, keepdims=True) + 1e-20)                  # [T, K]
+        rel = jnp.minimum(share.astype(jnp.float32) * K, 1.0)
         p = jnp.zeros((hn_flat.shape[0], cfg.n_routed_experts), jnp.float32)
-        p = p.at[jnp.arange(hn_flat.shape[0])[:, None], r.idx].set(share)
+        p = p.at[jnp.arange(hn_flat.shape[0])[:, None], r.idx].set(rel)
         out.append(p.max(0))
     return jnp.stack(out) if out else jnp.zeros((0, cfg.n_routed_experts), jnp.float32)
 

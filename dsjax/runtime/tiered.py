@@ -313,7 +313,7 @@ class TieredEngine(Engine):
             if recall < 0.7:
                 self.threshold = max(0.01, self.threshold * 0.9)
             elif precision < 0.5:
-                self.threshold = min(0.9, self.threshold * 1.1)
+                self.threshold = min(1.0, self.threshold * 1.1)
             if precision < 0.3 and self.prefetch_depth > 1:
                 self.prefetch_depth -= 1
         if self.disk_waits > self._disk_waits_seen and self.prefetch_depth < self.max_depth:
