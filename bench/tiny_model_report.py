@@ -52,7 +52,7 @@ from dsjax.runtime.scheduler import _predict as runtime_predict  # noqa: E402  (
 
 FORMATS = ("nvfp4", "mxfp4")
 POLICIES = ("experts", "mlp", "all", "all+lm_head")
-THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
+THRESHOLDS = (0.0, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0)   # top_k x share scale (scheduler._predict)
 PRED_BATCHES = (1, 8, 32)
 DISTINCT_BATCHES = (1, 2, 4, 8, 16, 32)
 COVER = (0.5, 0.8, 0.9, 0.99)
@@ -368,7 +368,7 @@ def recommend(pred_rows: list[dict], stats: dict, E: int, K: int) -> dict:
     decode batch (PRESET_RULES: precision-weighted F0.5 at batch 1 for low_latency, F1 at batch 1 for balanced,
     recall-weighted F2 at batch 8 for high_throughput); among thresholds within F_TIE of the best F-beta the highest
     wins (fewest bytes; differences that small are a handful of tokens, not a signal). Also the
-    threshold in units of 1/K (how it transfers to a model with another top-k), the smallest batch whose decode step
+    raw top-k share the threshold corresponds to (threshold / K), the smallest batch whose decode step
     needs >= 90% of a layer's experts, and the expert slots per layer that carry 90% of assignments."""
     out = {}
     for preset, (beta, b) in PRESET_RULES.items():
@@ -381,7 +381,7 @@ def recommend(pred_rows: list[dict], stats: dict, E: int, K: int) -> dict:
         out[preset] = {"expert_threshold": best["threshold"], "beta": beta, "batch": b,
                        "f_beta": f_beta(best["precision"], best["recall"], beta), "precision": best["precision"],
                        "recall": best["recall"], "predicted_per_step": best["predicted_per_step"],
-                       "threshold_times_k": best["threshold"] * K}
+                       "raw_share": best["threshold"] / K}
     b1 = sorted((r for r in pred_rows if r["input"] == "pred_runtime" and r["batch"] == 1),
                 key=lambda r: r["threshold"])
     same = [r["threshold"] for r in b1 if (r["tp"], r["fp"]) == (b1[0]["tp"], b1[0]["fp"])] if b1 else []
@@ -502,8 +502,8 @@ def write_markdown(report: dict, path: str) -> None:
     pr = report["prediction"]
     L.append("### Next-layer expert prediction\n")
     L.append("Layer L+1's router (with its bias and group limit) applied at layer L by the runtime's own predictor "
-             "(`dsjax.runtime.scheduler._predict`: an expert's probability is its share of the predicted top-k "
-             "weight, maximized over the step's tokens); an expert is predicted when that probability >= "
+             "(`dsjax.runtime.scheduler._predict`: an expert's probability is top_k x its share of the predicted "
+             "top-k weight, capped at 1, maximized over the step's tokens); an expert is predicted when that probability >= "
              "max(threshold, 1e-9) (TieredEngine._prefetch), so threshold 0 predicts the K routed experts of each "
              "token. Counted as Metrics.add_prediction over steps and MoE layer pairs: precision = TP / (TP + FP), "
              "recall = TP / (TP + FN). *runtime input* = layer L's normed post-attention state hn_L, what TieredEngine "
@@ -571,22 +571,23 @@ def _recommendation_text(rec: dict, report: dict) -> str:
              f"amortized over its sequences). Thresholds within {F_TIE} of the best F-beta tie; the highest of them "
              "wins (fewest bytes).\n",
              "| preset | current | recommended | F-beta | precision | recall | predicted experts / step / layer | "
-             "threshold x K |", "|---|---|---|---|---|---|---|---|"]
+             "raw share (threshold / K) |", "|---|---|---|---|---|---|---|---|"]
     for preset in PRESET_RULES:
         r = rec.get(preset)
         if r is None:
             continue
         lines.append(f"| {preset} | {_fmt(cur.get(preset), 'g')} | {r['expert_threshold']:g} | "
                      f"F{r['beta']:g}@b{r['batch']} = {r['f_beta']:.3f} | {_fmt(r['precision'])} | "
-                     f"{_fmt(r['recall'])} | {_fmt(r['predicted_per_step'], '.2f')} | {r['threshold_times_k']:.2f} |")
+                     f"{_fmt(r['recall'])} | {_fmt(r['predicted_per_step'], '.2f')} | {r['raw_share']:.3f} |")
     st = report["routing"]
     sat = {k: v if v is not None else "> " + str(max(map(int, st[k]["distinct_per_step"])))
            for k, v in rec["batch_needing_90pct_of_experts"].items()}
     slots = rec["slots_for_90pct"]
     lines.append("")
-    lines.append(f"- The threshold is a share of one token's top-{m['K']} weight (shares sum to 1 over the K experts, "
-                 f"mean 1/K = {1 / m['K']:.3f}). On a model with another top-k (V3: K=8) carry over threshold x K, "
-                 "not the raw value.")
+    lines.append(f"- The threshold is on the runtime's scale: top_k x an expert's share of one token's top-{m['K']} "
+                 "weight, capped at 1 (1 = an average share), so the same value selects the same part of the routing "
+                 "on a top-8 model such as V3. (An earlier runtime compared raw shares, mean 1/K: on the real-width "
+                 "V3 slice every share sat below 0.15 and nothing was prefetched.)")
     flat = rec.get("same_as_top_k_up_to")
     if flat:
         lines.append(f"- At batch 1 every threshold up to {flat:g} predicts exactly what threshold 0 predicts (each "
@@ -621,7 +622,7 @@ def current_thresholds() -> dict:
 
 
 def run(ckpt: str, corpus: str, *, windows_n: int = 64, seq: int = 256, batch: int = 8, dtype: str = "bfloat16",
-        formats=FORMATS, policies=POLICIES, thresholds=THRESHOLDS, crosscheck_threshold: float = 0.15,
+        formats=FORMATS, policies=POLICIES, thresholds=THRESHOLDS, crosscheck_threshold: float = 0.4,
         banner: str | None = None, command: str = "", workdir: str | None = None, log=print) -> dict:
     import dsjax
     t_start = time.perf_counter()
@@ -677,7 +678,7 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", nargs="*", default=list(FORMATS))
     ap.add_argument("--policies", nargs="*", default=list(POLICIES))
     ap.add_argument("--thresholds", nargs="*", type=float, default=list(THRESHOLDS))
-    ap.add_argument("--crosscheck-threshold", type=float, default=0.15)
+    ap.add_argument("--crosscheck-threshold", type=float, default=0.4)
     ap.add_argument("--banner", default=None, help="a note printed at the top of the markdown (e.g. DRAFT ...)")
     args = ap.parse_args(argv)
     command = shlex.join(["python", "bench/tiny_model_report.py", *(sys.argv[1:] if argv is None else argv)])

@@ -72,7 +72,10 @@ def test_trace_is_the_models_forward(demo_engine, windows):
     for i in moe[:-1]:
         for key in ("pred_runtime", "pred_output"):
             p = trace[i][key]
-            assert ((p > 0).sum(-1) == K).all() and np.allclose(p.sum(-1), 1, atol=1e-5)
+            # K experts per token, each min(1, K x share): the sum is K unless some share was above average
+            assert ((p > 0).sum(-1) == K).all() and p.max() <= 1 + 1e-6
+            capped = (p >= 1 - 1e-6).any(-1)
+            assert np.allclose(p.sum(-1)[~capped], K, atol=1e-4) and (p.sum(-1) <= K + 1e-4).all()
 
 
 def test_token_shares_are_the_runtime_predictor_per_token(demo_engine):
