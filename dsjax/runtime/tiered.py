@@ -226,14 +226,15 @@ class TieredEngine(Engine):
         acc = jnp.zeros((B * T, ids.shape[1], D), hn.dtype)
         for ch in chunks:
             slots = self._ensure(i, ch)
-            pos = {e: j for j, e in enumerate(ch)}
             mask = np.isin(ids, ch)
             # Assignments of other chunks go to a spare last group, so each real group holds exactly its own rows
             # (as when every expert is on the GPU) and the grouped matmul sees the same problem per expert.
             gather = np.zeros(_bucket(len(ch) + 1), np.int32)
             gather[: len(ch)] = slots
             spare = len(gather) - 1
-            sub = np.where(mask, np.vectorize(lambda e: pos.get(int(e), spare))(ids), spare).astype(np.int32)
+            lut = np.full(self.config.n_routed_experts, spare, np.int32)
+            lut[ch] = np.arange(len(ch), dtype=np.int32)
+            sub = np.where(mask, lut[ids], spare).astype(np.int32)
             acc = self.sched.moe_rows(self.experts.pool, jnp.asarray(gather), hn, jnp.asarray(sub),
                                       jnp.asarray(mask), acc)
             if pred is not None and len(nxt):                  # after this layer's experts are secured
