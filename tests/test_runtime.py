@@ -4,6 +4,7 @@ preset and budget, each configuration key's effect, monitoring exports, and run-
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -245,9 +246,17 @@ def test_hf_checkpoint_rejects_runtime_options(demo_checkpoint):
 
 def test_stats_exports(store, budgets):
     e = _load(store, **budgets["tight"])
+    t0 = time.perf_counter()
     e.generate(PROMPTS, max_new_tokens=4)
+    wall = time.perf_counter() - t0
     s = e.stats()
     assert set(s["pools"]) >= {"active_layers", "expert_cache", "host_weights", "host_layer_cache"}
+    # the host thread's time by activity and phase: disjoint timers, so together no more than the wall time
+    host = s["host_seconds"]
+    assert set(host) == {"prefill", "decode"}
+    assert {"routing_sync", "expert_copies", "dispatch", "prefetch"} <= set(host["decode"])
+    assert all(v > 0 for v in host["decode"].values())
+    assert sum(sum(v.values()) for v in host.values()) <= wall
     assert 0 <= s["hit_rates"]["gpu"] <= 1 and 0 <= s["hit_rates"]["host"] <= 1
     acts = np.asarray(s["expert_activations"])
     assert acts[0].sum() == 0 and acts[1:].sum() > 0      # layer 0 is dense
@@ -255,6 +264,7 @@ def test_stats_exports(store, budgets):
     assert f'dsjax_links_bytes{{link="disk->host"}} {s["links"]["disk->host"]["bytes"]}' in text
     assert f'dsjax_hit_rates{{tier="gpu"}} {s["hit_rates"]["gpu"]}' in text
     assert f'dsjax_expert_activations{{layer="2",expert="5"}} {s["expert_activations"][2][5]}' in text
+    assert f'dsjax_host_seconds_routing_sync{{phase="decode"}} {host["decode"]["routing_sync"]}' in text
     assert json.loads(e.stats_json_line())["tokens"] == s["tokens"]
 
 

@@ -172,12 +172,13 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
         prompts = [rng.integers(0, vocab, prompt_len).tolist() for _ in range(B)]
         engine.generate(prompts, max_new_tokens=2, stop_token_ids=())             # compile this batch shape
         if cold:
-            drop_page_cache()        # each measured generation starts from a cold disk (what the host cache holds stays)
+            drop_page_cache()        # each measured generation starts from a cold disk (host cache stays)
         s0 = engine.stats()
         before = s0["phase_bytes"].get("decode", {})
         engine.generate(prompts, max_new_tokens=tokens, stop_token_ids=())
         s = engine.stats()
         stall = s["stall_seconds"] - s0["stall_seconds"]
+        h0, h1 = s0.get("host_seconds", {}).get("decode", {}), s.get("host_seconds", {}).get("decode", {})
         g = s["generation"]
         steps = max(tokens - 1, 1)
         after = s["phase_bytes"].get("decode", {})
@@ -208,7 +209,8 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
             achieved_GB_s={k: v / t_step / GB for k, v in per_step.items() if k in roof},
             roofline_ms=1e3 * bound, roofline_fraction=(bound / t_step) if bound else None,
             hit_rates=s["hit_rates"], prediction=s["prediction"], gpu_busy=busy,
-            stall_s=stall, predicted_tok_s=s["predicted_tok_s"], trace=timeline))
+            stall_s=stall, host_ms_per_step={k: 1e3 * (v - h0.get(k, 0.0)) / steps for k, v in h1.items()},
+            predicted_tok_s=s["predicted_tok_s"], trace=timeline))
         if on_row:
             on_row(rows[-1])
     engine.close()
@@ -270,8 +272,8 @@ def markdown(result: dict[str, Any]) -> str:
              "",
              "| config | batch | TTFT ms | prefill tok/s | decode tok/s | step ms | host->GPU MB/step | disk MB/step "
              "| achieved GB/s (h2d / disk) | I/O roofline ms | of roofline | hit GPU/host | pred P/R | GPU busy "
-             "| copy time under compute |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| copy time under compute | host ms/step: routing sync / expert copies / dispatch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         b, a = r["bytes_per_step"], r["achieved_GB_s"]
         hit = r["hit_rates"]
@@ -285,5 +287,7 @@ def markdown(result: dict[str, Any]) -> str:
             + (f"{hit.get('gpu', 1):.2f}/{hit.get('host', 1):.2f}" if hit else "all GPU") + " | "
             + (f"{pr['precision']:.2f}/{pr['recall']:.2f}" if pr["precision"] is not None else "-") + " | "
             + (f"{r['gpu_busy']:.0%}" if r["gpu_busy"] is not None else "-") + " | "
-            + (f"{t['h2d_overlapped_s'] / t['h2d_s']:.0%}" if (t := r.get("trace")) and t["h2d_s"] else "-") + " |")
+            + (f"{t['h2d_overlapped_s'] / t['h2d_s']:.0%}" if (t := r.get("trace")) and t["h2d_s"] else "-") + " | "
+            + ("/".join(f"{h.get(k, 0):.1f}" for k in ("routing_sync", "expert_copies", "dispatch"))
+               if (h := r.get("host_ms_per_step")) else "-") + " |")
     return "\n".join(lines)

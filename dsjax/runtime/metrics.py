@@ -7,6 +7,7 @@ prediction precision/recall and expert activation counts. Hit rates come from th
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import threading
 import time
@@ -28,6 +29,17 @@ class Metrics:
         self.started = time.perf_counter()
         self.phase = "prefill"               # set by the engine; transfers are also counted per phase
         self.phase_bytes: dict[str, dict[str, int]] = collections.defaultdict(lambda: collections.defaultdict(int))
+        self.host_seconds: dict[str, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
+
+    @contextlib.contextmanager
+    def host(self, activity: str):
+        """Time the runtime's host thread spends on `activity` (waiting for routing, issuing copies, bookkeeping):
+        where a step's time goes when the GPU is neither copying nor computing. Kept per phase (prefill, decode)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.host_seconds[self.phase][activity] += time.perf_counter() - t0
 
     def add_transfer(self, link: str, nbytes: int, seconds: float, issued_only: bool = False) -> None:
         """Bytes moved over a link; `issued_only` marks asynchronous copies whose seconds are issue time only."""
@@ -72,12 +84,13 @@ class Metrics:
             "expert_activations": self.activations,
             "tokens": self.tokens,
             "phase_bytes": {ph: dict(v) for ph, v in self.phase_bytes.items()},
+            "host_seconds": {ph: dict(v) for ph, v in self.host_seconds.items()},
         }
         out.update(extra or {})
         return out
 
 
-DICT_LABELS = {"links": "link", "pools": "pool", "hit_rates": "tier"}
+DICT_LABELS = {"links": "link", "pools": "pool", "hit_rates": "tier", "host_seconds": "phase"}
 LIST_LABELS = {"layer_ms": ("layer",), "expert_activations": ("layer", "expert")}
 
 

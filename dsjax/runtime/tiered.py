@@ -183,19 +183,25 @@ class TieredEngine(Engine):
         for i in range(cfg.num_hidden_layers):
             t0 = time.perf_counter()
             kind = cfg.layer_kind(i)
-            w = self.layers.get(i)
+            m = self.metrics
+            with m.host("layer_weights"):
+                w = self.layers.get(i)
             if overlap:
-                for j in range(i + 1, min(i + 1 + self.prefetch_depth, cfg.num_hidden_layers)):
-                    self.layers.prefetch(j)
+                with m.host("prefetch"):
+                    for j in range(i + 1, min(i + 1 + self.prefetch_depth, cfg.num_hidden_layers)):
+                        self.layers.prefetch(j)
             nxt = self._next_moe(i, max(self.prefetch_depth, 1)) if (overlap and self.experts is not None) else []
             routers = tuple(self.routers[j] for j in nxt)
-            h, hn, caches[i], idx, weight, pred, shared = self.sched.attn(w, x, caches[i], positions, routers,
-                                                                          kind=kind, form=form)
+            with m.host("dispatch"):
+                h, hn, caches[i], idx, weight, pred, shared = self.sched.attn(w, x, caches[i], positions, routers,
+                                                                              kind=kind, form=form)
             if kind != "moe":
-                x = self.sched.dense(w, h, hn)
+                with m.host("dispatch"):
+                    x = self.sched.dense(w, h, hn)
             elif self.full_experts:
-                rows = self.sched.rows_direct(hn, idx, self.full_experts[i])
-                x = self.sched.moe_out(w, h, hn, rows, weight, shared)
+                with m.host("dispatch"):
+                    rows = self.sched.rows_direct(hn, idx, self.full_experts[i])
+                    x = self.sched.moe_out(w, h, hn, rows, weight, shared)
             else:
                 x = self._moe_tiered(i, w, h, hn, idx, weight, shared, pred, nxt)
             self.layers.release(i)
@@ -209,7 +215,9 @@ class TieredEngine(Engine):
         return x
 
     def _moe_tiered(self, i, w, h, hn, idx, weight, shared, pred, nxt):
-        ids = np.asarray(idx)                                            # the one sync of this layer
+        m = self.metrics
+        with m.host("routing_sync"):
+            ids = np.asarray(idx)                                        # the one sync of this layer
         used = sorted(set(ids.reshape(-1).tolist()))
         self.metrics.add_activations(i, ids.reshape(-1))
         if i in self._predicted:
@@ -225,7 +233,8 @@ class TieredEngine(Engine):
         B, T, D = hn.shape
         acc = jnp.zeros((B * T, ids.shape[1], D), hn.dtype)
         for ch in chunks:
-            slots = self._ensure(i, ch)
+            with m.host("expert_copies"):                                # includes waits for disk (stall_seconds)
+                slots = self._ensure(i, ch)
             mask = np.isin(ids, ch)
             # Assignments of other chunks go to a spare last group, so each real group holds exactly its own rows
             # (as when every expert is on the GPU) and the grouped matmul sees the same problem per expert.
@@ -235,13 +244,16 @@ class TieredEngine(Engine):
             lut = np.full(self.config.n_routed_experts, spare, np.int32)
             lut[ch] = np.arange(len(ch), dtype=np.int32)
             sub = np.where(mask, lut[ids], spare).astype(np.int32)
-            acc = self.sched.moe_rows(self.experts.pool, jnp.asarray(gather), hn, jnp.asarray(sub),
-                                      jnp.asarray(mask), acc)
+            with m.host("dispatch"):
+                acc = self.sched.moe_rows(self.experts.pool, jnp.asarray(gather), hn, jnp.asarray(sub),
+                                          jnp.asarray(mask), acc)
             if pred is not None and len(nxt):                  # after this layer's experts are secured
-                self._prefetch(np.asarray(pred), nxt)
+                with m.host("prefetch"):
+                    self._prefetch(np.asarray(pred), nxt)
                 pred = None
             self.experts.slots.unpin_all([(i, e) for e in ch])
-        return self.sched.moe_out(w, h, hn, acc, weight, shared)
+        with m.host("dispatch"):
+            return self.sched.moe_out(w, h, hn, acc, weight, shared)
 
     def _where(self, i: int, e: int) -> str:
         if self.experts.lookup((i, e), count=False) is not None:
