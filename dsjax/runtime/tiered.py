@@ -27,7 +27,7 @@ from dsjax.runtime.memory import MemoryManager
 from dsjax.runtime.metrics import Metrics, json_line, prometheus_text
 from dsjax.runtime.planner import Links, ModelBytes, plan
 from dsjax.runtime.scheduler import ComputeScheduler
-from dsjax.runtime.tiers import DiskReader, ExpertCache, HostCache, LayerManager, shardings, tree_nbytes
+from dsjax.runtime.tiers import DiskReader, ExpertCache, HostCache, LayerManager, _write_slots, shardings, tree_nbytes
 
 UNLIMITED = 1 << 60
 PROJ = ("gate", "up", "down")
@@ -155,6 +155,7 @@ class TieredEngine(Engine):
         self._predicted: dict[int, set] = {}
         self.chunk_reads_ahead = 0                           # experts read ahead of their prefill chunk
         self.batch_sizes: list[int] = []                     # padded batch of each prefill (dynamic batching)
+        self._warmed: set[int] = set()                       # decode batch sizes whose executables are compiled
         weights = {"embed": None, "final_norm": head["final_norm"], "lm_head": head["lm_head"], "layers": []}
         super().__init__(cfg, weights, tokenizer, prefill_form=prefill_form, name=name, dtype=dt)
 
@@ -190,8 +191,11 @@ class TieredEngine(Engine):
                 with m.host("prefetch"):
                     for j in range(i + 1, min(i + 1 + self.prefetch_depth, cfg.num_hidden_layers)):
                         self.layers.prefetch(j)
-            nxt = self._next_moe(i, max(self.prefetch_depth, 1)) if (overlap and self.experts is not None) else []
-            routers = tuple(self.routers[j] for j in nxt)
+            # The attention call predicts for as many MoE layers as the schedule may ever look ahead, whatever the
+            # current depth, so an adaptive depth change never recompiles it; _prefetch uses the first `depth` rows.
+            ahead = self._next_moe(i, self.max_depth) if (overlap and self.experts is not None) else []
+            nxt = ahead[:max(self.prefetch_depth, 1)]
+            routers = tuple(self.routers[j] for j in ahead)
             with m.host("dispatch"):
                 h, hn, caches[i], idx, weight, pred, shared = self.sched.attn(w, x, caches[i], positions, routers,
                                                                               kind=kind, form=form)
@@ -333,6 +337,34 @@ class TieredEngine(Engine):
             self.prefetch_depth += 1
         self._disk_waits_seen = self.disk_waits
 
+    def _warm_decode(self, B: int) -> None:
+        """Compile, once per decode batch size, every bucket of the two executables whose shapes follow the routing
+        (the expert-rows call per gather bucket, the slot write per copy-count bucket), so no compile lands inside a
+        decode step: which buckets a step needs depends on how many experts it routes to. The slot writes write a
+        slot's own value back (a no-op); the expert-rows calls compute on dummy inputs."""
+        if self.experts is None or B in self._warmed:
+            return
+        self._warmed.add(B)
+        self._set_phase("prefill")                           # counted with the generation's start, not a decode
+        cfg, P = self.config, self.experts.slots.capacity
+        K, D = cfg.num_experts_per_tok, cfg.hidden_size
+        with self.metrics.host("warmup"):
+            hn = jnp.zeros((B, 1, D), self.dtype)
+            acc = jnp.zeros((B, K, D), self.dtype)
+            sub, mask = jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), bool)
+            n = 2
+            while True:
+                acc = self.sched.moe_rows(self.experts.pool, jnp.zeros(n, jnp.int32), hn, sub, mask, acc)
+                if n >= _bucket(P + 1):
+                    break
+                n *= 2
+            own = jax.tree.map(lambda a: a[0], self.experts.pool)
+            n = 1
+            while n <= _bucket(P):
+                self.experts.pool = _write_slots(self.experts.pool, jnp.zeros(n, jnp.int32), (own,) * n)
+                n *= 2
+            jax.block_until_ready(acc)
+
     # ---- batching ---------------------------------------------------------------------------------------------------
     def _generate(self, ids, params, *, seq_offset: int = 0, n_real: int | None = None):
         """Batches of at most max_batch_size, padded to a power of two (dynamic_batch) or to max_batch_size, and to
@@ -345,6 +377,7 @@ class TieredEngine(Engine):
                 else mc.max_batch_size
             size = max(size, n, mc.min_batch_size)
             self.batch_sizes.append(size)
+            self._warm_decode(size)
             yield from super()._generate(chunk + [chunk[0]] * (size - n), params, seq_offset=start, n_real=n)
 
     # ---- monitoring -----------------------------------------------------------------------------------------------

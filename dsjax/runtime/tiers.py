@@ -158,7 +158,7 @@ class ExpertCache:
         n = 1 << (len(items) - 1).bit_length()                 # bucket the count: few executables
         idx = slots + [slots[-1]] * (n - len(items))          # padding rewrites the last slot with its own value
         devs = list(devs) + [devs[-1]] * (n - len(items))
-        self.pool = _write_slots(self.pool, jnp.asarray(idx, jnp.int32), tuple(devs))
+        self.pool = _write_slots(self.pool, jnp.asarray(np.asarray(idx, np.int32)), tuple(devs))
         self.metrics.add_transfer("host->GPU", self.expert_bytes * len(items), time.perf_counter() - t0,
                                   issued_only=True)
         return slots
