@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(VENV)/bin/dsjax demo
 
 test: $(STAMP)
-	$(VPY) -m pytest -q -m "not gpu and not slow"
+	$(VPY) -m pytest -q -m "not gpu and not slow" --durations=15
 
 test-all: $(STAMP)
 	$(VPY) -m pytest -q

@@ -61,9 +61,8 @@ def test_demo_end_to_end(tmp_path, capsys):
 
 
 def test_generate_from_store_with_runtime_options(tmp_path, capsys):
-    main(["demo", "--dir", str(tmp_path / "d"), "--max-new-tokens", "1"])
-    capsys.readouterr()
-    store = str(tmp_path / "d")
+    from dsjax.demo import ensure_demo_store
+    store = ensure_demo_store(str(tmp_path / "d"))          # the demo's store, without the demo's generation
     assert main(["generate", store, "--prompt", "Thou", "--max-new-tokens", "3", "--dtype", "float32",
                  "--gpu-memory", "7MB", "--host-memory", "7MB", "--set", "max_gpu_layers=1", "--set",
                  "prefetch_layers=1", "--set", "overlap_io=false", "--stats", "--stats-format", "prometheus"]) == 0
