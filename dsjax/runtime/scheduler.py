@@ -70,6 +70,18 @@ def _moe_out(w: dict, h, hn, rows, weight, shared):
 
 
 class ComputeScheduler:
+    _shared: dict = {}
+
+    @classmethod
+    def shared(cls, cfg: ModelConfig, **options) -> "ComputeScheduler":
+        """The scheduler for a model config and options, shared by every engine that asks for the same: its jitted
+        calls (and so their compiled executables, one per shape) are reused when a model is loaded again, e.g. with
+        other budgets or presets, instead of compiling everything anew."""
+        key = (cfg, tuple(sorted(options.items())))
+        if key not in cls._shared:
+            cls._shared[key] = cls(cfg, **options)
+        return cls._shared[key]
+
     def __init__(self, cfg: ModelConfig, *, use_cuda_graph: bool = True, parallel_shared: bool = True,
                  enable_fusion: bool = True):
         self.cfg = cfg

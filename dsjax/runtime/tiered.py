@@ -145,8 +145,8 @@ class TieredEngine(Engine):
             self.experts = ExpertCache(slots, template, self.mm, self.metrics, mb.expert)
             self.host_cache = HostCache(p.host_experts * moe, self.mm, self.metrics, mb.expert)
             self.disk = DiskReader(store, self.metrics)
-        self.sched = ComputeScheduler(cfg, use_cuda_graph=cc.use_cuda_graph, parallel_shared=cc.use_parallel_compute,
-                                      enable_fusion=cc.enable_fusion)
+        self.sched = ComputeScheduler.shared(cfg, use_cuda_graph=cc.use_cuda_graph,
+                                             parallel_shared=cc.use_parallel_compute, enable_fusion=cc.enable_fusion)
         self.threshold = mc.expert_threshold
         self.prefetch_depth = mc.prefetch_layers
         self.max_depth = mc.prefetch_layers + 2          # adaptive_schedule may look up to two MoE layers further
