@@ -2,15 +2,16 @@
 # Issue 5 on the GPU machine: the real-width DeepSeek-V3 slice, generated (~60 s for 44.8 GB with 16 workers) and
 # measured in steps that resume across calls:
 #   OUT=/some/dir bash bench/v3_slice_gpu.sh [MOE_LAYERS] [STEP...]
-# STEP: budget | resident | on_demand (16 GB GPU / 96 GB host, batches $BATCHES) | disk (16 GB / 12 GB host tier,
-# page cache dropped before each measured generation). Default: all, in that order. Results: $OUT/v3_<budgets>.json
+# STEP: seed (= budget,resident,on_demand in one process, sharing compiled executables) | budget | resident |
+# on_demand (16 GB GPU / 96 GB host, batches $BATCHES) | disk (16 GB / 12 GB host tier, page cache dropped before
+# each measured generation). Default: seed disk. Results: $OUT/v3_<budgets>.json
 # (+ .md), row by row; a result already in bench/results/ (committed from an earlier call) is copied to $OUT first,
 # so its rows are kept and only the missing ones are measured. Traces: /tmp/v3-traces (summaries are in the JSON).
 set -u
 OUT=${OUT:-/tmp/dsjax-bench}
 N=${1:-6}
 shift || true
-STEPS=${*:-budget resident on_demand disk}
+STEPS=${*:-seed disk}
 BATCHES=${BATCHES:-1,8,32}
 TOKENS=${TOKENS:-8}
 S=${V3_SLICE:-/tmp/v3-slice-$N}
@@ -22,10 +23,11 @@ stamp "generating $S ($N MoE layers)"
 python3 bench/make_v3_slice.py "$S" --moe-layers "$N" 2>&1 | grep -v -E "WARNING|it/s\]$|B/s\]$" | tail -2
 for step in $STEPS; do
   case $step in
-    budget|resident|on_demand)
+    seed|budget|resident|on_demand)
       f=v3_slice_16GB_96GB.json; resume $f
-      stamp "bench 16GB/96GB $step"
-      python3 -m dsjax.cli bench "$S" --gpu-memory 16GB --host-memory 96GB --configs "$step" --batches "$BATCHES" \
+      configs=$step; [ "$step" = seed ] && configs=budget,on_demand,resident
+      stamp "bench 16GB/96GB $configs"
+      python3 -m dsjax.cli bench "$S" --gpu-memory 16GB --host-memory 96GB --configs "$configs" --batches "$BATCHES" \
         --tokens "$TOKENS" --prompt-len 32 --out "$OUT/$f" --trace-dir "/tmp/v3-traces/16GB_96GB" 2>&1 \
         | grep -v WARNING | tail -6 ;;
     disk)
