@@ -501,14 +501,15 @@ def write_markdown(report: dict, path: str) -> None:
     L.append("")
     pr = report["prediction"]
     L.append("### Next-layer expert prediction\n")
-    L.append("Layer L+1's router (with its bias and group limit) applied at layer L by the runtime's own predictor "
-             "(`dsjax.runtime.scheduler._predict`: an expert's probability is top_k x its share of the predicted "
-             "top-k weight, capped at 1, maximized over the step's tokens); an expert is predicted when that probability >= "
-             "max(threshold, 1e-9) (TieredEngine._prefetch), so threshold 0 predicts the K routed experts of each "
-             "token. Counted as Metrics.add_prediction over steps and MoE layer pairs: precision = TP / (TP + FP), "
-             "recall = TP / (TP + FN). *runtime input* = layer L's normed post-attention state hn_L, what TieredEngine "
-             "predicts from; *L output* = layer L's output normed with layer L+1's mlp_norm (known later, after L's "
-             "experts, skips L+1's attention). pred/step = experts predicted per step and layer (bytes the prefetch "
+    L.append("Layer L+1's router (with its bias and group limit) applied at layer L by the runtime's own "
+             "predictor (`dsjax.runtime.scheduler._predict`: an expert's probability is top_k x its share of the "
+             "predicted top-k weight, capped at 1, maximized over the step's tokens); an expert is predicted when "
+             "that probability >= max(threshold, 1e-9) (TieredEngine._prefetch), so threshold 0 predicts the K "
+             "routed experts of each token. Counted as Metrics.add_prediction over steps and MoE layer pairs: "
+             "precision = TP / (TP + FP), recall = TP / (TP + FN). *runtime input* = layer L's normed "
+             "post-attention state hn_L, what TieredEngine predicts from; *L output* = layer L's output normed with "
+             "layer L+1's mlp_norm (known later, after L's experts, skips L+1's attention). pred/step = experts "
+             "predicted per step and layer (bytes the prefetch "
              f"moves); the step needs {pr[0]['activated_per_step']:.2f} at batch 1.\n")
     L.append("| threshold | precision (runtime input) | recall | pred/step | precision (L output) | recall | "
              + " | ".join(f"P / R {k}" for k in pr[0]["layers"]) + " |")
@@ -552,7 +553,7 @@ def write_markdown(report: dict, path: str) -> None:
             v = cc[k]
             L.append(f"| {'engine.stats()' if k == 'runtime' else 'offline'} | {_fmt(v['precision'])} | "
                      f"{_fmt(v['recall'])} | {v['predicted']} | {v['activated']} |")
-        L.append(f"\nHit rates in that run: " + ", ".join(f"{k} {_fmt(v)}" for k, v in cc["hit_rates"].items()) + "\n")
+        L.append("\nHit rates in that run: " + ", ".join(f"{k} {_fmt(v)}" for k, v in cc["hit_rates"].items()) + "\n")
     rec = report["recommendation"]
     L.append("## 3. What this means for the presets\n")
     L.append(_recommendation_text(rec, report))

@@ -78,7 +78,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"generating the checkpoint failed:\n{text[-3000:]}")
     if not os.path.exists(os.path.join(store, "manifest.json")):
         t0 = time.perf_counter()
-        rc, text = step([sys.executable, "-m", "dsjax.cli", "convert", hf, store, "--format", "nvfp4", "--no-progress"], 3600)
+        rc, text = step([sys.executable, "-m", "dsjax.cli", "convert", hf, store, "--format", "nvfp4",
+                         "--no-progress"], 3600)
         if rc:
             raise SystemExit(f"converting failed:\n{text[-3000:]}")
         result["convert_s"] = time.perf_counter() - t0

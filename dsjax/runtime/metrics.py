@@ -71,7 +71,8 @@ class Metrics:
         with self._lock:
             links = {k: {"bytes": self.link_bytes[k], "copies": self.link_count[k],
                          "seconds": self.link_seconds[k],
-                         "GB_per_s": (self.link_bytes[k] / self.link_seconds[k] / 1e9) if self.link_seconds[k] else None}
+                         "GB_per_s": (self.link_bytes[k] / self.link_seconds[k] / 1e9)
+                         if self.link_seconds[k] else None}
                      for k in sorted(self.link_bytes)}
         p = self.pred_tp + self.pred_fp
         r = self.pred_tp + self.pred_fn
