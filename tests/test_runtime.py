@@ -330,3 +330,28 @@ def test_prediction_scale_does_not_depend_on_top_k():
     for preset in ("low_latency", "balanced", "high_throughput"):
         th = RuntimeConfig.from_preset(preset).memory_config.expert_threshold
         assert (got >= th).sum() >= K, preset      # at least one token's worth of experts is prefetched
+
+
+def test_no_compile_inside_decode_steps(store, budgets):
+    """After a 2-token generation at a batch size, a longer one (adaptive look-ahead on) compiles none of the
+    layer executables: attention always predicts for the deepest look-ahead, and the gather / copy-count buckets
+    are compiled when the batch size is first seen. (Fails if attention's router tuple follows the current depth;
+    this tiny store's buckets all appear in the first two tokens, so it does not exercise the bucket warm-up.)"""
+    import io
+    import logging
+    import jax
+    e = _load(store, adaptive_schedule=True, **budgets["tight"])     # the look-ahead depth may change mid-run
+    e.generate(PROMPTS[:1], max_new_tokens=2, stop_token_ids=())
+    log, handler = io.StringIO(), None
+    handler = logging.StreamHandler(log)
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            jax.jit(lambda a: a * 3)(np.ones(3))             # the capture sees a compile when one happens
+            e.generate(PROMPTS[:1], max_new_tokens=12, stop_token_ids=())
+    finally:
+        logger.removeHandler(handler)
+    compiled = [ln for ln in log.getvalue().splitlines() if "Compiling" in ln]
+    assert any("<lambda>" in m for m in compiled)
+    assert not [m for m in compiled if any(f"jit({f})" in m for f in ("_moe_rows", "_write_slots", "_attn"))]
