@@ -156,8 +156,11 @@ def trace_timeline(trace_dir: str, bin_ms: float = 5.0) -> dict[str, Any] | None
 
 def gpu_busy_fraction(trace_dir: str, wall_s: float) -> float | None:
     """Union of GPU kernel time over the profiled wall time, from a jax.profiler trace (None without a GPU)."""
-    t = trace_timeline(trace_dir)
-    return None if t is None or t["kernel_s"] == 0 else min(1.0, t["kernel_s"] / wall_s)
+    return _busy(trace_timeline(trace_dir), wall_s)
+
+
+def _busy(timeline: dict[str, Any] | None, wall_s: float) -> float | None:
+    return None if not timeline or timeline["kernel_s"] == 0 else min(1.0, timeline["kernel_s"] / wall_s)
 
 
 def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], prompt_len: int, tokens: int,
@@ -199,9 +202,9 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
                 engine.generate(prompts, max_new_tokens=4, stop_token_ids=())
             wall = time.perf_counter() - t0
             timeline = trace_timeline(tdir)
+            busy = _busy(timeline, wall)
             if timeline:
                 timeline["wall_s"] = wall
-                busy = min(1.0, timeline["kernel_s"] / wall) if timeline["kernel_s"] else None
         rows.append(dict(
             config=name, batch=B, ttft_ms=1e3 * g["ttft_s"], prefill_tok_s=B * prompt_len / g["ttft_s"],
             decode_tok_s=g["decode_tok_s"], step_ms=1e3 * t_step,
