@@ -17,7 +17,7 @@ TOKENS=${TOKENS:-8}
 S=${V3_SLICE:-/tmp/v3-slice-$N}
 mkdir -p "$OUT"
 T0=$(date +%s)
-stamp() { echo "[v3-slice +$(( $(date +%s) - T0 ))s] $*"; }
+stamp() { echo "[v3-slice +$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/log.txt"; }
 resume() { [ -f "bench/results/$1" ] && [ ! -f "$OUT/$1" ] && cp "bench/results/$1" "$OUT/$1"; true; }
 stamp "generating $S ($N MoE layers)"
 python3 bench/make_v3_slice.py "$S" --moe-layers "$N" 2>&1 | grep -v -E "WARNING|it/s\]$|B/s\]$" | tail -2
@@ -29,13 +29,13 @@ for step in $STEPS; do
       stamp "bench 16GB/96GB $configs"
       python3 -m dsjax.cli bench "$S" --gpu-memory 16GB --host-memory 96GB --configs "$configs" --batches "$BATCHES" \
         --tokens "$TOKENS" --prompt-len 32 --out "$OUT/$f" --trace-dir "/tmp/v3-traces/16GB_96GB" 2>&1 \
-        | grep -v WARNING | tail -6 ;;
+        | grep --line-buffered -v WARNING | tee -a "$OUT/log.txt" | tail -6 ;;
     disk)
       f=v3_slice_16GB_12GB_cold.json; resume $f
       stamp "bench 16GB/12GB cold"
       python3 -m dsjax.cli bench "$S" --gpu-memory 16GB --host-memory 12GB --configs budget,on_demand --batches 1,8 \
         --tokens "$TOKENS" --prompt-len 32 --cold --out "$OUT/$f" --trace-dir /tmp/v3-traces/16GB_12GB 2>&1 \
-        | grep -v WARNING | tail -6 ;;
+        | grep --line-buffered -v WARNING | tee -a "$OUT/log.txt" | tail -6 ;;
   esac
 done
 stamp "done"

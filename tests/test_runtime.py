@@ -175,6 +175,27 @@ def test_overlap_compute_reads_later_chunks_ahead(store, budgets, reference):
     assert ahead[True] > 0 and ahead[False] == 0
 
 
+def test_preload_experts_fills_the_tiers_at_load(store, budgets, reference):
+    """With a host cache that holds every expert, preloading leaves nothing for generation to read from disk; without
+    it the first tokens read their experts from disk. Same tokens either way."""
+    moe = len(model_bytes_from_store(Store(store)).moe_layers)
+    host_holds_all = dict(budgets["tight"], host_memory=budgets["roomy"]["host_memory"])
+    for flag in (True, False):
+        e = _load(store, preload_experts=flag, **host_holds_all)
+        out = [g.token_ids for g in e.generate(PROMPTS, max_new_tokens=10, stop_token_ids=())]
+        assert out == reference[1]
+        s = e.stats()
+        generated = sum(s["phase_bytes"].get(ph, {}).get("disk->host", 0) for ph in ("prefill", "decode"))
+        if flag:
+            assert s["preloaded_experts"]["host"] == moe * e.config.n_routed_experts == e.host_cache.slots.capacity
+            assert 0 < s["preloaded_experts"]["gpu"] <= e.experts.slots.capacity
+            assert s["phase_bytes"]["load"]["disk->host"] > 0 and generated == 0
+            assert s["hit_rates"]["host"] == 1.0
+        else:
+            assert s["preloaded_experts"]["host"] == 0 and "load" not in s["phase_bytes"]
+            assert generated > 0
+
+
 def test_auto_tune_measures_links(store):
     assert _load(store, auto_tune=True).stats()["ceilings_GB_per_s"]["measured"] is True
     assert _load(store, auto_tune=False).stats()["ceilings_GB_per_s"]["measured"] is False
@@ -276,7 +297,7 @@ def test_corrupt_expert_found_at_run_time_names_the_tensor(store, budgets, tmp_p
     data = bytearray(open(shard, "rb").read())
     data[100] ^= 0xFF
     open(shard, "wb").write(bytes(data))
-    e = _load(bad, **budgets["minimal"])
+    e = _load(bad, preload_experts=False, **budgets["minimal"])
     with pytest.raises(StoreCorruptError, match="experts_up"):
         e.generate(PROMPTS, max_new_tokens=3)
 

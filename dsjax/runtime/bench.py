@@ -15,6 +15,7 @@ import gzip
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -77,6 +78,11 @@ def measure_ceilings(store_path: str, cold: bool, h2d_bytes: int = 256 << 20) ->
                 nbytes += len(chunk)
     disk = nbytes / max(time.perf_counter() - t0, 1e-9)
     return Ceilings(h2d=h2d, disk=disk, hbm=hbm, cold=cold)
+
+
+def _log(msg: str) -> None:
+    """Progress of a bench run on stderr with wall-clock time (a long GPU run shows where its minutes went)."""
+    print(f"[dsjax bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -168,17 +174,25 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
                on_row=None, cold: bool = False) -> list[dict[str, Any]]:
     import dsjax
     rows = []
+    t0 = time.perf_counter()
     engine = dsjax.load(store, dtype=dtype, **kw)
+    pre = engine.stats().get("preloaded_experts") or {}
+    _log(f"{name}: loaded in {time.perf_counter() - t0:.1f} s (experts preloaded: {pre.get('host', 0)} host, "
+         f"{pre.get('gpu', 0)} GPU in {pre.get('seconds', 0):.1f} s)")
     rng = np.random.default_rng(0)
     vocab = engine.config.vocab_size
     for B in batches:
         prompts = [rng.integers(0, vocab, prompt_len).tolist() for _ in range(B)]
+        t0 = time.perf_counter()
         engine.generate(prompts, max_new_tokens=2, stop_token_ids=())             # compile this batch shape
+        _log(f"{name} b{B}: warm-up (compiles) {time.perf_counter() - t0:.1f} s")
         if cold:
             drop_page_cache()        # each measured generation starts from a cold disk (host cache stays)
         s0 = engine.stats()
         before = s0["phase_bytes"].get("decode", {})
+        t0 = time.perf_counter()
         engine.generate(prompts, max_new_tokens=tokens, stop_token_ids=())
+        _log(f"{name} b{B}: measured generation {time.perf_counter() - t0:.1f} s")
         s = engine.stats()
         stall = s["stall_seconds"] - s0["stall_seconds"]
         h0, h1 = s0.get("host_seconds", {}).get("decode", {}), s.get("host_seconds", {}).get("decode", {})
@@ -202,6 +216,7 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
                 engine.generate(prompts, max_new_tokens=4, stop_token_ids=())
             wall = time.perf_counter() - t0
             timeline = trace_timeline(tdir)
+            _log(f"{name} b{B}: traced generation {wall:.1f} s, trace read in {time.perf_counter() - t0 - wall:.1f} s")
             busy = _busy(timeline, wall)
             if timeline:
                 timeline["wall_s"] = wall
@@ -236,7 +251,10 @@ def bench(store: str, *, gpu_memory=None, host_memory=None, preset: str | None =
     if "ceilings" in result:
         ceilings = Ceilings(**result["ceilings"])
     else:
+        t0 = time.perf_counter()
         ceilings = measure_ceilings(store, cold)
+        _log(f"ceilings measured in {time.perf_counter() - t0:.1f} s: host->GPU {ceilings.h2d / GB:.1f} GB/s, "
+             f"disk {ceilings.disk / GB:.2f} GB/s")
     result.update({"machine": f"{dev.platform} {dev.device_kind}", "ceilings": dataclasses.asdict(ceilings),
                    "date": time.strftime("%Y-%m-%d"), "store": os.path.abspath(store)})
     result.setdefault("rows", [])

@@ -31,6 +31,7 @@ class MemoryConfig:
     min_batch_size: int = 1          # batches are padded up to at least this many rows
     max_batch_size: int = 32         # prompts beyond this are run in successive batches
     dynamic_batch: bool = True       # pad a batch to the next power of two (True) or always to max_batch_size
+    preload_experts: bool = True     # fill the host expert cache and GPU expert slots from disk at load
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
