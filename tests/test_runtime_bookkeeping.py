@@ -1,7 +1,8 @@
 """Runtime bookkeeping on the CPU: the LRFU slot cache against independent LRU/LFU simulations, pinning, counters,
-and the MemoryManager's ledger and refusals."""
+and the MemoryManager's ledger and refusals; the GPU expert cache's deferred slot writes."""
 
 import collections
+import dataclasses
 
 import numpy as np
 import pytest
@@ -119,3 +120,24 @@ def test_memory_manager_ledger_and_refusal():
         mm.reserve("compute", ("e", 3, 2), 1)
     with pytest.raises(KeyError, match="unknown pool"):
         mm.reserve("swap", "x", 1)
+
+
+def test_expert_copies_reach_the_pool_only_at_flush_and_the_latest_copy_of_a_slot_wins():
+    """ExpertCache.load only issues copies; flush writes them in one slot write. A slot whose expert was evicted and
+    replaced before the flush ends with the replacement (a scatter with a repeated index would pick either)."""
+    from dsjax.runtime.metrics import Metrics
+    from dsjax.runtime.tiers import ExpertCache
+    template = {"w": np.zeros((4,), np.float32)}
+    pools = Pools(**{f.name: 1 << 20 for f in dataclasses.fields(Pools)})
+    cache = ExpertCache(2, template, MemoryManager(pools), Metrics(), expert_bytes=16)
+    expert = lambda v: {"w": np.full((4,), v, np.float32)}  # noqa: E731
+    cache.load([(("L", 0), expert(1.0)), (("L", 1), expert(2.0))])
+    assert not np.asarray(cache.pool["w"]).any(), "written before flush"
+    slot0 = cache.lookup(("L", 0))
+    cache.slots.pin(("L", 1))
+    cache.load([(("L", 2), expert(3.0))])                   # evicts expert 0 (the only unpinned one) into its slot
+    assert cache.lookup(("L", 2)) == slot0 and cache.lookup(("L", 0), count=False) is None
+    pool = np.asarray(cache.flush()["w"])
+    np.testing.assert_array_equal(pool[slot0], 3.0)
+    np.testing.assert_array_equal(pool[cache.lookup(("L", 1))], 2.0)
+    assert cache.flush() is cache.pool                      # nothing pending: no new write

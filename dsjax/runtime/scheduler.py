@@ -7,13 +7,13 @@ dsjax/model/transformer.py, so the tiered runtime computes exactly the model's m
                                             shared-expert output (when use_parallel_compute)
     dense(w, h, hn)                       -> x
     rows_direct(hn, ids, experts)                    every expert on the GPU: rows [T, K, D] with no host sync
-    moe_rows(pool, gather, hn, sub_ids, mask, acc)   one chunk of GPU expert slots -> rows of [T, K, D]
+    moe_rows(pool, slot_ids, hn, acc)                one chunk of experts in GPU slots -> rows of [T, K, D]
     moe_out(w, h, hn, rows, weights, shared)         combine in top-k order + shared experts
 
 Both expert paths end in the same `moe_out` executable, so where the experts sat cannot change the result.
 """
 
-# B batch, T tokens, D hidden, K top-k, E experts, P GPU expert slots, C slots gathered for one chunk
+# B batch, T tokens, D hidden, K top-k, E experts, P GPU expert slots
 
 from __future__ import annotations
 
@@ -121,8 +121,25 @@ class ComputeScheduler:
         return expert_rows(hn.reshape(B * T, D), idx, *experts)
 
     @staticmethod
-    def _moe_rows(pool, gather, hn, sub_idx, mask, acc):
+    def _moe_rows(pool, slot_idx, hn, acc):
+        """Rows of the assignments whose experts sit in GPU slots now: slot_idx [T, K] holds the slot of each
+        assignment of this chunk and P (one past the last slot) elsewhere; the others keep their `acc` rows.
+
+        The kernels read the slots in place: groups are the P slots (empty ones cost nothing, their weights are
+        never read) and the other chunks' assignments sort past the last group, where rows come out as zeros. The
+        references dequantize every expert they are given, so they get only the chunk's slots, gathered (at most
+        min(T*K, P), a static size: one executable per batch shape). Each expert's group holds exactly its own rows
+        either way, as when every expert is on the GPU."""
         B, T, D = hn.shape
-        experts = jax.tree.map(lambda a: a[gather], pool)             # [C, ...] slots of this chunk
-        rows = expert_rows(hn.reshape(B * T, D), sub_idx, experts["gate"], experts["up"], experts["down"])
+        x = hn.reshape(B * T, D)
+        P = jax.tree.leaves(pool)[0].shape[0]
+        mask = slot_idx < P
+        if ops.fp4_path(x, pool["gate"], pool["up"], pool["down"]) == "kernel":
+            rows = expert_rows(x, slot_idx, pool["gate"], pool["up"], pool["down"])
+        else:
+            n = min(slot_idx.size, P)
+            used = jnp.unique(slot_idx, size=n, fill_value=P)                       # sorted; P fills the rest
+            local = jnp.where(mask, jnp.searchsorted(used, slot_idx), n).astype(jnp.int32)
+            experts = jax.tree.map(lambda a: a[jnp.minimum(used, P - 1)], pool)     # [n, ...]
+            rows = expert_rows(x, local, experts["gate"], experts["up"], experts["down"])
         return jnp.where(mask[..., None], rows, acc)

@@ -197,7 +197,7 @@ class TieredEngine(Engine):
             trees.update({(i, e): t for e, t in f.result().items() if e < per_gpu})
         for i in self.moe_layers:
             self.experts.load([((i, e), trees.pop((i, e))) for e in range(per_gpu)])
-        jax.block_until_ready(self.experts.pool)
+        jax.block_until_ready(self.experts.flush())
         self.preloaded = {"host": per_host * moe, "gpu": per_gpu * moe, "seconds": time.perf_counter() - t0}
         self._set_phase("prefill")
 
@@ -260,21 +260,14 @@ class TieredEngine(Engine):
                 self._start_disk(i, ahead)
         B, T, D = hn.shape
         acc = jnp.zeros((B * T, ids.shape[1], D), hn.dtype)
+        lut = np.full(self.config.n_routed_experts, P, np.int32)          # P: not in this chunk
         for ch in chunks:
             with m.host("expert_copies"):                                # includes waits for disk (stall_seconds)
-                slots = self._ensure(i, ch)
-            mask = np.isin(ids, ch)
-            # Assignments of other chunks go to a spare last group, so each real group holds exactly its own rows
-            # (as when every expert is on the GPU) and the grouped matmul sees the same problem per expert.
-            gather = np.zeros(_bucket(len(ch) + 1), np.int32)
-            gather[: len(ch)] = slots
-            spare = len(gather) - 1
-            lut = np.full(self.config.n_routed_experts, spare, np.int32)
-            lut[ch] = np.arange(len(ch), dtype=np.int32)
-            sub = np.where(mask, lut[ids], spare).astype(np.int32)
+                lut[ch] = self._ensure(i, ch)
+                pool = self.experts.flush()
             with m.host("dispatch"):
-                acc = self.sched.moe_rows(self.experts.pool, jnp.asarray(gather), hn, jnp.asarray(sub),
-                                          jnp.asarray(mask), acc)
+                acc = self.sched.moe_rows(pool, lut[ids], hn, acc)
+            lut[ch] = P
             if pred is not None and len(nxt):                  # after this layer's experts are secured
                 with m.host("prefetch"):
                     self._prefetch(np.asarray(pred), nxt)
@@ -362,10 +355,10 @@ class TieredEngine(Engine):
         self._disk_waits_seen = self.disk_waits
 
     def _warm_decode(self, B: int) -> None:
-        """Compile, once per decode batch size, every bucket of the two executables whose shapes follow the routing
-        (the expert-rows call per gather bucket, the slot write per copy-count bucket), so no compile lands inside a
-        decode step: which buckets a step needs depends on how many experts it routes to. The slot writes write a
-        slot's own value back (a no-op); the expert-rows calls compute on dummy inputs."""
+        """Compile, once per decode batch size, the expert-rows call, and once every bucket of the slot write (one
+        per copy-count bucket), so no compile lands inside a decode step: which write bucket a step needs depends on
+        how many experts it copies. The slot writes write a slot's own value back (a no-op); the expert-rows call
+        computes on dummy inputs."""
         if self.experts is None or B in self._warmed:
             return
         self._warmed.add(B)
@@ -374,15 +367,9 @@ class TieredEngine(Engine):
         K, D = cfg.num_experts_per_tok, cfg.hidden_size
         with self.metrics.host("warmup"):
             hn = jnp.zeros((B, 1, D), self.dtype)
-            acc = jnp.zeros((B, K, D), self.dtype)
-            sub, mask = jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), bool)
-            n = 2
-            while True:
-                acc = self.sched.moe_rows(self.experts.pool, jnp.zeros(n, jnp.int32), hn, sub, mask, acc)
-                if n >= _bucket(P + 1):
-                    break
-                n *= 2
-            own = jax.tree.map(lambda a: a[0], self.experts.pool)
+            acc = self.sched.moe_rows(self.experts.flush(), np.full((B, K), P, np.int32), hn,
+                                      jnp.zeros((B, K, D), self.dtype))
+            own = jax.tree.map(lambda a: a[0], self.experts.flush())
             n = 1
             while n <= _bucket(P):
                 self.experts.pool = _write_slots(self.experts.pool, jnp.zeros(n, jnp.int32), (own,) * n)

@@ -131,7 +131,12 @@ def _write_slots(pool, slots, values):
 
 class ExpertCache:
     """GPU expert slots shared by all MoE layers: one device array per projection part with P slots on axis 0,
-    LRFU over (layer, expert) keys. `ensure` makes experts resident and returns their slots."""
+    LRFU over (layer, expert) keys.
+
+    `load` issues the host->GPU copies at once and returns the slots; the copied experts are written into the pool
+    only by `flush`, which the runtime calls right before a computation reads the pool. So a computation dispatched
+    between the two (the next layer's attention) never waits for copies it does not need, and the copies run under
+    it; all the copies of one layer, predicted and missed, land in one slot write."""
 
     def __init__(self, capacity: int, template: dict[str, Any], mm: MemoryManager, metrics: Metrics,
                  expert_bytes: int, decay: float = 0.1):
@@ -143,25 +148,35 @@ class ExpertCache:
         self.pool = jax.tree.map(lambda a: jax.device_put(jnp.zeros((capacity,) + a.shape, a.dtype), s_dev),
                                  template)
         self._s_dev = s_dev
+        self._pending: dict[int, Any] = {}      # slot -> its expert on the GPU (copy issued), not yet in the pool
 
     def lookup(self, key, count: bool = True) -> int | None:
         return self.slots.lookup(key) if count else self.slots.peek(key)
 
     def load(self, items: list[tuple[Any, Any]], pin: bool = False) -> list[int]:
-        """Copy experts [(key, pinned-host or numpy tree)] into slots: one list put (every copy in flight at once,
-        which a lone expert copy cannot fill the link with) and one slot write; asynchronous on the device."""
+        """Start copying experts [(key, pinned-host or numpy tree)] into slots: one list put (every copy in flight
+        at once, which a lone expert copy cannot fill the link with); asynchronous; written by `flush`."""
         if not items:
             return []
         slots = [self.slots.insert(key, pin=pin)[0] for key, _ in items]
         t0 = time.perf_counter()
         devs = jax.device_put([tree for _, tree in items], self._s_dev)
-        n = 1 << (len(items) - 1).bit_length()                 # bucket the count: few executables
-        idx = slots + [slots[-1]] * (n - len(items))          # padding rewrites the last slot with its own value
-        devs = list(devs) + [devs[-1]] * (n - len(items))
-        self.pool = _write_slots(self.pool, jnp.asarray(np.asarray(idx, np.int32)), tuple(devs))
+        self._pending.update(zip(slots, devs))   # a slot re-filled before a flush keeps only its latest expert
         self.metrics.add_transfer("host->GPU", self.expert_bytes * len(items), time.perf_counter() - t0,
                                   issued_only=True)
         return slots
+
+    def flush(self) -> Any:
+        """Write every copied expert into its slot (one executable per bucketed count; the pool is donated) and
+        return the pool."""
+        if self._pending:
+            slots, devs = list(self._pending), list(self._pending.values())
+            self._pending = {}
+            n = 1 << (len(slots) - 1).bit_length()              # bucket the count: few executables
+            idx = slots + [slots[-1]] * (n - len(slots))        # padding rewrites the last slot with the same value
+            self.pool = _write_slots(self.pool, jnp.asarray(np.asarray(idx, np.int32)),
+                                     tuple(devs + [devs[-1]] * (n - len(slots))))
+        return self.pool
 
     def tick(self) -> None:
         self.slots.tick()
