@@ -2,9 +2,9 @@
 # Issue 5 on the GPU machine: the real-width DeepSeek-V3 slice, generated (~60 s for 44.8 GB with 16 workers) and
 # measured in steps that resume across calls:
 #   OUT=/some/dir bash bench/v3_slice_gpu.sh [MOE_LAYERS] [STEP...]
-# STEP: seed (= budget,resident,on_demand in one process, sharing compiled executables) | budget | resident |
-# on_demand (16 GB GPU / 96 GB host, batches $BATCHES) | disk (16 GB / 12 GB host tier, page cache dropped before
-# each measured generation). Default: seed disk. Results: $OUT/v3_<budgets>.json
+# STEP: seed (= budget,on_demand,resident in one process, sharing executables; only budget is profiled) | budget |
+# resident | on_demand (16 GB GPU / 96 GB host, batches $BATCHES) | disk (16 GB / 12 GB host tier, page cache
+# dropped before each measured generation). Default: seed disk. Results: $OUT/v3_<budgets>.json
 # (+ .md), row by row; a result already in bench/results/ (committed from an earlier call) is copied to $OUT first,
 # so its rows are kept and only the missing ones are measured. Traces: /tmp/v3-traces (summaries are in the JSON).
 set -u
@@ -28,8 +28,8 @@ for step in $STEPS; do
       configs=$step; [ "$step" = seed ] && configs=budget,on_demand,resident
       stamp "bench 16GB/96GB $configs"
       python3 -m dsjax.cli bench "$S" --gpu-memory 16GB --host-memory 96GB --configs "$configs" --batches "$BATCHES" \
-        --tokens "$TOKENS" --prompt-len 32 --out "$OUT/$f" --trace-dir "/tmp/v3-traces/16GB_96GB" 2>&1 \
-        | grep --line-buffered -v WARNING | tee -a "$OUT/log.txt" | tail -6 ;;
+        --tokens "$TOKENS" --prompt-len 32 --out "$OUT/$f" --trace-configs budget --trace-dir /tmp/v3-traces/16GB_96GB \
+        2>&1 | grep --line-buffered -v WARNING | tee -a "$OUT/log.txt" | tail -6 ;;
     disk)
       f=v3_slice_16GB_12GB_cold.json; resume $f
       stamp "bench 16GB/12GB cold"

@@ -162,7 +162,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = bench(args.path, gpu_memory=args.gpu_memory, host_memory=args.host_memory, preset=args.preset,
                    batches=[int(b) for b in args.batches.split(",")], prompt_len=args.prompt_len,
                    tokens=args.tokens, dtype=args.dtype, configs=args.configs.split(","), cold=args.cold,
-                   trace=not args.no_trace, out=args.out, trace_dir=args.trace_dir, **_overrides(args.set))
+                   trace=False if args.no_trace else tuple(args.trace_configs.split(",")) if args.trace_configs
+                   else True, out=args.out, trace_dir=args.trace_dir, **_overrides(args.set))
     table = markdown(result)
     print(table)
     if args.out:
@@ -234,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     b.add_argument("--cold", action="store_true", help="drop the page cache before the disk ceiling (root)")
     b.add_argument("--no-trace", action="store_true", help="skip the profiler trace (GPU busy fraction)")
+    b.add_argument("--trace-configs", default=None, help="profile only these configs (comma separated; a trace of a "
+                   "row costs a few tokens' generation under the profiler)")
     b.add_argument("--out", default=None, help="write the results as JSON, row by row (and a .md table beside it); "
                    "rerunning with the same --out resumes, measuring only the rows not there yet")
     b.add_argument("--trace-dir", default=None, help="keep each row's jax.profiler trace under DIR/<config>_b<batch>")

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 
 import pytest
 
@@ -77,3 +78,7 @@ def test_bench_on_a_store(demo_checkpoint, tmp_path):
     assert r["ceilings"]["h2d"] > 0 and r["ceilings"]["disk"] > 0
     table = markdown(r)
     assert table.count("\n| budget |") == 2 and "ceilings measured in this run" in table
+    # profile only the configs named (a trace costs a few tokens under the profiler)
+    bench(store, batches=(1,), configs=("budget", "resident"), trace_dir=str(tmp_path / "t"),
+          **dict(kw, trace=("budget",), out=str(tmp_path / "c.json")))
+    assert sorted(os.listdir(tmp_path / "t")) == ["budget_b1"]

@@ -237,12 +237,13 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
 
 def bench(store: str, *, gpu_memory=None, host_memory=None, preset: str | None = None,
           batches=(1, 8, 32), prompt_len: int = 64, tokens: int = 16, dtype: str = "bfloat16",
-          configs=("budget", "resident", "on_demand"), cold: bool = False, trace: bool = True,
+          configs=("budget", "resident", "on_demand"), cold: bool = False, trace: bool | tuple[str, ...] = True,
           out: str | None = None, trace_dir: str | None = None, **overrides) -> dict[str, Any]:
     """Measure `store` under the budgets (config 'budget'), with no limit ('resident') and with overlap_io off
     ('on_demand'); returns {'ceilings', 'rows', 'machine'}. With `out`, every row is written to that JSON file as it
     is measured and a rerun with the same `out` resumes: rows already there are kept, not measured again (the
-    ceilings are those of the first run). With `trace_dir`, each row's profiler trace is kept there."""
+    ceilings are those of the first run). `trace`: profile every config (True), none, or the configs named. With
+    `trace_dir`, each row's profiler trace is kept there."""
     dev = jax.devices()[0]
     result: dict[str, Any] = {}
     if out and os.path.exists(out):
@@ -276,7 +277,8 @@ def bench(store: str, *, gpu_memory=None, host_memory=None, preset: str | None =
         done = {r["batch"] for r in result["rows"] if r["config"] == name}
         todo = [b for b in batches if b not in done]
         if todo:
-            run_config(store, name, kws[name], todo, prompt_len, tokens, ceilings, dtype, trace, trace_dir, save,
+            traced = trace if isinstance(trace, bool) else name in trace
+            run_config(store, name, kws[name], todo, prompt_len, tokens, ceilings, dtype, traced, trace_dir, save,
                        cold)
     order = {(c, b): i for i, (c, b) in enumerate((c, b) for c in configs for b in batches)}
     result["rows"].sort(key=lambda r: order.get((r["config"], r["batch"]), len(order)))
