@@ -1,14 +1,21 @@
 """Flat expert buffers (dsjax.runtime.expert_layout) on real stores: flatten -> unflatten is bit-exact for NVFP4,
-MXFP4 and plain bf16 projections."""
+MXFP4 and plain bf16 projections, a load of n experts is one host->GPU put and one slot write, and the tiered engine
+computes the same tokens from flat slots as from the stacked all-on-GPU experts."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dsjax
 from ckpt_builders import bf16_tensors, write
 from dsjax.quant import QTensor
+from dsjax.runtime import tiers
 from dsjax.runtime.expert_layout import ALIGN, ExpertLayout, flatten, unflatten
+from dsjax.runtime.memory import MemoryManager
+from dsjax.runtime.metrics import Metrics
+from dsjax.runtime.planner import Pools, minimum_gpu_memory, minimum_host_memory
+from dsjax.runtime.tiered import model_bytes_from_store
 from dsjax.store.reader import Store
 from dsjax.store.writer import convert
 
@@ -73,3 +80,52 @@ def test_flatten_unflatten_is_bit_exact(stores, fmt):
     bad = dict(parts, gate=dict(parts["gate"], scales=parts["gate"]["scales"][:, :-1]))
     with pytest.raises(ValueError, match="gate/scales"):
         flatten(bad, layout)
+
+
+def test_one_load_is_one_put_and_one_slot_write(stores, monkeypatch):
+    """The host cache holds one pinned uint8 buffer per expert; loading n experts issues one device_put (of n
+    arrays) and one slot write (of n rows, bucketed to a power of two); the slots then hold the store's bits."""
+    store = Store(stores["mxfp4"])
+    layout = ExpertLayout.of_store(store, LAYER)
+    mm = MemoryManager(Pools.split(1 << 30, 1 << 30))
+    metrics = Metrics(3, E)
+    host = tiers.HostCache(8, mm, metrics, layout.nbytes)
+    disk = tiers.DiskReader(store, metrics, layout)
+    staged = disk.read(LAYER, EXPERTS, stage=host.put).result()
+    disk.close()
+    for e in EXPERTS:
+        got = host.get((LAYER, e))
+        assert got is staged[e] and got.shape == (layout.nbytes,) and got.dtype == jnp.uint8, e
+        assert got.sharding.memory_kind == "pinned_host"
+    assert mm.report()["host_layer_cache"]["used"] == len(EXPERTS) * layout.nbytes
+
+    cache = tiers.ExpertCache(16, layout, mm, metrics)
+    assert cache.pool.shape == (16, layout.nbytes)
+    assert mm.report()["expert_cache"]["used"] == 16 * layout.nbytes
+    puts, writes = [], []
+    real_put, real_write = jax.device_put, tiers._write_slots
+    monkeypatch.setattr(jax, "device_put", lambda x, *a, **k: puts.append(len(jax.tree.leaves(x))) or
+                        real_put(x, *a, **k))
+    monkeypatch.setattr(tiers, "_write_slots", lambda pool, slots, rows: writes.append(len(rows)) or
+                        real_write(pool, slots, rows))
+    slots = cache.load([((LAYER, e), host.get((LAYER, e))) for e in EXPERTS])
+    assert puts == [len(EXPERTS)] and writes == [8]
+    monkeypatch.undo()
+    _assert_experts(unflatten(cache.pool[jnp.asarray(slots)], layout), _read(store, EXPERTS), store, "slots")
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_tiered_tokens_equal_the_all_on_gpu_tokens(stores, fmt):
+    """Through flat GPU slots (a tight budget: experts come from disk and the host cache) the engine makes the same
+    tokens as with every expert stacked on the GPU; MXFP4 also moves plain bf16 parts through the buffers."""
+    store = stores[fmt]
+    mb = model_bytes_from_store(Store(store))
+    tight = dict(max_gpu_layers=1, prefetch_layers=1)
+    prompts = [[0, 17, 42, 99, 7, 3, 250, 11], [0, 5, 6]]
+    want = [g.token_ids for g in dsjax.load(store, dtype="float32").generate(prompts, max_new_tokens=8,
+                                                                             stop_token_ids=())]
+    e = dsjax.load(store, dtype="float32", gpu_memory=minimum_gpu_memory(mb, context_tokens=512, **tight),
+                   host_memory=minimum_host_memory(mb), **tight)
+    assert e.experts is not None and e.experts.slots.capacity < 2 * E         # slots are reused
+    assert [g.token_ids for g in e.generate(prompts, max_new_tokens=8, stop_token_ids=())] == want
+    assert e.stats()["links"]["disk->host"]["bytes"] > 0

@@ -6,14 +6,17 @@ dsjax/model/transformer.py, so the tiered runtime computes exactly the model's m
     attn(w, x, cache, pos, next_routers)  -> h, hn, cache, top-k ids, weights, predicted next-layer experts,
                                             shared-expert output (when use_parallel_compute)
     dense(w, h, hn)                       -> x
-    rows_direct(hn, ids, experts)                    every expert on the GPU: rows [T, K, D] with no host sync
-    moe_rows(pool, gather, hn, sub_ids, mask, acc)   one chunk of GPU expert slots -> rows of [T, K, D]
-    moe_out(w, h, hn, rows, weights, shared)         combine in top-k order + shared experts
+    rows_direct(hn, ids, experts)                           every expert on the GPU: rows [T, K, D] with no host sync
+    moe_rows(pool, gather, hn, sub_ids, mask, acc, layout)  one chunk of GPU expert slots -> rows of [T, K, D]
+    moe_out(w, h, hn, rows, weights, shared)                combine in top-k order + shared experts
 
-Both expert paths end in the same `moe_out` executable, so where the experts sat cannot change the result.
+Both expert paths end in the same `moe_out` executable, so where the experts sat cannot change the result. The slot
+pool holds each expert as one flat uint8 row; `moe_rows` gathers the chunk's rows and rebuilds the weights from them
+bit for bit (expert_layout.unflatten, `layout` is static), so the expert math sees the arrays the store holds.
 """
 
-# B batch, T tokens, D hidden, K top-k, E experts, P GPU expert slots, C slots gathered for one chunk
+# B batch, T tokens, D hidden, K top-k, E experts, P GPU expert slots, C slots gathered for one chunk,
+# N bytes of one expert's flat buffer
 
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from dsjax.config import ModelConfig
 from dsjax.model.layers import swiglu_mlp
 from dsjax.model.moe import combine, expert_rows, route
 from dsjax.model.transformer import attn_route, ffn_finish
+from dsjax.runtime.expert_layout import unflatten
 
 
 def _predict(hn_flat: jax.Array, routers: tuple, cfg: ModelConfig) -> jax.Array:
@@ -103,7 +107,7 @@ class ComputeScheduler:
         self.attn = jit(self._attn, static_argnames=("kind", "form"), donate_argnames=("cache",))
         self.dense = jit(_dense)
         self.rows_direct = jit(self._rows_direct)
-        self.moe_rows = jit(self._moe_rows, donate_argnames=("acc",))
+        self.moe_rows = jit(self._moe_rows, static_argnames=("layout",), donate_argnames=("acc",))
         self.moe_out = jit(_moe_out)
 
     def _attn(self, w, x, cache, positions, next_routers, kind, form):
@@ -121,8 +125,8 @@ class ComputeScheduler:
         return expert_rows(hn.reshape(B * T, D), idx, *experts)
 
     @staticmethod
-    def _moe_rows(pool, gather, hn, sub_idx, mask, acc):
+    def _moe_rows(pool, gather, hn, sub_idx, mask, acc, layout):
         B, T, D = hn.shape
-        experts = jax.tree.map(lambda a: a[gather], pool)             # [C, ...] slots of this chunk
+        experts = unflatten(pool[gather], layout)                     # pool [P, N] -> weights of [C, ...] slots
         rows = expert_rows(hn.reshape(B * T, D), sub_idx, experts["gate"], experts["up"], experts["down"])
         return jnp.where(mask[..., None], rows, acc)

@@ -23,6 +23,7 @@ from dsjax.model.weights import F32_KEYS
 from dsjax.quant import QTensor
 from dsjax.runtime.config import RuntimeConfig
 from dsjax.runtime.engine import Engine
+from dsjax.runtime.expert_layout import PROJ, ExpertLayout
 from dsjax.runtime.memory import MemoryManager
 from dsjax.runtime.metrics import Metrics, json_line, prometheus_text
 from dsjax.runtime.planner import Links, ModelBytes, plan
@@ -30,7 +31,6 @@ from dsjax.runtime.scheduler import ComputeScheduler
 from dsjax.runtime.tiers import DiskReader, ExpertCache, HostCache, LayerManager, _write_slots, shardings, tree_nbytes
 
 UNLIMITED = 1 << 60
-PROJ = ("gate", "up", "down")
 
 
 def model_bytes_from_store(store) -> ModelBytes:
@@ -138,13 +138,14 @@ class TieredEngine(Engine):
                 self.full_experts[i] = tuple(self._to_tree(i, proj, futs[proj].result(), s_dev) for proj in PROJ)
                 self.mm.reserve("expert_cache", ("experts", i), E * mb.expert)
         elif moe:
-            slots = min(E * moe, p.gpu_expert_pool // mb.expert)
-            one = store.read_experts(self.moe_layers[0], [0])
-            template = {proj: self._to_tree(self.moe_layers[0], proj, one[proj].result(), None, index=0)
-                        for proj in PROJ}
-            self.experts = ExpertCache(slots, template, self.mm, self.metrics, mb.expert)
-            self.host_cache = HostCache(p.host_experts * moe, self.mm, self.metrics, mb.expert)
-            self.disk = DiskReader(store, self.metrics)
+            # Both caches hold flat expert buffers, padded a little beyond the planner's stored bytes: size them from
+            # their pools in the buffer's bytes (the host cache fills the layer cache first, then the weights pool).
+            layout = ExpertLayout.of_store(store, self.moe_layers[0])
+            nb = layout.nbytes
+            host_room = self.mm.free("host_layer_cache") // nb + self.mm.free("host_weights") // nb
+            self.experts = ExpertCache(min(E * moe, p.gpu_expert_pool // nb), layout, self.mm, self.metrics)
+            self.host_cache = HostCache(min(p.host_experts * moe, host_room), self.mm, self.metrics, nb)
+            self.disk = DiskReader(store, self.metrics, layout)
         self.sched = ComputeScheduler.shared(cfg, use_cuda_graph=cc.use_cuda_graph,
                                              parallel_shared=cc.use_parallel_compute, enable_fusion=cc.enable_fusion)
         self.threshold = mc.expert_threshold
@@ -160,12 +161,9 @@ class TieredEngine(Engine):
         super().__init__(cfg, weights, tokenizer, prefill_form=prefill_form, name=name, dtype=dt)
 
     # ---- helpers -------------------------------------------------------------------------------------------------
-    def _to_tree(self, layer: int, proj: str, parts: dict, sharding, index: int | None = None):
+    def _to_tree(self, layer: int, proj: str, parts: dict, sharding):
         rec = self.store.expert_record(layer, proj)
-        if index is not None:
-            parts = {k: a[index] for k, a in parts.items()}
-        if sharding is not None:
-            parts = {k: jax.device_put(a, sharding) for k, a in parts.items()}
+        parts = {k: jax.device_put(a, sharding) for k, a in parts.items()}
         return QTensor(**parts, fmt=rec.dtype) if rec.is_fp4 else parts["weight"]
 
     def _set_phase(self, phase: str) -> None:
@@ -250,7 +248,7 @@ class TieredEngine(Engine):
             sub = np.where(mask, lut[ids], spare).astype(np.int32)
             with m.host("dispatch"):
                 acc = self.sched.moe_rows(self.experts.pool, jnp.asarray(gather), hn, jnp.asarray(sub),
-                                          jnp.asarray(mask), acc)
+                                          jnp.asarray(mask), acc, layout=self.experts.layout)
             if pred is not None and len(nxt):                  # after this layer's experts are secured
                 with m.host("prefetch"):
                     self._prefetch(np.asarray(pred), nxt)
@@ -274,8 +272,8 @@ class TieredEngine(Engine):
         for e in todo:
             self._pending[(i, e)] = fut
 
-    def _host_tree(self, i: int, e: int):
-        """Expert (i, e) in pinned host memory (waiting for its disk read if needed)."""
+    def _host_row(self, i: int, e: int):
+        """Expert (i, e)'s buffer in pinned host memory (waiting for its disk read if needed)."""
         got = self.host_cache.get((i, e))
         if got is not None:
             return got
@@ -285,9 +283,9 @@ class TieredEngine(Engine):
         fut = self._pending.pop((i, e))
         if not fut.done():
             self.disk_waits += 1
-        tree = fut.result()[e]                                        # staged in pinned memory by the loader
+        row = fut.result()[e]                                         # staged in pinned memory by the loader
         self.metrics.add_stall(time.perf_counter() - t0)
-        return tree
+        return row
 
     def _ensure(self, i: int, experts: list[int]) -> list[int]:
         """GPU slots of `experts` of layer i, loading misses in one batch; they stay pinned until unpinned."""
@@ -301,7 +299,7 @@ class TieredEngine(Engine):
                 self.experts.slots.pin((i, e))
                 slots[e] = slot
         self._start_disk(i, [e for e in misses if self.host_cache.get((i, e), count=False) is None])
-        loaded = self.experts.load([((i, e), self._host_tree(i, e)) for e in misses], pin=True)
+        loaded = self.experts.load([((i, e), self._host_row(i, e)) for e in misses], pin=True)
         slots.update(zip(misses, loaded))
         return [slots[e] for e in experts]
 
@@ -354,11 +352,12 @@ class TieredEngine(Engine):
             sub, mask = jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), bool)
             n = 2
             while True:
-                acc = self.sched.moe_rows(self.experts.pool, jnp.zeros(n, jnp.int32), hn, sub, mask, acc)
+                acc = self.sched.moe_rows(self.experts.pool, jnp.zeros(n, jnp.int32), hn, sub, mask, acc,
+                                          layout=self.experts.layout)
                 if n >= _bucket(P + 1):
                     break
                 n *= 2
-            own = jax.tree.map(lambda a: a[0], self.experts.pool)
+            own = self.experts.pool[0]
             n = 1
             while n <= _bucket(P):
                 self.experts.pool = _write_slots(self.experts.pool, jnp.zeros(n, jnp.int32), (own,) * n)
