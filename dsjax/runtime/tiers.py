@@ -115,8 +115,11 @@ class HostCache:
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _write_slots(pool, slots, rows):
-    """pool[slots[j]] = rows[j], one executable per bucketed count (the pool is donated)."""
-    return pool.at[slots].set(jnp.stack(rows))
+    """pool[slots[j]] = rows[j], one executable per bucketed count. The pool is donated and each row is copied in
+    place (a scatter of the stacked rows first builds an [n, B] copy of them: 8x slower on the CPU at V3 width)."""
+    for j, row in enumerate(rows):
+        pool = jax.lax.dynamic_update_slice(pool, row[None], (slots[j], 0))
+    return pool
 
 
 class ExpertCache:
