@@ -125,19 +125,20 @@ def test_memory_manager_ledger_and_refusal():
 def test_expert_copies_reach_the_pool_only_at_flush_and_the_latest_copy_of_a_slot_wins():
     """ExpertCache.load only issues copies; flush writes them in one slot write. A slot whose expert was evicted and
     replaced before the flush ends with the replacement (a scatter with a repeated index would pick either)."""
+    from dsjax.runtime.expert_layout import ExpertLayout, Part, flatten
     from dsjax.runtime.metrics import Metrics
     from dsjax.runtime.tiers import ExpertCache
-    template = {"w": np.zeros((4,), np.float32)}
+    layout = ExpertLayout((Part("down", "weight", 0, (4,), "float32"),), (("down", None),), 256)
     pools = Pools(**{f.name: 1 << 20 for f in dataclasses.fields(Pools)})
-    cache = ExpertCache(2, template, MemoryManager(pools), Metrics(), expert_bytes=16)
-    expert = lambda v: {"w": np.full((4,), v, np.float32)}  # noqa: E731
+    cache = ExpertCache(2, layout, MemoryManager(pools), Metrics())
+    expert = lambda v: flatten({"down": {"weight": np.full((1, 4), v, np.float32)}}, layout)[0]  # noqa: E731
     cache.load([(("L", 0), expert(1.0)), (("L", 1), expert(2.0))])
-    assert not np.asarray(cache.pool["w"]).any(), "written before flush"
+    assert not np.asarray(cache.pool["down"]).any(), "written before flush"
     slot0 = cache.lookup(("L", 0))
     cache.slots.pin(("L", 1))
     cache.load([(("L", 2), expert(3.0))])                   # evicts expert 0 (the only unpinned one) into its slot
     assert cache.lookup(("L", 2)) == slot0 and cache.lookup(("L", 0), count=False) is None
-    pool = np.asarray(cache.flush()["w"])
+    pool = np.asarray(cache.flush()["down"])
     np.testing.assert_array_equal(pool[slot0], 3.0)
     np.testing.assert_array_equal(pool[cache.lookup(("L", 1))], 2.0)
     assert cache.flush() is cache.pool                      # nothing pending: no new write

@@ -96,10 +96,10 @@ class RuntimeConfig:
                 continue
             owner = [s for s, c in sections.items() if k in {f.name for f in dataclasses.fields(c)}]
             if not owner:
+                keys = {c: ", ".join(f.name for f in dataclasses.fields(c)) for c in (MemoryConfig, ComputeConfig)}
                 raise RuntimeConfigError(f"unknown option {k!r}; options are the keys of memory_config "
-                                         f"({', '.join(f.name for f in dataclasses.fields(MemoryConfig))}), "
-                                         f"compute_config ({', '.join(f.name for f in dataclasses.fields(ComputeConfig))})"
-                                         ", gpu_memory and host_memory")
+                                         f"({keys[MemoryConfig]}), compute_config ({keys[ComputeConfig]}), "
+                                         "gpu_memory and host_memory")
             values[owner[0]][k] = v
         built = {s: sections[s](**{k: _check(sections[s], k, v, f"{s}.{k}") for k, v in values[s].items()})
                  for s in sections}

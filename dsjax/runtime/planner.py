@@ -177,7 +177,8 @@ class Placement:
             f"GPU expert pool {fmt_bytes(self.gpu_expert_pool)} ({self.gpu_expert_pool // max(mb.expert, 1)} slots "
             f"shared by the MoE layers, {mb.top_k}x{1 + self.prefetch_layers} of them for experts in flight); "
             f"cached per MoE layer: {self.gpu_expert_slots} on the GPU, {self.host_experts} in pinned host, "
-            f"{mb.n_experts - max(self.gpu_expert_slots, self.host_experts)} on disk only; KV cache room: {self.max_kv_tokens} tokens",
+            f"{mb.n_experts - max(self.gpu_expert_slots, self.host_experts)} on disk only; "
+            f"KV cache room: {self.max_kv_tokens} tokens",
             f"decode, batch 1, uniform routing (no locality assumed): per token "
             f"disk->host {fmt_bytes(self.disk_bytes_per_token)} @ {fmt_bytes(links.disk)}/s ({src}) = "
             f"{self.t_disk * 1e3:.1f} ms; host->GPU {fmt_bytes(self.h2d_bytes_per_token)} @ {fmt_bytes(links.h2d)}/s "

@@ -23,6 +23,7 @@ from dsjax.model.weights import F32_KEYS
 from dsjax.quant import QTensor
 from dsjax.runtime.config import RuntimeConfig
 from dsjax.runtime.engine import Engine
+from dsjax.runtime.expert_layout import PROJ, ExpertLayout
 from dsjax.runtime.memory import MemoryManager
 from dsjax.runtime.metrics import Metrics, json_line, prometheus_text
 from dsjax.runtime.planner import Links, ModelBytes, plan
@@ -30,7 +31,6 @@ from dsjax.runtime.scheduler import ComputeScheduler
 from dsjax.runtime.tiers import DiskReader, ExpertCache, HostCache, LayerManager, _write_slots, shardings, tree_nbytes
 
 UNLIMITED = 1 << 60
-PROJ = ("gate", "up", "down")
 
 
 def model_bytes_from_store(store) -> ModelBytes:
@@ -138,13 +138,14 @@ class TieredEngine(Engine):
                 self.full_experts[i] = tuple(self._to_tree(i, proj, futs[proj].result(), s_dev) for proj in PROJ)
                 self.mm.reserve("expert_cache", ("experts", i), E * mb.expert)
         elif moe:
-            slots = min(E * moe, p.gpu_expert_pool // mb.expert)
-            one = store.read_experts(self.moe_layers[0], [0])
-            template = {proj: self._to_tree(self.moe_layers[0], proj, one[proj].result(), None, index=0)
-                        for proj in PROJ}
-            self.experts = ExpertCache(slots, template, self.mm, self.metrics, mb.expert)
-            self.host_cache = HostCache(p.host_experts * moe, self.mm, self.metrics, mb.expert)
-            self.disk = DiskReader(store, self.metrics)
+            # Both caches hold flat expert buffers, padded a little beyond the planner's stored bytes: size them from
+            # their pools in the buffer's bytes (the host cache fills the layer cache first, then the weights pool).
+            layout = ExpertLayout.of_store(store, self.moe_layers[0])
+            nb = layout.nbytes
+            host_room = self.mm.free("host_layer_cache") // nb + self.mm.free("host_weights") // nb
+            self.experts = ExpertCache(min(E * moe, p.gpu_expert_pool // nb), layout, self.mm, self.metrics)
+            self.host_cache = HostCache(min(p.host_experts * moe, host_room), self.mm, self.metrics, nb)
+            self.disk = DiskReader(store, self.metrics, layout)
         self.sched = ComputeScheduler.shared(cfg, use_cuda_graph=cc.use_cuda_graph,
                                              parallel_shared=cc.use_parallel_compute, enable_fusion=cc.enable_fusion)
         self.threshold = mc.expert_threshold
@@ -163,12 +164,9 @@ class TieredEngine(Engine):
             self._preload()
 
     # ---- helpers -------------------------------------------------------------------------------------------------
-    def _to_tree(self, layer: int, proj: str, parts: dict, sharding, index: int | None = None):
+    def _to_tree(self, layer: int, proj: str, parts: dict, sharding):
         rec = self.store.expert_record(layer, proj)
-        if index is not None:
-            parts = {k: a[index] for k, a in parts.items()}
-        if sharding is not None:
-            parts = {k: jax.device_put(a, sharding) for k, a in parts.items()}
+        parts = {k: jax.device_put(a, sharding) for k, a in parts.items()}
         return QTensor(**parts, fmt=rec.dtype) if rec.is_fp4 else parts["weight"]
 
     def _set_phase(self, phase: str) -> None:
@@ -291,8 +289,8 @@ class TieredEngine(Engine):
         for e in todo:
             self._pending[(i, e)] = fut
 
-    def _host_tree(self, i: int, e: int):
-        """Expert (i, e) in pinned host memory (waiting for its disk read if needed)."""
+    def _host_row(self, i: int, e: int):
+        """Expert (i, e)'s buffer in pinned host memory (waiting for its disk read if needed)."""
         got = self.host_cache.get((i, e))
         if got is not None:
             return got
@@ -302,9 +300,9 @@ class TieredEngine(Engine):
         fut = self._pending.pop((i, e))
         if not fut.done():
             self.disk_waits += 1
-        tree = fut.result()[e]                                        # staged in pinned memory by the loader
+        row = fut.result()[e]                                         # staged in pinned memory by the loader
         self.metrics.add_stall(time.perf_counter() - t0)
-        return tree
+        return row
 
     def _ensure(self, i: int, experts: list[int]) -> list[int]:
         """GPU slots of `experts` of layer i, loading misses in one batch; they stay pinned until unpinned."""
@@ -318,7 +316,7 @@ class TieredEngine(Engine):
                 self.experts.slots.pin((i, e))
                 slots[e] = slot
         self._start_disk(i, [e for e in misses if self.host_cache.get((i, e), count=False) is None])
-        loaded = self.experts.load([((i, e), self._host_tree(i, e)) for e in misses], pin=True)
+        loaded = self.experts.load([((i, e), self._host_row(i, e)) for e in misses], pin=True)
         slots.update(zip(misses, loaded))
         return [slots[e] for e in experts]
 
@@ -355,13 +353,11 @@ class TieredEngine(Engine):
         self._disk_waits_seen = self.disk_waits
 
     def _warm_decode(self, B: int) -> None:
-        """Compile, once per decode batch size, the expert-rows call, and once every bucket of the slot write (one
-        per copy-count bucket), so no compile lands inside a decode step: which write bucket a step needs depends on
-        how many experts it copies. The slot writes write a slot's own value back (a no-op); the expert-rows call
-        computes on dummy inputs."""
+        """Compile, once per decode batch size, the expert-rows call (run on dummy inputs), and once every bucket of
+        the slot write (one per copy-count bucket; compiled ahead, not run), so no compile lands inside a decode step:
+        which write bucket a step needs depends on how many experts it copies."""
         if self.experts is None or B in self._warmed:
             return
-        self._warmed.add(B)
         self._set_phase("prefill")                           # counted with the generation's start, not a decode
         cfg, P = self.config, self.experts.slots.capacity
         K, D = cfg.num_experts_per_tok, cfg.hidden_size
@@ -369,12 +365,15 @@ class TieredEngine(Engine):
             hn = jnp.zeros((B, 1, D), self.dtype)
             acc = self.sched.moe_rows(self.experts.flush(), np.full((B, K), P, np.int32), hn,
                                       jnp.zeros((B, K, D), self.dtype))
-            own = jax.tree.map(lambda a: a[0], self.experts.flush())
-            n = 1
-            while n <= _bucket(P):
-                self.experts.pool = _write_slots(self.experts.pool, jnp.zeros(n, jnp.int32), (own,) * n)
-                n *= 2
+            if not self._warmed:
+                row = jax.device_put(np.zeros(self.experts.layout.nbytes, np.uint8), shardings()[0])
+                n = 1
+                while n <= _bucket(P):
+                    _write_slots.lower(self.experts.pool, jnp.zeros(n, jnp.int32), (row,) * n,
+                                       self.experts.layout).compile()
+                    n *= 2
             jax.block_until_ready(acc)
+        self._warmed.add(B)
 
     # ---- batching ---------------------------------------------------------------------------------------------------
     def _generate(self, ids, params, *, seq_offset: int = 0, n_real: int | None = None):

@@ -4,9 +4,13 @@ LayerManager (GPU ring for layer weights that are not resident).
 They execute what the planner decided and keep counters; the policy of what to fetch when lives in the engine and
 the PrefetchSystem. Every buffer they hold is accounted in the MemoryManager. Copies are asynchronous: a
 `jax.device_put` returns at once and the computation that consumes the array waits for it on the device.
+
+On the expert path (disk -> pinned host -> GPU slots) a routed expert is one flat uint8 buffer (expert_layout.py):
+the reader packs it, the host cache pins it, it crosses to the GPU as one copy, and the slot write unflattens it
+into the pool's parts.
 """
 
-# P GPU expert slots, E experts, N out-features, K in-features
+# P GPU expert slots, k experts of one read or load, B bytes of one expert buffer (ExpertLayout.nbytes)
 
 from __future__ import annotations
 
@@ -20,12 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax.quant import QTensor
 from dsjax.runtime.cache_policy import SlotCache
+from dsjax.runtime.expert_layout import ExpertLayout, flatten, unflatten
 from dsjax.runtime.memory import MemoryManager
 from dsjax.runtime.metrics import Metrics
-
-PROJ = ("gate", "up", "down")
 
 
 def tree_nbytes(tree) -> int:
@@ -39,43 +41,31 @@ def shardings(device=None):
 
 
 class DiskReader:
-    """Reads routed experts from the store on loader threads; results are per-expert numpy trees
-    {proj: QTensor | array} (one expert, no leading axis). At most `max_inflight` layer reads run at once."""
+    """Reads routed experts from the store on loader threads and packs each into its flat buffer (numpy uint8 [B],
+    see `layout`). At most `max_inflight` layer reads run at once."""
 
-    def __init__(self, store, metrics: Metrics, max_inflight: int = 4):
+    def __init__(self, store, metrics: Metrics, layout: ExpertLayout, max_inflight: int = 4):
         self.store = store
         self.metrics = metrics
+        self.layout = layout
         self._pool = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="dsjax-disk")
-        self._fmt = {}
-
-    def _record_fmt(self, layer: int, proj: str) -> str | None:
-        key = (layer, proj)
-        if key not in self._fmt:
-            rec = self.store.expert_record(layer, proj)
-            self._fmt[key] = rec.dtype if rec.is_fp4 else None
-        return self._fmt[key]
 
     def read(self, layer: int, experts: list[int], stage: Callable[[tuple[int, int], Any], Any] | None = None
              ) -> Future:
-        """Future of {expert: tree} for `experts` of `layer`; `stage((layer, e), tree)` runs on the loader thread
-        (the host cache's pinned staging copy) and its result replaces the numpy tree."""
+        """Future of {expert: buffer} for `experts` of `layer`; `stage((layer, e), buffer)` runs on the loader thread
+        (the host cache's pinned staging copy) and its result replaces the numpy buffer."""
         return self._pool.submit(self._read, layer, list(experts), stage)
 
-    def _read(self, layer: int, experts: list[int], stage=None) -> dict[int, dict[str, Any]]:
+    def _read(self, layer: int, experts: list[int], stage=None) -> dict[int, Any]:
         t0 = time.perf_counter()
         futs = self.store.read_experts(layer, experts)
         parts = {proj: f.result() for proj, f in futs.items()}
-        out: dict[int, dict[str, Any]] = {e: {} for e in experts}
-        nbytes = 0
-        for proj, p in parts.items():
-            fmt = self._record_fmt(layer, proj)
-            nbytes += sum(a.nbytes for a in p.values())
-            for j, e in enumerate(experts):
-                one = {k: a[j] for k, a in p.items()}
-                out[e][proj] = QTensor(**one, fmt=fmt) if fmt else one["weight"]
+        rows = flatten(parts, self.layout)                                  # [k, B]
+        nbytes = sum(a.nbytes for p in parts.values() for a in p.values())
         self.metrics.add_transfer("disk->host", nbytes, time.perf_counter() - t0)
+        out = {e: rows[j] for j, e in enumerate(experts)}
         if stage is not None:
-            out = {e: stage((layer, e), tree) for e, tree in out.items()}
+            out = {e: stage((layer, e), row) for e, row in out.items()}
         return out
 
     def close(self) -> None:
@@ -83,7 +73,8 @@ class DiskReader:
 
 
 class HostCache:
-    """Pinned-host copies of routed experts, keyed (layer, expert), LRFU eviction, accounted in the host pools."""
+    """Pinned-host copies of routed experts (one flat buffer each), keyed (layer, expert), LRFU eviction, accounted in
+    the host pools at `expert_bytes` (the buffer's size) each."""
 
     def __init__(self, capacity: int, mm: MemoryManager, metrics: Metrics, expert_bytes: int, decay: float = 0.1):
         self.slots = SlotCache(capacity, decay)
@@ -99,11 +90,11 @@ class HostCache:
             hit = (self.slots.lookup(key) if count else self.slots.peek(key)) is not None
             return self._data[key] if hit else None
 
-    def put(self, key: tuple[int, int], tree_np) -> Any:
-        """Stage a numpy expert into pinned host memory (on the calling loader thread) and cache it if there is
-        room; returns the pinned tree either way."""
+    def put(self, key: tuple[int, int], row: np.ndarray) -> jax.Array:
+        """Stage an expert's numpy buffer into pinned host memory (on the calling loader thread) and cache it if there
+        is room; returns the pinned buffer either way."""
         t0 = time.perf_counter()
-        pinned = jax.device_put(tree_np, self._s_host)
+        pinned = jax.device_put(row, self._s_host)
         jax.block_until_ready(pinned)
         self.metrics.add_transfer("stage->pinned", self.expert_bytes, time.perf_counter() - t0)
         with self._lock:
@@ -123,44 +114,51 @@ class HostCache:
             self.slots.tick()
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _write_slots(pool, slots, values):
-    """pool[slots[j]] = values[j] for every leaf, one executable per bucketed count (the pool is donated)."""
-    return jax.tree.map(lambda p, *v: p.at[slots].set(jnp.stack(v).astype(p.dtype)), pool, *values)
+@functools.partial(jax.jit, static_argnames=("layout",), donate_argnums=(0,))
+def _write_slots(pool, slots, rows, layout: ExpertLayout):
+    """pool[slots[j]] = the expert in flat buffer rows[j], every part (one executable per bucketed count). The pool
+    is donated and each expert's parts are written in place (a scatter of the stacked rows would first build an
+    [n, B] copy of them, which no budget accounts for)."""
+    for j, row in enumerate(rows):
+        one = unflatten(row, layout)
+        pool = jax.tree.map(lambda p, v: jax.lax.dynamic_update_slice(
+            p, v[None].astype(p.dtype), (slots[j],) + (0,) * (p.ndim - 1)), pool, one)
+    return pool
 
 
 class ExpertCache:
-    """GPU expert slots shared by all MoE layers: one device array per projection part with P slots on axis 0,
-    LRFU over (layer, expert) keys.
+    """GPU expert slots shared by all MoE layers: one device array per projection part with P slots on axis 0 (the
+    kernels read the parts in place), LRFU over (layer, expert) keys.
 
-    `load` issues the host->GPU copies at once and returns the slots; the copied experts are written into the pool
-    only by `flush`, which the runtime calls right before a computation reads the pool. So a computation dispatched
-    between the two (the next layer's attention) never waits for copies it does not need, and the copies run under
-    it; all the copies of one layer, predicted and missed, land in one slot write."""
+    An expert crosses host->GPU as one flat buffer (`layout`); `load` issues the copies at once and returns the
+    slots; the copied buffers are unflattened into the pool only by `flush`, which the runtime calls right before a
+    computation reads the pool. So a computation dispatched between the two (the next layer's attention) never waits
+    for copies it does not need, and the copies run under it; all the copies of one layer, predicted and missed, land
+    in one slot write."""
 
-    def __init__(self, capacity: int, template: dict[str, Any], mm: MemoryManager, metrics: Metrics,
-                 expert_bytes: int, decay: float = 0.1):
+    def __init__(self, capacity: int, layout: ExpertLayout, mm: MemoryManager, metrics: Metrics, decay: float = 0.1):
         s_dev, _ = shardings()
         self.slots = SlotCache(capacity, decay)
         self.metrics = metrics
-        self.expert_bytes = expert_bytes
-        mm.reserve("expert_cache", "gpu_expert_slots", capacity * expert_bytes)
-        self.pool = jax.tree.map(lambda a: jax.device_put(jnp.zeros((capacity,) + a.shape, a.dtype), s_dev),
-                                 template)
+        self.layout = layout
+        self.expert_bytes = layout.nbytes
+        mm.reserve("expert_cache", "gpu_expert_slots", capacity * layout.nbytes)
+        template = jax.eval_shape(lambda: unflatten(jnp.zeros((capacity, layout.nbytes), jnp.uint8), layout))
+        self.pool = jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), s_dev), template)
         self._s_dev = s_dev
-        self._pending: dict[int, Any] = {}      # slot -> its expert on the GPU (copy issued), not yet in the pool
+        self._pending: dict[int, Any] = {}      # slot -> its expert's buffer on the GPU (copy issued), not yet written
 
     def lookup(self, key, count: bool = True) -> int | None:
         return self.slots.lookup(key) if count else self.slots.peek(key)
 
     def load(self, items: list[tuple[Any, Any]], pin: bool = False) -> list[int]:
-        """Start copying experts [(key, pinned-host or numpy tree)] into slots: one list put (every copy in flight
-        at once, which a lone expert copy cannot fill the link with); asynchronous; written by `flush`."""
+        """Start copying experts [(key, pinned-host or numpy buffer [B])] into slots: one list put (every copy in
+        flight at once, which a lone expert copy cannot fill the link with); asynchronous; written by `flush`."""
         if not items:
             return []
         slots = [self.slots.insert(key, pin=pin)[0] for key, _ in items]
         t0 = time.perf_counter()
-        devs = jax.device_put([tree for _, tree in items], self._s_dev)
+        devs = jax.device_put([row for _, row in items], self._s_dev)
         self._pending.update(zip(slots, devs))   # a slot re-filled before a flush keeps only its latest expert
         self.metrics.add_transfer("host->GPU", self.expert_bytes * len(items), time.perf_counter() - t0,
                                   issued_only=True)
@@ -175,7 +173,7 @@ class ExpertCache:
             n = 1 << (len(slots) - 1).bit_length()              # bucket the count: few executables
             idx = slots + [slots[-1]] * (n - len(slots))        # padding rewrites the last slot with the same value
             self.pool = _write_slots(self.pool, jnp.asarray(np.asarray(idx, np.int32)),
-                                     tuple(devs + [devs[-1]] * (n - len(slots))))
+                                     tuple(devs + [devs[-1]] * (n - len(slots))), self.layout)
         return self.pool
 
     def tick(self) -> None:

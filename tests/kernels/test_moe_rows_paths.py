@@ -4,7 +4,6 @@ slots of the chunk, against a float64 SwiGLU oracle per assignment; assignments 
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
