@@ -220,6 +220,19 @@ def test_batching_keys(store, reference):
     assert e.batch_sizes == [4, 4]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fusion", [True, False], ids=["kernels", "references"])
+def test_gpu_bf16_same_tokens_under_every_budget(store, budgets, fusion):
+    """On the GPU in bf16, with the FP4 kernels (reading the slot pool in place) or the references: every budget
+    gives the tokens of the all-on-GPU run."""
+    want = None
+    for name in ("unlimited", "roomy", "tight", "minimal"):
+        e = dsjax.load(store, dtype="bfloat16", enable_fusion=fusion, **budgets[name])
+        got = [g.token_ids for g in e.generate(PROMPTS, max_new_tokens=8, stop_token_ids=())]
+        want = want or got
+        assert got == want, f"{name}: {got} != {want}"
+
+
 # ---- configuration ---------------------------------------------------------------------------------------------
 
 def test_presets_carry_the_seed_values():

@@ -142,3 +142,18 @@ def test_expert_copies_reach_the_pool_only_at_flush_and_the_latest_copy_of_a_slo
     np.testing.assert_array_equal(pool[slot0], 3.0)
     np.testing.assert_array_equal(pool[cache.lookup(("L", 1))], 2.0)
     assert cache.flush() is cache.pool                      # nothing pending: no new write
+
+
+def test_a_flush_of_more_experts_than_one_write_group_writes_them_all():
+    from dsjax.runtime.expert_layout import ExpertLayout, Part, flatten
+    from dsjax.runtime.metrics import Metrics
+    from dsjax.runtime.tiers import WRITE_GROUP, ExpertCache
+    layout = ExpertLayout((Part("down", "weight", 0, (4,), "float32"),), (("down", None),), 256)
+    pools = Pools(**{f.name: 1 << 20 for f in dataclasses.fields(Pools)})
+    n = 2 * WRITE_GROUP + 5
+    cache = ExpertCache(n + 3, layout, MemoryManager(pools), Metrics())
+    rows = flatten({"down": {"weight": np.arange(n, dtype=np.float32)[:, None].repeat(4, 1) + 1}}, layout)
+    slots = cache.load([(("L", e), rows[e]) for e in range(n)])
+    pool = np.asarray(cache.flush()["down"])
+    np.testing.assert_array_equal(pool[slots], np.arange(n, dtype=np.float32)[:, None].repeat(4, 1) + 1)
+    assert not pool[sorted(set(range(n + 3)) - set(slots))].any()

@@ -28,7 +28,8 @@ from dsjax.runtime.memory import MemoryManager
 from dsjax.runtime.metrics import Metrics, json_line, prometheus_text
 from dsjax.runtime.planner import Links, ModelBytes, plan
 from dsjax.runtime.scheduler import ComputeScheduler
-from dsjax.runtime.tiers import DiskReader, ExpertCache, HostCache, LayerManager, _write_slots, shardings, tree_nbytes
+from dsjax.runtime.tiers import (WRITE_GROUP, DiskReader, ExpertCache, HostCache, LayerManager, _write_slots,
+                                 shardings, tree_nbytes)
 
 UNLIMITED = 1 << 60
 
@@ -368,7 +369,7 @@ class TieredEngine(Engine):
             if not self._warmed:
                 row = jax.device_put(np.zeros(self.experts.layout.nbytes, np.uint8), shardings()[0])
                 n = 1
-                while n <= _bucket(P):
+                while n <= min(_bucket(P), WRITE_GROUP):
                     _write_slots.lower(self.experts.pool, jnp.zeros(n, jnp.int32), (row,) * n,
                                        self.experts.layout).compile()
                     n *= 2

@@ -114,6 +114,9 @@ class HostCache:
             self.slots.tick()
 
 
+WRITE_GROUP = 16       # experts per slot write (the largest bucket compiled)
+
+
 @functools.partial(jax.jit, static_argnames=("layout",), donate_argnums=(0,))
 def _write_slots(pool, slots, rows, layout: ExpertLayout):
     """pool[slots[j]] = the expert in flat buffer rows[j], every part (one executable per bucketed count). The pool
@@ -165,11 +168,13 @@ class ExpertCache:
         return slots
 
     def flush(self) -> Any:
-        """Write every copied expert into its slot (one executable per bucketed count; the pool is donated) and
-        return the pool."""
-        if self._pending:
-            slots, devs = list(self._pending), list(self._pending.values())
-            self._pending = {}
+        """Write every copied expert into its slot and return the pool: writes of at most WRITE_GROUP experts, one
+        executable per bucketed count (each unrolls its experts' in-place updates: compile time grows with the
+        count, so the buckets stop at WRITE_GROUP); the pool is donated."""
+        items = list(self._pending.items())
+        self._pending = {}
+        for g in range(0, len(items), WRITE_GROUP):
+            slots, devs = (list(t) for t in zip(*items[g:g + WRITE_GROUP]))
             n = 1 << (len(slots) - 1).bit_length()              # bucket the count: few executables
             idx = slots + [slots[-1]] * (n - len(slots))        # padding rewrites the last slot with the same value
             self.pool = _write_slots(self.pool, jnp.asarray(np.asarray(idx, np.int32)),
