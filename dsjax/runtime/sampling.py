@@ -12,6 +12,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,11 +46,17 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
 
+@functools.lru_cache(maxsize=64)
+def _base_key(seed: int) -> jax.Array:
+    return jax.random.key(seed)
+
+
 @functools.partial(jax.jit, static_argnames=("greedy", "top_k", "use_top_p"))
-def _sample(logits, keys, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
-    # logits [B, V] float32, keys [B] PRNG keys
+def _sample(logits, base, seq_ids, step, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
+    # logits [B, V] float32; base: the seed's PRNG key; seq_ids [B] int32; step int32
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(base, s), step))(seq_ids)
     logits = logits / temperature
     if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
@@ -66,9 +73,8 @@ def _sample(logits, keys, temperature, top_p, *, greedy: bool, top_k: int, use_t
 
 
 def sample(logits: jax.Array, params: SamplingParams, seq_ids: Sequence[int], step: int) -> jax.Array:
-    """Next tokens [B] for logits [B, V]; row b uses key (seed, seq_ids[b], step)."""
-    greedy = params.temperature == 0.0
-    base = jax.random.key(params.seed)
-    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(base, s), step))(jnp.asarray(seq_ids))
-    return _sample(logits, keys, jnp.float32(max(params.temperature, 1e-6)), jnp.float32(params.top_p),
-                   greedy=greedy, top_k=params.top_k, use_top_p=params.top_p < 1.0)
+    """Next tokens [B] for logits [B, V]; row b uses key (seed, seq_ids[b], step). One jitted call per token (the
+    keys are derived inside it), so sampling costs one dispatch, not dozens of eager ops."""
+    return _sample(logits, _base_key(params.seed), np.asarray(seq_ids, np.int32), np.int32(step),
+                   np.float32(max(params.temperature, 1e-6)), np.float32(params.top_p),
+                   greedy=params.temperature == 0.0, top_k=params.top_k, use_top_p=params.top_p < 1.0)

@@ -230,6 +230,9 @@ class TieredEngine(Engine):
                     rows = self.sched.rows_direct(hn, idx, self.full_experts[i])
                     x = self.sched.moe_out(w, h, hn, rows, weight, shared)
             else:
+                idx.copy_to_host_async()             # start the routing's device->host copy as soon as it exists,
+                if pred is not None:                  # so the sync below waits for one copy, not a round trip
+                    pred.copy_to_host_async()
                 x = self._moe_tiered(i, w, h, hn, idx, weight, shared, pred, nxt)
             self.layers.release(i)
             self.metrics.add_layer(i, time.perf_counter() - t0)
