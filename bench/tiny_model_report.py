@@ -170,11 +170,13 @@ def token_shares(hn_flat: jax.Array, router: jax.Array, bias, cfg) -> jax.Array:
     return jax.vmap(lambda h: runtime_predict(h[None], ((router, bias),), cfg)[0])(hn_flat)
 
 
-def trace_batch(weights: dict, cfg, tokens: np.ndarray) -> tuple[jax.Array, dict]:
+def trace_batch(weights: dict, cfg, tokens: np.ndarray, dense_predictor: bool = False) -> tuple[jax.Array, dict]:
     """Forward of tokens [B, T] from position 0 through `weights`; returns (final hidden [B, T, D], per MoE layer L:
     {"idx": [B, T, K] top-k ids, "pred_runtime": [B, T, E] shares of the next MoE layer's router applied to L's hn
     (what TieredEngine predicts with), "pred_output": [B, T, E] the same router applied to L's output normed with
-    the next layer's mlp_norm (later information: after L's experts, before the next layer's attention)})."""
+    the next layer's mlp_norm (later information: after L's experts, before the next layer's attention)}).
+    With `dense_predictor`, also {"pred_runtime"} for the dense layer just before the first MoE layer, which is the
+    runtime's last prediction of that layer."""
     B, T = tokens.shape
     moe = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
     nxt = {a: b for a, b in zip(moe, moe[1:])}
@@ -184,6 +186,10 @@ def trace_batch(weights: dict, cfg, tokens: np.ndarray) -> tuple[jax.Array, dict
     for i, w in enumerate(weights["layers"]):
         x, hn, idx = _traced_layer(w, x, positions, cfg, cfg.layer_kind(i))
         if idx is None:
+            if dense_predictor and moe and i == moe[0] - 1:
+                wn = weights["layers"][moe[0]]
+                out[i] = {"pred_runtime": np.asarray(token_shares(hn.reshape(B * T, -1), wn["router"],
+                                                                  wn.get("router_bias"), cfg)).reshape(B, T, -1)}
             continue
         rec = {"idx": np.asarray(idx).reshape(B, T, -1)}
         if i in nxt:
@@ -336,7 +342,7 @@ def runtime_crosscheck(ckpt: str, prompt: np.ndarray, *, threshold: float, new_t
         shutil.rmtree(tmp, ignore_errors=True)
     # The runtime ran the prompt as one prefill step, then one decode step per generated token but the last.
     seq = np.concatenate([prompt, np.asarray(gen.token_ids[:-1], np.int32)])[None]
-    _, trace = trace_batch(weights, cfg, seq)
+    _, trace = trace_batch(weights, cfg, seq, dense_predictor=True)
     E, P = cfg.n_routed_experts, len(prompt)
     tot = {"tp": 0, "fp": 0, "fn": 0, "steps": 0}
     following = {i: min(j for j in trace if j > i) for i in trace if "pred_runtime" in trace[i]}

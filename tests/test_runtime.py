@@ -124,6 +124,19 @@ def test_expert_threshold_sets_how_much_is_prefetched(store, budgets):
     assert counts[0] > counts[1] > counts[2] >= 0
 
 
+def test_every_moe_layer_gets_a_prediction_including_the_first(store, budgets):
+    """The layer before each MoE layer predicts its experts, a dense one included: every MoE layer of every decode
+    step is scored against a prediction (before, the first MoE layer after the dense ones never was)."""
+    e = _load(store, adaptive_schedule=False, **budgets["tight"])
+    scored = []
+    add = e.metrics.add_prediction
+    e.metrics.add_prediction = lambda p, a: scored.append(1) or add(p, a)
+    steps = 6
+    e.generate(PROMPTS[:1], max_new_tokens=steps + 1, stop_token_ids=())
+    assert not e.config.is_moe_layer(0) and len(e.moe_layers) >= 2
+    assert len(scored) == len(e.moe_layers) * (steps + 1)     # the prefill and every decode step
+
+
 def test_prefetch_layers_and_max_gpu_layers(store, budgets):
     e = _load(store, **dict(budgets["tight"], prefetch_layers=0))
     e.generate(PROMPTS, max_new_tokens=4)

@@ -108,9 +108,10 @@ class ComputeScheduler:
 
     def _attn(self, w, x, cache, positions, next_routers, kind, form):
         h, hn, cache, r = attn_route(w, x, cache, positions, self.cfg, kind, form)
-        if kind != "moe":
-            return h, hn, cache, None, None, None, None
         B, T, D = hn.shape
+        if kind != "moe":     # a dense layer predicts the MoE layers after it too (V3's layer 3 follows 3 dense ones)
+            pred = _predict(hn.reshape(B * T, D), next_routers, self.cfg) if next_routers else None
+            return h, hn, cache, None, None, pred, None
         pred = _predict(hn.reshape(B * T, D), next_routers, self.cfg)
         shared = _shared(w, hn) if self.parallel_shared else None
         return h, hn, cache, r.idx, r.weight, pred, shared

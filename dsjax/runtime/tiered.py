@@ -225,6 +225,9 @@ class TieredEngine(Engine):
             if kind != "moe":
                 with m.host("dispatch"):
                     x = self.sched.dense(w, h, hn)
+                if pred is not None and len(nxt):
+                    with m.host("prefetch"):
+                        self._prefetch(np.asarray(pred), nxt)
             elif self.full_experts:
                 with m.host("dispatch"):
                     rows = self.sched.rows_direct(hn, idx, self.full_experts[i])
