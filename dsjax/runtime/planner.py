@@ -111,8 +111,11 @@ class Links:
     h2d: float = 50 * GB
     disk: float = 12 * GB
     hbm: float = 3 * 10**12
-    sync_s: float = 0.45e-3         # one device->host read of a layer's top-k (hardware.md: ~0.42 ms)
-    layer_call_s: float = 50e-6     # host-side dispatch of one jitted layer call (assumed; measure with dsjax bench)
+    # Host work per layer, measured on the H200 machine (bench/RESULTS.md, V3 slice run 3, batch 1: 45.5 ms of host
+    # time per decode step over 1 dense + 6 MoE layers): dispatching a layer's jitted calls, and for an MoE layer
+    # whose experts stream, the routing sync, the slot bookkeeping and copies, and the prediction's prefetch.
+    sync_s: float = 5.2e-3          # per streamed MoE layer: routing sync (~0.5 ms) + copies + prediction
+    layer_call_s: float = 2.0e-3    # per layer: host-side dispatch of its jitted calls
     measured: bool = False
 
 
@@ -183,7 +186,8 @@ class Placement:
             f"disk->host {fmt_bytes(self.disk_bytes_per_token)} @ {fmt_bytes(links.disk)}/s ({src}) = "
             f"{self.t_disk * 1e3:.1f} ms; host->GPU {fmt_bytes(self.h2d_bytes_per_token)} @ {fmt_bytes(links.h2d)}/s "
             f"({src}) = {self.t_h2d * 1e3:.1f} ms; GPU reads {fmt_bytes(self.hbm_bytes_per_token)} @ "
-            f"{fmt_bytes(links.hbm)}/s + layer dispatch and syncs = {self.t_compute * 1e3:.1f} ms",
+            f"{fmt_bytes(links.hbm)}/s + host work per layer (dispatch, routing sync, copies) = "
+            f"{self.t_compute * 1e3:.1f} ms",
             f"predicted: {self.tokens_per_s:.2f} tok/s ({self.t_token * 1e3:.1f} ms/token, bound by {self.bound}"
             f"{', links overlapped' if self.overlap_io else ', no overlap (load on demand)'})",
         ]
