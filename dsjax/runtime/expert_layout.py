@@ -25,8 +25,8 @@ import numpy as np
 
 from dsjax.quant import QTensor
 from dsjax.store.manifest import PLAIN_PART, np_dtype
+from dsjax.store.reader import PROJECTIONS as PROJ
 
-PROJ = ("gate", "up", "down")
 ALIGN = 256        # every part starts on a 256-byte boundary (CUDA's allocation alignment), as would its own buffer
 
 
