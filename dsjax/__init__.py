@@ -20,6 +20,12 @@ if "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB" not in _os.environ:
     except (ValueError, OSError):
         pass
 
+# The persistent compilation cache (dsjax/compile_cache.py): a new process reuses what earlier ones compiled. JAX opens
+# it at the first compile, so it is configured here, at import.
+from dsjax.compile_cache import enable_compile_cache as _enable_compile_cache  # noqa: E402
+
+_enable_compile_cache()
+
 from dsjax.config import ConfigError, ModelConfig  # noqa: E402
 from dsjax.runtime.engine import Engine, Generation, PromptError, TokenEvent  # noqa: E402
 from dsjax.runtime.load import load  # noqa: E402

@@ -1,11 +1,28 @@
 """Test set-up: markers with automatic skips that say why, and shared fixtures."""
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
 # Tests run on the CPU unless a GPU test asks for the accelerator; keep XLA from grabbing all host cores' memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+# The persistent compilation cache `import dsjax` turns on goes to a directory of this run, not ~/.cache/dsjax/xla:
+# the suite writes ~460 entries (18 MB) and every code change keys new ones, so a persistent directory would grow run
+# after run (JAX never evicts by default) on CI and on developers' machines, and a test's compiles would depend on
+# what earlier runs left there. The cache stays on, as users get it, and subprocesses (CLI, notebooks)
+# inherit the directory. A DSJAX_COMPILE_CACHE set by the developer wins (e.g. a fixed one to reuse across runs).
+_COMPILE_CACHE = None
+if "DSJAX_COMPILE_CACHE" not in os.environ:
+    _COMPILE_CACHE = tempfile.mkdtemp(prefix="dsjax-test-xla-")
+    os.environ["DSJAX_COMPILE_CACHE"] = _COMPILE_CACHE
+
+
+def pytest_unconfigure(config):
+    if _COMPILE_CACHE is not None:
+        shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)
 
 
 def _has_gpu() -> bool:
