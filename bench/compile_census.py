@@ -15,10 +15,12 @@ functions and their argument shapes are the GPU's, the seconds are not.
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -115,7 +117,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the table and every signature here")
     args = ap.parse_args(argv)
     if args.demo:
-        store, budget = demo_store(tempfile.mkdtemp(prefix="census-"))
+        root = tempfile.mkdtemp(prefix="census-")
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        store, budget = demo_store(root)
     else:
         store = args.store
         budget = dict(gpu_memory=args.gpu_memory, host_memory=args.host_memory, max_gpu_layers=args.max_gpu_layers,
