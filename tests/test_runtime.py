@@ -137,6 +137,30 @@ def test_every_moe_layer_gets_a_prediction_including_the_first(store, budgets):
     assert len(scored) == len(e.moe_layers) * (steps + 1)     # the prefill and every decode step
 
 
+def test_attention_and_expert_calls_compile_once_per_kind_and_form(store, budgets, monkeypatch):
+    """A first generation compiles attention once per layer kind (dense, MoE) and form (prefill, decode), however
+    many MoE layers follow each layer (the look-ahead router tuple is padded), and the expert-rows call once per
+    form (its warm-up inputs are committed like the real ones)."""
+    import io
+    import logging
+    import jax
+    from dsjax.runtime.scheduler import ComputeScheduler
+    monkeypatch.setattr(ComputeScheduler, "_shared", {})          # fresh executables for this engine
+    e = _load(store, **budgets["tight"])
+    assert len(e.moe_layers) >= 2 and e.experts is not None
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    logging.getLogger("jax").addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            e.generate(PROMPTS[:1], max_new_tokens=4, stop_token_ids=())
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
+    compiled = [ln for ln in log.getvalue().splitlines() if ln.startswith("Compiling")]
+    assert len([ln for ln in compiled if "jit(_attn)" in ln]) == 4
+    assert len([ln for ln in compiled if "jit(_moe_rows)" in ln]) == 2
+
+
 def test_prefetch_layers_and_max_gpu_layers(store, budgets):
     e = _load(store, **dict(budgets["tight"], prefetch_layers=0))
     e.generate(PROMPTS, max_new_tokens=4)

@@ -215,10 +215,13 @@ class TieredEngine(Engine):
                     for j in range(i + 1, min(i + 1 + self.prefetch_depth, cfg.num_hidden_layers)):
                         self.layers.prefetch(j)
             # The attention call predicts for as many MoE layers as the schedule may ever look ahead, whatever the
-            # current depth, so an adaptive depth change never recompiles it; _prefetch uses the first `depth` rows.
+            # current depth and however few MoE layers follow (the tuple is padded with repeats whose rows are never
+            # read), so attention compiles once per layer kind and form; _prefetch uses the first `depth` rows.
             ahead = self._next_moe(i, self.max_depth) if (overlap and self.experts is not None) else []
             nxt = ahead[:max(self.prefetch_depth, 1)]
             routers = tuple(self.routers[j] for j in ahead)
+            if routers or (overlap and self.experts is not None):
+                routers += (self.routers[self.moe_layers[-1]],) * (self.max_depth - len(routers))
             with m.host("dispatch"):
                 h, hn, caches[i], idx, weight, pred, shared = self.sched.attn(w, x, caches[i], positions, routers,
                                                                               kind=kind, form=form)
@@ -264,7 +267,7 @@ class TieredEngine(Engine):
                 self.chunk_reads_ahead += len(ahead)
                 self._start_disk(i, ahead)
         B, T, D = hn.shape
-        acc = jnp.zeros((B * T, ids.shape[1], D), hn.dtype)
+        acc = jnp.zeros((B * T, ids.shape[1], D), hn.dtype, device=shardings()[0])   # committed, as later chunks
         lut = np.full(self.config.n_routed_experts, P, np.int32)          # P: not in this chunk
         for ch in chunks:
             with m.host("expert_copies"):                                # includes waits for disk (stall_seconds)
@@ -369,9 +372,10 @@ class TieredEngine(Engine):
         cfg, P = self.config, self.experts.slots.capacity
         K, D = cfg.num_experts_per_tok, cfg.hidden_size
         with self.metrics.host("warmup"):
-            hn = jnp.zeros((B, 1, D), self.dtype)
+            s_dev = shardings()[0]           # committed inputs, like attention's outputs: the same executable
+            hn = jnp.zeros((B, 1, D), self.dtype, device=s_dev)
             acc = self.sched.moe_rows(self.experts.flush(), np.full((B, K), P, np.int32), hn,
-                                      jnp.zeros((B, K, D), self.dtype))
+                                      jnp.zeros((B, K, D), self.dtype, device=s_dev))
             if not self._warmed:
                 row = jax.device_put(np.zeros(self.experts.layout.nbytes, np.uint8), shardings()[0])
                 n = 1
