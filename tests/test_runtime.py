@@ -161,6 +161,29 @@ def test_attention_and_expert_calls_compile_once_per_kind_and_form(store, budget
     assert len([ln for ln in compiled if "jit(_moe_rows)" in ln]) == 2
 
 
+def test_longer_generations_within_a_power_of_two_reuse_attention(store):
+    """The KV cache length is a power of two: a 130- and a 250-token generation (both 256) share attention's
+    executables, so the second compiles none (multiples of 64 gave 192 and 256: two sets)."""
+    import io
+    import logging
+    import jax
+    e = _load(store)
+    assert e.max_context >= 256
+    e.generate(PROMPTS[:1], max_new_tokens=130 - len(PROMPTS[0]), stop_token_ids=())
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    logging.getLogger("jax").addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            jax.jit(lambda a: a * 5)(np.ones(2))             # the capture sees a compile when one happens
+            e.generate(PROMPTS[:1], max_new_tokens=250 - len(PROMPTS[0]), stop_token_ids=())
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
+    compiled = [ln for ln in log.getvalue().splitlines() if ln.startswith("Compiling")]
+    assert any("<lambda>" in ln for ln in compiled)
+    assert not [ln for ln in compiled if "jit(_attn)" in ln]
+
+
 def test_prefetch_layers_and_max_gpu_layers(store, budgets):
     e = _load(store, **dict(budgets["tight"], prefetch_layers=0))
     e.generate(PROMPTS, max_new_tokens=4)

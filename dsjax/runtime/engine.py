@@ -180,7 +180,10 @@ class Engine:
         lengths = np.array([len(p) for p in ids], np.int32)
         budget = np.minimum(params.max_new_tokens, self.max_context - lengths)   # tokens each row may still add
         T = min(_bucket(int(lengths.max()), 16), self.max_context)
-        S = min(_bucket(int((lengths + budget).max()), 64), self.max_context)
+        # The KV cache length is a power of two (at least 64): every distinct length compiles each attention variant
+        # anew, so generations of growing length (a chat) compile O(log n) times, not once per 64 tokens. MLA's
+        # cache is small (576 values per token and layer), so the up-to-2x padding costs little.
+        S = min(max(64, 1 << (int((lengths + budget).max()) - 1).bit_length()), self.max_context)
         stop_ids = self._stop_ids(params)
         decoders = [StreamDecoder(self.tokenizer) if self.tokenizer else None for _ in range(B)]
         done = np.arange(B) >= (B if n_real is None else n_real)
