@@ -52,3 +52,12 @@ def demo_checkpoint(tmp_path_factory):
 def demo_engine(demo_checkpoint):
     import dsjax
     return dsjax.load(demo_checkpoint, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def store(demo_checkpoint, tmp_path_factory):
+    """The demo checkpoint converted to an NVFP4 store (policy mlp); tests that damage a store copy it first."""
+    from dsjax.store.writer import convert
+    dst = str(tmp_path_factory.mktemp("store") / "demo-nvfp4")
+    convert(demo_checkpoint, dst, fmt="nvfp4", policy="mlp", progress=False)
+    return dst

@@ -31,14 +31,6 @@ print(json.dumps({"dir": jax.config.jax_compilation_cache_dir, "tokens": tokens,
 
 
 @pytest.fixture(scope="module")
-def store(demo_checkpoint, tmp_path_factory):
-    from dsjax.store.writer import convert
-    dst = str(tmp_path_factory.mktemp("store") / "demo-nvfp4")
-    convert(demo_checkpoint, dst, fmt="nvfp4", policy="mlp", progress=False)
-    return dst
-
-
-@pytest.fixture(scope="module")
 def tight(store):
     from dsjax.runtime.planner import minimum_gpu_memory, minimum_host_memory
     from dsjax.runtime.tiered import model_bytes_from_store

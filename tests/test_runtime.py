@@ -21,14 +21,6 @@ PROMPTS = [[0, 17, 42, 99, 7, 3, 250, 11, 80, 5, 6, 120], [0, 5, 6]]
 
 
 @pytest.fixture(scope="module")
-def store(demo_checkpoint, tmp_path_factory):
-    from dsjax.store.writer import convert
-    dst = str(tmp_path_factory.mktemp("store") / "demo-nvfp4")
-    convert(demo_checkpoint, dst, fmt="nvfp4", policy="mlp", progress=False)
-    return dst
-
-
-@pytest.fixture(scope="module")
 def budgets(store):
     """Budgets from 'no limit' down to 'one layer slot, a handful of expert slots, a tiny host cache'."""
     mb = model_bytes_from_store(Store(store))

@@ -189,13 +189,13 @@ class TieredEngine(Engine):
         per_host = self.host_cache.slots.capacity // moe
         per_gpu = min(E, self.experts.slots.capacity // moe)
         n = max(per_host, per_gpu)
-        futs = [self.disk.read(i, list(range(c, min(n, c + chunk))), stage=self.host_cache.put)
-                for i in self.moe_layers for c in range(0, n, chunk)]
-        trees: dict[tuple[int, int], Any] = {}
-        for i, f in zip([i for i in self.moe_layers for _ in range(0, n, chunk)], futs):
-            trees.update({(i, e): t for e, t in f.result().items() if e < per_gpu})
+        reads = [(i, self.disk.read(i, list(range(c, min(n, c + chunk))), stage=self.host_cache.put))
+                 for i in self.moe_layers for c in range(0, n, chunk)]
+        rows: dict[tuple[int, int], Any] = {}
+        for i, f in reads:
+            rows.update({(i, e): r for e, r in f.result().items() if e < per_gpu})
         for i in self.moe_layers:
-            self.experts.load([((i, e), trees.pop((i, e))) for e in range(per_gpu)])
+            self.experts.load([((i, e), rows.pop((i, e))) for e in range(per_gpu)])
         jax.block_until_ready(self.experts.flush())
         self.preloaded = {"host": per_host * moe, "gpu": per_gpu * moe, "seconds": time.perf_counter() - t0}
         self._set_phase("prefill")
@@ -220,7 +220,7 @@ class TieredEngine(Engine):
             ahead = self._next_moe(i, self.max_depth) if (overlap and self.experts is not None) else []
             nxt = ahead[:max(self.prefetch_depth, 1)]
             routers = tuple(self.routers[j] for j in ahead)
-            if routers or (overlap and self.experts is not None):
+            if overlap and self.experts is not None:
                 routers += (self.routers[self.moe_layers[-1]],) * (self.max_depth - len(routers))
             with m.host("dispatch"):
                 h, hn, caches[i], idx, weight, pred, shared = self.sched.attn(w, x, caches[i], positions, routers,
