@@ -116,6 +116,47 @@ def test_expert_threshold_sets_how_much_is_prefetched(store, budgets):
     assert counts[0] > counts[1] > counts[2] >= 0
 
 
+def test_prefetched_experts_stay_on_the_gpu_until_their_layer_runs(store, budgets):
+    """An expert copied ahead for the next layer is never evicted before that layer runs and copied again on demand
+    (it was: an unpinned new copy is LRFU's first victim, and on the H200 the batch-8 step moved 13.2 GB against
+    8.3 GB loading on demand). Slots fewer than a batch-8 step's experts, so eviction is constant; per decode step,
+    the experts copied by prediction and those copied on demand must be disjoint, and the runtime's prefetch counters
+    must agree with the copies observed."""
+    e = _load(store, adaptive_schedule=False, gpu_memory=2 * budgets["tight"]["gpu_memory"],
+              host_memory=budgets["roomy"]["host_memory"])
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, 200, 12).tolist() for _ in range(8)]
+    steps, current, ahead = [], {"prefetch": [], "demand": []}, [False]
+    prefetch, load, tick = e._prefetch, e.experts.load, e.experts.tick
+
+    def spy_prefetch(*a):
+        ahead[0] = True
+        try:
+            return prefetch(*a)
+        finally:
+            ahead[0] = False
+
+    def spy_load(items, pin=False):
+        current["prefetch" if ahead[0] else "demand"].extend(k for k, _ in items)
+        return load(items, pin)
+
+    def spy_tick():
+        steps.append(dict(current))
+        current.update(prefetch=[], demand=[])
+        return tick()
+
+    e._prefetch, e.experts.load, e.experts.tick = spy_prefetch, spy_load, spy_tick
+    e.generate(prompts, max_new_tokens=8, stop_token_ids=())
+    assert e.experts.slots.capacity < 8 * e.config.num_experts_per_tok          # the cache cannot hold a step
+    copied_ahead = sum(len(s["prefetch"]) for s in steps)
+    assert copied_ahead > 50
+    for s in steps:
+        assert not set(s["prefetch"]) & set(s["demand"])
+    pf = e.stats()["prefetch"]
+    assert pf["copies"] == copied_ahead and 0 < pf["used"] <= pf["copies"]
+    assert e.experts.slots.pinned_count() == 0                                   # nothing stays pinned after a step
+
+
 def test_every_moe_layer_gets_a_prediction_including_the_first(store, budgets):
     """The layer before each MoE layer predicts its experts, a dense one included: every MoE layer of every decode
     step is scored against a prediction (before, the first MoE layer after the dense ones never was)."""

@@ -24,6 +24,7 @@ class Metrics:
         self.layer_calls = [0] * n_layers
         self.stall_seconds = 0.0
         self.pred_tp = self.pred_fp = self.pred_fn = 0
+        self.prefetch_used = self.prefetch_unused = 0     # predicted experts copied to the GPU ahead of their layer
         self.activations = [[0] * n_experts for _ in range(n_layers)] if n_experts else []
         self.tokens = 0
         self.started = time.perf_counter()
@@ -62,6 +63,10 @@ class Metrics:
         self.pred_fp += len(predicted - actual)
         self.pred_fn += len(actual - predicted)
 
+    def add_prefetch(self, used: int, unused: int) -> None:
+        self.prefetch_used += used
+        self.prefetch_unused += unused
+
     def add_activations(self, layer: int, experts) -> None:
         row = self.activations[layer]
         for e in experts:
@@ -82,6 +87,9 @@ class Metrics:
             "layer_ms": [1e3 * s / n if n else None for s, n in zip(self.layer_seconds, self.layer_calls)],
             "prediction": {"precision": self.pred_tp / p if p else None, "recall": self.pred_tp / r if r else None,
                            "predicted": p, "activated": r},
+            "prefetch": {"copies": self.prefetch_used + self.prefetch_unused, "used": self.prefetch_used,
+                         "hit_rate": self.prefetch_used / (self.prefetch_used + self.prefetch_unused)
+                         if self.prefetch_used + self.prefetch_unused else None},
             "expert_activations": self.activations,
             "tokens": self.tokens,
             "phase_bytes": {ph: dict(v) for ph, v in self.phase_bytes.items()},
