@@ -35,13 +35,15 @@ for step in $STEPS; do
       stamp "bench 16GB/96GB $configs"
       python3 -m dsjax.cli bench "$S" --gpu-memory 16GB --host-memory 96GB --configs "$configs" --batches "$BATCHES" \
         --tokens "$TOKENS" --prompt-len 32 --out "$OUT/$f" --trace-configs budget --trace-dir /tmp/v3-traces/16GB_96GB \
-        2>&1 | grep --line-buffered -v WARNING | tee -a "$OUT/log.txt" | tail -6 ;;
+        2>&1 | grep --line-buffered -v WARNING | tee -a "$OUT/log.txt" | tail -6
+      stamp "bench exit status ${PIPESTATUS[0]}" ;;
     disk)
       f=v3_slice_16GB_12GB_cold.json; resume $f
       stamp "bench 16GB/12GB cold"
       python3 -m dsjax.cli bench "$S" --gpu-memory 16GB --host-memory 12GB --configs budget,on_demand --batches 1,8 \
         --tokens "$TOKENS" --prompt-len 32 --cold --out "$OUT/$f" --trace-dir /tmp/v3-traces/16GB_12GB 2>&1 \
-        | grep --line-buffered -v WARNING | tee -a "$OUT/log.txt" | tail -6 ;;
+        | grep --line-buffered -v WARNING | tee -a "$OUT/log.txt" | tail -6
+      stamp "bench exit status ${PIPESTATUS[0]}" ;;
   esac
 done
 stamp "done"

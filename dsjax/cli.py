@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -253,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not faulthandler.is_enabled():       # a crash in native code (XLA, TensorStore) prints the Python stacks
+        faulthandler.enable()
     from dsjax.config import ConfigError
     from dsjax.runtime.engine import PromptError
     from dsjax.runtime.tokenizer import TokenizerError
