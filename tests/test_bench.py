@@ -82,3 +82,31 @@ def test_bench_on_a_store(demo_checkpoint, tmp_path):
     bench(store, batches=(1,), configs=("budget", "resident"), trace_dir=str(tmp_path / "t"),
           **dict(kw, trace=("budget",), out=str(tmp_path / "c.json")))
     assert sorted(os.listdir(tmp_path / "t")) == ["budget_b1"]
+
+
+def test_disk_ceiling_reads_every_file_whole_concurrently(tmp_path, monkeypatch):
+    """read_rate = all the files' bytes / the wall time of reading them with DISK_READERS threads."""
+    import threading
+    import time
+    import types
+
+    from dsjax.runtime import bench as bench_mod
+    sizes = [0, 1, 5 << 20, (16 << 20) + 3, 123457] + [4096] * 12
+    files = []
+    for k, n in enumerate(sizes):
+        f = tmp_path / f"shard{k}"
+        f.write_bytes(os.urandom(n))
+        files.append(str(f))
+    threads = set()
+    real_open = open
+
+    def spy_open(*a, **kw):
+        threads.add(threading.get_ident())
+        time.sleep(0.02)                      # slow enough that the pool starts more than one reader
+        return real_open(*a, **kw)
+
+    clock = iter([10.0, 12.0])
+    monkeypatch.setattr(bench_mod, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr("builtins.open", spy_open)
+    assert bench_mod.read_rate(files) == sum(sizes) / 2.0
+    assert 1 < len(threads) <= bench_mod.DISK_READERS
