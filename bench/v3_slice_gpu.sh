@@ -2,7 +2,7 @@
 # Issue 5 on the GPU machine: the real-width DeepSeek-V3 slice, generated (~60 s for 44.8 GB with 16 workers) and
 # measured in steps that resume across calls:
 #   OUT=/some/dir bash bench/v3_slice_gpu.sh [MOE_LAYERS] [STEP...]
-# STEP: seed (= budget,on_demand,resident in one process, sharing executables; only budget is profiled) | budget |
+# STEP: seed (= budget,on_demand,resident,hbm in one process, sharing executables; only budget is profiled) | budget |
 # resident | on_demand (16 GB GPU / 96 GB host, batches $BATCHES) | disk (16 GB / 12 GB host tier, page cache
 # dropped before each measured generation). Default: seed disk. Results: $OUT/v3_<budgets>.json
 # (+ .md), row by row; a result already in bench/results/ (committed from an earlier call) is copied to $OUT first,
@@ -29,9 +29,9 @@ stamp "generating $S ($N MoE layers)"
 python3 bench/make_v3_slice.py "$S" --moe-layers "$N" 2>&1 | grep -v -E "WARNING|it/s\]$|B/s\]$" | tail -2
 for step in $STEPS; do
   case $step in
-    seed|budget|resident|on_demand)
+    seed|budget|resident|on_demand|hbm)
       f=v3_slice_16GB_96GB.json; resume $f
-      configs=$step; [ "$step" = seed ] && configs=budget,on_demand,resident
+      configs=$step; [ "$step" = seed ] && configs=budget,on_demand,resident,hbm
       stamp "bench 16GB/96GB $configs"
       python3 -m dsjax.cli bench "$S" --gpu-memory 16GB --host-memory 96GB --configs "$configs" --batches "$BATCHES" \
         --tokens "$TOKENS" --prompt-len 32 --out "$OUT/$f" --trace-configs budget --trace-dir /tmp/v3-traces/16GB_96GB \

@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per sequence (default 64)")
     b.add_argument("--tokens", type=int, default=16, help="tokens generated per sequence (default 16)")
     b.add_argument("--configs", default="budget,resident,on_demand",
-                   help="which of budget (the given budgets), resident (no limit), on_demand (overlap_io off)")
+                   help="which of budget (the given budgets), resident (no limit), on_demand (overlap_io off), hbm "
+                        "(the whole store on the GPU as a plain in-memory model: the all-in-HBM reference)")
     b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     b.add_argument("--cold", action="store_true", help="drop the page cache before the disk ceiling (root)")
     b.add_argument("--no-trace", action="store_true", help="skip the profiler trace (GPU busy fraction)")

@@ -78,6 +78,9 @@ def test_bench_on_a_store(demo_checkpoint, tmp_path):
     assert r["ceilings"]["h2d"] > 0 and r["ceilings"]["disk"] > 0
     table = markdown(r)
     assert table.count("\n| budget |") == 2 and "ceilings measured in this run" in table
+    # the all-in-HBM reference: the plain engine, no links, the same model
+    h = bench(store, batches=(1,), configs=("hbm",), **dict(kw, out=None))["rows"][0]
+    assert h["config"] == "hbm" and h["decode_tok_s"] > 0 and h["bytes_per_step"] == {}
     # profile only the configs named (a trace costs a few tokens under the profiler)
     bench(store, batches=(1,), configs=("budget", "resident"), trace_dir=str(tmp_path / "t"),
           **dict(kw, trace=("budget",), out=str(tmp_path / "c.json")))

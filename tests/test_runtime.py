@@ -93,6 +93,27 @@ def test_store_logits_match_the_in_memory_model(store):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
+def test_in_memory_store_is_the_same_model_without_tiers(store, reference):
+    """dsjax.load(store, in_memory=True): the plain Engine with every weight on the device (FP4 kept FP4), the all-in-HBM
+    reference of the benchmark: the model of dsjax.model over the dequantized weights, and the tiered engine's
+    tokens."""
+    import jax.numpy as jnp
+    from dsjax.model import forward
+    from dsjax.runtime.engine import Engine
+    e = _load(store, in_memory=True)
+    assert type(e) is Engine
+    from dsjax.quant import QTensor
+    moe = next(i for i in range(e.config.num_hidden_layers) if e.config.is_moe_layer(i))
+    assert isinstance(e.weights["layers"][moe]["experts_gate"], QTensor)
+    s = Store(store)
+    ids = np.asarray([PROMPTS[0]])
+    want = np.asarray(forward(s.load_weights(jnp.float32), jnp.asarray(ids), s.config))
+    np.testing.assert_allclose(e.logits(ids), want, rtol=2e-5, atol=2e-5)
+    assert [g.token_ids for g in e.generate(PROMPTS, max_new_tokens=10, stop_token_ids=())] == reference[1]
+    with pytest.raises(ValueError, match="in_memory"):
+        _load(store, in_memory=True, gpu_memory="1GB")
+
+
 # ---- the effect of each key ----------------------------------------------------------------------------------
 
 def test_overlap_io_off_loads_on_demand(store, budgets, reference):

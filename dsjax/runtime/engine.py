@@ -267,3 +267,6 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Counters and timings of the last generation (prompt/generated tokens, TTFT, decode tok/s)."""
         return dict(self._stats)
+
+    def close(self) -> None:
+        """Release what the engine holds beyond its arrays (nothing here; the tiered engine stops its readers)."""

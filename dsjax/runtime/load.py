@@ -33,14 +33,15 @@ def _dtype(dtype) -> np.dtype:
 
 def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None = None,
          gpu_memory: int | str | None = None, host_memory: int | str | None = None, prefill_form: MlaForm = "naive",
-         progress: bool | None = None, **overrides) -> Engine:
+         progress: bool | None = None, in_memory: bool = False, **overrides) -> Engine:
     """Load a dsjax store (manifest.json; made by `dsjax convert`) or a Hugging Face DeepSeek checkpoint directory
     (config.json, *.safetensors, tokenizer.json) for inference.
 
     A store runs on the tiered runtime: weights spread over the GPU, pinned host memory and the disk under the
     budgets (`gpu_memory`, `host_memory`: bytes or "16GB"; None = no limit) and a preset of configs/
     ("low_latency", "high_throughput", "balanced"; its budgets apply unless given here), with any memory_config or
-    compute_config key as a keyword override. A Hugging Face checkpoint is read tensor by tensor onto the device.
+    compute_config key as a keyword override; `in_memory=True` puts the whole store on the GPU as one plain model
+    instead (no tiers: the all-in-HBM reference). A Hugging Face checkpoint is read tensor by tensor onto the device.
 
     Example:
         >>> engine = dsjax.load("v3-nvfp4-store", preset="balanced", gpu_memory="16GB", host_memory="96GB")
@@ -54,6 +55,13 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None
         progress = sys.stderr.isatty()
     tok = Tokenizer.from_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
     name = os.path.basename(os.path.normpath(path))
+    if os.path.exists(os.path.join(path, "manifest.json")) and in_memory:
+        if preset or gpu_memory is not None or host_memory is not None or overrides:
+            raise ValueError("in_memory=True loads the whole store onto the GPU: presets, budgets and runtime options "
+                             "do not apply (drop them, or load without in_memory)")
+        from dsjax.runtime.tiered import in_memory_engine
+        from dsjax.store.reader import Store
+        return in_memory_engine(Store(path), dt, tok, prefill_form=prefill_form, name=name)
     if os.path.exists(os.path.join(path, "manifest.json")):
         from dsjax.runtime.config import RuntimeConfig
         from dsjax.runtime.tiered import TieredEngine

@@ -67,6 +67,28 @@ def _cast(tree: dict, dtype, sharding) -> dict:
     return out
 
 
+def in_memory_engine(store, dtype, tokenizer=None, *, prefill_form="naive", name: str = "") -> Engine:
+    """The whole store on the GPU as one in-memory model (the plain Engine: no tiers, no caches, no runtime
+    bookkeeping): the all-in-HBM reference that the tiered runtime with no budget is compared against. FP4 weights
+    stay FP4; experts are stacked per projection [E, ...] as the model's layer call takes them."""
+    cfg, dt, s_dev = store.config, np.dtype(dtype), shardings()[0]
+    embed = _cast(store.read_core_unit("embed", "device"), dt, s_dev)
+    head = _cast(store.read_core_unit("head", "device"), dt, s_dev)
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        w = _cast(store.read_core_unit(f"layer_{i:03d}", "device"), dt, s_dev)
+        if cfg.is_moe_layer(i):
+            futs = store.read_experts(i, range(cfg.n_routed_experts))
+            for proj in PROJ:
+                rec, parts = store.expert_record(i, proj), futs[proj].result()
+                parts = {k: jax.device_put(a, s_dev) for k, a in parts.items()}
+                w[f"experts_{proj}"] = (QTensor(**parts, fmt=rec.dtype) if rec.is_fp4
+                                        else _cast({"weight": parts["weight"]}, dt, s_dev)["weight"])
+        layers.append(w)
+    weights = {"embed": embed["embed"], "final_norm": head["final_norm"], "lm_head": head["lm_head"], "layers": layers}
+    return Engine(cfg, weights, tokenizer, prefill_form=prefill_form, name=name, dtype=dt)
+
+
 def _bucket(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
