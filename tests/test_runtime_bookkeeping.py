@@ -61,6 +61,69 @@ def test_decay_zero_is_lfu_with_oldest_tiebreak():
     assert got == want
 
 
+@pytest.mark.parametrize("decay", [0.1, 0.5])
+def test_lrfu_victims_match_the_definition(decay):
+    """Against LRFU computed from its definition (C = sum over a key's uses since it was cached of 2^(-decay * age);
+    victim: smallest C among unpinned keys, then oldest last use, then cached first), over random uses, pins and
+    evictions: the same victims and slots (the cache ranks keys with a heap instead of scanning them)."""
+    rng = np.random.default_rng(int(decay * 10))
+    cap, cache = 6, SlotCache(6, decay=decay)
+    uses, slot_of, order, pins, free, clock = {}, {}, [], collections.Counter(), list(range(5, -1, -1)), 0
+
+    def value(k):
+        return sum(2.0 ** (-decay * (clock - t)) for t in uses[k])
+
+    def victim():
+        cands = [k for k in order if not pins[k]]
+        return min(cands, key=lambda k: (value(k), uses[k][-1], order.index(k))) if cands else None
+
+    for _ in range(3000):
+        op = rng.random()
+        k = int(rng.zipf(1.3)) % 20
+        if op < 0.15:
+            cache.tick()
+            clock += 1
+        elif op < 0.25 and order:
+            p = order[int(rng.integers(len(order)))]
+            if pins[p] and rng.random() < 0.6:
+                cache.unpin(p)
+                pins[p] -= 1
+            elif pins[p] < 2:
+                cache.pin(p)
+                pins[p] += 1
+        elif op < 0.3 and order:
+            want = victim()
+            if want is None:
+                with pytest.raises(RuntimeError):
+                    cache.evict_one()
+                continue
+            assert cache.evict_one() == want
+            free.append(slot_of.pop(want))
+            order.remove(want)
+            del uses[want]
+        elif k in slot_of:
+            assert cache.lookup(k) == slot_of[k]
+            uses[k].append(clock)
+        else:
+            assert cache.lookup(k) is None
+            want = None if free else victim()
+            if not free and want is None:
+                with pytest.raises(RuntimeError):
+                    cache.insert(k)
+                continue
+            slot, evicted = cache.insert(k)
+            assert evicted == want
+            if want is not None:
+                assert slot == slot_of.pop(want)
+                order.remove(want)
+                del uses[want]
+            else:
+                assert slot == free.pop()
+            slot_of[k], uses[k] = slot, [clock]
+            order.append(k)
+    assert cache.counters.evictions > 100
+
+
 def test_frequency_protects_hot_keys_under_blended_decay():
     """A key used every other step survives a scan of one-off keys that would flush it from a plain LRU of 3."""
     c = SlotCache(3, decay=0.05)

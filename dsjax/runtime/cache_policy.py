@@ -5,11 +5,19 @@ combined recency-frequency value C = sum over past uses of 2^(-decay * age): dec
 LRU, values between blend them (Lee et al., "LRFU", IEEE TC 2001). The victim is the unpinned key with the smallest
 C now. Pinned keys (in use by a computation or a copy in flight) are never evicted. Pure bookkeeping: the caller
 moves the bytes into the slot it is given.
+
+Finding the victim is O(log n): every key's C decays by the same factor per tick, so the order of two keys changes
+only when one is used, and log2(C) + decay * (time of last use) ranks the keys at every instant. A heap holds one
+entry per use (stale entries are skipped and compacted away). A scan over all keys cost ~160 us per eviction at
+282 slots, once per expert copied: ~7 ms of a 39 ms decode step on the V3 slice at batch 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import itertools
+import math
 from typing import Hashable, Iterable
 
 
@@ -46,6 +54,10 @@ class SlotCache:
         self._pins: dict[Hashable, int] = {}
         self._free = list(range(capacity - 1, -1, -1))
         self._clock = 0
+        self._heap: list[tuple] = []                   # (log2 C + decay * last use, last use, arrival, key)
+        self._entry: dict[Hashable, tuple] = {}        # key -> its live heap entry
+        self._arrival: dict[Hashable, int] = {}        # ties: the key cached first goes first
+        self._arrivals = itertools.count()
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._slot
@@ -66,6 +78,38 @@ class SlotCache:
     def _touch(self, key: Hashable) -> None:
         self._crf[key] = (self._value(key) if key in self._crf else 0.0) + 1.0
         self._last[key] = self._clock
+        entry = (math.log2(self._crf[key]) + self.decay * self._clock, self._clock, self._arrival[key], key)
+        self._entry[key] = entry
+        heapq.heappush(self._heap, entry)
+        if len(self._heap) > 4 * len(self._entry) + 64:      # drop the stale entries
+            self._heap = list(self._entry.values())
+            heapq.heapify(self._heap)
+
+    def _victim(self) -> Hashable | None:
+        """The unpinned key with the smallest C now (oldest last use, then first cached, on ties); None if all are
+        pinned."""
+        held, victim = [], None
+        while self._heap:
+            entry = self._heap[0]
+            key = entry[3]
+            if self._entry.get(key) is not entry:              # used again since, or evicted
+                heapq.heappop(self._heap)
+            elif self._pins.get(key):
+                held.append(heapq.heappop(self._heap))
+            else:
+                victim = key
+                break
+        for entry in held:
+            heapq.heappush(self._heap, entry)
+        return victim
+
+    def _forget(self, key: Hashable) -> int:
+        self._crf.pop(key)
+        self._last.pop(key)
+        self._entry.pop(key)
+        self._arrival.pop(key)
+        self.counters.evictions += 1
+        return self._slot.pop(key)
 
     def lookup(self, key: Hashable) -> int | None:
         """The key's slot on a hit (counted and touched), None on a miss (counted)."""
@@ -92,16 +136,13 @@ class SlotCache:
         if self._free:
             slot = self._free.pop()
         else:
-            candidates = [k for k in self._slot if not self._pins.get(k)]
-            if not candidates:
+            evicted = self._victim()
+            if evicted is None:
                 raise RuntimeError(f"all {self.capacity} slots are pinned; the cache is too small for the work in "
                                    "flight (raise its budget or lower prefetch depth)")
-            evicted = min(candidates, key=lambda k: (self._value(k), self._last[k]))
-            slot = self._slot.pop(evicted)
-            self._crf.pop(evicted)
-            self._last.pop(evicted)
-            self.counters.evictions += 1
+            slot = self._forget(evicted)
         self._slot[key] = slot
+        self._arrival[key] = next(self._arrivals)
         self._touch(key)
         if pin:
             self.pin(key)
@@ -109,14 +150,10 @@ class SlotCache:
 
     def evict_one(self) -> Hashable:
         """Evict the lowest-valued unpinned key now and return it (RuntimeError if all are pinned)."""
-        candidates = [k for k in self._slot if not self._pins.get(k)]
-        if not candidates:
+        victim = self._victim()
+        if victim is None:
             raise RuntimeError(f"all {self.capacity} slots are pinned")
-        victim = min(candidates, key=lambda k: (self._value(k), self._last[k]))
-        self._free.append(self._slot.pop(victim))
-        self._crf.pop(victim)
-        self._last.pop(victim)
-        self.counters.evictions += 1
+        self._free.append(self._forget(victim))
         return victim
 
     def pinned_count(self) -> int:
