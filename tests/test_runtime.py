@@ -238,6 +238,35 @@ def test_longer_generations_within_a_power_of_two_reuse_attention(store):
     assert not [ln for ln in compiled if "jit(_attn)" in ln]
 
 
+def test_prompt_lengths_in_half_octave_buckets_share_the_prefill(store):
+    """Prompts are padded to 16, 24, 32, 48, 64, 96, ...: a 70- and a 90-token prompt (both 96) share the prefill's
+    executables, so the second compiles no attention (multiples of 16 gave 80 and 96: two sets), and the padding
+    does not change the tokens (the 90-token prompt alone, then batched with a 70-token one)."""
+    import io
+    import logging
+    import jax
+    from dsjax.runtime.engine import _prompt_bucket
+    assert [_prompt_bucket(n) for n in (1, 16, 17, 24, 25, 33, 48, 49, 70, 90, 97, 129, 200)] == \
+        [16, 16, 24, 24, 32, 48, 48, 64, 96, 96, 128, 192, 256]
+    e = _load(store)
+    rng = np.random.default_rng(5)
+    p70, p90 = rng.integers(1, 200, 70).tolist(), rng.integers(1, 200, 90).tolist()
+    e.generate([p70], max_new_tokens=3, stop_token_ids=())
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    logging.getLogger("jax").addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            jax.jit(lambda a: a * 7)(np.ones(2))             # the capture sees a compile when one happens
+            alone = e.generate([p90], max_new_tokens=3, stop_token_ids=())[0].token_ids
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
+    compiled = [ln for ln in log.getvalue().splitlines() if ln.startswith("Compiling")]
+    assert any("<lambda>" in ln for ln in compiled)
+    assert not [ln for ln in compiled if "jit(_attn)" in ln]
+    assert alone == e.generate([p70, p90], max_new_tokens=3, stop_token_ids=())[1].token_ids
+
+
 def test_prefetch_layers_and_max_gpu_layers(store, budgets):
     e = _load(store, **dict(budgets["tight"], prefetch_layers=0))
     e.generate(PROMPTS, max_new_tokens=4)
