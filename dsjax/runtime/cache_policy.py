@@ -57,6 +57,7 @@ class SlotCache:
         self._heap: list[tuple] = []                   # (log2 C + decay * last use, last use, arrival, key)
         self._entry: dict[Hashable, tuple] = {}        # key -> its live heap entry
         self._arrival: dict[Hashable, int] = {}        # ties: the key cached first goes first
+        self._aside: dict[Hashable, tuple] = {}        # pinned keys met at the heap's top: back in when unpinned
         self._arrivals = itertools.count()
 
     def __contains__(self, key: Hashable) -> bool:
@@ -80,30 +81,28 @@ class SlotCache:
         self._last[key] = self._clock
         entry = (math.log2(self._crf[key]) + self.decay * self._clock, self._clock, self._arrival[key], key)
         self._entry[key] = entry
+        self._aside.pop(key, None)
         heapq.heappush(self._heap, entry)
         if len(self._heap) > 4 * len(self._entry) + 64:      # drop the stale entries
-            self._heap = list(self._entry.values())
+            self._heap = [e for k, e in self._entry.items() if k not in self._aside]
             heapq.heapify(self._heap)
 
     def _victim(self) -> Hashable | None:
         """The unpinned key with the smallest C now (oldest last use, then first cached, on ties); None if all are
         pinned."""
-        held, victim = [], None
         while self._heap:
             entry = self._heap[0]
             key = entry[3]
             if self._entry.get(key) is not entry:              # used again since, or evicted
                 heapq.heappop(self._heap)
-            elif self._pins.get(key):
-                held.append(heapq.heappop(self._heap))
+            elif self._pins.get(key):                          # set aside until unpinned (not re-pushed per search)
+                self._aside[key] = heapq.heappop(self._heap)
             else:
-                victim = key
-                break
-        for entry in held:
-            heapq.heappush(self._heap, entry)
-        return victim
+                return key
+        return None
 
     def _forget(self, key: Hashable) -> int:
+        self._aside.pop(key, None)
         self._crf.pop(key)
         self._last.pop(key)
         self._entry.pop(key)
@@ -170,6 +169,9 @@ class SlotCache:
             self._pins[key] = n
         else:
             self._pins.pop(key)
+            entry = self._aside.pop(key, None)
+            if entry is not None:
+                heapq.heappush(self._heap, entry)
 
     def unpin_all(self, keys: Iterable[Hashable]) -> None:
         for k in keys:
