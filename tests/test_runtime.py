@@ -94,9 +94,9 @@ def test_store_logits_match_the_in_memory_model(store):
 
 
 def test_in_memory_store_is_the_same_model_without_tiers(store, reference):
-    """dsjax.load(store, in_memory=True): the plain Engine with every weight on the device (FP4 kept FP4), the all-in-HBM
-    reference of the benchmark: the model of dsjax.model over the dequantized weights, and the tiered engine's
-    tokens."""
+    """dsjax.load(store, in_memory=True): the plain Engine with every weight on the device (FP4 kept FP4), the
+    all-in-HBM reference of the benchmark: the model of dsjax.model over the dequantized weights, and the tiered
+    engine's tokens."""
     import jax.numpy as jnp
     from dsjax.model import forward
     from dsjax.runtime.engine import Engine

@@ -67,7 +67,7 @@ def test_lrfu_victims_match_the_definition(decay):
     victim: smallest C among unpinned keys, then oldest last use, then cached first), over random uses, pins and
     evictions: the same victims and slots (the cache ranks keys with a heap instead of scanning them)."""
     rng = np.random.default_rng(int(decay * 10))
-    cap, cache = 6, SlotCache(6, decay=decay)
+    cache = SlotCache(6, decay=decay)
     uses, slot_of, order, pins, free, clock = {}, {}, [], collections.Counter(), list(range(5, -1, -1)), 0
 
     def value(k):

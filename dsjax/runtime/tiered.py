@@ -178,7 +178,7 @@ class TieredEngine(Engine):
         self.disk_waits = self._disk_waits_seen = 0      # expert reads the compute had to wait for
         self._pending: dict[tuple[int, int], Any] = {}      # (layer, expert) -> Future of a disk read
         self._predicted: dict[int, set] = {}
-        self._prefetch_pins: dict[int, list] = {}        # layer -> its predicted experts copied to (and pinned on) the GPU
+        self._prefetch_pins: dict[int, list] = {}        # layer -> predicted experts copied (and pinned) ahead
         self.chunk_reads_ahead = 0                           # experts read ahead of their prefill chunk
         self.batch_sizes: list[int] = []                     # padded batch of each prefill (dynamic batching)
         self._warmed: set[int] = set()                       # decode batch sizes whose executables are compiled
