@@ -39,6 +39,26 @@ def _load(store, **kw):
     return dsjax.load(store, dtype="float32", **kw)
 
 
+def _compiles(fn):
+    """fn()'s result and the "Compiling ..." lines JAX logged while it ran; a throwaway jit runs first so that an
+    empty capture means no compile, not a capture that saw nothing."""
+    import io
+    import logging
+    import jax
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    logging.getLogger("jax").addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            jax.jit(lambda a: a * 3)(np.ones(3))
+            out = fn()
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
+    compiled = [ln for ln in log.getvalue().splitlines() if ln.startswith("Compiling")]
+    assert any("<lambda>" in ln for ln in compiled)
+    return out, compiled
+
+
 @pytest.fixture(scope="module")
 def reference(store):
     e = _load(store)
@@ -195,22 +215,11 @@ def test_attention_and_expert_calls_compile_once_per_kind_and_form(store, budget
     """A first generation compiles attention once per layer kind (dense, MoE) and form (prefill, decode), however
     many MoE layers follow each layer (the look-ahead router tuple is padded), and the expert-rows call once per
     form (its warm-up inputs are committed like the real ones)."""
-    import io
-    import logging
-    import jax
     from dsjax.runtime.scheduler import ComputeScheduler
     monkeypatch.setattr(ComputeScheduler, "_shared", {})          # fresh executables for this engine
     e = _load(store, **budgets["tight"])
     assert len(e.moe_layers) >= 2 and e.experts is not None
-    log = io.StringIO()
-    handler = logging.StreamHandler(log)
-    logging.getLogger("jax").addHandler(handler)
-    try:
-        with jax.log_compiles(True):
-            e.generate(PROMPTS[:1], max_new_tokens=4, stop_token_ids=())
-    finally:
-        logging.getLogger("jax").removeHandler(handler)
-    compiled = [ln for ln in log.getvalue().splitlines() if ln.startswith("Compiling")]
+    _, compiled = _compiles(lambda: e.generate(PROMPTS[:1], max_new_tokens=4, stop_token_ids=()))
     assert len([ln for ln in compiled if "jit(_attn)" in ln]) == 4
     assert len([ln for ln in compiled if "jit(_moe_rows)" in ln]) == 2
 
@@ -218,23 +227,10 @@ def test_attention_and_expert_calls_compile_once_per_kind_and_form(store, budget
 def test_longer_generations_within_a_power_of_two_reuse_attention(store):
     """The KV cache length is a power of two: a 130- and a 250-token generation (both 256) share attention's
     executables, so the second compiles none (multiples of 64 gave 192 and 256: two sets)."""
-    import io
-    import logging
-    import jax
     e = _load(store)
     assert e.max_context >= 256
     e.generate(PROMPTS[:1], max_new_tokens=130 - len(PROMPTS[0]), stop_token_ids=())
-    log = io.StringIO()
-    handler = logging.StreamHandler(log)
-    logging.getLogger("jax").addHandler(handler)
-    try:
-        with jax.log_compiles(True):
-            jax.jit(lambda a: a * 5)(np.ones(2))             # the capture sees a compile when one happens
-            e.generate(PROMPTS[:1], max_new_tokens=250 - len(PROMPTS[0]), stop_token_ids=())
-    finally:
-        logging.getLogger("jax").removeHandler(handler)
-    compiled = [ln for ln in log.getvalue().splitlines() if ln.startswith("Compiling")]
-    assert any("<lambda>" in ln for ln in compiled)
+    _, compiled = _compiles(lambda: e.generate(PROMPTS[:1], max_new_tokens=250 - len(PROMPTS[0]), stop_token_ids=()))
     assert not [ln for ln in compiled if "jit(_attn)" in ln]
 
 
@@ -242,9 +238,6 @@ def test_prompt_lengths_in_half_octave_buckets_share_the_prefill(store):
     """Prompts are padded to 16, 24, 32, 48, 64, 96, ...: a 70- and a 90-token prompt (both 96) share the prefill's
     executables, so the second compiles no attention (multiples of 16 gave 80 and 96: two sets), and the padding
     does not change the tokens (the 90-token prompt alone, then batched with a 70-token one)."""
-    import io
-    import logging
-    import jax
     from dsjax.runtime.engine import _prompt_bucket
     assert [_prompt_bucket(n) for n in (1, 16, 17, 24, 25, 33, 48, 49, 70, 90, 97, 129, 200)] == \
         [16, 16, 24, 24, 32, 48, 48, 64, 96, 96, 128, 192, 256]
@@ -252,17 +245,7 @@ def test_prompt_lengths_in_half_octave_buckets_share_the_prefill(store):
     rng = np.random.default_rng(5)
     p70, p90 = rng.integers(1, 200, 70).tolist(), rng.integers(1, 200, 90).tolist()
     e.generate([p70], max_new_tokens=3, stop_token_ids=())
-    log = io.StringIO()
-    handler = logging.StreamHandler(log)
-    logging.getLogger("jax").addHandler(handler)
-    try:
-        with jax.log_compiles(True):
-            jax.jit(lambda a: a * 7)(np.ones(2))             # the capture sees a compile when one happens
-            alone = e.generate([p90], max_new_tokens=3, stop_token_ids=())[0].token_ids
-    finally:
-        logging.getLogger("jax").removeHandler(handler)
-    compiled = [ln for ln in log.getvalue().splitlines() if ln.startswith("Compiling")]
-    assert any("<lambda>" in ln for ln in compiled)
+    alone, compiled = _compiles(lambda: e.generate([p90], max_new_tokens=3, stop_token_ids=())[0].token_ids)
     assert not [ln for ln in compiled if "jit(_attn)" in ln]
     assert alone == e.generate([p70, p90], max_new_tokens=3, stop_token_ids=())[1].token_ids
 
@@ -514,21 +497,7 @@ def test_no_compile_inside_decode_steps(store, budgets):
     layer executables: attention always predicts for the deepest look-ahead, and the gather / copy-count buckets
     are compiled when the batch size is first seen. (Fails if attention's router tuple follows the current depth;
     this tiny store's buckets all appear in the first two tokens, so it does not exercise the bucket warm-up.)"""
-    import io
-    import logging
-    import jax
     e = _load(store, adaptive_schedule=True, **budgets["tight"])     # the look-ahead depth may change mid-run
     e.generate(PROMPTS[:1], max_new_tokens=2, stop_token_ids=())
-    log, handler = io.StringIO(), None
-    handler = logging.StreamHandler(log)
-    logger = logging.getLogger("jax")
-    logger.addHandler(handler)
-    try:
-        with jax.log_compiles(True):
-            jax.jit(lambda a: a * 3)(np.ones(3))             # the capture sees a compile when one happens
-            e.generate(PROMPTS[:1], max_new_tokens=12, stop_token_ids=())
-    finally:
-        logger.removeHandler(handler)
-    compiled = [ln for ln in log.getvalue().splitlines() if "Compiling" in ln]
-    assert any("<lambda>" in m for m in compiled)
+    _, compiled = _compiles(lambda: e.generate(PROMPTS[:1], max_new_tokens=12, stop_token_ids=()))
     assert not [m for m in compiled if any(f"jit({f})" in m for f in ("_moe_rows", "_write_slots", "_attn"))]
