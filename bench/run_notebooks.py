@@ -28,14 +28,17 @@ def run(path: str, out: str) -> bool:
     cells = [c for c in json.load(open(path))["cells"] if c["cell_type"] == "code"]
 
     class Shell(InteractiveShell):
-        def enable_gui(self, gui=None):           # %matplotlib inline: no event loop to start outside Jupyter
+        def enable_gui(self, gui=None):           # no event loop to start outside Jupyter
             pass
+
+        def enable_matplotlib(self, gui=None):    # %matplotlib inline would close the figures before they are saved
+            return gui, "agg"
 
     InteractiveShell.clear_instance()                # the previous notebook's shell
     shell = Shell.instance()
     for n, cell in enumerate(cells):
         t0 = time.perf_counter()
-        plt.show = lambda *a, **k: None                       # %matplotlib inline rebinds it; figures saved below
+        plt.show = lambda *a, **k: None                       # figures are saved below
         res = shell.run_cell("".join(cell["source"]), store_history=False)
         for k, num in enumerate(plt.get_fignums()):
             plt.figure(num).savefig(os.path.join(out, f"{name}_cell{n}_{k}.png"), dpi=80)
