@@ -103,6 +103,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\n[dsjax demo] moved: {links}")
     print(f"[dsjax demo] hit rates: GPU {s['hit_rates']['gpu']:.2f}, host {s['hit_rates']['host']:.2f}; "
           f"next-layer prediction precision {pr['precision']:.2f}, recall {pr['recall']:.2f}; "
+          f"{s['prefetch']['used']} of {s['prefetch']['copies']} experts copied ahead were used; "
           f"stalled on weights {s['stall_seconds'] * 1e3:.0f} ms")
     g = engine.generate("Speak, what news?", chat=True, max_new_tokens=8)
     print(f"[dsjax demo] chat template prompt: {engine.tokenizer.decode(g.prompt_ids, False)!r}")
