@@ -134,6 +134,17 @@ def test_in_memory_store_is_the_same_model_without_tiers(store, reference):
         _load(store, in_memory=True, gpu_memory="1GB")
 
 
+def test_in_memory_refuses_a_store_larger_than_the_gpu(store, monkeypatch):
+    from dsjax.runtime import tiered
+    from dsjax.runtime.planner import BudgetError
+    need = model_bytes_from_store(Store(store)).total
+    monkeypatch.setattr(tiered, "device_free_bytes", lambda: need - 1)
+    with pytest.raises(BudgetError, match="whole store on the GPU.*load it tiered"):
+        _load(store, in_memory=True)
+    monkeypatch.setattr(tiered, "device_free_bytes", lambda: need)
+    assert _load(store, in_memory=True).logits(np.asarray([PROMPTS[1]])).shape[1] == len(PROMPTS[1])
+
+
 # ---- the effect of each key ----------------------------------------------------------------------------------
 
 def test_overlap_io_off_loads_on_demand(store, budgets, reference):

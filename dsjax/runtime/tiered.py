@@ -27,7 +27,7 @@ from dsjax.runtime.engine import Engine
 from dsjax.runtime.expert_layout import PROJ, ExpertLayout
 from dsjax.runtime.memory import MemoryManager
 from dsjax.runtime.metrics import Metrics, json_line, prometheus_text
-from dsjax.runtime.planner import Links, ModelBytes, plan
+from dsjax.runtime.planner import BudgetError, Links, ModelBytes, fmt_bytes, plan
 from dsjax.runtime.scheduler import ComputeScheduler
 from dsjax.runtime.tiers import (WRITE_GROUP, DiskReader, ExpertCache, HostCache, LayerManager, _write_slots,
                                  shardings, tree_nbytes)
@@ -67,11 +67,24 @@ def _cast(tree: dict, dtype, sharding) -> dict:
     return out
 
 
+def device_free_bytes() -> int | None:
+    """Bytes the default device can still allocate (None where the backend does not say, e.g. the CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
 def in_memory_engine(store, dtype, tokenizer=None, *, prefill_form="naive", name: str = "") -> Engine:
     """The whole store on the GPU as one in-memory model (the plain Engine: no tiers, no caches, no runtime
     bookkeeping): the all-in-HBM reference that the tiered runtime with no budget is compared against. FP4 weights
     stay FP4; experts are stacked per projection [E, ...] as the model's layer call takes them."""
     cfg, dt, s_dev = store.config, np.dtype(dtype), shardings()[0]
+    need, free = model_bytes_from_store(store).total, device_free_bytes()
+    if free is not None and need > free:
+        raise BudgetError(f"in_memory=True puts the whole store on the GPU: about {fmt_bytes(need)}, and the GPU has "
+                          f"{fmt_bytes(free)} free; load it tiered instead (dsjax.load(store, gpu_memory=..., "
+                          "host_memory=...))")
     embed = _cast(store.read_core_unit("embed", "device"), dt, s_dev)
     head = _cast(store.read_core_unit("head", "device"), dt, s_dev)
     layers = []
