@@ -25,6 +25,8 @@ trap save_cache EXIT
 T0=$(date +%s)
 stamp() { echo "[v3-slice +$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/log.txt"; }
 resume() { [ -f "bench/results/$1" ] && [ ! -f "$OUT/$1" ] && cp "bench/results/$1" "$OUT/$1"; true; }
+mem() { stamp "memory: $(free -g | awk '/^Mem/ {print $3 " GiB used, " $7 " GiB available"}'); $(df -h "$(dirname "$S")" | awk 'NR==2 {print $1 " " $3 " used of " $2}')"; }
+mem          # the disk step's batch-8 process once died without a message: watch memory (and what backs the store)
 stamp "generating $S ($N MoE layers)"
 python3 bench/make_v3_slice.py "$S" --moe-layers "$N" 2>&1 | grep -v -E "WARNING|it/s\]$|B/s\]$" | tail -2
 for step in $STEPS; do
@@ -36,14 +38,14 @@ for step in $STEPS; do
       python3 -m dsjax.cli bench "$S" --gpu-memory 16GB --host-memory 96GB --configs "$configs" --batches "$BATCHES" \
         --tokens "$TOKENS" --prompt-len 32 --out "$OUT/$f" --trace-configs budget --trace-dir /tmp/v3-traces/16GB_96GB \
         2>&1 | grep --line-buffered -v WARNING | tee -a "$OUT/log.txt" | tail -6
-      stamp "bench exit status ${PIPESTATUS[0]}" ;;
+      stamp "bench exit status ${PIPESTATUS[0]}"; mem ;;
     disk)
       f=v3_slice_16GB_12GB_cold.json; resume $f
       stamp "bench 16GB/12GB cold"
       python3 -m dsjax.cli bench "$S" --gpu-memory 16GB --host-memory 12GB --configs budget,on_demand --batches 1,8 \
         --tokens "$TOKENS" --prompt-len 32 --cold --out "$OUT/$f" --trace-dir /tmp/v3-traces/16GB_12GB 2>&1 \
         | grep --line-buffered -v WARNING | tee -a "$OUT/log.txt" | tail -6
-      stamp "bench exit status ${PIPESTATUS[0]}" ;;
+      stamp "bench exit status ${PIPESTATUS[0]}"; mem ;;
   esac
 done
 stamp "done"
