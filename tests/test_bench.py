@@ -72,6 +72,8 @@ def test_bench_on_a_store(demo_checkpoint, tmp_path):
     assert rows[("resident", 1)]["bytes_per_step"].get("host->GPU", 0) == 0
     budget = rows[("budget", 1)]
     assert budget["bytes_per_step"]["host->GPU"] > 0 and budget["roofline_ms"] > 0
+    assert 0 <= budget["prefetch"]["used"] <= budget["prefetch"]["copies"]
+    assert rows[("on_demand", 1)]["prefetch"] == {"copies": 0, "used": 0}
     assert budget["roofline_ms"] == pytest.approx(1e3 * max(
         budget["bytes_per_step"].get("host->GPU", 0) / r["ceilings"]["h2d"],
         budget["bytes_per_step"].get("disk->host", 0) / r["ceilings"]["disk"]))

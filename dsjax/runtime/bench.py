@@ -249,6 +249,8 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
             achieved_GB_s={k: v / t_step / GB for k, v in per_step.items() if k in roof},
             roofline_ms=1e3 * bound, roofline_fraction=(bound / t_step) if bound else None,
             hit_rates=s.get("hit_rates", {}), prediction=s.get("prediction", {}), gpu_busy=busy,
+            prefetch={k: s.get("prefetch", {}).get(k, 0) - s0.get("prefetch", {}).get(k, 0)
+                      for k in ("copies", "used")},          # experts copied ahead during the measured generation
             stall_s=stall, host_ms_per_step={k: 1e3 * (v - h0.get(k, 0.0)) / steps for k, v in h1.items()},
             predicted_tok_s=s.get("predicted_tok_s"), trace=timeline))
         if on_row:
@@ -316,7 +318,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"HBM {hbm}",
              "",
              "| config | batch | TTFT ms | prefill tok/s | decode tok/s | step ms | host->GPU MB/step | disk MB/step "
-             "| achieved GB/s (h2d / disk) | I/O roofline ms | of roofline | hit GPU/host | pred P/R | GPU busy "
+             "| achieved GB/s (h2d / disk) | I/O roofline ms | of roofline | hit GPU/host "
+             "| pred P/R (copied ahead: used/copies) | GPU busy "
              "| copy time under compute | host ms/step: routing sync / expert copies / dispatch |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -330,7 +333,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r['roofline_ms']:.2f} | "
             + (f"{r['roofline_fraction']:.0%}" if r["roofline_fraction"] else "-") + " | "
             + (f"{hit.get('gpu', 1):.2f}/{hit.get('host', 1):.2f}" if hit else "all GPU") + " | "
-            + (f"{pr['precision']:.2f}/{pr['recall']:.2f}" if pr.get("precision") is not None else "-") + " | "
+            + (f"{pr['precision']:.2f}/{pr['recall']:.2f}" if pr.get("precision") is not None else "-")
+            + (f" ({pf['used']}/{pf['copies']})" if (pf := r.get("prefetch")) and pf.get("copies") else "")
+            + " | "
             + (f"{r['gpu_busy']:.0%}" if r["gpu_busy"] is not None else "-") + " | "
             + (f"{t['h2d_overlapped_s'] / t['h2d_s']:.0%}" if (t := r.get("trace")) and t["h2d_s"] else "-") + " | "
             + ("/".join(f"{h.get(k, 0):.1f}" for k in ("routing_sync", "expert_copies", "dispatch"))
