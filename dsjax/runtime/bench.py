@@ -24,13 +24,15 @@ from typing import Any
 import jax
 import numpy as np
 
+from dsjax.runtime.tiers import shardings
+
 GB = 1e9
 
 
 @dataclasses.dataclass
 class Ceilings:
     h2d: float          # pinned host -> device, bytes/s
-    disk: float         # sequential read of a store shard, bytes/s
+    disk: float         # concurrent whole-file reads of store shards, bytes/s
     hbm: float | None   # device-to-device copy (read + write), bytes/s; None on a CPU
     cold: bool          # the disk figure was taken after dropping the page cache
 
@@ -48,8 +50,7 @@ def drop_page_cache() -> bool:
 
 def measure_ceilings(store_path: str, cold: bool, h2d_bytes: int = 256 << 20) -> Ceilings:
     dev = jax.devices()[0]
-    s_dev = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
-    s_host = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
+    s_dev, s_host = shardings(dev)
     def copy_rate(src) -> float:
         """host->GPU bytes/s of copying `src` (a pinned array or a list of them): median of 5 after a warm-up."""
         jax.block_until_ready(jax.device_put(src, s_dev))

@@ -50,13 +50,11 @@ class SlotCache:
         self.counters = CacheCounters()
         self._slot: dict[Hashable, int] = {}
         self._crf: dict[Hashable, float] = {}
-        self._last: dict[Hashable, int] = {}
         self._pins: dict[Hashable, int] = {}
         self._free = list(range(capacity - 1, -1, -1))
         self._clock = 0
         self._heap: list[tuple] = []                   # (log2 C + decay * last use, last use, arrival, key)
-        self._entry: dict[Hashable, tuple] = {}        # key -> its live heap entry
-        self._arrival: dict[Hashable, int] = {}        # ties: the key cached first goes first
+        self._entry: dict[Hashable, tuple] = {}        # key -> its live heap entry (ties: the key cached first goes)
         self._aside: dict[Hashable, tuple] = {}        # pinned keys met at the heap's top: back in when unpinned
         self._arrivals = itertools.count()
 
@@ -74,12 +72,13 @@ class SlotCache:
         self._clock += 1
 
     def _value(self, key: Hashable) -> float:
-        return self._crf[key] * 2.0 ** (-self.decay * (self._clock - self._last[key]))
+        return self._crf[key] * 2.0 ** (-self.decay * (self._clock - self._entry[key][1]))
 
     def _touch(self, key: Hashable) -> None:
-        self._crf[key] = (self._value(key) if key in self._crf else 0.0) + 1.0
-        self._last[key] = self._clock
-        entry = (math.log2(self._crf[key]) + self.decay * self._clock, self._clock, self._arrival[key], key)
+        old = self._entry.get(key)
+        self._crf[key] = (self._value(key) if old else 0.0) + 1.0
+        arrival = old[2] if old else next(self._arrivals)
+        entry = (math.log2(self._crf[key]) + self.decay * self._clock, self._clock, arrival, key)
         self._entry[key] = entry
         self._aside.pop(key, None)
         heapq.heappush(self._heap, entry)
@@ -104,9 +103,7 @@ class SlotCache:
     def _forget(self, key: Hashable) -> int:
         self._aside.pop(key, None)
         self._crf.pop(key)
-        self._last.pop(key)
         self._entry.pop(key)
-        self._arrival.pop(key)
         self.counters.evictions += 1
         return self._slot.pop(key)
 
@@ -141,7 +138,6 @@ class SlotCache:
                                    "flight (raise its budget or lower prefetch depth)")
             slot = self._forget(evicted)
         self._slot[key] = slot
-        self._arrival[key] = next(self._arrivals)
         self._touch(key)
         if pin:
             self.pin(key)

@@ -55,17 +55,15 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None
         progress = sys.stderr.isatty()
     tok = Tokenizer.from_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
     name = os.path.basename(os.path.normpath(path))
-    if os.path.exists(os.path.join(path, "manifest.json")) and in_memory:
-        if preset or gpu_memory is not None or host_memory is not None or overrides:
-            raise ValueError("in_memory=True loads the whole store onto the GPU: presets, budgets and runtime options "
-                             "do not apply (drop them, or load without in_memory)")
-        from dsjax.runtime.tiered import in_memory_engine
-        from dsjax.store.reader import Store
-        return in_memory_engine(Store(path), dt, tok, prefill_form=prefill_form, name=name)
     if os.path.exists(os.path.join(path, "manifest.json")):
         from dsjax.runtime.config import RuntimeConfig
-        from dsjax.runtime.tiered import TieredEngine
+        from dsjax.runtime.tiered import TieredEngine, in_memory_engine
         from dsjax.store.reader import Store
+        if in_memory:
+            if preset or gpu_memory is not None or host_memory is not None or overrides:
+                raise ValueError("in_memory=True loads the whole store onto the GPU: presets, budgets and runtime "
+                                 "options do not apply (drop them, or load without in_memory)")
+            return in_memory_engine(Store(path), dt, tok, prefill_form=prefill_form, name=name)
         budgets = {k: v for k, v in (("gpu_memory", gpu_memory), ("host_memory", host_memory)) if v is not None}
         runtime = (RuntimeConfig.from_preset(preset, **budgets, **overrides) if preset
                    else RuntimeConfig.from_dict({}, **budgets, **overrides))

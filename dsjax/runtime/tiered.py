@@ -29,8 +29,7 @@ from dsjax.runtime.memory import MemoryManager
 from dsjax.runtime.metrics import Metrics, json_line, prometheus_text
 from dsjax.runtime.planner import BudgetError, Links, ModelBytes, fmt_bytes, plan
 from dsjax.runtime.scheduler import ComputeScheduler
-from dsjax.runtime.tiers import (WRITE_GROUP, DiskReader, ExpertCache, HostCache, LayerManager, _write_slots,
-                                 shardings, tree_nbytes)
+from dsjax.runtime.tiers import DiskReader, ExpertCache, HostCache, LayerManager, shardings, tree_nbytes
 
 UNLIMITED = 1 << 60
 
@@ -67,6 +66,18 @@ def _cast(tree: dict, dtype, sharding) -> dict:
     return out
 
 
+def _unit(i: int) -> str:
+    return f"layer_{i:03d}"
+
+
+def _expert_tree(store, layer: int, proj: str, parts: dict, sharding):
+    """One projection of experts read from the store ({part: numpy [k, ...]}) on `sharding`: a QTensor for FP4, the
+    plain weight otherwise."""
+    rec = store.expert_record(layer, proj)
+    parts = {k: jax.device_put(a, sharding) for k, a in parts.items()}
+    return QTensor(**parts, fmt=rec.dtype) if rec.is_fp4 else parts["weight"]
+
+
 def device_free_bytes() -> int | None:
     """Bytes the default device can still allocate (None where the backend does not say, e.g. the CPU)."""
     stats = jax.devices()[0].memory_stats() or {}
@@ -89,15 +100,11 @@ def in_memory_engine(store, dtype, tokenizer=None, *, prefill_form="naive", name
     head = _cast(store.read_core_unit("head", "device"), dt, s_dev)
     layers = []
     for i in range(cfg.num_hidden_layers):
-        w = _cast(store.read_core_unit(f"layer_{i:03d}", "device"), dt, s_dev)
+        w = store.read_core_unit(_unit(i), "device")
         if cfg.is_moe_layer(i):
             futs = store.read_experts(i, range(cfg.n_routed_experts))
-            for proj in PROJ:
-                rec, parts = store.expert_record(i, proj), futs[proj].result()
-                parts = {k: jax.device_put(a, s_dev) for k, a in parts.items()}
-                w[f"experts_{proj}"] = (QTensor(**parts, fmt=rec.dtype) if rec.is_fp4
-                                        else _cast({"weight": parts["weight"]}, dt, s_dev)["weight"])
-        layers.append(w)
+            w.update({f"experts_{proj}": _expert_tree(store, i, proj, futs[proj].result(), s_dev) for proj in PROJ})
+        layers.append(_cast(w, dt, s_dev))
     weights = {"embed": embed["embed"], "final_norm": head["final_norm"], "lm_head": head["lm_head"], "layers": layers}
     return Engine(cfg, weights, tokenizer, prefill_form=prefill_form, name=name, dtype=dt)
 
@@ -139,16 +146,15 @@ class TieredEngine(Engine):
         self.mm.reserve("active_layers", "head", mb.head)
 
         # Layer cores: resident, pinned on the host, or read from disk when streamed.
-        unit = lambda i: f"layer_{i:03d}"  # noqa: E731
         resident = {}
         for i in p.resident_layers:
-            resident[i] = _cast(store.read_core_unit(unit(i), "device"), dt, s_dev)
+            resident[i] = _cast(store.read_core_unit(_unit(i), "device"), dt, s_dev)
             self.mm.reserve("active_layers", ("layer", i), mb.layer_core[i])
         host = {}
         for i in p.host_layers:
-            host[i] = _cast(store.read_core_unit(unit(i), "pinned_host"), dt, s_host)
+            host[i] = _cast(store.read_core_unit(_unit(i), "pinned_host"), dt, s_host)
             self.mm.reserve_first(("host_weights", "host_layer_cache"), ("layer", i), mb.layer_core[i])
-        self.layers = LayerManager(resident, host, lambda i: _cast(store.read_core_unit(unit(i), "pinned_host"),
+        self.layers = LayerManager(resident, host, lambda i: _cast(store.read_core_unit(_unit(i), "pinned_host"),
                                                                      dt, s_host),
                                    p.ring_slots, self.mm, self.metrics,
                                    {i: mb.layer_core[i] for i in range(cfg.num_hidden_layers) if i not in resident})
@@ -161,7 +167,7 @@ class TieredEngine(Engine):
             elif i in host:
                 w = host[i]
             else:
-                w = _cast(store.read_core_unit(unit(i), "pinned_host"), dt, s_host)
+                w = _cast(store.read_core_unit(_unit(i), "pinned_host"), dt, s_host)
             self.routers[i] = (jax.device_put(w["router"], s_dev),
                                jax.device_put(w["router_bias"], s_dev) if "router_bias" in w else None)
 
@@ -172,7 +178,8 @@ class TieredEngine(Engine):
         if moe and p.gpu_expert_slots >= E:
             for i in self.moe_layers:
                 futs = store.read_experts(i, range(E))
-                self.full_experts[i] = tuple(self._to_tree(i, proj, futs[proj].result(), s_dev) for proj in PROJ)
+                self.full_experts[i] = tuple(_expert_tree(store, i, proj, futs[proj].result(), s_dev)
+                                             for proj in PROJ)
                 self.mm.reserve("expert_cache", ("experts", i), E * mb.expert)
         elif moe:
             # Both caches hold flat expert buffers, padded a little beyond the planner's stored bytes: size them from
@@ -202,11 +209,6 @@ class TieredEngine(Engine):
             self._preload()
 
     # ---- helpers -------------------------------------------------------------------------------------------------
-    def _to_tree(self, layer: int, proj: str, parts: dict, sharding):
-        rec = self.store.expert_record(layer, proj)
-        parts = {k: jax.device_put(a, sharding) for k, a in parts.items()}
-        return QTensor(**parts, fmt=rec.dtype) if rec.is_fp4 else parts["weight"]
-
     def _set_phase(self, phase: str) -> None:
         self.metrics.phase = phase
 
@@ -292,11 +294,12 @@ class TieredEngine(Engine):
         m = self.metrics
         with m.host("routing_sync"):
             ids = np.asarray(idx)                                        # the one sync of this layer
-        used = sorted(set(ids.reshape(-1).tolist()))
+        routed = set(ids.reshape(-1).tolist())
+        used = sorted(routed)
         self.metrics.add_activations(i, ids.reshape(-1))
         if i in self._predicted:
-            self.metrics.add_prediction(self._predicted.pop(i), set(used))
-        self._release_prefetch_pins(i, set(used))
+            self.metrics.add_prediction(self._predicted.pop(i), routed)
+        self._release_prefetch_pins(i, routed)
         P = self.experts.slots.capacity
         chunk = max(1, P // 2) if (self.runtime.compute_config.overlap_compute and len(used) > P) else P
         chunks = [used[c:c + chunk] for c in range(0, len(used), chunk)]
@@ -431,12 +434,7 @@ class TieredEngine(Engine):
             acc = self.sched.moe_rows(self.experts.flush(), np.full((B, K), P, np.int32), hn,
                                       _zeros((B, K, D), self.dtype))     # also compiles the decode steps' zeros
             if not self._warmed:
-                row = jax.device_put(np.zeros(self.experts.layout.nbytes, np.uint8), shardings()[0])
-                n = 1
-                while n <= min(_bucket(P), WRITE_GROUP):
-                    _write_slots.lower(self.experts.pool, jnp.zeros(n, jnp.int32), (row,) * n,
-                                       self.experts.layout).compile()
-                    n *= 2
+                self.experts.compile_writes()
             jax.block_until_ready(acc)
         self._warmed.add(B)
 

@@ -117,6 +117,10 @@ class HostCache:
 WRITE_GROUP = 16       # experts per slot write (the largest bucket compiled)
 
 
+def _count_bucket(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 @functools.partial(jax.jit, static_argnames=("layout",), donate_argnums=(0,))
 def _write_slots(pool, slots, rows, layout: ExpertLayout):
     """pool[slots[j]] = the expert in flat buffer rows[j], every part (one executable per bucketed count). The pool
@@ -167,6 +171,14 @@ class ExpertCache:
                                   issued_only=True)
         return slots
 
+    def compile_writes(self) -> None:
+        """Compile (not run) the slot write of every count bucket a flush can use, so none compiles mid-step."""
+        row = jax.device_put(np.zeros(self.layout.nbytes, np.uint8), self._s_dev)
+        n = 1
+        while n <= min(_count_bucket(self.slots.capacity), WRITE_GROUP):
+            _write_slots.lower(self.pool, jnp.zeros(n, jnp.int32), (row,) * n, self.layout).compile()
+            n *= 2
+
     def flush(self) -> Any:
         """Write every copied expert into its slot and return the pool: writes of at most WRITE_GROUP experts, one
         executable per bucketed count (each unrolls its experts' in-place updates: compile time grows with the
@@ -175,7 +187,7 @@ class ExpertCache:
         self._pending = {}
         for g in range(0, len(items), WRITE_GROUP):
             slots, devs = (list(t) for t in zip(*items[g:g + WRITE_GROUP]))
-            n = 1 << (len(slots) - 1).bit_length()              # bucket the count: few executables
+            n = _count_bucket(len(slots))                       # bucket the count: few executables
             idx = slots + [slots[-1]] * (n - len(slots))        # padding rewrites the last slot with the same value
             self.pool = _write_slots(self.pool, jnp.asarray(np.asarray(idx, np.int32)),
                                      tuple(devs + [devs[-1]] * (n - len(slots))), self.layout)
