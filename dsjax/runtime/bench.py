@@ -143,22 +143,31 @@ def _memcpy_bytes(e: dict) -> int:
     return 0
 
 
-def trace_timeline(trace_dir: str, bin_ms: float = 5.0) -> dict[str, Any] | None:
-    """What the GPU did during a jax.profiler trace: the union of kernel time, of host->GPU copy time, how much of
-    the copy time ran while a kernel ran (overlap), the copied bytes, and per-bin series (kernel busy fraction,
-    host->GPU GB/s) for plots. Times in seconds from the first GPU event; None when the trace has no GPU."""
+def gpu_events(trace_dir: str) -> list[dict[str, Any]]:
+    """The GPU's complete events ("X": kernels, memcpys, memsets; ts/dur in microseconds) of the first jax.profiler
+    trace under `trace_dir`; [] when there is no trace or it has no GPU."""
     paths = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
     if not paths:
-        return None
+        return []
     with gzip.open(paths[0]) as f:
         events = json.load(f)["traceEvents"]
     gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                 and "GPU" in str(e.get("args", {}).get("name", ""))}
-    gpu = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids]
+    return [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids]
+
+
+def is_kernel(e: dict[str, Any]) -> bool:
+    return "Memcpy" not in e["name"] and "Memset" not in e["name"]
+
+
+def trace_timeline(trace_dir: str, bin_ms: float = 5.0) -> dict[str, Any] | None:
+    """What the GPU did during a jax.profiler trace: the union of kernel time, of host->GPU copy time, how much of
+    the copy time ran while a kernel ran (overlap), the copied bytes, and per-bin series (kernel busy fraction,
+    host->GPU GB/s) for plots. Times in seconds from the first GPU event; None when the trace has no GPU."""
+    gpu = gpu_events(trace_dir)
     if not gpu:
         return None
-    kernels = _union([(e["ts"], e["ts"] + e["dur"]) for e in gpu
-                      if "Memcpy" not in e["name"] and "Memset" not in e["name"]])
+    kernels = _union([(e["ts"], e["ts"] + e["dur"]) for e in gpu if is_kernel(e)])
     h2d_ev = [e for e in gpu if e["name"] == "MemcpyH2D"]
     h2d = _union([(e["ts"], e["ts"] + e["dur"]) for e in h2d_ev])
     t0 = min(e["ts"] for e in gpu)

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from dsjax_kernels.fp4_matmul.decode import check_fmt, decode_tile, decode_tile_halves
+from dsjax_kernels.fp4_matmul.decode import (check_fmt, decode_tile, decode_tile_halves, nibbles_to_f16_bits,
+                                             scale_bits_to_f32)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -31,6 +32,9 @@ class Fp4MatmulConfig:
 
     x_split: feed the kernel x's even and odd columns as two [M, K/2] planes (one XLA pass over x) and run two
     dots on the weight's low and high nibbles, instead of interleaving the decoded nibbles in registers.
+    gemv: for small M, no matrix instruction: each program multiplies its decoded [bn, bkh] weight tile by every
+    row of x with float32 multiply-adds, sums each scale block before applying its scale, and keeps x unpadded
+    (bm is ignored). Needs x_split.
     """
 
     bm: int = 16
@@ -40,6 +44,7 @@ class Fp4MatmulConfig:
     num_warps: int = 4
     num_stages: int = 3
     x_split: bool = True
+    gemv: bool = False
 
 
 def default_config(m: int, n: int, k: int) -> Fp4MatmulConfig:
@@ -65,15 +70,18 @@ def default_config(m: int, n: int, k: int) -> Fp4MatmulConfig:
 
 def _check_tiles(m_pad: int, n: int, h: int, fmt: str, cfg: Fp4MatmulConfig) -> None:
     bs = check_fmt(fmt)
+    if cfg.gemv and (not cfg.x_split or m_pad > GEMV_MAX_M):
+        raise ValueError(f"gemv tiles need x_split and M <= {GEMV_MAX_M} (got M={m_pad}, {cfg})")
     for name in ("bm", "bn", "bkh"):
         v = getattr(cfg, name)
         if v & (v - 1) or v < 16:
             raise ValueError(f"{name}={v} must be a power of two >= 16")
     if n % cfg.bn or h % cfg.bkh or cfg.bkh % (bs // 2) or (h // cfg.bkh) % cfg.split_k:
         raise ValueError(f"tiles {cfg} do not divide N={n}, K/2={h} (format {fmt}, block {bs})")
-    assert m_pad % cfg.bm == 0
+    assert cfg.gemv or m_pad % cfg.bm == 0
 
 
+GEMV_MAX_M = 16                          # one float32 accumulator tile per row of x
 _NT = (((1,), (1,)), ((), ()))          # a [m, k] . b [n, k] -> [m, n]
 
 
@@ -115,6 +123,61 @@ def _fp4_matmul_kernel(x_ref, p_ref, s_ref, g_ref, o_ref, *, fmt, cfg: Fp4Matmul
         o_ref[i_k, pl.ds(m0, bm), pl.ds(n0, bn)] = acc
 
 
+def _fp4_gemv_kernel(x_ref, p_ref, s_ref, g_ref, o_ref, *, fmt, cfg: Fp4MatmulConfig, k_steps: int, m: int):
+    """Grid (N/bn, split_k). x_ref [2, M, G, bs/2] (x's even / odd columns by scale block), p_ref [N, G, bs/2],
+    s_ref [N, G]: 3-D tiles so that a block's scale multiplies the sum over its bytes with broadcasts and
+    reductions only (no reshape in registers)."""
+    bs = check_fmt(fmt)
+    half = bs // 2
+    bn, sg = cfg.bn, cfg.bkh // half
+    i_n, i_k = pl.program_id(0), pl.program_id(1)
+    n0 = i_n * bn
+    g_base = i_k * (k_steps * sg)
+
+    def step(t, accs):
+        g0 = pl.multiple_of(g_base + t * sg, sg)
+        lo_bits, hi_bits = nibbles_to_f16_bits(p_ref[pl.ds(n0, bn), pl.ds(g0, sg), :])      # [bn, sg, half]
+        lo = jax.lax.bitcast_convert_type(lo_bits, jnp.float16).astype(jnp.float32)
+        hi = jax.lax.bitcast_convert_type(hi_bits, jnp.float16).astype(jnp.float32)
+        s = scale_bits_to_f32(s_ref[pl.ds(n0, bn), pl.ds(g0, sg)], fmt)                    # [bn, sg]
+        new = []
+        for r in range(m):
+            xe = x_ref[0, r, pl.ds(g0, sg), :].astype(jnp.float32)                          # [sg, half]
+            xo = x_ref[1, r, pl.ds(g0, sg), :].astype(jnp.float32)
+            block = jnp.sum(lo * xe[None] + hi * xo[None], axis=2)                          # [bn, sg]
+            new.append(accs[r] + block * s)
+        return tuple(new)
+
+    accs = jax.lax.fori_loop(0, k_steps, step, tuple(jnp.zeros((bn, sg), jnp.float32) for _ in range(m)))
+    for r in range(m):
+        y = jnp.sum(accs[r], axis=1)                                                        # [bn]
+        if cfg.split_k == 1:
+            o_ref[r, pl.ds(n0, bn)] = (y * g_ref[0]).astype(o_ref.dtype)
+        else:
+            o_ref[i_k, r, pl.ds(n0, bn)] = y
+
+
+def _fp4_gemv(x, packed, scales, g, *, fmt, cfg, interpret):
+    m, k = x.shape
+    n, h = packed.shape
+    half = check_fmt(fmt) // 2
+    xs = split_even_odd(x).reshape(2, m, h // half, half)
+    k_steps = h // cfg.bkh // cfg.split_k
+    if cfg.split_k == 1:
+        out_shape = jax.ShapeDtypeStruct((m, n), x.dtype)
+    else:
+        out_shape = jax.ShapeDtypeStruct((cfg.split_k, m, n), jnp.float32)
+    out = pl.pallas_call(
+        functools.partial(_fp4_gemv_kernel, fmt=fmt, cfg=cfg, k_steps=k_steps, m=m),
+        out_shape=out_shape,
+        grid=(n // cfg.bn, cfg.split_k),
+        compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="fp4_gemv",
+    )(xs, packed.reshape(n, h // half, half), scales, g)
+    return out if cfg.split_k == 1 else (out.sum(0) * g[0]).astype(x.dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("fmt", "config", "interpret"))
 def fp4_matmul(x: jax.Array, packed: jax.Array, scales: jax.Array, global_scale: jax.Array, *, fmt: str,
                config: Fp4MatmulConfig | None = None, interpret: bool = False) -> jax.Array:
@@ -140,11 +203,13 @@ def fp4_matmul(x: jax.Array, packed: jax.Array, scales: jax.Array, global_scale:
     if 2 * h != k:
         raise ValueError(f"x [M, K] = {x.shape} does not match packed [N, K/2] = {packed.shape}")
     cfg = config or default_config(m, n, k)
-    m_pad = pl.cdiv(m, cfg.bm) * cfg.bm
+    m_pad = m if cfg.gemv else pl.cdiv(m, cfg.bm) * cfg.bm
     _check_tiles(m_pad, n, h, fmt, cfg)
+    g = jnp.reshape(global_scale, (1,)).astype(jnp.float32)
+    if cfg.gemv:
+        return _fp4_gemv(x, packed, scales, g, fmt=fmt, cfg=cfg, interpret=interpret)
     if m_pad != m:
         x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
-    g = jnp.reshape(global_scale, (1,)).astype(jnp.float32)
     x_in = split_even_odd(x) if cfg.x_split else x
     k_steps = h // cfg.bkh // cfg.split_k
     if cfg.split_k == 1:

@@ -58,6 +58,8 @@ def test_reference_matches_oracle(fmt):
 INTERPRET_CASES = [   # (M, N, K, config): M off the tile, split-K, several M tiles
     (5, 64, 256, Fp4MatmulConfig(bm=16, bn=32, bkh=64, split_k=2)),
     (20, 32, 128, Fp4MatmulConfig(bm=16, bn=16, bkh=32)),
+    (1, 48, 512, Fp4MatmulConfig(bn=16, bkh=128, gemv=True)),                # FMA path: M=1, three N tiles
+    (5, 32, 512, Fp4MatmulConfig(bn=16, bkh=64, split_k=2, gemv=True)),      # M off any tile, split-K
 ]
 
 
@@ -79,6 +81,9 @@ def test_bad_tiles_rejected():
         fp4_matmul(x, p, s, jnp.ones(()), fmt="nvfp4", config=Fp4MatmulConfig(bn=32))
     with pytest.raises(ValueError, match="fmt"):
         fp4_matmul(x, p, s, jnp.ones(()), fmt="fp4")
+    with pytest.raises(ValueError, match="gemv"):
+        fp4_matmul(jnp.zeros((17, 256), jnp.bfloat16), p, s, jnp.ones(()), fmt="nvfp4",
+                   config=Fp4MatmulConfig(bn=16, bkh=32, gemv=True))
 
 
 GPU_CASES = [   # (M, N, K, config or None for the default heuristic)
@@ -89,6 +94,10 @@ GPU_CASES = [   # (M, N, K, config or None for the default heuristic)
     (40, 512, 2048, Fp4MatmulConfig(bm=64, bn=128, bkh=64, split_k=1, num_warps=8)),
     (70, 512, 2048, Fp4MatmulConfig(bm=32, bn=64, bkh=64, split_k=2, x_split=False)),
     (300, 256, 1024, Fp4MatmulConfig(bm=128, bn=64, bkh=32, num_warps=4, num_stages=2)),
+    (1, 2048, 7168, Fp4MatmulConfig(bn=16, bkh=256, gemv=True)),
+    (3, 7168, 2048, Fp4MatmulConfig(bn=32, bkh=256, num_stages=4, gemv=True)),
+    (8, 2048, 7168, Fp4MatmulConfig(bn=16, bkh=128, split_k=2, num_stages=4, gemv=True)),
+    (16, 512, 2048, Fp4MatmulConfig(bn=64, bkh=128, num_warps=8, gemv=True)),
 ]
 
 
