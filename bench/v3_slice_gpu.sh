@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 5 on the GPU machine: the real-width DeepSeek-V3 slice, generated (~60 s for 44.8 GB with 16 workers) and
 # measured in steps that resume across calls:
-#   OUT=/some/dir bash bench/v3_slice_gpu.sh [MOE_LAYERS] [STEP...]
+#   OUT=/some/dir [BATCHES=1,8] [TRACE=0] [DISK_CONFIGS=budget,on_demand] bash bench/v3_slice_gpu.sh [MOE_LAYERS] [STEP...]
 # STEP: seed (= budget,on_demand,resident,hbm in one process, sharing executables; only budget is profiled) | budget |
 # resident | on_demand (16 GB GPU / 96 GB host, batches $BATCHES) | disk (16 GB / 12 GB host tier, page cache
 # dropped before each measured generation). Default: seed disk. Results: $OUT/v3_<budgets>.json
@@ -15,6 +15,7 @@ STEPS=${*:-seed disk}
 BATCHES=${BATCHES:-1,8,32}
 TOKENS=${TOKENS:-8}
 S=${V3_SLICE:-/tmp/v3-slice-$N}
+NOTRACE=; [ "${TRACE:-1}" = 0 ] && NOTRACE=--no-trace      # TRACE=0: no profiler trace (GPU busy fraction not measured)
 mkdir -p "$OUT"
 # Compiled executables persist across calls when the previous call's cache is carried back in: the call tars
 # .xla-cache into $OUT (15 MB parts); unpack it in the repo (`cat xla-cache.tgz.* | tar xz`) and name .xla-cache in
@@ -36,14 +37,14 @@ for step in $STEPS; do
       configs=$step; [ "$step" = seed ] && configs=budget,on_demand,resident,hbm
       stamp "bench 16GB/96GB $configs"
       python3 -m dsjax.cli bench "$S" --gpu-memory 16GB --host-memory 96GB --configs "$configs" --batches "$BATCHES" \
-        --tokens "$TOKENS" --prompt-len 32 --out "$OUT/$f" --trace-configs budget --trace-dir /tmp/v3-traces/16GB_96GB \
+        --tokens "$TOKENS" --prompt-len 32 --out "$OUT/$f" --trace-configs budget --trace-dir /tmp/v3-traces/16GB_96GB $NOTRACE \
         2>&1 | grep --line-buffered -v WARNING | tee -a "$OUT/log.txt" | tail -6
       stamp "bench exit status ${PIPESTATUS[0]}"; mem ;;
     disk)
       f=v3_slice_16GB_12GB_cold.json; resume $f
       stamp "bench 16GB/12GB cold"
-      python3 -m dsjax.cli bench "$S" --gpu-memory 16GB --host-memory 12GB --configs budget,on_demand --batches 1,8 \
-        --tokens "$TOKENS" --prompt-len 32 --cold --out "$OUT/$f" --trace-dir /tmp/v3-traces/16GB_12GB 2>&1 \
+      python3 -m dsjax.cli bench "$S" --gpu-memory 16GB --host-memory 12GB --configs "${DISK_CONFIGS:-budget,on_demand}" --batches 1,8 \
+        --tokens "$TOKENS" --prompt-len 32 --cold --out "$OUT/$f" --trace-dir /tmp/v3-traces/16GB_12GB $NOTRACE 2>&1 \
         | grep --line-buffered -v WARNING | tee -a "$OUT/log.txt" | tail -6
       stamp "bench exit status ${PIPESTATUS[0]}"; mem ;;
   esac

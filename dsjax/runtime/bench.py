@@ -236,7 +236,19 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
         roof = {"host->GPU": per_step.get("host->GPU", 0) / ceilings.h2d,
                 "disk->host": per_step.get("disk->host", 0) / ceilings.disk}
         bound = max(roof.values()) if roof else 0.0
-        busy = timeline = None
+        rows.append(dict(
+            config=name, batch=B, ttft_ms=1e3 * g["ttft_s"], prefill_tok_s=B * prompt_len / g["ttft_s"],
+            decode_tok_s=g["decode_tok_s"], step_ms=1e3 * t_step,
+            bytes_per_step={k: int(v) for k, v in per_step.items()},
+            achieved_GB_s={k: v / t_step / GB for k, v in per_step.items() if k in roof},
+            roofline_ms=1e3 * bound, roofline_fraction=(bound / t_step) if bound else None,
+            hit_rates=s.get("hit_rates", {}), prediction=s.get("prediction", {}), gpu_busy=None,
+            prefetch={k: s.get("prefetch", {}).get(k, 0) - s0.get("prefetch", {}).get(k, 0)
+                      for k in ("copies", "used")},          # experts copied ahead during the measured generation
+            stall_s=stall, host_ms_per_step={k: 1e3 * (v - h0.get(k, 0.0)) / steps for k, v in h1.items()},
+            predicted_tok_s=s.get("predicted_tok_s"), trace=None))
+        if on_row:
+            on_row(rows[-1])         # saved before the traced run: a failure there keeps the measured row
         if trace:
             if trace_dir:
                 tdir = os.path.join(trace_dir, f"{name}_b{B}")
@@ -249,22 +261,11 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
             wall = time.perf_counter() - t0
             timeline = trace_timeline(tdir)
             _log(f"{name} b{B}: traced generation {wall:.1f} s, trace read in {time.perf_counter() - t0 - wall:.1f} s")
-            busy = _busy(timeline, wall)
             if timeline:
                 timeline["wall_s"] = wall
-        rows.append(dict(
-            config=name, batch=B, ttft_ms=1e3 * g["ttft_s"], prefill_tok_s=B * prompt_len / g["ttft_s"],
-            decode_tok_s=g["decode_tok_s"], step_ms=1e3 * t_step,
-            bytes_per_step={k: int(v) for k, v in per_step.items()},
-            achieved_GB_s={k: v / t_step / GB for k, v in per_step.items() if k in roof},
-            roofline_ms=1e3 * bound, roofline_fraction=(bound / t_step) if bound else None,
-            hit_rates=s.get("hit_rates", {}), prediction=s.get("prediction", {}), gpu_busy=busy,
-            prefetch={k: s.get("prefetch", {}).get(k, 0) - s0.get("prefetch", {}).get(k, 0)
-                      for k in ("copies", "used")},          # experts copied ahead during the measured generation
-            stall_s=stall, host_ms_per_step={k: 1e3 * (v - h0.get(k, 0.0)) / steps for k, v in h1.items()},
-            predicted_tok_s=s.get("predicted_tok_s"), trace=timeline))
-        if on_row:
-            on_row(rows[-1])
+            rows[-1].update(gpu_busy=_busy(timeline, wall), trace=timeline)
+            if on_row:
+                on_row(None)
     engine.close()
     return rows
 
