@@ -74,11 +74,13 @@ def layer_forward(w: dict, x: jax.Array, cache: dict, positions: jax.Array, cfg:
     return out, cache, r
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "kind", "form"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "kind", "form", "fusion"), donate_argnames=("cache",))
 def layer_step(w: dict, x: jax.Array, cache: dict, positions: jax.Array, cfg: ModelConfig, kind: str,
-               form: MlaForm = "absorbed"):
-    """Jitted `layer_forward`; the cache is donated (updated in place)."""
-    return layer_forward(w, x, cache, positions, cfg, kind, form)
+               form: MlaForm = "absorbed", fusion: bool = False):
+    """Jitted `layer_forward`; the cache is donated (updated in place). `fusion`: FP4 ops traced with the fused
+    kernels (ops.fusion; a static argument, so each setting has its own executable)."""
+    with ops.fusion(fusion):
+        return layer_forward(w, x, cache, positions, cfg, kind, form)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
@@ -86,10 +88,11 @@ def embed_step(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
     return embed(tokens, table).astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def head_step(final_norm: jax.Array, lm_head, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("cfg", "fusion"))
+def head_step(final_norm: jax.Array, lm_head, x: jax.Array, cfg: ModelConfig, fusion: bool = False) -> jax.Array:
     """Final RMSNorm and lm_head; float32 logits [B, T, V]."""
-    return ops.linear(rms_norm(x, final_norm, cfg.rms_norm_eps), lm_head).astype(jnp.float32)
+    with ops.fusion(fusion):
+        return ops.linear(rms_norm(x, final_norm, cfg.rms_norm_eps), lm_head).astype(jnp.float32)
 
 
 def forward(weights: dict, tokens: jax.Array, cfg: ModelConfig, form: MlaForm = "naive") -> jax.Array:

@@ -73,8 +73,9 @@ class Engine:
     """
 
     def __init__(self, cfg: ModelConfig, weights: dict, tokenizer: Tokenizer | None = None, *,
-                 prefill_form: MlaForm = "naive", name: str = "", dtype=None):
+                 prefill_form: MlaForm = "naive", name: str = "", dtype=None, enable_fusion: bool = False):
         self.config = cfg
+        self.enable_fusion = enable_fusion      # FP4 weights through the fused kernels (GPU); else the references
         self.weights = weights
         self.tokenizer = tokenizer
         self.dtype = np.dtype(dtype) if dtype is not None else weights["embed"].dtype
@@ -90,14 +91,15 @@ class Engine:
     def _run_layers(self, x, caches, positions, form):
         cfg = self.config
         for i, w in enumerate(self.weights["layers"]):
-            x, caches[i], _ = layer_step(w, x, caches[i], positions, cfg, cfg.layer_kind(i), form)
+            x, caches[i], _ = layer_step(w, x, caches[i], positions, cfg, cfg.layer_kind(i), form,
+                                         fusion=self.enable_fusion)
         return x
 
     def _embed(self, tokens: np.ndarray) -> jax.Array:
         return embed_step(self.weights["embed"], jnp.asarray(tokens), self.dtype)
 
     def _head(self, x: jax.Array) -> jax.Array:
-        return head_step(self.weights["final_norm"], self.weights["lm_head"], x, self.config)
+        return head_step(self.weights["final_norm"], self.weights["lm_head"], x, self.config, fusion=self.enable_fusion)
 
     def _set_phase(self, phase: str) -> None:
         """'prefill' or 'decode': lets a runtime attribute its transfers (no-op here)."""

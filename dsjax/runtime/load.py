@@ -60,10 +60,12 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None
         from dsjax.runtime.tiered import TieredEngine, in_memory_engine
         from dsjax.store.reader import Store
         if in_memory:
+            fusion = overrides.pop("enable_fusion", True)
             if preset or gpu_memory is not None or host_memory is not None or overrides:
                 raise ValueError("in_memory=True loads the whole store onto the GPU: presets, budgets and runtime "
-                                 "options do not apply (drop them, or load without in_memory)")
-            return in_memory_engine(Store(path), dt, tok, prefill_form=prefill_form, name=name)
+                                 "options other than enable_fusion do not apply (drop them, or load without "
+                                 "in_memory)")
+            return in_memory_engine(Store(path), dt, tok, prefill_form=prefill_form, name=name, enable_fusion=fusion)
         budgets = {k: v for k, v in (("gpu_memory", gpu_memory), ("host_memory", host_memory)) if v is not None}
         runtime = (RuntimeConfig.from_preset(preset, **budgets, **overrides) if preset
                    else RuntimeConfig.from_dict({}, **budgets, **overrides))

@@ -86,7 +86,8 @@ def device_free_bytes() -> int | None:
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
 
 
-def in_memory_engine(store, dtype, tokenizer=None, *, prefill_form="naive", name: str = "") -> Engine:
+def in_memory_engine(store, dtype, tokenizer=None, *, prefill_form="naive", name: str = "",
+                     enable_fusion: bool = True) -> Engine:
     """The whole store on the GPU as one in-memory model (the plain Engine: no tiers, no caches, no runtime
     bookkeeping): the all-in-HBM reference that the tiered runtime with no budget is compared against. FP4 weights
     stay FP4; experts are stacked per projection [E, ...] as the model's layer call takes them."""
@@ -106,7 +107,7 @@ def in_memory_engine(store, dtype, tokenizer=None, *, prefill_form="naive", name
             w.update({f"experts_{proj}": _expert_tree(store, i, proj, futs[proj].result(), s_dev) for proj in PROJ})
         layers.append(_cast(w, dt, s_dev))
     weights = {"embed": embed["embed"], "final_norm": head["final_norm"], "lm_head": head["lm_head"], "layers": layers}
-    return Engine(cfg, weights, tokenizer, prefill_form=prefill_form, name=name, dtype=dt)
+    return Engine(cfg, weights, tokenizer, prefill_form=prefill_form, name=name, dtype=dt, enable_fusion=enable_fusion)
 
 
 def _bucket(n: int) -> int:
@@ -203,7 +204,8 @@ class TieredEngine(Engine):
         self.batch_sizes: list[int] = []                     # padded batch of each prefill (dynamic batching)
         self._warmed: set[int] = set()                       # decode batch sizes whose executables are compiled
         weights = {"embed": None, "final_norm": head["final_norm"], "lm_head": head["lm_head"], "layers": []}
-        super().__init__(cfg, weights, tokenizer, prefill_form=prefill_form, name=name, dtype=dt)
+        super().__init__(cfg, weights, tokenizer, prefill_form=prefill_form, name=name, dtype=dt,
+                         enable_fusion=cc.enable_fusion)
         self.preloaded = {"host": 0, "gpu": 0, "seconds": 0.0}
         if mc.preload_experts and self.experts is not None:
             self._preload()
