@@ -50,6 +50,10 @@ class Fp4MatmulConfig:
 def default_config(m: int, n: int, k: int) -> Fp4MatmulConfig:
     """Heuristic tiles: small M streams the weight with split-K; large M uses 128-wide tiles."""
     h = k // 2
+    if m == 1 and n % 16 == 0 and n // 16 >= 264 and h % 256 == 0:
+        # GEMV tiles for one row of x when 16-row programs fill >= 2 waves: the fastest tiles of the H200 sweep for
+        # K=2048 N=7168 (bench/RESULTS.md, kernel run 5: 8.0 us); for N=2048 (128 programs) split-K MMA tiles won
+        return Fp4MatmulConfig(bn=16, bkh=256, split_k=1, num_warps=4, num_stages=3, gemv=True)
     if m <= 64:
         bm = max(16, 1 << (m - 1).bit_length())
         bn = 64 if n % 64 == 0 else 32 if n % 32 == 0 else 16

@@ -94,7 +94,7 @@ GPU_CASES = [   # (M, N, K, config or None for the default heuristic)
     (40, 512, 2048, Fp4MatmulConfig(bm=64, bn=128, bkh=64, split_k=1, num_warps=8)),
     (70, 512, 2048, Fp4MatmulConfig(bm=32, bn=64, bkh=64, split_k=2, x_split=False)),
     (300, 256, 1024, Fp4MatmulConfig(bm=128, bn=64, bkh=32, num_warps=4, num_stages=2)),
-    (1, 2048, 7168, Fp4MatmulConfig(bn=16, bkh=256, gemv=True)),
+    (1, 2048, 7168, Fp4MatmulConfig(bn=16, bkh=256, gemv=True)), (1, 7168, 2048, None),  # the default: GEMV
     (3, 7168, 2048, Fp4MatmulConfig(bn=32, bkh=256, num_stages=4, gemv=True)),
     (8, 2048, 7168, Fp4MatmulConfig(bn=16, bkh=128, split_k=2, num_stages=4, gemv=True)),
     (16, 512, 2048, Fp4MatmulConfig(bn=64, bkh=128, num_warps=8, gemv=True)),
