@@ -28,6 +28,15 @@ stamp() { echo "[v3-slice +$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/log.txt"
 resume() { [ -f "bench/results/$1" ] && [ ! -f "$OUT/$1" ] && cp "bench/results/$1" "$OUT/$1"; true; }
 mem() { stamp "memory: $(free -g | awk '/^Mem/ {print $3 " GiB used, " $7 " GiB available"}'); $(df -h "$(dirname "$S")" | awk 'NR==2 {print $1 " " $3 " used of " $2}')"; }
 mem          # the disk step's batch-8 process once died without a message: watch memory (and what backs the store)
+# Memory every 5 s while benches run (run 5: the cold batch-8 process was SIGKILLed, exit 137, after its warm-up):
+# machine used / page cache, and the bench process's resident, locked and pinned memory.
+( while sleep 5; do
+    p=$(pgrep -f "dsjax.cli bench" | head -1)
+    st=$([ -n "$p" ] && awk '/^(VmRSS|VmLck|VmPin)/ {printf "%s %d MB  ", $1, $2 / 1024}' /proc/$p/status 2>/dev/null)
+    echo "$(date +%T) $(free -m | awk '/^Mem/ {print "used " $3 " MB, cache " $6 " MB"}')  bench: ${st:--}"
+  done ) >> "$OUT/mem.log" 2>&1 &
+SAMPLER=$!
+trap 'kill $SAMPLER 2>/dev/null; save_cache' EXIT
 stamp "generating $S ($N MoE layers)"
 python3 bench/make_v3_slice.py "$S" --moe-layers "$N" 2>&1 | grep -v -E "WARNING|it/s\]$|B/s\]$" | tail -2
 for step in $STEPS; do
