@@ -285,6 +285,7 @@ class TieredEngine(Engine):
             self.metrics.add_layer(i, time.perf_counter() - t0)
         if self.experts is not None:
             self._release_prefetch_pins()                 # a step's predictions never outlive it
+            self._pending.clear()                         # nor its disk reads (each layer dropped its own)
             self.experts.tick()
             self.host_cache.tick()
             if self.runtime.compute_config.adaptive_schedule:
@@ -325,8 +326,17 @@ class TieredEngine(Engine):
                     self._prefetch(np.asarray(pred), nxt)
                 pred = None
             self.experts.slots.unpin_all([(i, e) for e in ch])
+        self._drop_pending(i)
         with m.host("dispatch"):
             return self.sched.moe_out(w, h, hn, acc, weight, shared)
+
+    def _drop_pending(self, i: int) -> None:
+        """Forget layer i's disk reads once it has run. A read not consumed (a prediction the routing did not use)
+        kept its future, and with it the pinned buffers of every expert read in the same batch, for the rest of the
+        run: on the H200 the cold batch-8 process was SIGKILLed (run 5), and a CPU probe held 2.8x the store's
+        expert bytes in such futures after two generations."""
+        for k in [k for k in self._pending if k[0] == i]:
+            del self._pending[k]
 
     def _where(self, i: int, e: int) -> str:
         if self.experts.lookup((i, e), count=False) is not None:
@@ -335,8 +345,14 @@ class TieredEngine(Engine):
             return "host"
         return "disk"
 
-    def _start_disk(self, i: int, experts: list[int]) -> None:
+    def _start_disk(self, i: int, experts: list[int], speculative: bool = False) -> None:
+        """Read `experts` of layer i from disk on a loader thread (staged into pinned memory). Speculative reads
+        (predictions for later layers) are capped so that the reads pending hold at most the plan's host prefetch
+        pool; `experts` in order of preference."""
         todo = [e for e in experts if (i, e) not in self._pending]
+        if speculative:
+            room = self.placement.pools.host_prefetch // max(self.host_cache.expert_bytes, 1) - len(self._pending)
+            todo = todo[:max(room, 0)]
         if not todo:
             return
         fut = self.disk.read(i, todo, stage=self.host_cache.put)
@@ -380,8 +396,8 @@ class TieredEngine(Engine):
             chosen = set(np.flatnonzero(pred[depth] >= max(self.threshold, 1e-9)).tolist())
             if depth == 0:
                 self._predicted[j] = chosen
-            where = {e: self._where(j, e) for e in sorted(chosen)}
-            self._start_disk(j, [e for e, w in where.items() if w == "disk"])
+            where = {e: self._where(j, e) for e in sorted(chosen, key=lambda e: (-pred[depth][e], e))}  # likeliest first
+            self._start_disk(j, [e for e, w in where.items() if w == "disk"], speculative=True)
             if depth == 0:
                 up = [((j, e), self.host_cache.get((j, e), count=False)) for e, w in where.items() if w == "host"]
                 up = [(k, t) for k, t in up if t is not None]     # a loader thread may have evicted it since
