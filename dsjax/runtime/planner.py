@@ -111,11 +111,14 @@ class Links:
     h2d: float = 50 * GB
     disk: float = 12 * GB
     hbm: float = 3 * 10**12
-    # Host work per layer, measured on the H200 machine (bench/RESULTS.md, V3 slice run 3, batch 1: 45.5 ms of host
-    # time per decode step over 1 dense + 6 MoE layers): dispatching a layer's jitted calls, and for an MoE layer
-    # whose experts stream, the routing sync, the slot bookkeeping and copies, and the prediction's prefetch.
-    sync_s: float = 5.2e-3          # per streamed MoE layer: routing sync (~0.5 ms) + copies + prediction
-    layer_call_s: float = 2.0e-3    # per layer: host-side dispatch of its jitted calls
+    # Host work per layer, from the runtime's timers on the H200 machine (bench/RESULTS.md, V3 slice run 5, budget
+    # config, batch 1: 30.5 ms of host time per decode step over 1 dense + 6 MoE layers): dispatching a layer's jitted
+    # calls, and for an MoE layer whose experts stream, the routing sync, the slot bookkeeping and copies, and the
+    # prediction's prefetch. With them the plan said 31.1 / 106.8 tok/s for run 5's budget / no-budget rows (measured
+    # 29.1 / 125.6; run 3's terms, 5.2 and 2.0 ms, said 21.3 / 63.9). The routing sync also waits for copies, so
+    # without overlap (overlap_io false: links and host work summed) the plan is pessimistic: 19.1 against 33.0.
+    sync_s: float = 3.8e-3          # per streamed MoE layer: routing sync + copies + prediction
+    layer_call_s: float = 1.1e-3    # per layer: host-side dispatch of its jitted calls
     measured: bool = False
 
 
