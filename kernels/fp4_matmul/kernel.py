@@ -161,25 +161,29 @@ def _fp4_gemv_kernel(x_ref, p_ref, s_ref, g_ref, o_ref, *, fmt, cfg: Fp4MatmulCo
             o_ref[i_k, r, pl.ds(n0, bn)] = y
 
 
+def _launch(kernel, args, *, rows: int, n: int, grid, cfg: Fp4MatmulConfig, dtype, g, interpret: bool, name: str):
+    """One pallas_call writing y [rows, N] in `dtype`, or with split-K float32 partial sums [split_k, rows, N] that one
+    XLA reduction adds up and scales by the global scale g."""
+    split = cfg.split_k > 1
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((cfg.split_k, rows, n) if split else (rows, n), jnp.float32 if split else dtype),
+        grid=grid,
+        compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=name,
+    )(*args)
+    return (out.sum(0) * g[0]).astype(dtype) if split else out
+
+
 def _fp4_gemv(x, packed, scales, g, *, fmt, cfg, interpret):
     m, k = x.shape
     n, h = packed.shape
     half = check_fmt(fmt) // 2
     xs = split_even_odd(x).reshape(2, m, h // half, half)
-    k_steps = h // cfg.bkh // cfg.split_k
-    if cfg.split_k == 1:
-        out_shape = jax.ShapeDtypeStruct((m, n), x.dtype)
-    else:
-        out_shape = jax.ShapeDtypeStruct((cfg.split_k, m, n), jnp.float32)
-    out = pl.pallas_call(
-        functools.partial(_fp4_gemv_kernel, fmt=fmt, cfg=cfg, k_steps=k_steps, m=m),
-        out_shape=out_shape,
-        grid=(n // cfg.bn, cfg.split_k),
-        compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=interpret,
-        name="fp4_gemv",
-    )(xs, packed.reshape(n, h // half, half), scales, g)
-    return out if cfg.split_k == 1 else (out.sum(0) * g[0]).astype(x.dtype)
+    kernel = functools.partial(_fp4_gemv_kernel, fmt=fmt, cfg=cfg, k_steps=h // cfg.bkh // cfg.split_k, m=m)
+    return _launch(kernel, (xs, packed.reshape(n, h // half, half), scales, g), rows=m, n=n,
+                   grid=(n // cfg.bn, cfg.split_k), cfg=cfg, dtype=x.dtype, g=g, interpret=interpret, name="fp4_gemv")
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "config", "interpret"))
@@ -215,19 +219,7 @@ def fp4_matmul(x: jax.Array, packed: jax.Array, scales: jax.Array, global_scale:
     if m_pad != m:
         x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
     x_in = split_even_odd(x) if cfg.x_split else x
-    k_steps = h // cfg.bkh // cfg.split_k
-    if cfg.split_k == 1:
-        out_shape = jax.ShapeDtypeStruct((m_pad, n), x.dtype)
-    else:
-        out_shape = jax.ShapeDtypeStruct((cfg.split_k, m_pad, n), jnp.float32)
-    out = pl.pallas_call(
-        functools.partial(_fp4_matmul_kernel, fmt=fmt, cfg=cfg, k_steps=k_steps),
-        out_shape=out_shape,
-        grid=(n // cfg.bn, cfg.split_k, m_pad // cfg.bm),
-        compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=interpret,
-        name="fp4_matmul",
-    )(x_in, packed, scales, g)
-    if cfg.split_k > 1:
-        out = (out.sum(0) * g[0]).astype(x.dtype)
+    kernel = functools.partial(_fp4_matmul_kernel, fmt=fmt, cfg=cfg, k_steps=h // cfg.bkh // cfg.split_k)
+    out = _launch(kernel, (x_in, packed, scales, g), rows=m_pad, n=n, grid=(n // cfg.bn, cfg.split_k, m_pad // cfg.bm),
+                  cfg=cfg, dtype=x.dtype, g=g, interpret=interpret, name="fp4_matmul")
     return out[:m] if m_pad != m else out
