@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "a store, the runtime's figures (memory per pool, bytes and GB/s per link, hit rates, prediction)")
     g.add_argument("--stats-format", default="json", choices=["json", "prometheus"], help="runtime figures as one "
                    "JSON line (default) or Prometheus text")
-    g.add_argument("--trace", default=None, help="write a jax.profiler trace (Perfetto/XProf) of the run to DIR")
+    g.add_argument("--trace", default=None, help="write a jax.profiler trace (Perfetto/XProf) of the run to DIR "
+                   "(on a GPU the profiler has ended runs with CUDA_ERROR_LAUNCH_FAILED: jax-ml/jax#40260)")
     g.add_argument("--preset", default=None, help="runtime preset for a store: low_latency, high_throughput, "
                    "balanced, or a YAML file")
     g.add_argument("--gpu-memory", default=None, help="GPU budget for a store, e.g. 16GB (default: the preset's, "
@@ -237,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the whole store on the GPU as a plain in-memory model: the all-in-HBM reference)")
     b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     b.add_argument("--cold", action="store_true", help="drop the page cache before the disk ceiling (root)")
-    b.add_argument("--no-trace", action="store_true", help="skip the profiler trace (GPU busy fraction)")
+    b.add_argument("--no-trace", action="store_true", help="skip the profiler trace (GPU busy fraction; on a GPU the "
+                   "profiler has ended runs with CUDA_ERROR_LAUNCH_FAILED, jax-ml/jax#40260: each row is saved first)")
     b.add_argument("--trace-configs", default=None, help="profile only these configs (comma separated; a trace of a "
                    "row costs a few tokens' generation under the profiler)")
     b.add_argument("--out", default=None, help="write the results as JSON, row by row (and a .md table beside it); "
