@@ -82,3 +82,132 @@ def decode_tile(packed: jax.Array, scale_bits: jax.Array, fmt: str, dtype=jnp.bf
     lo, hi = decode_tile_halves(packed, scale_bits, fmt, dtype)
     n, h = packed.shape
     return jnp.stack([lo, hi], axis=-1).reshape(n, 2 * h)                             # low nibble first
+
+
+# ---- packed-pair decode in PTX (decode="ptx") ------------------------------------------------------------------
+# One asm instance takes four packed bytes (one 32-bit register) and the four bytes' block scales (bf16, two
+# registers) and returns four bf16 values (two registers) for either the low or the high nibbles. It spreads bytes
+# 0,1 (then 2,3) into the two 16-bit lanes of a register (prmt), places each nibble's sign at bit 15 and its three
+# magnitude bits at bits 8..6 of its lane (shift, and, lop3), which is the bf16 number e2m1 * 2^-126 (code 1, 0.5,
+# is the bf16 subnormal 2^-127), then multiplies the lane pair by 2^126 and by the scales (mul.rn.bf16x2; both
+# products are exact, as e2m1 * scale has at most 6 significant bits). About 3.5 instructions per weight against
+# ~8 for decode_tile_halves (convert, float32 multiply and round per element).
+
+_PTX_HALF = {   # nibble -> (shift that puts its sign bit at bit 15, shift that puts its magnitude at bits 8..6)
+    "lo": (12, 6),
+    "hi": (8, 2),
+}
+_BF16X2_2P126 = 0x7E807E80          # 2^126 in both bf16 lanes
+_SIGN_BITS, _MAG_BITS = 0x80008000, 0x01C001C0
+
+
+def _ptx_half_asm(half: str) -> str:
+    s_sign, s_mag = _PTX_HALF[half]
+    pair = """
+    prmt.b32 t, $2, z, {sel};
+    shl.b32 a, t, {s_sign};
+    shl.b32 b, t, {s_mag};
+    and.b32 b, b, {mag};
+    lop3.b32 a, a, b, m, 0xEC;
+    mul.rn.bf16x2 a, a, k;
+    mul.rn.bf16x2 ${out}, a, ${scale};"""
+    body = "".join(pair.format(sel=sel, s_sign=s_sign, s_mag=s_mag, mag=hex(_MAG_BITS), out=out, scale=scale) for sel, out, scale in (("0x4140", 0, 3), ("0x4342", 1, 4)))
+    return ("{\n    .reg .b32 t, a, b, z, k, m;\n    mov.b32 z, 0;\n    mov.b32 k, " + hex(_BF16X2_2P126) + ";"
+            + "\n    mov.b32 m, " + hex(_SIGN_BITS) + ";" + body + "\n}")
+
+
+def scale_bits_to_bf16(bits: jax.Array, fmt: str) -> jax.Array:
+    """Raw block-scale bits (uint8) -> the bf16 scale, exact (E4M3 has 4 significant bits; E8M0 2^(e-127) is a bf16
+    power of two, e = 0 the subnormal 2^-127; the NaN code 0xFF is not distinguished)."""
+    if fmt == "nvfp4":
+        return jax.lax.bitcast_convert_type(bits.astype(jnp.uint8), jnp.float8_e4m3fn).astype(jnp.bfloat16)
+    check_fmt(fmt)
+    e = bits.astype(jnp.uint16)
+    return jax.lax.bitcast_convert_type(jnp.where(e == 0, jnp.uint16(0x40), e << 7), jnp.bfloat16)
+
+
+def _per_byte_scales(scale_bits: jax.Array, fmt: str, h: int) -> jax.Array:
+    n, g = scale_bits.shape
+    s = scale_bits_to_bf16(scale_bits, fmt)
+    return jnp.broadcast_to(s[:, :, None], (n, g, h // g)).reshape(n, h)
+
+
+def decode_tile_halves_ptx(packed: jax.Array, scale_bits: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array]:
+    """decode_tile_halves in bf16 with the packed-pair PTX decode (inside a Pallas Triton kernel on an sm_90 GPU;
+    on the CPU use decode_tile_halves_ptx_emulated, the same bit logic in jnp)."""
+    from jax.experimental.pallas import triton as plt
+    check_fmt(fmt)
+    n, h = packed.shape
+    s = _per_byte_scales(scale_bits, fmt, h)
+    out = jax.ShapeDtypeStruct((n, h), jnp.bfloat16)
+    lo, = plt.elementwise_inline_asm(_ptx_half_asm("lo"), args=[packed, s], constraints="=r,=r,r,r,r", pack=4,
+                                     result_shape_dtypes=[out])
+    hi, = plt.elementwise_inline_asm(_ptx_half_asm("hi"), args=[packed, s], constraints="=r,=r,r,r,r", pack=4,
+                                     result_shape_dtypes=[out])
+    return lo, hi
+
+
+def _bf16_parts(u: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """bf16 bit patterns (uint32, one per lane) -> (sign bit, integer magnitude significand, power of two): value =
+    (-1)^sign * sig * 2^exp, subnormals included (decoded in integers: a CPU's float unit may flush them to zero)."""
+    e = (u >> 7) & 0xFF
+    sig = jnp.where(e == 0, u & 0x7F, (u & 0x7F) | 0x80).astype(jnp.int32)
+    return (u >> 15) & 1, sig, jnp.maximum(e.astype(jnp.int32), 1) - 134         # 127 bias + 7 fraction bits
+
+
+def _bf16x2_mul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """mul.rn.bf16x2 on uint32 lane pairs, for products that bf16 holds exactly (those of the decode: a nibble's
+    2 significant bits times a power of two or a scale's 4): the product of the integer significands, scaled, with
+    the sign (of zero too) the XOR of the signs."""
+    out = []
+    for shift in (0, 16):
+        na, sa, ea = _bf16_parts((a >> shift) & 0xFFFF)
+        nb, sb, eb = _bf16_parts((b >> shift) & 0xFFFF)
+        mag = jnp.ldexp((sa * sb).astype(jnp.float32), ea + eb).astype(jnp.bfloat16)
+        bits = jax.lax.bitcast_convert_type(mag, jnp.uint16).astype(jnp.uint32)
+        out.append(bits | ((na ^ nb) << 15))
+    return out[0] | (out[1] << 16)
+
+
+def decode_tile_halves_ptx_emulated(packed: jax.Array, scale_bits: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array]:
+    """The PTX decode's instructions, one by one, in jnp on uint32 words (four bytes each, as one asm instance sees
+    them): the CPU tests hold this to decode_tile_halves on every byte and scale code, and the interpreter runs it
+    in place of the asm."""
+    check_fmt(fmt)
+    n, h = packed.shape
+    words = packed.astype(jnp.uint32).reshape(n, h // 4, 4)
+    s16 = jax.lax.bitcast_convert_type(_per_byte_scales(scale_bits, fmt, h), jnp.uint16).astype(jnp.uint32)
+    s16 = s16.reshape(n, h // 4, 4)
+    k = jnp.uint32(_BF16X2_2P126)
+    halves = []
+    for half in ("lo", "hi"):
+        s_sign, s_mag = _PTX_HALF[half]
+        regs = []
+        for b0, b1 in ((0, 1), (2, 3)):                       # prmt 0x4140 / 0x4342: bytes b0, b1 -> lanes 0, 1
+            t = words[..., b0] | (words[..., b1] << 16)
+            a = t << s_sign                                   # uint32: bits shifted past 31 drop, as in shl.b32
+            b = (t << s_mag) & jnp.uint32(_MAG_BITS)
+            a = (a & jnp.uint32(_SIGN_BITS)) | b              # lop3 0xEC: (a & c) | b
+            a = _bf16x2_mul(a, k)
+            regs.append(_bf16x2_mul(a, s16[..., b0] | (s16[..., b1] << 16)))
+        lanes = jnp.stack([regs[0] & 0xFFFF, regs[0] >> 16, regs[1] & 0xFFFF, regs[1] >> 16], -1)
+        halves.append(jax.lax.bitcast_convert_type(lanes.astype(jnp.uint16), jnp.bfloat16).reshape(n, h))
+    return halves[0], halves[1]
+
+
+DECODES = ("jnp", "ptx")
+
+
+def decode_halves(packed: jax.Array, scale_bits: jax.Array, fmt: str, dtype, decode: str,
+                  interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """A kernel's tile decode by name: 'jnp' (decode_tile_halves) or 'ptx' (decode_tile_halves_ptx; bf16 only; under
+    the Pallas interpreter its jnp emulation runs instead)."""
+    if decode == "jnp":
+        return decode_tile_halves(packed, scale_bits, fmt, dtype)
+    if decode != "ptx":
+        raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        raise ValueError(f"decode='ptx' makes bfloat16 tiles, not {jnp.dtype(dtype)}")
+    if interpret:
+        return decode_tile_halves_ptx_emulated(packed, scale_bits, fmt)
+    return decode_tile_halves_ptx(packed, scale_bits, fmt)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from dsjax_kernels.fp4_matmul.decode import (check_fmt, decode_tile, decode_tile_halves, nibbles_to_f16_bits,
+from dsjax_kernels.fp4_matmul.decode import (DECODES, check_fmt, decode_halves, decode_tile, nibbles_to_f16_bits,
                                              scale_bits_to_f32)
 
 
@@ -35,6 +35,8 @@ class Fp4MatmulConfig:
     gemv: for small M, no matrix instruction: each program multiplies its decoded [bn, bkh] weight tile by every
     row of x with float32 multiply-adds, sums each scale block before applying its scale, and keeps x unpadded
     (bm is ignored). Needs x_split.
+    decode: how a tile's nibbles become bf16: 'jnp' (decode.py's integer decode, float32 scale multiply) or 'ptx'
+    (packed pairs in inline PTX, sm_90; the MMA tiles with x_split only).
     """
 
     bm: int = 16
@@ -45,6 +47,7 @@ class Fp4MatmulConfig:
     num_stages: int = 3
     x_split: bool = True
     gemv: bool = False
+    decode: str = "jnp"
 
 
 def default_config(m: int, n: int, k: int) -> Fp4MatmulConfig:
@@ -76,6 +79,7 @@ def _check_tiles(m_pad: int, n: int, h: int, fmt: str, cfg: Fp4MatmulConfig) -> 
     bs = check_fmt(fmt)
     if cfg.gemv and (not cfg.x_split or m_pad > GEMV_MAX_M):
         raise ValueError(f"gemv tiles need x_split and M <= {GEMV_MAX_M} (got M={m_pad}, {cfg})")
+    check_decode(cfg)
     for name in ("bm", "bn", "bkh"):
         v = getattr(cfg, name)
         if v & (v - 1) or v < 16:
@@ -83,6 +87,14 @@ def _check_tiles(m_pad: int, n: int, h: int, fmt: str, cfg: Fp4MatmulConfig) -> 
     if n % cfg.bn or h % cfg.bkh or cfg.bkh % (bs // 2) or (h // cfg.bkh) % cfg.split_k:
         raise ValueError(f"tiles {cfg} do not divide N={n}, K/2={h} (format {fmt}, block {bs})")
     assert cfg.gemv or m_pad % cfg.bm == 0
+
+
+def check_decode(cfg) -> None:
+    """decode='ptx' decodes [rows, bytes] tiles into bf16 halves: the MMA tiles with x_split (not gemv)."""
+    if cfg.decode not in DECODES:
+        raise ValueError(f"decode must be one of {DECODES}, got {cfg.decode!r}")
+    if cfg.decode == "ptx" and (not cfg.x_split or getattr(cfg, "gemv", False)):
+        raise ValueError(f"decode='ptx' needs x_split tiles without gemv ({cfg})")
 
 
 GEMV_MAX_M = 16                          # one float32 accumulator tile per row of x
@@ -96,7 +108,8 @@ def split_even_odd(x: jax.Array) -> jax.Array:
     return jnp.moveaxis(xs, -1, 0)
 
 
-def _fp4_matmul_kernel(x_ref, p_ref, s_ref, g_ref, o_ref, *, fmt, cfg: Fp4MatmulConfig, k_steps: int):
+def _fp4_matmul_kernel(x_ref, p_ref, s_ref, g_ref, o_ref, *, fmt, cfg: Fp4MatmulConfig, k_steps: int,
+                       interpret: bool = False):
     """Grid (N/bn, split_k, M/bm): one output tile over one K slice of k_steps steps."""
     bs = check_fmt(fmt)
     bm, bn, bkh = cfg.bm, cfg.bn, cfg.bkh
@@ -113,7 +126,7 @@ def _fp4_matmul_kernel(x_ref, p_ref, s_ref, g_ref, o_ref, *, fmt, cfg: Fp4Matmul
         if cfg.x_split:
             xe = x_ref[0, pl.ds(m0, bm), pl.ds(h0, bkh)]                    # bf16 [bm, bkh], x[:, 0::2]
             xo = x_ref[1, pl.ds(m0, bm), pl.ds(h0, bkh)]                    # x[:, 1::2]
-            lo, hi = decode_tile_halves(p, s, fmt, xe.dtype)                # bf16 [bn, bkh] each
+            lo, hi = decode_halves(p, s, fmt, xe.dtype, cfg.decode, interpret)   # bf16 [bn, bkh] each
             acc = acc + jax.lax.dot_general(xe, lo, _NT, preferred_element_type=jnp.float32)
             return acc + jax.lax.dot_general(xo, hi, _NT, preferred_element_type=jnp.float32)
         x = x_ref[pl.ds(m0, bm), pl.ds(2 * h0, 2 * bkh)]                    # bf16 [bm, 2 bkh]
@@ -219,7 +232,8 @@ def fp4_matmul(x: jax.Array, packed: jax.Array, scales: jax.Array, global_scale:
     if m_pad != m:
         x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
     x_in = split_even_odd(x) if cfg.x_split else x
-    kernel = functools.partial(_fp4_matmul_kernel, fmt=fmt, cfg=cfg, k_steps=h // cfg.bkh // cfg.split_k)
+    kernel = functools.partial(_fp4_matmul_kernel, fmt=fmt, cfg=cfg, k_steps=h // cfg.bkh // cfg.split_k,
+                               interpret=interpret)
     out = _launch(kernel, (x_in, packed, scales, g), rows=m_pad, n=n, grid=(n // cfg.bn, cfg.split_k, m_pad // cfg.bm),
                   cfg=cfg, dtype=x.dtype, g=g, interpret=interpret, name="fp4_matmul")
     return out[:m] if m_pad != m else out

@@ -24,15 +24,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from dsjax_kernels.fp4_matmul.decode import check_fmt, decode_tile, decode_tile_halves
-from dsjax_kernels.fp4_matmul.kernel import split_even_odd
+from dsjax_kernels.fp4_matmul.decode import check_fmt, decode_halves, decode_tile
+from dsjax_kernels.fp4_matmul.kernel import check_decode, split_even_odd
 from dsjax_kernels.moe_gmm.reference import weight_parts
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MoeGmmConfig:
     """Tiles: bm rows per program (power of two >= 16), bn out-features, bkh packed bytes per K step;
-    x_split as in Fp4MatmulConfig."""
+    x_split and decode as in Fp4MatmulConfig."""
 
     bm: int = 16
     bn: int = 64
@@ -40,6 +40,7 @@ class MoeGmmConfig:
     num_warps: int = 4
     num_stages: int = 4
     x_split: bool = True
+    decode: str = "jnp"          # as Fp4MatmulConfig.decode
 
 
 def default_config(t: int, n: int, k: int, num_slots: int) -> MoeGmmConfig:
@@ -79,7 +80,7 @@ def tile_schedule(group_sizes: jax.Array, num_rows: int, bm: int) -> tuple[jax.A
 
 
 def _grouped_kernel(slot_ref, start_ref, end_ref, x_ref, xo_ref, *refs, fmt, cfg: MoeGmmConfig, k_steps: int,
-                    num_weights: int):
+                    num_weights: int, interpret: bool = False):
     """Grid (N/bn, tiles). num_weights 1: y = x W.T; 2 (gate, up): y = silu(x Wg.T) * (x Wu.T).
 
     With cfg.x_split, x_ref and xo_ref hold x's even and odd columns; otherwise x_ref is x and xo_ref unused."""
@@ -112,7 +113,7 @@ def _grouped_kernel(slot_ref, start_ref, end_ref, x_ref, xo_ref, *refs, fmt, cfg
                 p = p_ref[slot, pl.ds(n0, bn), pl.ds(h0, bkh)]                 # uint8 [bn, bkh]
                 s = s_ref[slot, pl.ds(n0, bn), pl.ds(h0 // (bs // 2), sg)]     # uint8 [bn, sg]
                 if cfg.x_split:
-                    lo, hi = decode_tile_halves(p, s, fmt, xe.dtype)           # bf16 [bn, bkh] each
+                    lo, hi = decode_halves(p, s, fmt, xe.dtype, cfg.decode, interpret)  # bf16 [bn, bkh] each
                     acc = accs[j] + jax.lax.dot_general(xe, lo, nt, preferred_element_type=jnp.float32)
                     acc = acc + jax.lax.dot_general(xo, hi, nt, preferred_element_type=jnp.float32)
                 else:
@@ -150,6 +151,7 @@ def _grouped_call(x, weights, group_sizes, *, fmt, cfg, num_weights, interpret):
             raise ValueError(f"{name}={v} must be a power of two >= 16")
     if n % cfg.bn or h % cfg.bkh or cfg.bkh % (bs // 2):
         raise ValueError(f"tiles {cfg} do not divide N={n}, K/2={h} (format {fmt}, block {bs})")
+    check_decode(cfg)
     slot, start, end = tile_schedule(group_sizes, t, cfg.bm)
     rows = t
     if interpret:                      # the interpreter clamps out-of-range slices: give every tile real rows
@@ -163,7 +165,8 @@ def _grouped_call(x, weights, group_sizes, *, fmt, cfg, num_weights, interpret):
     for p, s, g in weights:
         args += [p, s, jnp.reshape(g, (s_slots,)).astype(jnp.float32)]
     out = pl.pallas_call(
-        functools.partial(_grouped_kernel, fmt=fmt, cfg=cfg, k_steps=h // cfg.bkh, num_weights=num_weights),
+        functools.partial(_grouped_kernel, fmt=fmt, cfg=cfg, k_steps=h // cfg.bkh, num_weights=num_weights,
+                          interpret=interpret),
         out_shape=jax.ShapeDtypeStruct((rows, n), x.dtype),
         grid=(n // cfg.bn, slot.shape[0]),
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),

@@ -10,6 +10,7 @@ from dsjax.quant.fp4 import E2M1_VALUES
 from dsjax.quant.mxfp4 import e8m0_to_float_np
 from dsjax_kernels.fp4_matmul import (Fp4MatmulConfig, decode_tile, dequantize_reference, fp4_matmul,
                                       fp4_matmul_reference, nibbles_to_f16_bits, scale_bits_to_f32)
+from dsjax_kernels.fp4_matmul.decode import decode_tile_halves, decode_tile_halves_ptx_emulated
 from fp4_cases import (assert_kernel_close, dequant_oracle, fresh_rng, poison_device_memory,
                        random_fp4)
 
@@ -45,6 +46,25 @@ def test_decode_tile_is_exact_dequantization(fmt):
 
 
 @pytest.mark.parametrize("fmt", FMTS)
+def test_ptx_decode_is_exact_on_every_byte_and_scale(fmt):
+    """The packed-pair PTX decode's bit logic (its instructions emulated one by one in jnp: prmt, shifts, masks,
+    lop3, two bf16x2 multiplies) against decode_tile_halves (itself exact, above): every byte value with every
+    scale code whose products are normal numbers and that decode_tile_halves takes exactly (E4M3: all but NaN;
+    E8M0: 2^-125 .. 2^113, where the reference's float32 scale times 2^14 saturates above)."""
+    codes = (np.array([b for b in range(128) if b != 0x7F], np.uint8) if fmt == "nvfp4"
+             else np.arange(2, 241, dtype=np.uint8))
+    per_block = 8 if fmt == "nvfp4" else 16                          # packed bytes per scale
+    packed = np.tile(np.arange(256, dtype=np.uint8), (len(codes), 1))  # row r: all 256 bytes under code r
+    scales = np.repeat(codes[:, None], 256 // per_block, axis=1)
+    want = decode_tile_halves(jnp.asarray(packed), jnp.asarray(scales), fmt)
+    got = decode_tile_halves_ptx_emulated(jnp.asarray(packed), jnp.asarray(scales), fmt)
+    for w, g, half in zip(want, got, ("low", "high")):
+        w, g = np.asarray(w, np.float32), np.asarray(g, np.float32)
+        np.testing.assert_array_equal(g, w, err_msg=f"{half} nibbles")
+        np.testing.assert_array_equal(np.signbit(g), np.signbit(w), err_msg=f"{half} nibbles: sign of zero")
+
+
+@pytest.mark.parametrize("fmt", FMTS)
 def test_reference_matches_oracle(fmt):
     rng, seed = fresh_rng()
     packed, scales, gs = random_fp4(rng, (48, 128), fmt)
@@ -60,6 +80,7 @@ INTERPRET_CASES = [   # (M, N, K, config): M off the tile, split-K, several M ti
     (20, 32, 128, Fp4MatmulConfig(bm=16, bn=16, bkh=32)),
     (1, 48, 512, Fp4MatmulConfig(bn=16, bkh=128, gemv=True)),                # FMA path: M=1, three N tiles
     (5, 32, 512, Fp4MatmulConfig(bn=16, bkh=64, split_k=2, gemv=True)),      # M off any tile, split-K
+    (5, 64, 256, Fp4MatmulConfig(bm=16, bn=32, bkh=64, split_k=2, decode="ptx")),   # PTX decode (emulated)
 ]
 
 
@@ -84,6 +105,9 @@ def test_bad_tiles_rejected():
     with pytest.raises(ValueError, match="gemv"):
         fp4_matmul(jnp.zeros((17, 256), jnp.bfloat16), p, s, jnp.ones(()), fmt="nvfp4",
                    config=Fp4MatmulConfig(bn=16, bkh=32, gemv=True))
+    for bad in (dict(decode="ptx", x_split=False), dict(decode="ptx", gemv=True), dict(decode="asm")):
+        with pytest.raises(ValueError, match="decode"):
+            fp4_matmul(x, p, s, jnp.ones(()), fmt="nvfp4", config=Fp4MatmulConfig(bn=16, bkh=32, **bad))
 
 
 GPU_CASES = [   # (M, N, K, config or None for the default heuristic)
@@ -98,6 +122,10 @@ GPU_CASES = [   # (M, N, K, config or None for the default heuristic)
     (3, 7168, 2048, Fp4MatmulConfig(bn=32, bkh=256, num_stages=4, gemv=True)),
     (8, 2048, 7168, Fp4MatmulConfig(bn=16, bkh=128, split_k=2, num_stages=4, gemv=True)),
     (16, 512, 2048, Fp4MatmulConfig(bn=64, bkh=128, num_warps=8, gemv=True)),
+    (1, 2048, 7168, Fp4MatmulConfig(bm=16, bn=32, bkh=128, split_k=4, num_stages=4, decode="ptx")),
+    (8, 7168, 2048, Fp4MatmulConfig(bm=16, bn=32, bkh=128, split_k=4, num_stages=4, decode="ptx")),
+    (300, 256, 1024, Fp4MatmulConfig(bm=128, bn=64, bkh=32, num_warps=4, num_stages=2, decode="ptx")),
+    (4096, 256, 2048, Fp4MatmulConfig(bm=128, bn=128, bkh=32, num_warps=8, decode="ptx")),
 ]
 
 

@@ -2,6 +2,8 @@
 interpret mode on CPU, and the compiled kernels against the references on the GPU (ragged and empty groups,
 rows past the groups, both formats)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 
 from dsjax_kernels.moe_gmm import (MoeGmmConfig, expert_swiglu, expert_swiglu_reference, moe_gmm,
                                    moe_gmm_reference, tile_schedule)
+from dsjax_kernels.moe_gmm.kernel import default_config as default_grouped
 from fp4_cases import assert_kernel_close, dequant_oracle, fresh_rng, poison_device_memory, random_fp4
 
 FMTS = ["nvfp4", "mxfp4"]
@@ -53,20 +56,21 @@ def test_reference_matches_oracle(fmt):
     assert_kernel_close(y, expect, "reference_vs_oracle_f32", f"{fmt} seed {seed}")
 
 
+@pytest.mark.parametrize("decode", ["jnp", "ptx"])
 @pytest.mark.parametrize("fmt", FMTS)
-def test_kernels_interpret(fmt):
+def test_kernels_interpret(fmt, decode):
     rng, seed = fresh_rng()
     s, n, k, t = 4, 32, 128, 30
     packed, scales, gs = random_fp4(rng, (s, n, k), fmt)
     sizes = jnp.asarray([3, 0, 20, 1], jnp.int32)                     # empty group, straddling tiles, 6 zero rows
     x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
-    cfg = MoeGmmConfig(bm=16, bn=16, bkh=32)
+    cfg = MoeGmmConfig(bm=16, bn=16, bkh=32, decode=decode)           # ptx: its jnp emulation under the interpreter
     y = moe_gmm(x, packed, scales, gs, sizes, fmt=fmt, config=cfg, interpret=True)
     assert_kernel_close(y, moe_gmm_reference(x, packed, scales, gs, sizes, fmt=fmt), "kernel_vs_reference",
                         f"interpret moe_gmm {fmt} seed {seed}")
     down = random_fp4(rng, (s, k, n), fmt)
     z = expert_swiglu(x, (packed, scales, gs), (packed, scales, gs), down, sizes, fmt=fmt,
-                      config=(cfg, MoeGmmConfig(bm=16, bn=16, bkh=16)), interpret=True)
+                      config=(cfg, MoeGmmConfig(bm=16, bn=16, bkh=16, decode=decode)), interpret=True)
     zr = expert_swiglu_reference(x, (packed, scales, gs), (packed, scales, gs), down, sizes, fmt=fmt)
     assert_kernel_close(z, zr, "swiglu_vs_reference", f"interpret expert_swiglu {fmt} seed {seed}")
 
@@ -96,6 +100,20 @@ class TestMoeGmmGpu:
             y = moe_gmm(x, packed, scales, gs, sizes, fmt=fmt)
             assert_kernel_close(y, ref, "kernel_vs_reference", f"{fmt} sizes {list(sizes)} T={t} N={n} K={k} run {run} seed {seed}")
             assert not np.asarray(y[int(sizes.sum()):]).any(), "rows past the groups must be zero"
+
+    @pytest.mark.parametrize("fmt", FMTS)
+    @pytest.mark.parametrize("sizes,extra,n,k", GPU_CASES[:2] + GPU_CASES[3:4])
+    def test_moe_gmm_ptx_decode_vs_reference(self, fmt, sizes, extra, n, k):
+        rng, seed = fresh_rng()
+        sizes = jnp.asarray(sizes, jnp.int32)
+        t = int(sizes.sum()) + extra
+        packed, scales, gs = (jnp.asarray(a) for a in random_fp4(rng, (len(sizes), n, k), fmt))
+        x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
+        cfg = dataclasses.replace(default_grouped(t, n, k, len(sizes)), decode="ptx")
+        ref = moe_gmm_reference(x, packed, scales, gs, sizes, fmt=fmt)
+        poison_device_memory()
+        y = moe_gmm(x, packed, scales, gs, sizes, fmt=fmt, config=cfg)
+        assert_kernel_close(y, ref, "kernel_vs_reference", f"ptx {fmt} sizes {list(sizes)} T={t} N={n} K={k} seed {seed}")
 
     @pytest.mark.parametrize("fmt", FMTS)
     @pytest.mark.parametrize("sizes,extra", [([1, 2, 8, 3, 5, 7, 4, 6], 0), ([0, 9, 0, 40, 1], 2),
