@@ -3,7 +3,8 @@
 # measured in steps that resume across calls:
 #   OUT=/some/dir [BATCHES=1,8] [TRACE=0] [DISK_CONFIGS=budget,on_demand] bash bench/v3_slice_gpu.sh [MOE_LAYERS] [STEP...]
 # STEP: seed (= budget,on_demand,resident,hbm in one process, sharing executables; only budget is profiled) | budget |
-# resident | on_demand (16 GB GPU / 96 GB host, batches $BATCHES) | disk (16 GB / 12 GB host tier, page cache
+# resident | on_demand | hbm (16 GB GPU / 96 GB host, batches $BATCHES) | threshold (budget with expert_threshold
+# $THRESHOLD, default 0.8, untraced) | disk (16 GB / 12 GB host tier, page cache
 # dropped before each measured generation). Default: seed disk. Results: $OUT/v3_<budgets>.json
 # (+ .md), row by row; a result already in bench/results/ (committed from an earlier call) is copied to $OUT first,
 # so its rows are kept and only the missing ones are measured. Traces: /tmp/v3-traces (summaries are in the JSON).
@@ -47,6 +48,13 @@ for step in $STEPS; do
       stamp "bench 16GB/96GB $configs"
       python3 -m dsjax.cli bench "$S" --gpu-memory 16GB --host-memory 96GB --configs "$configs" --batches "$BATCHES" \
         --tokens "$TOKENS" --prompt-len 32 --out "$OUT/$f" --trace-configs budget --trace-dir /tmp/v3-traces/16GB_96GB $NOTRACE \
+        2>&1 | grep --line-buffered -v WARNING | tee -a "$OUT/log.txt" | tail -6
+      stamp "bench exit status ${PIPESTATUS[0]}"; mem ;;
+    threshold)   # budget config with a stricter prediction threshold (fewer wasted copies on a saturated link)
+      f=v3_slice_16GB_96GB_threshold${THRESHOLD:-0.8}.json; resume $f
+      stamp "bench 16GB/96GB budget, expert_threshold ${THRESHOLD:-0.8}"
+      python3 -m dsjax.cli bench "$S" --gpu-memory 16GB --host-memory 96GB --configs budget --batches "$BATCHES" \
+        --tokens "$TOKENS" --prompt-len 32 --out "$OUT/$f" --no-trace --set "expert_threshold=${THRESHOLD:-0.8}" \
         2>&1 | grep --line-buffered -v WARNING | tee -a "$OUT/log.txt" | tail -6
       stamp "bench exit status ${PIPESTATUS[0]}"; mem ;;
     disk)
