@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -218,6 +219,14 @@ def main():
     peak = bf16_peak()
     print(f"HBM copy ceiling {hbm:.0f} GB/s; bf16 XLA 8192^3 {peak:.0f} TFLOP/s", flush=True)
     rows = []
+
+    def save():             # after every row: a run stopped at the time limit keeps what it measured
+        if args.out:
+            with open(args.out + ".tmp", "w") as f:
+                json.dump(dict(hbm_gbs=hbm, bf16_tflops=peak, device=jax.devices()[0].device_kind, rows=rows), f,
+                          indent=1)
+            os.replace(args.out + ".tmp", args.out)
+
     dec_cfgs = (None,)
     if args.sweep:
         dec_cfgs = (None, "join",
@@ -246,6 +255,7 @@ def main():
                 cfgs = dec_cfgs if m <= 64 else pre_cfgs if m >= 1024 else (None,)
                 try:
                     rows.append(dense_row(m, n, k, fmt, hbm, configs=cfgs))
+                    save()
                     print(fmt_row(rows[-1]), rows[-1]["cfg"], flush=True)
                 except Exception as e:  # noqa: BLE001 -- report and continue: one failing shape must not hide the rest
                     print(f"FAILED dense {fmt} M={m} K={k} N={n}: {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -258,18 +268,18 @@ def main():
         for k, n in ((7168, 2048), (2048, 7168)):
             try:
                 rows.append(grouped_row(experts, lo, hi, n, k, "nvfp4", hbm, configs=g_cfgs))
+                save()
                 print(fmt_row(rows[-1]), rows[-1].get("cfg"), flush=True)
             except Exception as e:  # noqa: BLE001
                 print(f"FAILED grouped {experts}e K={k} N={n}: {type(e).__name__}: {str(e)[:300]}", flush=True)
     for experts, lo, hi in ((8, 1, 8), (64, 48, 80)) if "swiglu" in parts else ():
         try:
             rows.append(grouped_row(experts, lo, hi, 2048, 7168, "nvfp4", hbm, swiglu=True))
+            save()
             print(fmt_row(rows[-1]), flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"FAILED swiglu {experts}e: {type(e).__name__}: {str(e)[:300]}", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(hbm_gbs=hbm, bf16_tflops=peak, device=jax.devices()[0].device_kind, rows=rows), f, indent=1)
+    save()
     print(f"\nHBM copy ceiling {hbm:.0f} GB/s; bf16 XLA 8192^3 {peak:.0f} TFLOP/s; device {jax.devices()[0].device_kind}")
     print("| kernel | shape | GPU us | GB/s packed | % HBM | TFLOP/s | XLA bf16 us | vs XLA | jnp ref us | vs ref "
           "| GPU kernels per op (ours/XLA/ref) |")
