@@ -41,7 +41,7 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None
     budgets (`gpu_memory`, `host_memory`: bytes or "16GB"; None = no limit) and a preset of configs/
     ("low_latency", "high_throughput", "balanced"; its budgets apply unless given here), with any memory_config or
     compute_config key as a keyword override; `in_memory=True` puts the whole store on the GPU as one plain model
-    instead (no tiers: the all-in-HBM reference). A Hugging Face checkpoint is read tensor by tensor onto the device.
+    instead (no tiers: the all-in-HBM reference; FP4 weights through the fused kernels unless enable_fusion=False). A Hugging Face checkpoint is read tensor by tensor onto the device.
 
     Example:
         >>> engine = dsjax.load("v3-nvfp4-store", preset="balanced", gpu_memory="16GB", host_memory="96GB")
