@@ -68,6 +68,24 @@ def per_launch(op, x, ws, reps: int = 10) -> tuple[float, float]:
     return sum(e["dur"] for e in kern) * 1e-6 / ops, len(kern) / ops
 
 
+def fastest(label: str, configs, make_op, x, ws) -> tuple[float, object, float]:
+    """(GPU seconds, config, kernels per op) of the fastest of `configs` (make_op(config) -> op); a config the
+    compiler rejects is reported and skipped, not fatal."""
+    best = None
+    for cfg in configs:
+        try:
+            t, nk = per_launch(make_op(cfg), x, ws)
+        except Exception as e:  # noqa: BLE001 -- a config the compiler rejects must not hide the others
+            print(f"  {label} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        print(f"  {label} {cfg}: {t * 1e6:.1f} us, {nk:.0f} kernels", flush=True)
+        if best is None or t < best[0]:
+            best = (t, cfg, nk)
+    if best is None:
+        raise RuntimeError(f"{label}: no tile config compiled and ran")
+    return best
+
+
 def fp4_weights(key, lead, n, k, fmt, copies):
     out = []
     for c in range(copies):
@@ -100,25 +118,15 @@ def dense_row(m, n, k, fmt, hbm, configs=(None,), with_baselines=True):
     ws = fp4_weights(key, (), n, k, fmt, copies)
     x = jax.random.normal(jax.random.PRNGKey(3), (m, k), jnp.bfloat16)
     row = dict(kind="dense", fmt=fmt, M=m, N=n, K=k, bytes=wbytes)
-    best = None
+    cfgs = []
     for cfg in configs:
         if cfg == "join":          # the default tiles with the in-register interleave instead of split x
             cfg = dataclasses.replace(default_config(m, n, k), x_split=False)
-        if isinstance(cfg, Fp4MatmulConfig) and (n % cfg.bn or (k // 2) % (cfg.bkh * cfg.split_k)
-                                                 or (cfg.gemv and m > GEMV_MAX_M)):
-            continue
-        op = lambda x, p, s, g, cfg=cfg: fp4_matmul(x, p, s, g, fmt=fmt, config=cfg)
-        try:
-            t, nk = per_launch(op, x, ws)
-        except Exception as e:  # noqa: BLE001 -- a config the compiler rejects must not hide the others
-            print(f"  dense {fmt} M={m} K={k} N={n} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
-            continue
-        print(f"  dense {fmt} M={m} K={k} N={n} {cfg}: {t * 1e6:.1f} us, {nk:.0f} kernels", flush=True)
-        if best is None or t < best[0]:
-            best = (t, cfg, nk)
-    if best is None:
-        raise RuntimeError("no tile config compiled and ran")
-    t, cfg, nk = best
+        if not (isinstance(cfg, Fp4MatmulConfig) and (n % cfg.bn or (k // 2) % (cfg.bkh * cfg.split_k)
+                                                      or (cfg.gemv and m > GEMV_MAX_M))):
+            cfgs.append(cfg)
+    t, cfg, nk = fastest(f"dense {fmt} M={m} K={k} N={n}", cfgs,
+                         lambda cfg: lambda x, p, s, g: fp4_matmul(x, p, s, g, fmt=fmt, config=cfg), x, ws)
     row.update(t_us=t * 1e6, cfg=str(cfg), kernels=nk, gbs=wbytes / t / 1e9, hbm_frac=wbytes / t / 1e9 / hbm,
                tflops=2 * m * n * k / t / 1e12)
     if with_baselines:
@@ -158,24 +166,13 @@ def grouped_row(experts, lo, hi, n, k, fmt, hbm, swiglu=False, configs=(None,)):
         flops = 2 * t_rows * n * k * 3
     else:
         ws = fp4_weights(jax.random.PRNGKey(7), (experts,), n, k, fmt, copies)
-        best = None
-        for cfg in configs:
-            if cfg in ("join", "ptx"):        # the default tiles, interleaved in registers / with the PTX decode
-                cfg = dataclasses.replace(default_grouped(t_rows, n, k, experts),
-                                          **({"x_split": False} if cfg == "join" else {"decode": "ptx"}))
-            o = lambda x, p, s, g, cfg=cfg: moe_gmm(x, p, s, g, sizes, fmt=fmt, config=cfg)
-            try:
-                tt, _ = per_launch(o, x, ws)
-            except Exception as e:  # noqa: BLE001 -- a config the compiler rejects must not hide the others
-                print(f"  grouped {experts}e K={k} N={n} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
-                continue
-            print(f"  grouped {experts}e x {t_rows} rows K={k} N={n} {cfg}: {tt * 1e6:.1f} us", flush=True)
-            if best is None or tt < best[0]:
-                best = (tt, cfg)
-        if best is None:
-            raise RuntimeError("no tile config compiled and ran")
-        op = lambda x, p, s, g, cfg=best[1]: moe_gmm(x, p, s, g, sizes, fmt=fmt, config=cfg)
-        row["cfg"] = str(best[1])
+        default = default_grouped(t_rows, n, k, experts)
+        cfgs = [dataclasses.replace(default, **({"x_split": False} if c == "join" else {"decode": "ptx"}))
+                if c in ("join", "ptx") else c for c in configs]   # default tiles, interleaved / with the PTX decode
+        make = lambda cfg: lambda x, p, s, g: moe_gmm(x, p, s, g, sizes, fmt=fmt, config=cfg)
+        _, best, _ = fastest(f"grouped {experts}e x {t_rows} rows K={k} N={n}", cfgs, make, x, ws)
+        op = make(best)
+        row["cfg"] = str(best)
         ref = lambda x, p, s, g: moe_gmm_reference(x, p, s, g, sizes, fmt=fmt)
         flops = 2 * t_rows * n * k
     t, row["kernels"] = per_launch(op, x, ws)

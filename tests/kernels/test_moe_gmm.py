@@ -86,34 +86,23 @@ GPU_CASES = [   # (group sizes, extra rows past the groups, N, K)
 
 @pytest.mark.gpu
 class TestMoeGmmGpu:
+    @pytest.mark.parametrize("decode", ["jnp", "ptx"])
     @pytest.mark.parametrize("fmt", FMTS)
     @pytest.mark.parametrize("sizes,extra,n,k", GPU_CASES)
-    def test_moe_gmm_vs_reference(self, fmt, sizes, extra, n, k):
+    def test_moe_gmm_vs_reference(self, fmt, sizes, extra, n, k, decode):
         rng, seed = fresh_rng()
         sizes = jnp.asarray(sizes, jnp.int32)
         t = int(sizes.sum()) + extra
         packed, scales, gs = (jnp.asarray(a) for a in random_fp4(rng, (len(sizes), n, k), fmt))
         x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
+        cfg = dataclasses.replace(default_grouped(t, n, k, len(sizes)), decode=decode)   # jnp: the default tiles
         ref = moe_gmm_reference(x, packed, scales, gs, sizes, fmt=fmt)
         for run in range(2):
             poison_device_memory()
-            y = moe_gmm(x, packed, scales, gs, sizes, fmt=fmt)
-            assert_kernel_close(y, ref, "kernel_vs_reference", f"{fmt} sizes {list(sizes)} T={t} N={n} K={k} run {run} seed {seed}")
+            y = moe_gmm(x, packed, scales, gs, sizes, fmt=fmt, config=cfg)
+            assert_kernel_close(y, ref, "kernel_vs_reference",
+                                f"{decode} {fmt} sizes {list(sizes)} T={t} N={n} K={k} run {run} seed {seed}")
             assert not np.asarray(y[int(sizes.sum()):]).any(), "rows past the groups must be zero"
-
-    @pytest.mark.parametrize("fmt", FMTS)
-    @pytest.mark.parametrize("sizes,extra,n,k", GPU_CASES[:2] + GPU_CASES[3:4])
-    def test_moe_gmm_ptx_decode_vs_reference(self, fmt, sizes, extra, n, k):
-        rng, seed = fresh_rng()
-        sizes = jnp.asarray(sizes, jnp.int32)
-        t = int(sizes.sum()) + extra
-        packed, scales, gs = (jnp.asarray(a) for a in random_fp4(rng, (len(sizes), n, k), fmt))
-        x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
-        cfg = dataclasses.replace(default_grouped(t, n, k, len(sizes)), decode="ptx")
-        ref = moe_gmm_reference(x, packed, scales, gs, sizes, fmt=fmt)
-        poison_device_memory()
-        y = moe_gmm(x, packed, scales, gs, sizes, fmt=fmt, config=cfg)
-        assert_kernel_close(y, ref, "kernel_vs_reference", f"ptx {fmt} sizes {list(sizes)} T={t} N={n} K={k} seed {seed}")
 
     @pytest.mark.parametrize("fmt", FMTS)
     @pytest.mark.parametrize("sizes,extra", [([1, 2, 8, 3, 5, 7, 4, 6], 0), ([0, 9, 0, 40, 1], 2),
