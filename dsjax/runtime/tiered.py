@@ -12,7 +12,6 @@ fits on the GPU the sync disappears. Same store, prompt and seed give the same t
 from __future__ import annotations
 
 import functools
-import math
 import time
 from typing import Any
 
@@ -29,7 +28,8 @@ from dsjax.runtime.memory import MemoryManager
 from dsjax.runtime.metrics import Metrics, json_line, prometheus_text
 from dsjax.runtime.planner import BudgetError, Links, ModelBytes, fmt_bytes, plan
 from dsjax.runtime.scheduler import ComputeScheduler
-from dsjax.runtime.tiers import DiskReader, ExpertCache, HostCache, LayerManager, shardings, tree_nbytes
+from dsjax.runtime.tiers import (DiskReader, ExpertCache, HostCache, LayerManager, pow2_bucket, shardings,
+                                 tree_nbytes)
 
 UNLIMITED = 1 << 60
 
@@ -108,10 +108,6 @@ def in_memory_engine(store, dtype, tokenizer=None, *, prefill_form="naive", name
         layers.append(_cast(w, dt, s_dev))
     weights = {"embed": embed["embed"], "final_norm": head["final_norm"], "lm_head": head["lm_head"], "layers": layers}
     return Engine(cfg, weights, tokenizer, prefill_form=prefill_form, name=name, dtype=dt, enable_fusion=enable_fusion)
-
-
-def _bucket(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
 class TieredEngine(Engine):
@@ -464,7 +460,7 @@ class TieredEngine(Engine):
         for start in range(0, len(ids), mc.max_batch_size):
             chunk = ids[start:start + mc.max_batch_size]
             n = len(chunk)
-            size = min(max(_bucket(n), mc.min_batch_size), mc.max_batch_size) if mc.dynamic_batch \
+            size = min(max(pow2_bucket(n), mc.min_batch_size), mc.max_batch_size) if mc.dynamic_batch \
                 else mc.max_batch_size
             size = max(size, n, mc.min_batch_size)
             self.batch_sizes.append(size)

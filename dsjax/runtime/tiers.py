@@ -117,8 +117,9 @@ class HostCache:
 WRITE_GROUP = 16       # experts per slot write (the largest bucket compiled)
 
 
-def _count_bucket(n: int) -> int:
-    return 1 << (n - 1).bit_length()
+def pow2_bucket(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): counts and batch sizes bucketed so that few executables compile."""
+    return 1 << (max(n, 1) - 1).bit_length()
 
 
 @functools.partial(jax.jit, static_argnames=("layout",), donate_argnums=(0,))
@@ -175,7 +176,7 @@ class ExpertCache:
         """Compile (not run) the slot write of every count bucket a flush can use, so none compiles mid-step."""
         row = jax.device_put(np.zeros(self.layout.nbytes, np.uint8), self._s_dev)
         n = 1
-        while n <= min(_count_bucket(self.slots.capacity), WRITE_GROUP):
+        while n <= min(pow2_bucket(self.slots.capacity), WRITE_GROUP):
             _write_slots.lower(self.pool, jnp.zeros(n, jnp.int32), (row,) * n, self.layout).compile()
             n *= 2
 
@@ -187,7 +188,7 @@ class ExpertCache:
         self._pending = {}
         for g in range(0, len(items), WRITE_GROUP):
             slots, devs = (list(t) for t in zip(*items[g:g + WRITE_GROUP]))
-            n = _count_bucket(len(slots))                       # bucket the count: few executables
+            n = pow2_bucket(len(slots))                       # bucket the count: few executables
             idx = slots + [slots[-1]] * (n - len(slots))        # padding rewrites the last slot with the same value
             self.pool = _write_slots(self.pool, jnp.asarray(np.asarray(idx, np.int32)),
                                      tuple(devs + [devs[-1]] * (n - len(slots))), self.layout)

@@ -29,6 +29,12 @@ def check_fmt(fmt: str) -> int:
     return BLOCK_SIZES[fmt]
 
 
+def _per_byte(block_values: jax.Array, h: int) -> jax.Array:
+    """[N, G] per scale block -> [N, H] per packed byte (byte j belongs to block j // (H / G))."""
+    n, g = block_values.shape
+    return jnp.broadcast_to(block_values[:, :, None], (n, g, h // g)).reshape(n, h)
+
+
 def nibbles_to_f16_bits(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
     """uint8 codes [..., H] -> (low, high) uint16 float16 bit patterns, each the value e2m1 * 2^-14.
 
@@ -62,14 +68,13 @@ def decode_tile_halves(packed: jax.Array, scale_bits: jax.Array, fmt: str,
     columns instead, which saves the register shuffle of a join).
     """
     bs = check_fmt(fmt)
-    n, h = packed.shape
+    h = packed.shape[1]
     g = scale_bits.shape[-1]
     assert g * (bs // 2) == h, (packed.shape, scale_bits.shape, fmt)
     lo_bits, hi_bits = nibbles_to_f16_bits(packed)
     lo = jax.lax.bitcast_convert_type(lo_bits, jnp.float16).astype(jnp.float32)
     hi = jax.lax.bitcast_convert_type(hi_bits, jnp.float16).astype(jnp.float32)
-    s = scale_bits_to_f32(scale_bits, fmt)                                            # [N, G]
-    s = jnp.broadcast_to(s[:, :, None], (n, g, bs // 2)).reshape(n, h)               # byte j -> block j // (bs/2)
+    s = _per_byte(scale_bits_to_f32(scale_bits, fmt), h)                              # byte j -> block j // (bs/2)
     return (lo * s).astype(dtype), (hi * s).astype(dtype)
 
 
@@ -126,10 +131,6 @@ def scale_bits_to_bf16(bits: jax.Array, fmt: str) -> jax.Array:
     return jax.lax.bitcast_convert_type(jnp.where(e == 0, jnp.uint16(0x40), e << 7), jnp.bfloat16)
 
 
-def _per_byte_scales(scale_bits: jax.Array, fmt: str, h: int) -> jax.Array:
-    n, g = scale_bits.shape
-    s = scale_bits_to_bf16(scale_bits, fmt)
-    return jnp.broadcast_to(s[:, :, None], (n, g, h // g)).reshape(n, h)
 
 
 def decode_tile_halves_ptx(packed: jax.Array, scale_bits: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array]:
@@ -138,7 +139,7 @@ def decode_tile_halves_ptx(packed: jax.Array, scale_bits: jax.Array, fmt: str) -
     from jax.experimental.pallas import triton as plt
     check_fmt(fmt)
     n, h = packed.shape
-    s = _per_byte_scales(scale_bits, fmt, h)
+    s = _per_byte(scale_bits_to_bf16(scale_bits, fmt), h)
     out = jax.ShapeDtypeStruct((n, h), jnp.bfloat16)
     lo, = plt.elementwise_inline_asm(_ptx_half_asm("lo"), args=[packed, s], constraints="=r,=r,r,r,r", pack=4,
                                      result_shape_dtypes=[out])
@@ -176,7 +177,8 @@ def decode_tile_halves_ptx_emulated(packed: jax.Array, scale_bits: jax.Array, fm
     check_fmt(fmt)
     n, h = packed.shape
     words = packed.astype(jnp.uint32).reshape(n, h // 4, 4)
-    s16 = jax.lax.bitcast_convert_type(_per_byte_scales(scale_bits, fmt, h), jnp.uint16).astype(jnp.uint32)
+    s16 = jax.lax.bitcast_convert_type(_per_byte(scale_bits_to_bf16(scale_bits, fmt), h), jnp.uint16)
+    s16 = s16.astype(jnp.uint32)
     s16 = s16.reshape(n, h // 4, 4)
     k = jnp.uint32(_BF16X2_2P126)
     halves = []
