@@ -120,8 +120,9 @@ def dense_row(m, n, k, fmt, hbm, configs=(None,), with_baselines=True):
     row = dict(kind="dense", fmt=fmt, M=m, N=n, K=k, bytes=wbytes)
     cfgs = []
     for cfg in configs:
-        if cfg == "join":          # the default tiles with the in-register interleave instead of split x
-            cfg = dataclasses.replace(default_config(m, n, k), x_split=False)
+        if cfg == "flip":          # the default tiles on the other layout of x (split <-> interleaved), jnp decode
+            d = default_config(m, n, k)
+            cfg = None if d.gemv else dataclasses.replace(d, x_split=not d.x_split, decode="jnp")
         if not (isinstance(cfg, Fp4MatmulConfig) and (n % cfg.bn or (k // 2) % (cfg.bkh * cfg.split_k)
                                                       or (cfg.gemv and m > GEMV_MAX_M))):
             cfgs.append(cfg)
@@ -167,8 +168,9 @@ def grouped_row(experts, lo, hi, n, k, fmt, hbm, swiglu=False, configs=(None,)):
     else:
         ws = fp4_weights(jax.random.PRNGKey(7), (experts,), n, k, fmt, copies)
         default = default_grouped(t_rows, n, k, experts)
-        cfgs = [dataclasses.replace(default, **({"x_split": False} if c == "join" else {"decode": "ptx"}))
-                if c in ("join", "ptx") else c for c in configs]   # default tiles, interleaved / with the PTX decode
+        flip = dict(x_split=not default.x_split, decode="jnp")      # the default tiles on the other layout of x
+        cfgs = [dataclasses.replace(default, **(flip if c == "flip" else dict(x_split=True, decode="ptx")))
+                if c in ("flip", "ptx") else c for c in configs]   # ... or on split x with the PTX decode
         make = lambda cfg: lambda x, p, s, g: moe_gmm(x, p, s, g, sizes, fmt=fmt, config=cfg)
         _, best, _ = fastest(f"grouped {experts}e x {t_rows} rows K={k} N={n}", cfgs, make, x, ws)
         op = make(best)
@@ -226,7 +228,7 @@ def main():
 
     dec_cfgs = (None,)
     if args.sweep:
-        dec_cfgs = (None, "join",
+        dec_cfgs = (None, "flip",
                     Fp4MatmulConfig(bm=16, bn=32, bkh=128, split_k=4, num_warps=4, num_stages=4),
                     Fp4MatmulConfig(bm=16, bn=64, bkh=256, split_k=2, num_warps=8, num_stages=3),
                     Fp4MatmulConfig(bm=16, bn=16, bkh=256, split_k=2, num_warps=2, num_stages=4),
@@ -239,24 +241,30 @@ def main():
                       for bn, bkh, sk in ((32, 128, 4), (64, 128, 4), (32, 256, 2))))
     pre_cfgs = (None,)
     if args.sweep:
-        pre_cfgs = (None, "join", Fp4MatmulConfig(bm=256, bn=128, bkh=32, num_warps=8, num_stages=3),
+        pre_cfgs = (None, "flip", Fp4MatmulConfig(bm=256, bn=128, bkh=32, num_warps=8, num_stages=3),
                     Fp4MatmulConfig(bm=128, bn=256, bkh=32, num_warps=8, num_stages=3),
-                    Fp4MatmulConfig(bm=256, bn=128, bkh=32, num_warps=8, num_stages=3, x_split=False),
+                    Fp4MatmulConfig(bm=128, bn=128, bkh=32, num_warps=8, num_stages=3, x_split=False),
                     Fp4MatmulConfig(bm=128, bn=128, bkh=64, num_warps=8, num_stages=4),
-                    dataclasses.replace(default_config(4096, 2048, 7168), decode="ptx"),
+                    Fp4MatmulConfig(bm=128, bn=128, bkh=32, num_warps=8, num_stages=3, decode="ptx"),
                     Fp4MatmulConfig(bm=256, bn=128, bkh=32, num_warps=8, num_stages=3, decode="ptx"))
+    mid_cfgs = (None,)        # 64 < M < 1024: the default launches few programs (32 at M=256, N=2048); split-K tiles
+    if args.sweep:
+        mid_cfgs = (None, "flip", Fp4MatmulConfig(bm=64, bn=64, bkh=128, split_k=4, num_warps=4, num_stages=4),
+                    Fp4MatmulConfig(bm=64, bn=64, bkh=128, split_k=4, num_warps=4, num_stages=4, decode="ptx"),
+                    Fp4MatmulConfig(bm=128, bn=64, bkh=64, split_k=2, num_warps=8, num_stages=3, x_split=False),
+                    Fp4MatmulConfig(bm=64, bn=128, bkh=32, split_k=4, num_warps=8, num_stages=3, x_split=False))
     ms = [int(v) for v in args.ms.split(",")] if args.ms else (1, 8, 4096) if args.quick else (1, 8, 32, 256, 4096)
     for k, n in ((7168, 2048), (2048, 7168)) if "dense" in parts else ():
         for m in ms:
             for fmt in ("nvfp4", "mxfp4") if m in (8, 4096) else ("nvfp4",):
-                cfgs = dec_cfgs if m <= 64 else pre_cfgs if m >= 1024 else (None,)
+                cfgs = dec_cfgs if m <= 64 else pre_cfgs if m >= 1024 else mid_cfgs
                 try:
                     rows.append(dense_row(m, n, k, fmt, hbm, configs=cfgs))
                     save()
                     print(fmt_row(rows[-1]), rows[-1]["cfg"], flush=True)
                 except Exception as e:  # noqa: BLE001 -- report and continue: one failing shape must not hide the rest
                     print(f"FAILED dense {fmt} M={m} K={k} N={n}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-    g_cfgs = (None,) if not args.sweep else (None, "join", "ptx",
+    g_cfgs = (None,) if not args.sweep else (None, "flip", "ptx",
                                                MoeGmmConfig(bm=16, bn=32, bkh=128, num_warps=4, num_stages=4),
                                                MoeGmmConfig(bm=16, bn=128, bkh=64, num_warps=4, num_stages=4),
                                                MoeGmmConfig(bm=16, bn=32, bkh=128, num_warps=4, num_stages=4,

@@ -58,20 +58,23 @@ def default_config(m: int, n: int, k: int) -> Fp4MatmulConfig:
         # K=2048 N=7168 (bench/RESULTS.md, kernel run 5: 8.0 us); for N=2048 (128 programs) split-K MMA tiles won
         return Fp4MatmulConfig(bn=16, bkh=256, split_k=1, num_warps=4, num_stages=3, gemv=True)
     if m <= 64:
-        bm = max(16, 1 << (m - 1).bit_length())
-        bn = 64 if n % 64 == 0 else 32 if n % 32 == 0 else 16
+        # MMA tiles with the PTX decode; bn and split-K so that the weight is streamed by >= 256 programs (~2 per
+        # SM), bm=16 up to M=32 (the weight decoded twice at M=32 still won). Kernel run 6 (bench/RESULTS.md): these
+        # tiles were the fastest of the sweep at M=1/8/32 for K=7168 N=2048 (bn=32, split 4) and M=8/32 for
+        # K=2048 N=7168 (bn=64, split 4), 10-20% faster than the same tiles with the jnp decode.
+        bm = 16 if m <= 32 else max(16, 1 << (m - 1).bit_length())
+        fits = [b for b in (64, 32, 16) if n % b == 0] or [16]
+        bn = next((b for b in fits if n // b * 4 >= 256), fits[-1])
         bkh = 128 if h % 128 == 0 else 64 if h % 64 == 0 else 32 if h % 32 == 0 else 16
         steps = h // bkh
-        tiles = pl.cdiv(m, bm) * (n // bn)
-        split_k = 1
-        for s in range(1, steps + 1):                    # smallest divisor of steps giving >= 2 waves of 132 SMs
-            if steps % s == 0:
-                split_k = s
-                if tiles * s >= 264:
-                    break
-        return Fp4MatmulConfig(bm=bm, bn=bn, bkh=bkh, split_k=split_k, num_warps=4, num_stages=4)
+        split_k = next((s for s in range(1, steps + 1) if steps % s == 0 and n // bn * s >= 256), steps)
+        return Fp4MatmulConfig(bm=bm, bn=bn, bkh=bkh, split_k=split_k, num_warps=4, num_stages=4, decode="ptx")
     bn = 128 if n % 128 == 0 else 64 if n % 64 == 0 else 32 if n % 32 == 0 else 16
     bkh = 32 if h % 32 == 0 else 16
+    if m >= 1024:
+        # Prefill: 256-row tiles on interleaved x (one dot per K step) were the fastest of kernel run 6's sweep at
+        # M=4096 for both shapes and formats (304-334 us against 409-456 us for 128-row tiles on split x)
+        return Fp4MatmulConfig(bm=256, bn=bn, bkh=bkh, split_k=1, num_warps=8, num_stages=3, x_split=False)
     return Fp4MatmulConfig(bm=128, bn=bn, bkh=bkh, split_k=1, num_warps=8, num_stages=3)
 
 

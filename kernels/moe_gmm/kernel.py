@@ -44,15 +44,18 @@ class MoeGmmConfig:
 
 
 def default_config(t: int, n: int, k: int, num_slots: int) -> MoeGmmConfig:
-    """Small tiles when groups are small (decode), 64x128 tiles for prefill-sized groups."""
+    """Small tiles with the PTX decode when groups are small (decode), 64x128 or 128x128 tiles on interleaved x
+    for prefill-sized groups: the fastest of kernel run 6's sweep (bench/RESULTS.md) at 8 and 64 experts with 1-8
+    rows each (PTX: 1.3-1.4x the jnp decode) and at 64 experts with 48-80 rows (interleaved x: 2.7x split x)."""
     h = k // 2
     bkh = 128 if h % 128 == 0 else 64 if h % 64 == 0 else 32 if h % 32 == 0 else 16
     per_group = t / max(num_slots, 1)
     if per_group <= 16:
         bn = 64 if n % 64 == 0 else 32 if n % 32 == 0 else 16
-        return MoeGmmConfig(bm=16, bn=bn, bkh=bkh, num_warps=4, num_stages=4)
+        return MoeGmmConfig(bm=16, bn=bn, bkh=bkh, num_warps=4, num_stages=4, decode="ptx")
     bn = 128 if n % 128 == 0 else 64 if n % 64 == 0 else 32 if n % 32 == 0 else 16
-    return MoeGmmConfig(bm=64 if per_group <= 64 else 128, bn=bn, bkh=min(bkh, 32), num_warps=8, num_stages=3)
+    return MoeGmmConfig(bm=64 if per_group <= 64 else 128, bn=bn, bkh=min(bkh, 32), num_warps=8, num_stages=3,
+                        x_split=False)
 
 
 def tile_schedule(group_sizes: jax.Array, num_rows: int, bm: int) -> tuple[jax.Array, jax.Array, jax.Array]:

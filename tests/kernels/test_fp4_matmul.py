@@ -81,6 +81,8 @@ INTERPRET_CASES = [   # (M, N, K, config): M off the tile, split-K, several M ti
     (1, 48, 512, Fp4MatmulConfig(bn=16, bkh=128, gemv=True)),                # FMA path: M=1, three N tiles
     (5, 32, 512, Fp4MatmulConfig(bn=16, bkh=64, split_k=2, gemv=True)),      # M off any tile, split-K
     (5, 64, 256, Fp4MatmulConfig(bm=16, bn=32, bkh=64, split_k=2, decode="ptx")),   # PTX decode (emulated)
+    (8, 64, 256, None),                 # the default tiles: small M -> split-K MMA tiles with the PTX decode
+    (1100, 128, 64, None),              # large M -> 256-row tiles on interleaved x, the last one ragged
 ]
 
 
@@ -113,7 +115,7 @@ def test_bad_tiles_rejected():
 GPU_CASES = [   # (M, N, K, config or None for the default heuristic)
     (1, 64, 256, None), (3, 2048, 7168, None), (8, 7168, 2048, None), (17, 256, 1024, None),
     (32, 2048, 7168, None), (64, 512, 2048, None), (100, 384, 1536, None), (257, 2048, 512, None),
-    (1000, 1024, 7168, None), (4096, 256, 2048, None),
+    (1000, 1024, 7168, None), (4096, 256, 2048, None), (4096, 2048, 7168, None),   # M=4096: 256-row prefill tiles
     (9, 512, 1024, Fp4MatmulConfig(bm=16, bn=16, bkh=16, split_k=4)),
     (40, 512, 2048, Fp4MatmulConfig(bm=64, bn=128, bkh=64, split_k=1, num_warps=8)),
     (70, 512, 2048, Fp4MatmulConfig(bm=32, bn=64, bkh=64, split_k=2, x_split=False)),

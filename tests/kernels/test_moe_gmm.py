@@ -75,6 +75,26 @@ def test_kernels_interpret(fmt, decode):
     assert_kernel_close(z, zr, "swiglu_vs_reference", f"interpret expert_swiglu {fmt} seed {seed}")
 
 
+@pytest.mark.parametrize("sizes", [[3, 0, 5, 1], [40, 0, 77, 9]])
+def test_default_tiles_interpret(sizes):
+    """The tiles default_config picks: PTX decode for decode-sized groups, interleaved x for prefill-sized ones."""
+    rng, seed = fresh_rng()
+    s, n, k = len(sizes), 64, 64
+    sizes = jnp.asarray(sizes, jnp.int32)
+    t = int(sizes.sum()) + 2
+    cfg = default_grouped(t, n, k, s)
+    assert (cfg.decode, cfg.x_split) == (("ptx", True) if t / s <= 16 else ("jnp", False)), cfg
+    packed, scales, gs = random_fp4(rng, (s, n, k), "nvfp4")
+    x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
+    y = moe_gmm(x, packed, scales, gs, sizes, fmt="nvfp4", interpret=True)
+    assert_kernel_close(y, moe_gmm_reference(x, packed, scales, gs, sizes, fmt="nvfp4"), "kernel_vs_reference",
+                        f"interpret moe_gmm default tiles {cfg} seed {seed}")
+    down = random_fp4(rng, (s, k, n), "nvfp4")
+    z = expert_swiglu(x, (packed, scales, gs), (packed, scales, gs), down, sizes, fmt="nvfp4", interpret=True)
+    zr = expert_swiglu_reference(x, (packed, scales, gs), (packed, scales, gs), down, sizes, fmt="nvfp4")
+    assert_kernel_close(z, zr, "swiglu_vs_reference", f"interpret expert_swiglu default tiles seed {seed}")
+
+
 GPU_CASES = [   # (group sizes, extra rows past the groups, N, K)
     ([1, 2, 8, 3, 5, 7, 4, 6], 0, 2048, 7168),                       # decode: 8 experts, 1-8 tokens
     ([0, 5, 0, 0, 17, 1, 0, 33], 3, 512, 1024),                       # empty slots, straddling tiles, zero rows
@@ -95,7 +115,9 @@ class TestMoeGmmGpu:
         t = int(sizes.sum()) + extra
         packed, scales, gs = (jnp.asarray(a) for a in random_fp4(rng, (len(sizes), n, k), fmt))
         x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
-        cfg = dataclasses.replace(default_grouped(t, n, k, len(sizes)), decode=decode)   # jnp: the default tiles
+        cfg = dataclasses.replace(default_grouped(t, n, k, len(sizes)), decode=decode)   # the default tiles,
+        if decode == "ptx":                                                                 # on split x for PTX
+            cfg = dataclasses.replace(cfg, x_split=True)
         ref = moe_gmm_reference(x, packed, scales, gs, sizes, fmt=fmt)
         for run in range(2):
             poison_device_memory()
