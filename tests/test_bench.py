@@ -80,6 +80,16 @@ def test_bench_on_a_store(demo_checkpoint, tmp_path):
     assert r["ceilings"]["h2d"] > 0 and r["ceilings"]["disk"] > 0
     table = markdown(r)
     assert table.count("\n| budget |") == 2 and "ceilings measured in this run" in table
+    # each tiered row's prediction is the plan for this machine: the ceilings just measured, not the default box
+    from dsjax.runtime.planner import Links, plan
+    c = r["ceilings"]
+    measured = Links(h2d=c["h2d"], disk=c["disk"], hbm=c["hbm"] or Links().hbm, measured=True)
+    ctx = min(4096, Store(store).config.max_position_embeddings)
+    planned = {ln: plan(mb, g, kw["host_memory"], max_gpu_layers=1, prefetch_layers=1, links=ln, overlap_io=False,
+                        context_tokens=ctx).tokens_per_s for ln in (measured, Links())}
+    assert planned[measured] != pytest.approx(planned[Links()])
+    assert rows[("on_demand", 1)]["predicted_tok_s"] == pytest.approx(planned[measured])
+    assert rows[("on_demand", 2)]["predicted_tok_s"] is None          # the plan is for batch 1 only
     # the all-in-HBM reference: the plain engine, no links, the same model
     h = bench(store, batches=(1,), configs=("hbm",), **dict(kw, out=None))["rows"][0]
     assert h["config"] == "hbm" and h["decode_tok_s"] > 0 and h["bytes_per_step"] == {}

@@ -132,6 +132,9 @@ def test_in_memory_store_is_the_same_model_without_tiers(store, reference):
     assert [g.token_ids for g in e.generate(PROMPTS, max_new_tokens=10, stop_token_ids=())] == reference[1]
     with pytest.raises(ValueError, match="in_memory"):
         _load(store, in_memory=True, gpu_memory="1GB")
+    from dsjax.runtime.planner import Links
+    with pytest.raises(ValueError, match="links"):
+        _load(store, in_memory=True, links=Links())
 
 
 def test_in_memory_engine_runs_fp4_through_the_kernels(store, monkeypatch):

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from dsjax.runtime.planner import Links
 from dsjax.runtime.tiers import shardings
 
 GB = 1e9
@@ -246,7 +247,7 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
             prefetch={k: s.get("prefetch", {}).get(k, 0) - s0.get("prefetch", {}).get(k, 0)
                       for k in ("copies", "used")},          # experts copied ahead during the measured generation
             stall_s=stall, host_ms_per_step={k: 1e3 * (v - h0.get(k, 0.0)) / steps for k, v in h1.items()},
-            predicted_tok_s=s.get("predicted_tok_s"), trace=None))
+            predicted_tok_s=s.get("predicted_tok_s") if B == 1 else None, trace=None))   # the plan is batch 1
         if on_row:
             on_row(rows[-1])         # saved before the traced run: a failure there keeps the measured row
         if trace:
@@ -305,8 +306,10 @@ def bench(store: str, *, gpu_memory=None, host_memory=None, preset: str | None =
             os.replace(tmp, out)
     budget = {k: v for k, v in (("gpu_memory", gpu_memory), ("host_memory", host_memory), ("preset", preset))
               if v is not None}
-    kws = {"budget": dict(budget, **overrides), "resident": {},
-           "on_demand": dict(budget, **dict(overrides, overlap_io=False)), "hbm": {"in_memory": True}}
+    # the tiered configs plan with the ceilings just measured, so each row's predicted_tok_s is this machine's
+    links = Links(h2d=ceilings.h2d, disk=ceilings.disk, hbm=ceilings.hbm or Links().hbm, measured=True)
+    kws = {"budget": dict(budget, links=links, **overrides), "resident": {"links": links},
+           "on_demand": dict(budget, links=links, **dict(overrides, overlap_io=False)), "hbm": {"in_memory": True}}
     save()
     for name in configs:
         done = {r["batch"] for r in result["rows"] if r["config"] == name}

@@ -33,7 +33,7 @@ def _dtype(dtype) -> np.dtype:
 
 def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None = None,
          gpu_memory: int | str | None = None, host_memory: int | str | None = None, prefill_form: MlaForm = "naive",
-         progress: bool | None = None, in_memory: bool = False, **overrides) -> Engine:
+         progress: bool | None = None, in_memory: bool = False, links=None, **overrides) -> Engine:
     """Load a dsjax store (manifest.json; made by `dsjax convert`) or a Hugging Face DeepSeek checkpoint directory
     (config.json, *.safetensors, tokenizer.json) for inference.
 
@@ -41,7 +41,10 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None
     budgets (`gpu_memory`, `host_memory`: bytes or "16GB"; None = no limit) and a preset of configs/
     ("low_latency", "high_throughput", "balanced"; its budgets apply unless given here), with any memory_config or
     compute_config key as a keyword override; `in_memory=True` puts the whole store on the GPU as one plain model
-    instead (no tiers: the all-in-HBM reference; FP4 weights through the fused kernels unless enable_fusion=False). A Hugging Face checkpoint is read tensor by tensor onto the device.
+    instead (no tiers: the all-in-HBM reference; FP4 weights through the fused kernels unless enable_fusion=False).
+    `links` (planner.Links) are the link ceilings the placement plan and `stats()["predicted_tok_s"]` use (default:
+    measured at load when compute_config.auto_tune, else the product's target box). A Hugging Face checkpoint is
+    read tensor by tensor onto the device.
 
     Example:
         >>> engine = dsjax.load("v3-nvfp4-store", preset="balanced", gpu_memory="16GB", host_memory="96GB")
@@ -61,16 +64,16 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None
         from dsjax.store.reader import Store
         if in_memory:
             fusion = overrides.pop("enable_fusion", True)
-            if preset or gpu_memory is not None or host_memory is not None or overrides:
-                raise ValueError("in_memory=True loads the whole store onto the GPU: presets, budgets and runtime "
-                                 "options other than enable_fusion do not apply (drop them, or load without "
+            if preset or gpu_memory is not None or host_memory is not None or overrides or links is not None:
+                raise ValueError("in_memory=True loads the whole store onto the GPU: presets, budgets, links and "
+                                 "runtime options other than enable_fusion do not apply (drop them, or load without "
                                  "in_memory)")
             return in_memory_engine(Store(path), dt, tok, prefill_form=prefill_form, name=name, enable_fusion=fusion)
         budgets = {k: v for k, v in (("gpu_memory", gpu_memory), ("host_memory", host_memory)) if v is not None}
         runtime = (RuntimeConfig.from_preset(preset, **budgets, **overrides) if preset
                    else RuntimeConfig.from_dict({}, **budgets, **overrides))
-        return TieredEngine(Store(path), runtime, dt, tok, prefill_form=prefill_form, name=name)
-    if preset or gpu_memory is not None or host_memory is not None or overrides:
+        return TieredEngine(Store(path), runtime, dt, tok, prefill_form=prefill_form, name=name, links=links)
+    if preset or gpu_memory is not None or host_memory is not None or overrides or links is not None:
         raise ValueError(f"{path} is a Hugging Face checkpoint: presets, budgets and runtime options apply to dsjax "
                          "stores; convert it first with `dsjax convert SRC DST --format nvfp4`")
     cfg = ModelConfig.from_json(path)
