@@ -319,6 +319,41 @@ def test_disk_reads_never_outlive_their_layer(store, budgets):
     assert got == want
 
 
+def test_speculative_disk_reads_go_only_as_far_as_disk_prefetch_layers(store, budgets):
+    """Predictions look prefetch_layers MoE layers ahead, but experts are read from disk speculatively only for the
+    first disk_prefetch_layers of them (V3 slice run 6: reading two layers ahead, the budget config read 2.2x the
+    disk bytes of load-on-demand). Tiny host cache, batch 8, two layers of predictions: with 1, every speculative
+    read targets the next MoE layer; with 2, some target the one after; tokens are those of the unlimited budget."""
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(1, 200, 10).tolist() for _ in range(8)]
+    want = [g.token_ids for g in _load(store).generate(prompts, max_new_tokens=5, stop_token_ids=())]
+    mb = model_bytes_from_store(Store(store))
+    g = minimum_gpu_memory(mb, context_tokens=512, max_gpu_layers=1, prefetch_layers=2)
+    reach = {}
+    for depth in (1, 2):
+        e = _load(store, **dict(budgets["minimal"], gpu_memory=g, adaptive_schedule=False, prefetch_layers=2,
+                                disk_prefetch_layers=depth))
+        seen, ahead = [], []
+
+        def spy_prefetch(pred, nxt, orig=e._prefetch, ahead=ahead):
+            ahead.append(list(nxt))
+            return orig(pred, nxt)
+
+        def spy_disk(i, experts, speculative=False, orig=e._start_disk, seen=seen, ahead=ahead):
+            if speculative and experts:
+                seen.append(ahead[-1].index(i))           # 0: the next MoE layer, 1: the one after
+            return orig(i, experts, speculative)
+
+        e._prefetch, e._start_disk = spy_prefetch, spy_disk
+        assert [g.token_ids for g in e.generate(prompts, max_new_tokens=5, stop_token_ids=())] == want
+        assert e.stats()["disk_prefetch_depth"] == depth
+        reach[depth] = set(seen)
+    assert reach[1] == {0}, reach
+    assert reach[2] == {0, 1}, reach
+    with pytest.raises(ValueError, match="disk_prefetch_layers"):
+        _load(store, disk_prefetch_layers=-1)
+
+
 def test_prefetch_layers_and_max_gpu_layers(store, budgets):
     e = _load(store, **dict(budgets["tight"], prefetch_layers=0))
     e.generate(PROMPTS, max_new_tokens=4)

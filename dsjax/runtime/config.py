@@ -27,6 +27,7 @@ class RuntimeConfigError(ValueError):
 class MemoryConfig:
     max_gpu_layers: int = 3          # GPU layer slots that stream the layers not resident on the GPU
     prefetch_layers: int = 2         # how many layers ahead layer weights are copied to the GPU
+    disk_prefetch_layers: int = 1    # MoE layers ahead whose predicted experts are read from disk (<= prefetch_layers)
     expert_threshold: float = 0.4    # predicted probability (top_k x share, capped at 1) to prefetch an expert
     min_batch_size: int = 1          # batches are padded up to at least this many rows
     max_batch_size: int = 32         # prompts beyond this are run in successive batches
@@ -119,6 +120,8 @@ class RuntimeConfig:
             raise RuntimeConfigError(f"memory_config.max_gpu_layers={m.max_gpu_layers} must be >= 1")
         if m.prefetch_layers < 0:
             raise RuntimeConfigError(f"memory_config.prefetch_layers={m.prefetch_layers} must be >= 0")
+        if m.disk_prefetch_layers < 0:
+            raise RuntimeConfigError(f"memory_config.disk_prefetch_layers={m.disk_prefetch_layers} must be >= 0")
         if not 0.0 <= m.expert_threshold <= 1.0:
             raise RuntimeConfigError(f"memory_config.expert_threshold={m.expert_threshold} must lie in [0, 1]")
         if m.min_batch_size < 1:
