@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 5 on the GPU machine: the real-width DeepSeek-V3 slice, generated (~60 s for 44.8 GB with 16 workers) and
 # measured in steps that resume across calls:
-#   OUT=/some/dir [BATCHES=1,8] [TRACE=0] [DISK_CONFIGS=budget,on_demand] [DISK_BATCHES=1,8] bash bench/v3_slice_gpu.sh [MOE_LAYERS] [STEP...]
+#   OUT=/some/dir [BATCHES=1,8] [TRACE=0] [DISK_CONFIGS=budget,on_demand] [DISK_BATCHES=1,8] [DISK_SET=k=v] bash bench/v3_slice_gpu.sh [MOE_LAYERS] [STEP...]
 # STEP: seed (= budget,on_demand,resident,hbm in one process, sharing executables; only budget is profiled) | budget |
 # resident | on_demand | hbm (16 GB GPU / 96 GB host, batches $BATCHES) | threshold (budget with expert_threshold
 # $THRESHOLD, default 0.8, untraced) | disk (16 GB / 12 GB host tier, page cache
@@ -57,10 +57,11 @@ for step in $STEPS; do
         --tokens "$TOKENS" --prompt-len 32 --out "$OUT/$f" --no-trace --set "expert_threshold=${THRESHOLD:-0.8}" \
         2>&1 | grep --line-buffered -v WARNING | tee -a "$OUT/log.txt" | tail -6
       stamp "bench exit status ${PIPESTATUS[0]}"; mem ;;
-    disk)
-      f=v3_slice_16GB_12GB_cold.json; resume $f
-      stamp "bench 16GB/12GB cold"
+    disk)        # DISK_SET=key=value: one runtime option for these rows (e.g. disk_prefetch_layers=0), own result file
+      f=v3_slice_16GB_12GB_cold${DISK_SET:+_${DISK_SET//=/}}.json; resume $f
+      stamp "bench 16GB/12GB cold ${DISK_SET:-}"
       python3 -m dsjax.cli bench "$S" --gpu-memory 16GB --host-memory 12GB --configs "${DISK_CONFIGS:-budget,on_demand}" --batches "${DISK_BATCHES:-1,8}" \
+        ${DISK_SET:+--set "$DISK_SET"} \
         --tokens "$TOKENS" --prompt-len 32 --cold --out "$OUT/$f" --trace-dir /tmp/v3-traces/16GB_12GB $NOTRACE 2>&1 \
         | grep --line-buffered -v WARNING | tee -a "$OUT/log.txt" | tail -6
       stamp "bench exit status ${PIPESTATUS[0]}"; mem ;;
