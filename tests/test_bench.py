@@ -90,6 +90,8 @@ def test_bench_on_a_store(demo_checkpoint, tmp_path):
     assert planned[measured] != pytest.approx(planned[Links()])
     assert rows[("on_demand", 1)]["predicted_tok_s"] == pytest.approx(planned[measured])
     assert rows[("on_demand", 2)]["predicted_tok_s"] is None          # the plan is for batch 1 only
+    mem = budget["process_memory"]
+    assert 0 < mem["rss"] <= mem["peak_rss"] and f"{mem['rss'] / 1e9:.1f} ({mem['peak_rss'] / 1e9:.1f})" in table
     # the all-in-HBM reference: the plain engine, no links, the same model
     h = bench(store, batches=(1,), configs=("hbm",), **dict(kw, out=None))["rows"][0]
     assert h["config"] == "hbm" and h["decode_tok_s"] > 0 and h["bytes_per_step"] == {}

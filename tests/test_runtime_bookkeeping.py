@@ -220,3 +220,20 @@ def test_a_flush_of_more_experts_than_one_write_group_writes_them_all():
     pool = np.asarray(cache.flush()["down"])
     np.testing.assert_array_equal(pool[slots], np.arange(n, dtype=np.float32)[:, None].repeat(4, 1) + 1)
     assert not pool[sorted(set(range(n + 3)) - set(slots))].any()
+
+
+def test_process_memory_tracks_resident_pages():
+    """process_memory() against the kernel's own accounting: touching 256 MB raises the resident set by about that,
+    and the peak is never below the current value nor below getrusage's maximum resident set."""
+    import resource
+
+    from dsjax.runtime.metrics import process_memory
+    before = process_memory()
+    if before["rss"] is None:
+        pytest.skip("no /proc/self/status on this OS")
+    block = np.ones(256 << 20, np.uint8)                    # touched: every page resident
+    after = process_memory()
+    assert 200 << 20 <= after["rss"] - before["rss"] <= 320 << 20, (before, after)
+    assert after["peak_rss"] >= after["rss"]
+    assert after["peak_rss"] >= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 * 0.99
+    del block

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from dsjax.runtime.metrics import process_memory
 from dsjax.runtime.planner import Links
 from dsjax.runtime.tiers import shardings
 
@@ -247,7 +248,8 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
             prefetch={k: s.get("prefetch", {}).get(k, 0) - s0.get("prefetch", {}).get(k, 0)
                       for k in ("copies", "used")},          # experts copied ahead during the measured generation
             stall_s=stall, host_ms_per_step={k: 1e3 * (v - h0.get(k, 0.0)) / steps for k, v in h1.items()},
-            predicted_tok_s=s.get("predicted_tok_s") if B == 1 else None, trace=None))   # the plan is batch 1
+            predicted_tok_s=s.get("predicted_tok_s") if B == 1 else None, trace=None,   # the plan is batch 1
+            process_memory=process_memory()))        # resident now / at peak, against the host budget
         if on_row:
             on_row(rows[-1])         # saved before the traced run: a failure there keeps the measured row
         if trace:
@@ -334,8 +336,9 @@ def markdown(result: dict[str, Any]) -> str:
              "| config | batch | TTFT ms | prefill tok/s | decode tok/s | step ms | host->GPU MB/step | disk MB/step "
              "| achieved GB/s (h2d / disk) | I/O roofline ms | of roofline | hit GPU/host "
              "| pred P/R (copied ahead: used/copies) | GPU busy "
-             "| copy time under compute | host ms/step: routing sync / expert copies / dispatch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| copy time under compute | host ms/step: routing sync / expert copies / dispatch "
+             "| process RSS GB (peak so far) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         b, a = r["bytes_per_step"], r["achieved_GB_s"]
         hit = r["hit_rates"]
@@ -353,5 +356,7 @@ def markdown(result: dict[str, Any]) -> str:
             + (f"{r['gpu_busy']:.0%}" if r["gpu_busy"] is not None else "-") + " | "
             + (f"{t['h2d_overlapped_s'] / t['h2d_s']:.0%}" if (t := r.get("trace")) and t["h2d_s"] else "-") + " | "
             + ("/".join(f"{h.get(k, 0):.1f}" for k in ("routing_sync", "expert_copies", "dispatch"))
-               if (h := r.get("host_ms_per_step")) else "-") + " |")
+               if (h := r.get("host_ms_per_step")) else "-") + " | "
+            + (f"{m['rss'] / GB:.1f} ({m['peak_rss'] / GB:.1f})"
+               if (m := r.get("process_memory")) and m.get("rss") and m.get("peak_rss") else "-") + " |")
     return "\n".join(lines)

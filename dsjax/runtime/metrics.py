@@ -99,6 +99,22 @@ class Metrics:
         return out
 
 
+def process_memory() -> dict[str, int | None]:
+    """This process's resident memory now and at its peak, bytes (Linux /proc; None elsewhere). The budgets cover
+    the tiers the planner places; this is everything the process holds (runtime, allocator caches, staging), to
+    compare against host_memory (bench/RESULTS.md, V3 slice run 6: 32-47 GB resident under a 12 GB host budget)."""
+    got: dict[str, int | None] = {"rss": None, "peak_rss": None}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    got["rss" if key == "VmRSS" else "peak_rss"] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return got
+
+
 DICT_LABELS = {"links": "link", "pools": "pool", "hit_rates": "tier", "host_seconds": "phase"}
 LIST_LABELS = {"layer_ms": ("layer",), "expert_activations": ("layer", "expert")}
 

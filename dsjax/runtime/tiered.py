@@ -25,7 +25,7 @@ from dsjax.runtime.config import RuntimeConfig
 from dsjax.runtime.engine import Engine
 from dsjax.runtime.expert_layout import PROJ, ExpertLayout
 from dsjax.runtime.memory import MemoryManager
-from dsjax.runtime.metrics import Metrics, json_line, prometheus_text
+from dsjax.runtime.metrics import Metrics, json_line, process_memory, prometheus_text
 from dsjax.runtime.planner import BudgetError, Links, ModelBytes, fmt_bytes, plan
 from dsjax.runtime.scheduler import ComputeScheduler
 from dsjax.runtime.tiers import (DiskReader, ExpertCache, HostCache, LayerManager, pow2_bucket, shardings,
@@ -498,6 +498,7 @@ class TieredEngine(Engine):
             "disk_prefetch_depth": self.disk_depth,
             "disk_waits": self.disk_waits,
             "preloaded_experts": self.preloaded,
+            "process_memory": process_memory(),
         }
         return self.metrics.snapshot(extra)
 
