@@ -2,7 +2,7 @@
 topology (256 routed experts, top-8, 8 groups, 6 MoE layers) at toy widths, on the CPU. Bytes moved per step depend
 on the placement, the routing and the prefetch policy, not on the hardware, so a policy change can be judged here
 before a GPU run times it. Tiers sized like the V3 slice's cold run (bench/RESULTS.md, run 6: per MoE layer ~100 of
-256 experts in GPU slots and ~66 in the pinned host cache with the defaults below).
+256 experts in GPU slots and ~66 in the pinned host cache with the default budgets).
 
     python bench/disk_bytes_probe.py [--batch 1] [--gpu-memory 100MB] [--host-memory 60MB] [--set KEY=VALUE ...]
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -21,35 +22,31 @@ import numpy as np  # noqa: E402
 
 import dsjax  # noqa: E402
 from dsjax.cli import _overrides  # noqa: E402
-from dsjax.config import ModelConfig  # noqa: E402
-from dsjax.runtime.planner import ModelBytes  # noqa: E402
-from dsjax.store.synthetic import SyntheticSource, v3_slice_config  # noqa: E402
-from dsjax.store.writer import convert  # noqa: E402
-
-TOY = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, vocab_size=2048, num_attention_heads=4,
-           num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
-           v_head_dim=32, max_position_embeddings=4096)
+from dsjax.runtime.tiered import model_bytes_from_store  # noqa: E402
+from dsjax.store.reader import Store  # noqa: E402
+from host_overhead import toy_store  # noqa: E402  (bench/: V3's topology at toy widths, the same store)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--store", default="/tmp/dsjax-v3-topology-toy", help="written on first use (~180 MB)")
+    ap.add_argument("--store", default=os.path.join(tempfile.gettempdir(), "dsjax-v3-toy"),
+                    help="written on first use (bench/host_overhead.py's store)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=16, help="decode steps measured")
-    ap.add_argument("--gpu-memory", default="100MB")
-    ap.add_argument("--host-memory", default="60MB")
+    ap.add_argument("--gpu-memory", default="50MB")
+    ap.add_argument("--host-memory", default="30MB")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="runtime option of the budget config")
     args = ap.parse_args(argv)
-    cfg = v3_slice_config(6, **TOY)
-    if not os.path.exists(os.path.join(args.store, "manifest.json")):
-        convert(SyntheticSource(cfg, args.store + "-src", policy="mlp", seed=0), args.store, fmt="nvfp4",
-                policy="mlp", progress=False)
-    expert = ModelBytes.from_config(ModelConfig.from_dict(cfg), "nvfp4", "mlp").expert
+    store = toy_store(args.store)
+    expert = model_bytes_from_store(Store(store)).expert
+    vocab = Store(store).config.vocab_size
     per = {}
     for name, kw in (("budget", _overrides(args.set)), ("on_demand", {"overlap_io": False})):
-        e = dsjax.load(args.store, dtype="float32", gpu_memory=args.gpu_memory, host_memory=args.host_memory, **kw)
+        e = dsjax.load(store, dtype="float32", gpu_memory=args.gpu_memory, host_memory=args.host_memory, **kw)
         rng = np.random.default_rng(0)
-        prompts = [rng.integers(0, cfg["vocab_size"], 32).tolist() for _ in range(args.batch)]
+        prompts = [rng.integers(2, vocab, 32).tolist() for _ in range(args.batch)]
+        if name == "budget":
+            print(e.placement.report(e.model_bytes, e.links).splitlines()[4])
         e.generate(prompts, max_new_tokens=2, stop_token_ids=())                  # compile, warm the caches
         b0 = e.stats().get("phase_bytes", {}).get("decode", {})
         e.generate(prompts, max_new_tokens=args.tokens + 1, stop_token_ids=())
