@@ -89,6 +89,7 @@ def test_bench_on_a_store(demo_checkpoint, tmp_path):
                         context_tokens=ctx).tokens_per_s for ln in (measured, Links())}
     assert planned[measured] != pytest.approx(planned[Links()])
     assert rows[("on_demand", 1)]["predicted_tok_s"] == pytest.approx(planned[measured])
+    assert f"| {planned[measured]:.2f} |" in table
     assert rows[("on_demand", 2)]["predicted_tok_s"] is None          # the plan is for batch 1 only
     mem = budget["process_memory"]
     assert 0 < mem["rss"] <= mem["peak_rss"] and f"{mem['rss'] / 1e9:.1f} ({mem['peak_rss'] / 1e9:.1f})" in table

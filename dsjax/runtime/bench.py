@@ -337,8 +337,8 @@ def markdown(result: dict[str, Any]) -> str:
              "| achieved GB/s (h2d / disk) | I/O roofline ms | of roofline | hit GPU/host "
              "| pred P/R (copied ahead: used/copies) | GPU busy "
              "| copy time under compute | host ms/step: routing sync / expert copies / dispatch "
-             "| process RSS GB (peak so far) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| process RSS GB (peak so far) | planned tok/s (batch 1, these ceilings) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         b, a = r["bytes_per_step"], r["achieved_GB_s"]
         hit = r["hit_rates"]
@@ -358,5 +358,6 @@ def markdown(result: dict[str, Any]) -> str:
             + ("/".join(f"{h.get(k, 0):.1f}" for k in ("routing_sync", "expert_copies", "dispatch"))
                if (h := r.get("host_ms_per_step")) else "-") + " | "
             + (f"{m['rss'] / GB:.1f} ({m['peak_rss'] / GB:.1f})"
-               if (m := r.get("process_memory")) and m.get("rss") and m.get("peak_rss") else "-") + " |")
+               if (m := r.get("process_memory")) and m.get("rss") and m.get("peak_rss") else "-") + " | "
+            + (f"{r['predicted_tok_s']:.2f}" if r.get("predicted_tok_s") else "-") + " |")
     return "\n".join(lines)
