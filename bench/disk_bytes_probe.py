@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=16, help="decode steps measured")
     ap.add_argument("--gpu-memory", default="50MB")
     ap.add_argument("--host-memory", default="30MB")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="runtime option of the budget config")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="runtime option of the budget config (repeatable)")
     args = ap.parse_args(argv)
     store = toy_store(args.store)
     expert = model_bytes_from_store(Store(store)).expert
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
               f"{({k: round(v, 2) for k, v in s['hit_rates'].items()})}, prediction precision "
               f"{s['prediction'].get('precision')}")
         e.close()
-    print(f"disk bytes, budget / on-demand: {per['budget']['disk->host'] / max(per['on_demand']['disk->host'], 1e-9):.2f}")
+    ratio = per["budget"]["disk->host"] / max(per["on_demand"]["disk->host"], 1e-9)
+    print(f"disk bytes, budget / on-demand: {ratio:.2f}")
     return 0
 
 
