@@ -42,10 +42,14 @@ def main(argv=None) -> int:
           f"(one expert {fmt_bytes(mb.expert)}, one MoE layer's experts {fmt_bytes(mb.expert * args.experts)})")
     src = SyntheticSource(config, args.dst.rstrip("/") + "-src", policy=args.policy, seed=args.seed,
                           workers=args.workers)
+    complete = os.path.exists(os.path.join(args.dst, "manifest.json"))
     t0 = time.perf_counter()
     convert(src, args.dst, fmt="nvfp4", policy=args.policy, progress=True, workers=args.workers)
     dt = time.perf_counter() - t0
-    print(f"written in {dt:.0f} s ({mb.total / 1e6 / dt:.0f} MB/s, {args.workers} workers): {args.dst}")
+    if complete:
+        print(f"already complete, nothing written: {args.dst}")
+    else:
+        print(f"written in {dt:.0f} s ({mb.total / 1e6 / dt:.0f} MB/s, {args.workers} workers): {args.dst}")
     return 0
 
 
