@@ -2,9 +2,11 @@
 topology (256 routed experts, top-8, 8 groups, 6 MoE layers) at toy widths, on the CPU. Bytes moved per step depend
 on the placement, the routing and the prefetch policy, not on the hardware, so a policy change can be judged here
 before a GPU run times it. Tiers sized like the V3 slice's cold run (bench/RESULTS.md, run 6: per MoE layer ~100 of
-256 experts in GPU slots and ~66 in the pinned host cache with the default budgets).
+256 experts in GPU slots and ~66 in the pinned host cache with the default budgets). The measuring is `dsjax
+bench`'s (budget and on_demand rows, untraced); `--set` options reach both configs (on-demand prefetches nothing, so
+prefetch options change only the budget row).
 
-    python bench/disk_bytes_probe.py [--batch 1] [--gpu-memory 100MB] [--host-memory 60MB] [--set KEY=VALUE ...]
+    python bench/disk_bytes_probe.py [--batch 1] [--gpu-memory 50MB] [--host-memory 30MB] [--set KEY=VALUE ...]
 
 Prints experts per decode step per link (budget, on-demand) and the ratio of their disk bytes.
 """
@@ -18,10 +20,8 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import numpy as np  # noqa: E402
-
-import dsjax  # noqa: E402
-from dsjax.cli import _overrides  # noqa: E402
+from dsjax.cli import parse_overrides  # noqa: E402
+from dsjax.runtime.bench import bench  # noqa: E402
 from dsjax.runtime.tiered import model_bytes_from_store  # noqa: E402
 from dsjax.store.reader import Store  # noqa: E402
 from host_overhead import toy_store  # noqa: E402  (bench/: V3's topology at toy widths, the same store)
@@ -35,29 +35,19 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=16, help="decode steps measured")
     ap.add_argument("--gpu-memory", default="50MB")
     ap.add_argument("--host-memory", default="30MB")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="runtime option of the budget config (repeatable)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="runtime option (repeatable)")
     args = ap.parse_args(argv)
     store = toy_store(args.store)
     expert = model_bytes_from_store(Store(store)).expert
-    vocab = Store(store).config.vocab_size
+    result = bench(store, gpu_memory=args.gpu_memory, host_memory=args.host_memory, batches=(args.batch,),
+                   configs=("budget", "on_demand"), prompt_len=32, tokens=args.tokens + 1, dtype="float32",
+                   trace=False, **parse_overrides(args.set))
     per = {}
-    for name, kw in (("budget", _overrides(args.set)), ("on_demand", {"overlap_io": False})):
-        e = dsjax.load(store, dtype="float32", gpu_memory=args.gpu_memory, host_memory=args.host_memory, **kw)
-        rng = np.random.default_rng(0)
-        prompts = [rng.integers(2, vocab, 32).tolist() for _ in range(args.batch)]
-        if name == "budget":
-            print(e.placement.report(e.model_bytes, e.links).splitlines()[4])
-        e.generate(prompts, max_new_tokens=2, stop_token_ids=())                  # compile, warm the caches
-        b0 = e.stats().get("phase_bytes", {}).get("decode", {})
-        e.generate(prompts, max_new_tokens=args.tokens + 1, stop_token_ids=())
-        s = e.stats()
-        b1 = s.get("phase_bytes", {}).get("decode", {})
-        per[name] = {k: (b1.get(k, 0) - b0.get(k, 0)) / args.tokens / expert for k in ("disk->host", "host->GPU")}
-        print(f"{name}: experts per decode step {({k: round(v, 1) for k, v in per[name].items()})}, hit rates "
-              f"{({k: round(v, 2) for k, v in s['hit_rates'].items()})}, prediction precision "
-              f"{s['prediction'].get('precision')}")
-        e.close()
+    for r in result["rows"]:
+        per[r["config"]] = {k: r["bytes_per_step"].get(k, 0) / expert for k in ("disk->host", "host->GPU")}
+        print(f"{r['config']}: experts per decode step {({k: round(v, 1) for k, v in per[r['config']].items()})}, "
+              f"hit rates {({k: round(v, 2) for k, v in r['hit_rates'].items()})}, prediction precision "
+              f"{r['prediction'].get('precision')}")
     ratio = per["budget"]["disk->host"] / max(per["on_demand"]["disk->host"], 1e-9)
     print(f"disk bytes, budget / on-demand: {ratio:.2f}")
     return 0

@@ -123,9 +123,9 @@ def dense_row(m, n, k, fmt, hbm, configs=(None,), with_baselines=True):
         if cfg == "flip":          # the default tiles on the other layout of x (split <-> interleaved), jnp decode
             d = default_config(m, n, k)
             cfg = None if d.gemv else dataclasses.replace(d, x_split=not d.x_split, decode="jnp")
-        if not (isinstance(cfg, Fp4MatmulConfig) and (n % cfg.bn or (k // 2) % (cfg.bkh * cfg.split_k)
-                                                      or (cfg.gemv and m > GEMV_MAX_M))):
-            cfgs.append(cfg)
+        if cfg not in cfgs and not (isinstance(cfg, Fp4MatmulConfig) and (
+                n % cfg.bn or (k // 2) % (cfg.bkh * cfg.split_k) or (cfg.gemv and m > GEMV_MAX_M))):
+            cfgs.append(cfg)                  # each distinct config once (a flipped default may equal another)
     t, cfg, nk = fastest(f"dense {fmt} M={m} K={k} N={n}", cfgs,
                          lambda cfg: lambda x, p, s, g: fp4_matmul(x, p, s, g, fmt=fmt, config=cfg), x, ws)
     row.update(t_us=t * 1e6, cfg=str(cfg), kernels=nk, gbs=wbytes / t / 1e9, hbm_frac=wbytes / t / 1e9 / hbm,
@@ -171,6 +171,7 @@ def grouped_row(experts, lo, hi, n, k, fmt, hbm, swiglu=False, configs=(None,)):
         flip = dict(x_split=not default.x_split, decode="jnp")      # the default tiles on the other layout of x
         cfgs = [dataclasses.replace(default, **(flip if c == "flip" else dict(x_split=True, decode="ptx")))
                 if c in ("flip", "ptx") else c for c in configs]   # ... or on split x with the PTX decode
+        cfgs = list(dict.fromkeys(cfgs))                           # each distinct config once
         make = lambda cfg: lambda x, p, s, g: moe_gmm(x, p, s, g, sizes, fmt=fmt, config=cfg)
         _, best, _ = fastest(f"grouped {experts}e x {t_rows} rows K={k} N={n}", cfgs, make, x, ws)
         op = make(best)

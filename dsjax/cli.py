@@ -31,7 +31,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import dsjax
     runtime = {k: v for k, v in (("preset", args.preset), ("gpu_memory", args.gpu_memory),
                                  ("host_memory", args.host_memory)) if v is not None}
-    runtime.update(_overrides(args.set))
+    runtime.update(parse_overrides(args.set))
     engine = dsjax.load(args.path, dtype=args.dtype, progress=True, **runtime)
     trace = contextlib.nullcontext()
     if args.trace:
@@ -148,7 +148,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _overrides(items: list[str]) -> dict:
+def parse_overrides(items: list[str]) -> dict:
     import yaml
     out = {}
     for item in items:
@@ -165,7 +165,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                    batches=[int(b) for b in args.batches.split(",")], prompt_len=args.prompt_len,
                    tokens=args.tokens, dtype=args.dtype, configs=args.configs.split(","), cold=args.cold,
                    trace=False if args.no_trace else tuple(args.trace_configs.split(",")) if args.trace_configs
-                   else True, out=args.out, trace_dir=args.trace_dir, **_overrides(args.set))
+                   else True, out=args.out, trace_dir=args.trace_dir, **parse_overrides(args.set))
     table = markdown(result)
     print(table)
     if args.out:
