@@ -74,8 +74,8 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None
                    else RuntimeConfig.from_dict({}, **budgets, **overrides))
         return TieredEngine(Store(path), runtime, dt, tok, prefill_form=prefill_form, name=name, links=links)
     if preset or gpu_memory is not None or host_memory is not None or overrides or links is not None:
-        raise ValueError(f"{path} is a Hugging Face checkpoint: presets, budgets and runtime options apply to dsjax "
-                         "stores; convert it first with `dsjax convert SRC DST --format nvfp4`")
+        raise ValueError(f"{path} is a Hugging Face checkpoint: presets, budgets, links and runtime options apply to "
+                         "dsjax stores; convert it first with `dsjax convert SRC DST --format nvfp4`")
     cfg = ModelConfig.from_json(path)
     ck = Checkpoint(path)
     try:
