@@ -168,9 +168,10 @@ def grouped_row(experts, lo, hi, n, k, fmt, hbm, swiglu=False, configs=(None,)):
     else:
         ws = fp4_weights(jax.random.PRNGKey(7), (experts,), n, k, fmt, copies)
         default = default_grouped(t_rows, n, k, experts)
-        flip = dict(x_split=not default.x_split, decode="jnp")      # the default tiles on the other layout of x
-        cfgs = [dataclasses.replace(default, **(flip if c == "flip" else dict(x_split=True, decode="ptx")))
-                if c in ("flip", "ptx") else c for c in configs]   # ... or on split x with the PTX decode
+        named = dict(flip=dict(x_split=not default.x_split, decode="jnp"),  # the default tiles on the other x layout,
+                     ptx=dict(x_split=True, decode="ptx"),                  # on split x with the PTX decode,
+                     slots=dict(schedule="slots"))                          # on the in-kernel slots schedule
+        cfgs = [dataclasses.replace(default, **named[c]) if isinstance(c, str) else c for c in configs]
         cfgs = list(dict.fromkeys(cfgs))                           # each distinct config once
         make = lambda cfg: lambda x, p, s, g: moe_gmm(x, p, s, g, sizes, fmt=fmt, config=cfg)
         _, best, _ = fastest(f"grouped {experts}e x {t_rows} rows K={k} N={n}", cfgs, make, x, ws)
@@ -212,6 +213,9 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="try several decode tile configs, report the best")
     ap.add_argument("--parts", default="dense,grouped,swiglu", help="which kernels to measure")
     ap.add_argument("--ms", default=None, help="dense M values (default 1,8,32,256,4096; --quick 1,8,4096)")
+    ap.add_argument("--one-launch", action="store_true",
+                    help="sweep the one-launch forms (x read as column pairs in the kernel, split_k 1; grouped on the "
+                         "slots schedule) against the defaults, instead of --sweep's tile sweep")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
@@ -254,6 +258,16 @@ def main():
                     Fp4MatmulConfig(bm=64, bn=64, bkh=128, split_k=4, num_warps=4, num_stages=4, decode="ptx"),
                     Fp4MatmulConfig(bm=128, bn=64, bkh=64, split_k=2, num_warps=8, num_stages=3, x_split=False),
                     Fp4MatmulConfig(bm=64, bn=128, bkh=32, split_k=4, num_warps=8, num_stages=3, x_split=False))
+    if args.one_launch:     # decode: one launch (split_k 1, x as pairs); the split-K default with x as pairs (2)
+        pairs = dict(bm=16, num_warps=4, x_pairs=True, decode="ptx")
+        dec_cfgs = (None, *(Fp4MatmulConfig(bn=bn, bkh=bkh, split_k=sk, num_stages=st, **pairs)
+                            for bn, bkh, sk, st in ((32, 128, 4, 4), (16, 256, 1, 4), (16, 512, 1, 3), (16, 128, 1, 6),
+                                                    (32, 256, 1, 4), (64, 128, 1, 4))),
+                    Fp4MatmulConfig(bm=16, bn=16, bkh=256, split_k=1, num_warps=2, num_stages=4, x_pairs=True,
+                                    decode="ptx"))
+        pre_cfgs = (None, Fp4MatmulConfig(bm=256, bn=128, bkh=32, num_warps=8, num_stages=3, x_pairs=True))
+        mid_cfgs = (None, Fp4MatmulConfig(bm=64, bn=64, bkh=128, split_k=1, num_warps=4, num_stages=4, x_pairs=True,
+                                          decode="ptx"))
     ms = [int(v) for v in args.ms.split(",")] if args.ms else (1, 8, 4096) if args.quick else (1, 8, 32, 256, 4096)
     for k, n in ((7168, 2048), (2048, 7168)) if "dense" in parts else ():
         for m in ms:
@@ -270,6 +284,12 @@ def main():
                                                MoeGmmConfig(bm=16, bn=128, bkh=64, num_warps=4, num_stages=4),
                                                MoeGmmConfig(bm=16, bn=32, bkh=128, num_warps=4, num_stages=4,
                                                             decode="ptx"))
+    if args.one_launch:
+        one = dict(schedule="slots", x_pairs=True, decode="ptx")
+        g_cfgs = (None, "ptx", "slots", *(MoeGmmConfig(bm=16, bn=bn, bkh=bkh, num_warps=w, num_stages=st, **one)
+                                          for bn, bkh, w, st in ((64, 128, 4, 4), (32, 128, 4, 4), (64, 256, 4, 3),
+                                                                 (128, 128, 8, 4), (64, 128, 4, 6))),
+                  MoeGmmConfig(bm=16, bn=64, bkh=128, num_warps=4, num_stages=4, x_pairs=True, decode="ptx"))
     for experts, lo, hi in ((8, 1, 8), (64, 1, 8), (64, 48, 80)) if "grouped" in parts else ():
         for k, n in ((7168, 2048), (2048, 7168)):
             try:

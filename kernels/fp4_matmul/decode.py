@@ -200,6 +200,21 @@ def decode_tile_halves_ptx_emulated(packed: jax.Array, scale_bits: jax.Array, fm
 DECODES = ("jnp", "ptx")
 
 
+def bf16_pairs(x: jax.Array) -> jax.Array:
+    """bf16 x [..., K] -> uint32 [..., K/2], each word one (even, odd) column pair, the even one in the low half:
+    a bitcast (no copy), so a kernel can read x's even and odd columns with full-width loads (pairs_to_bf16)."""
+    if x.dtype != jnp.bfloat16:
+        raise ValueError(f"bf16 pairs need bfloat16 activations, got {x.dtype}")
+    return jax.lax.bitcast_convert_type(x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2), jnp.uint32)
+
+
+def pairs_to_bf16(words: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """uint32 column pairs (bf16_pairs) -> (even columns, odd columns) in bf16, each the shape of `words`."""
+    lo = jax.lax.bitcast_convert_type((words & 0xFFFF).astype(jnp.uint16), jnp.bfloat16)
+    hi = jax.lax.bitcast_convert_type((words >> 16).astype(jnp.uint16), jnp.bfloat16)
+    return lo, hi
+
+
 def decode_halves(packed: jax.Array, scale_bits: jax.Array, fmt: str, dtype, decode: str,
                   interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """A kernel's tile decode by name: 'jnp' (decode_tile_halves) or 'ptx' (decode_tile_halves_ptx; bf16 only; under

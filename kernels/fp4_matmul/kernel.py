@@ -5,7 +5,8 @@ see bench/RESULTS.md for why this first version uses it). Each program owns an [
 of K (split-K for small M so that enough programs stream the weight): per K step it loads bn x bkh packed bytes
 and their scales, decodes them in registers (decode.py), and feeds a bf16 dot with float32 accumulation. The
 per-matrix global scale multiplies the accumulator once. With split-K the partial sums go to a float32
-[split_k, M, N] buffer that one small XLA reduction sums.
+[split_k, M, N] buffer that one small XLA reduction sums. With x_pairs the kernel reads x itself (as uint32
+column pairs, a bitcast) with rows past M masked, so no XLA pass pads or splits x: one launch in all (split_k 1).
 
 This file owns tiling and launch; decode.py owns the bit-level decode; reference.py the pure-jnp twin.
 """
@@ -22,8 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from dsjax_kernels.fp4_matmul.decode import (DECODES, check_fmt, decode_halves, decode_tile, nibbles_to_f16_bits,
-                                             scale_bits_to_f32)
+from dsjax_kernels.fp4_matmul.decode import (DECODES, bf16_pairs, check_fmt, decode_halves, decode_tile,
+                                             nibbles_to_f16_bits, pairs_to_bf16, scale_bits_to_f32)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,6 +38,8 @@ class Fp4MatmulConfig:
     (bm is ignored). Needs x_split.
     decode: how a tile's nibbles become bf16: 'jnp' (decode.py's integer decode, float32 scale multiply) or 'ptx'
     (packed pairs in inline PTX, sm_90; the MMA tiles with x_split only).
+    x_pairs: (with x_split, not gemv) the kernel loads x as uint32 even/odd column pairs and splits them in
+    registers, masking rows past M: x is never padded or split in XLA, and the output is written unpadded.
     """
 
     bm: int = 16
@@ -48,6 +51,7 @@ class Fp4MatmulConfig:
     x_split: bool = True
     gemv: bool = False
     decode: str = "jnp"
+    x_pairs: bool = False
 
 
 def default_config(m: int, n: int, k: int) -> Fp4MatmulConfig:
@@ -82,6 +86,8 @@ def _check_tiles(m_pad: int, n: int, h: int, fmt: str, cfg: Fp4MatmulConfig) -> 
     bs = check_fmt(fmt)
     if cfg.gemv and (not cfg.x_split or m_pad > GEMV_MAX_M):
         raise ValueError(f"gemv tiles need x_split and M <= {GEMV_MAX_M} (got M={m_pad}, {cfg})")
+    if cfg.x_pairs and (not cfg.x_split or cfg.gemv):
+        raise ValueError(f"x_pairs needs x_split MMA tiles without gemv ({cfg})")
     check_decode(cfg)
     for name in ("bm", "bn", "bkh"):
         v = getattr(cfg, name)
@@ -111,9 +117,10 @@ def split_even_odd(x: jax.Array) -> jax.Array:
     return jnp.moveaxis(xs, -1, 0)
 
 
-def _fp4_matmul_kernel(x_ref, p_ref, s_ref, g_ref, o_ref, *, fmt, cfg: Fp4MatmulConfig, k_steps: int,
+def _fp4_matmul_kernel(x_ref, p_ref, s_ref, g_ref, o_ref, *, fmt, cfg: Fp4MatmulConfig, k_steps: int, m: int,
                        interpret: bool = False):
-    """Grid (N/bn, split_k, M/bm): one output tile over one K slice of k_steps steps."""
+    """Grid (N/bn, split_k, M/bm): one output tile over one K slice of k_steps steps. x_ref: [2, M, K/2] even / odd
+    columns (x_split), uint32 [M, K/2] column pairs (x_pairs; rows >= m masked) or x [M, K]."""
     bs = check_fmt(fmt)
     bm, bn, bkh = cfg.bm, cfg.bn, cfg.bkh
     sg = bkh // (bs // 2)                                       # scale groups per K step
@@ -121,14 +128,20 @@ def _fp4_matmul_kernel(x_ref, p_ref, s_ref, g_ref, o_ref, *, fmt, cfg: Fp4Matmul
     n0 = i_n * bn
     m0 = i_m * bm
     h_base = i_k * (k_steps * bkh)
+    row_ok = (m0 + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < m                  # [bm, 1]
 
     def step(t, acc):
         h0 = pl.multiple_of(h_base + t * bkh, bkh)
         p = p_ref[pl.ds(n0, bn), pl.ds(h0, bkh)]                            # uint8 [bn, bkh]
         s = s_ref[pl.ds(n0, bn), pl.ds(h0 // (bs // 2), sg)]                # uint8 [bn, sg]
         if cfg.x_split:
-            xe = x_ref[0, pl.ds(m0, bm), pl.ds(h0, bkh)]                    # bf16 [bm, bkh], x[:, 0::2]
-            xo = x_ref[1, pl.ds(m0, bm), pl.ds(h0, bkh)]                    # x[:, 1::2]
+            if cfg.x_pairs:
+                words = plt.load(x_ref.at[pl.ds(m0, bm), pl.ds(h0, bkh)], mask=jnp.broadcast_to(row_ok, (bm, bkh)),
+                                 other=0)                                   # uint32 [bm, bkh]
+                xe, xo = pairs_to_bf16(words)
+            else:
+                xe = x_ref[0, pl.ds(m0, bm), pl.ds(h0, bkh)]                # bf16 [bm, bkh], x[:, 0::2]
+                xo = x_ref[1, pl.ds(m0, bm), pl.ds(h0, bkh)]                # x[:, 1::2]
             lo, hi = decode_halves(p, s, fmt, xe.dtype, cfg.decode, interpret)   # bf16 [bn, bkh] each
             acc = acc + jax.lax.dot_general(xe, lo, _NT, preferred_element_type=jnp.float32)
             return acc + jax.lax.dot_general(xo, hi, _NT, preferred_element_type=jnp.float32)
@@ -137,10 +150,12 @@ def _fp4_matmul_kernel(x_ref, p_ref, s_ref, g_ref, o_ref, *, fmt, cfg: Fp4Matmul
         return acc + jax.lax.dot_general(x, w, _NT, preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((bm, bn), jnp.float32))
-    if cfg.split_k == 1:
-        o_ref[pl.ds(m0, bm), pl.ds(n0, bn)] = (acc * g_ref[0]).astype(o_ref.dtype)
+    y = (acc * g_ref[0]).astype(o_ref.dtype) if cfg.split_k == 1 else acc
+    dst = o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)] if cfg.split_k == 1 else o_ref.at[i_k, pl.ds(m0, bm), pl.ds(n0, bn)]
+    if cfg.x_pairs:
+        plt.store(dst, y, mask=jnp.broadcast_to(row_ok, (bm, bn)))
     else:
-        o_ref[i_k, pl.ds(m0, bm), pl.ds(n0, bn)] = acc
+        dst[...] = y
 
 
 def _fp4_gemv_kernel(x_ref, p_ref, s_ref, g_ref, o_ref, *, fmt, cfg: Fp4MatmulConfig, k_steps: int, m: int):
@@ -232,11 +247,13 @@ def fp4_matmul(x: jax.Array, packed: jax.Array, scales: jax.Array, global_scale:
     g = jnp.reshape(global_scale, (1,)).astype(jnp.float32)
     if cfg.gemv:
         return _fp4_gemv(x, packed, scales, g, fmt=fmt, cfg=cfg, interpret=interpret)
-    if m_pad != m:
+    # x_pairs reads x unpadded with masked rows; the interpreter clamps out-of-range slices, so it gets padded rows
+    rows = m if cfg.x_pairs and not interpret else m_pad
+    if rows != m:
         x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
-    x_in = split_even_odd(x) if cfg.x_split else x
-    kernel = functools.partial(_fp4_matmul_kernel, fmt=fmt, cfg=cfg, k_steps=h // cfg.bkh // cfg.split_k,
+    x_in = bf16_pairs(x) if cfg.x_pairs else split_even_odd(x) if cfg.x_split else x
+    kernel = functools.partial(_fp4_matmul_kernel, fmt=fmt, cfg=cfg, k_steps=h // cfg.bkh // cfg.split_k, m=m,
                                interpret=interpret)
-    out = _launch(kernel, (x_in, packed, scales, g), rows=m_pad, n=n, grid=(n // cfg.bn, cfg.split_k, m_pad // cfg.bm),
+    out = _launch(kernel, (x_in, packed, scales, g), rows=rows, n=n, grid=(n // cfg.bn, cfg.split_k, m_pad // cfg.bm),
                   cfg=cfg, dtype=x.dtype, g=g, interpret=interpret, name="fp4_matmul")
-    return out[:m] if m_pad != m else out
+    return out[:m] if rows != m else out

@@ -5,7 +5,9 @@ jnp from `group_sizes`, maps each program along the second grid axis to (slot, f
 non-empty group gets ceil(size / bm) row tiles, empty slots get none (so an idle slot's weights are never read),
 and trailing rows past sum(group_sizes) get "zero" tiles that write zeros, as `lax.ragged_dot` does. Unused
 schedule entries exit at once. Row tiles may straddle the next group: loads and stores are masked to the
-tile's own rows.
+tile's own rows. For decode-sized groups the 'slots' schedule needs no XLA work before the launch: one program
+per (N tile, slot) finds its rows from a prefix sum of group_sizes inside the kernel; with x_pairs the kernel
+reads x's column pairs itself, so a grouped matmul is one launch.
 
 `expert_swiglu` fuses gate and up into one kernel that reads both weights against one activation tile and
 writes silu(gate) * up in bf16, so the [T, 2I] pre-activations never reach HBM; the down projection is a
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from dsjax_kernels.fp4_matmul.decode import check_fmt, decode_halves, decode_tile
+from dsjax_kernels.fp4_matmul.decode import bf16_pairs, check_fmt, decode_halves, decode_tile, pairs_to_bf16
 from dsjax_kernels.fp4_matmul.kernel import check_decode, split_even_odd
 from dsjax_kernels.moe_gmm.reference import weight_parts
 
@@ -32,7 +34,12 @@ from dsjax_kernels.moe_gmm.reference import weight_parts
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MoeGmmConfig:
     """Tiles: bm rows per program (power of two >= 16), bn out-features, bkh packed bytes per K step;
-    x_split and decode as in Fp4MatmulConfig."""
+    x_split, x_pairs and decode as in Fp4MatmulConfig.
+
+    schedule: 'tiles' (a list of (slot, rows) tiles built in XLA from group_sizes, one program per tile: even work
+    for large groups) or 'slots' (one program per slot and N tile, walking its rows in bm-row tiles; the row range
+    comes from a prefix sum inside the kernel, so nothing runs before the launch: for decode-sized groups).
+    """
 
     bm: int = 16
     bn: int = 64
@@ -41,6 +48,11 @@ class MoeGmmConfig:
     num_stages: int = 4
     x_split: bool = True
     decode: str = "jnp"          # as Fp4MatmulConfig.decode
+    x_pairs: bool = False
+    schedule: str = "tiles"
+
+
+SCHEDULES = ("tiles", "slots")
 
 
 def default_config(t: int, n: int, k: int, num_slots: int) -> MoeGmmConfig:
@@ -82,61 +94,100 @@ def tile_schedule(group_sizes: jax.Array, num_rows: int, bm: int) -> tuple[jax.A
     return jnp.where(real, slot, -1), jnp.minimum(row_start, num_rows), row_end
 
 
-def _grouped_kernel(slot_ref, start_ref, end_ref, x_ref, xo_ref, *refs, fmt, cfg: MoeGmmConfig, k_steps: int,
-                    num_weights: int, interpret: bool = False):
-    """Grid (N/bn, tiles). num_weights 1: y = x W.T; 2 (gate, up): y = silu(x Wg.T) * (x Wu.T).
-
-    With cfg.x_split, x_ref and xo_ref hold x's even and odd columns; otherwise x_ref is x and xo_ref unused."""
+def _tile(x_ref, xo_ref, w_refs, o_ref, *, slot, r0, r1, n0, fmt, cfg: MoeGmmConfig, k_steps: int,
+          num_weights: int, interpret: bool):
+    """Rows [r0, min(r0 + bm, r1)) of slot `slot` times its weights' out-features [n0, n0 + bn): the K loop, the
+    global scales, silu(gate) * up for two weights, and a store masked to the tile's own rows."""
     bs = check_fmt(fmt)
     bm, bn, bkh = cfg.bm, cfg.bn, cfg.bkh
     sg = bkh // (bs // 2)
+    row_ok = (r0 + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < r1                 # [bm, 1]
+    nt = (((1,), (1,)), ((), ()))
+    x_mask = jnp.broadcast_to(row_ok, (bm, bkh if cfg.x_split else 2 * bkh))
+
+    def step(i, accs):
+        h0 = pl.multiple_of(i * bkh, bkh)
+        if cfg.x_pairs:
+            xe, xo = pairs_to_bf16(plt.load(x_ref.at[pl.ds(r0, bm), pl.ds(h0, bkh)], mask=x_mask, other=0))
+        elif cfg.x_split:
+            xe = plt.load(x_ref.at[pl.ds(r0, bm), pl.ds(h0, bkh)], mask=x_mask, other=0)
+            xo = plt.load(xo_ref.at[pl.ds(r0, bm), pl.ds(h0, bkh)], mask=x_mask, other=0)
+        else:
+            x = plt.load(x_ref.at[pl.ds(r0, bm), pl.ds(2 * h0, 2 * bkh)], mask=x_mask, other=0)
+        new = []
+        for j in range(num_weights):
+            p_ref, s_ref = w_refs[3 * j], w_refs[3 * j + 1]
+            p = p_ref[slot, pl.ds(n0, bn), pl.ds(h0, bkh)]                     # uint8 [bn, bkh]
+            s = s_ref[slot, pl.ds(n0, bn), pl.ds(h0 // (bs // 2), sg)]         # uint8 [bn, sg]
+            if cfg.x_split:
+                lo, hi = decode_halves(p, s, fmt, xe.dtype, cfg.decode, interpret)      # bf16 [bn, bkh] each
+                acc = accs[j] + jax.lax.dot_general(xe, lo, nt, preferred_element_type=jnp.float32)
+                acc = acc + jax.lax.dot_general(xo, hi, nt, preferred_element_type=jnp.float32)
+            else:
+                w = decode_tile(p, s, fmt, x.dtype)                            # bf16 [bn, 2 bkh]
+                acc = accs[j] + jax.lax.dot_general(x, w, nt, preferred_element_type=jnp.float32)
+            new.append(acc)
+        return tuple(new)
+
+    accs = jax.lax.fori_loop(0, k_steps, step, tuple(jnp.zeros((bm, bn), jnp.float32) for _ in range(num_weights)))
+    ys = [accs[j] * w_refs[3 * j + 2][slot] for j in range(num_weights)]
+    y = ys[0] if num_weights == 1 else ys[0] / (1.0 + jnp.exp(-ys[0])) * ys[1]       # silu(gate) * up, float32
+    plt.store(o_ref.at[pl.ds(r0, bm), pl.ds(n0, bn)], y.astype(o_ref.dtype), mask=jnp.broadcast_to(row_ok, (bm, bn)))
+
+
+def _zero_tile(o_ref, *, r0, r1, n0, cfg: MoeGmmConfig):
+    row_ok = (r0 + jax.lax.broadcasted_iota(jnp.int32, (cfg.bm, 1), 0)) < r1
+    plt.store(o_ref.at[pl.ds(r0, cfg.bm), pl.ds(n0, cfg.bn)], jnp.zeros((cfg.bm, cfg.bn), o_ref.dtype),
+              mask=jnp.broadcast_to(row_ok, (cfg.bm, cfg.bn)))
+
+
+def _grouped_kernel(slot_ref, start_ref, end_ref, x_ref, xo_ref, *refs, num_weights: int, **kw):
+    """schedule='tiles', grid (N/bn, tiles): program t computes tile t of tile_schedule's list. num_weights 1:
+    y = x W.T; 2 (gate, up): y = silu(x Wg.T) * (x Wu.T). x_ref/xo_ref: x's even and odd columns (x_split), x's
+    column pairs (x_pairs; xo_ref unused) or x (xo_ref unused)."""
     w_refs, o_ref = refs[:3 * num_weights], refs[3 * num_weights]
-    i_n, t = pl.program_id(0), pl.program_id(1)
+    t = pl.program_id(1)
     slot, r0, r1 = slot_ref[t], start_ref[t], end_ref[t]
-    n0 = i_n * bn
-    rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
-    row_ok = rows < r1                                                         # [bm, 1]
-    out_mask = jnp.broadcast_to(row_ok, (bm, bn))
+    n0 = pl.program_id(0) * kw["cfg"].bn
 
     @pl.when(jnp.logical_and(r0 < r1, slot >= 0))
     def _compute():
-        nt = (((1,), (1,)), ((), ()))
-        x_mask = jnp.broadcast_to(row_ok, (bm, bkh if cfg.x_split else 2 * bkh))
-
-        def step(i, accs):
-            h0 = pl.multiple_of(i * bkh, bkh)
-            if cfg.x_split:
-                xe = plt.load(x_ref.at[pl.ds(r0, bm), pl.ds(h0, bkh)], mask=x_mask, other=0)
-                xo = plt.load(xo_ref.at[pl.ds(r0, bm), pl.ds(h0, bkh)], mask=x_mask, other=0)
-            else:
-                x = plt.load(x_ref.at[pl.ds(r0, bm), pl.ds(2 * h0, 2 * bkh)], mask=x_mask, other=0)
-            new = []
-            for j in range(num_weights):
-                p_ref, s_ref = w_refs[3 * j], w_refs[3 * j + 1]
-                p = p_ref[slot, pl.ds(n0, bn), pl.ds(h0, bkh)]                 # uint8 [bn, bkh]
-                s = s_ref[slot, pl.ds(n0, bn), pl.ds(h0 // (bs // 2), sg)]     # uint8 [bn, sg]
-                if cfg.x_split:
-                    lo, hi = decode_halves(p, s, fmt, xe.dtype, cfg.decode, interpret)  # bf16 [bn, bkh] each
-                    acc = accs[j] + jax.lax.dot_general(xe, lo, nt, preferred_element_type=jnp.float32)
-                    acc = acc + jax.lax.dot_general(xo, hi, nt, preferred_element_type=jnp.float32)
-                else:
-                    w = decode_tile(p, s, fmt, x.dtype)                        # bf16 [bn, 2 bkh]
-                    acc = accs[j] + jax.lax.dot_general(x, w, nt, preferred_element_type=jnp.float32)
-                new.append(acc)
-            return tuple(new)
-
-        accs = jax.lax.fori_loop(0, k_steps, step,
-                                 tuple(jnp.zeros((bm, bn), jnp.float32) for _ in range(num_weights)))
-        ys = [accs[j] * w_refs[3 * j + 2][slot] for j in range(num_weights)]
-        if num_weights == 1:
-            y = ys[0]
-        else:
-            y = ys[0] / (1.0 + jnp.exp(-ys[0])) * ys[1]                        # silu(gate) * up, float32
-        plt.store(o_ref.at[pl.ds(r0, bm), pl.ds(n0, bn)], y.astype(o_ref.dtype), mask=out_mask)
+        _tile(x_ref, xo_ref, w_refs, o_ref, slot=slot, r0=r0, r1=r1, n0=n0, num_weights=num_weights, **kw)
 
     @pl.when(jnp.logical_and(r0 < r1, slot < 0))
     def _zero_rows():
-        plt.store(o_ref.at[pl.ds(r0, bm), pl.ds(n0, bn)], jnp.zeros((bm, bn), o_ref.dtype), mask=out_mask)
+        _zero_tile(o_ref, r0=r0, r1=r1, n0=n0, cfg=kw["cfg"])
+
+
+def _slot_kernel(sizes_ref, x_ref, xo_ref, *refs, num_weights: int, num_slots: int, num_rows: int, **kw):
+    """schedule='slots', grid (N/bn, S + 1): program s < S finds its rows [r0, r1) from a prefix sum of group_sizes
+    (one vector load) and walks them in bm-row tiles (none for an empty slot); program S writes zeros to the rows
+    past sum(group_sizes). No schedule is built outside the kernel: one launch in all."""
+    cfg = kw["cfg"]
+    w_refs, o_ref = refs[:3 * num_weights], refs[3 * num_weights]
+    s = pl.program_id(1)
+    n0 = pl.program_id(0) * cfg.bn
+    sp = max(16, 1 << (num_slots - 1).bit_length())
+    idx = jax.lax.broadcasted_iota(jnp.int32, (sp,), 0)
+    sizes = plt.load(sizes_ref.at[pl.ds(0, sp)], mask=idx < num_slots, other=0)
+    before = jnp.minimum(jnp.sum(jnp.where(idx < s, sizes, 0)), num_rows)
+    end = jnp.minimum(before + jnp.sum(jnp.where(idx == s, sizes, 0)), num_rows)
+    is_zeros = s == num_slots
+    end = jnp.where(is_zeros, num_rows, end)
+
+    def tile(i, carry):
+        r0 = before + i * cfg.bm
+
+        @pl.when(jnp.logical_not(is_zeros))
+        def _compute():
+            _tile(x_ref, xo_ref, w_refs, o_ref, slot=s, r0=r0, r1=end, n0=n0, num_weights=num_weights, **kw)
+
+        @pl.when(is_zeros)
+        def _zero_rows():
+            _zero_tile(o_ref, r0=r0, r1=end, n0=n0, cfg=cfg)
+        return carry
+
+    jax.lax.fori_loop(0, (end - before + cfg.bm - 1) // cfg.bm, tile, 0)
 
 
 def _grouped_call(x, weights, group_sizes, *, fmt, cfg, num_weights, interpret):
@@ -154,24 +205,37 @@ def _grouped_call(x, weights, group_sizes, *, fmt, cfg, num_weights, interpret):
             raise ValueError(f"{name}={v} must be a power of two >= 16")
     if n % cfg.bn or h % cfg.bkh or cfg.bkh % (bs // 2):
         raise ValueError(f"tiles {cfg} do not divide N={n}, K/2={h} (format {fmt}, block {bs})")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    if cfg.x_pairs and not cfg.x_split:
+        raise ValueError(f"x_pairs needs x_split ({cfg})")
     check_decode(cfg)
-    slot, start, end = tile_schedule(group_sizes, t, cfg.bm)
     rows = t
     if interpret:                      # the interpreter clamps out-of-range slices: give every tile real rows
         rows = t + cfg.bm
         x = jnp.pad(x, ((0, cfg.bm), (0, 0)))
-    if cfg.x_split:
-        xs = split_even_odd(x)
-        args = [slot, start, end, xs[0], xs[1]]
+    if cfg.x_pairs:
+        xs = [bf16_pairs(x), jnp.zeros((1, 1), jnp.uint32)]
+    elif cfg.x_split:
+        xs = list(split_even_odd(x))
     else:
-        args = [slot, start, end, x, jnp.zeros((1, 1), x.dtype)]
+        xs = [x, jnp.zeros((1, 1), x.dtype)]
+    kw = dict(fmt=fmt, cfg=cfg, k_steps=h // cfg.bkh, num_weights=num_weights, interpret=interpret)
+    if cfg.schedule == "slots":
+        sp = max(16, 1 << (s_slots - 1).bit_length())
+        args = [jnp.pad(group_sizes.astype(jnp.int32), (0, sp - s_slots))] + xs
+        kernel = functools.partial(_slot_kernel, num_slots=s_slots, num_rows=t, **kw)
+        grid = (n // cfg.bn, s_slots + 1)
+    else:
+        args = list(tile_schedule(group_sizes, t, cfg.bm)) + xs
+        kernel = functools.partial(_grouped_kernel, **kw)
+        grid = (n // cfg.bn, args[0].shape[0])
     for p, s, g in weights:
         args += [p, s, jnp.reshape(g, (s_slots,)).astype(jnp.float32)]
     out = pl.pallas_call(
-        functools.partial(_grouped_kernel, fmt=fmt, cfg=cfg, k_steps=h // cfg.bkh, num_weights=num_weights,
-                          interpret=interpret),
+        kernel,
         out_shape=jax.ShapeDtypeStruct((rows, n), x.dtype),
-        grid=(n // cfg.bn, slot.shape[0]),
+        grid=grid,
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="moe_gmm_swiglu" if num_weights == 2 else "moe_gmm",

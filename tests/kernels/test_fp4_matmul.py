@@ -82,6 +82,8 @@ INTERPRET_CASES = [   # (M, N, K, config): M off the tile, split-K, several M ti
     (5, 32, 512, Fp4MatmulConfig(bn=16, bkh=64, split_k=2, gemv=True)),      # M off any tile, split-K
     (5, 64, 256, Fp4MatmulConfig(bm=16, bn=32, bkh=64, split_k=2, decode="ptx")),   # PTX decode (emulated)
     (8, 64, 256, None),                 # the default tiles: small M -> split-K MMA tiles with the PTX decode
+    (5, 64, 256, Fp4MatmulConfig(bm=16, bn=32, bkh=64, x_pairs=True)),   # x read as column pairs, rows masked
+    (20, 32, 256, Fp4MatmulConfig(bm=16, bn=16, bkh=32, split_k=2, x_pairs=True, decode="ptx")),
     (1100, 128, 64, None),              # large M -> 256-row tiles on interleaved x, the last one ragged
 ]
 
@@ -110,6 +112,12 @@ def test_bad_tiles_rejected():
     for bad in (dict(decode="ptx", x_split=False), dict(decode="ptx", gemv=True), dict(decode="asm")):
         with pytest.raises(ValueError, match="decode"):
             fp4_matmul(x, p, s, jnp.ones(()), fmt="nvfp4", config=Fp4MatmulConfig(bn=16, bkh=32, **bad))
+    for bad in (dict(x_pairs=True, x_split=False), dict(x_pairs=True, gemv=True)):
+        with pytest.raises(ValueError, match="x_pairs"):
+            fp4_matmul(x, p, s, jnp.ones(()), fmt="nvfp4", config=Fp4MatmulConfig(bn=16, bkh=32, **bad))
+    with pytest.raises(ValueError, match="bfloat16"):
+        fp4_matmul(x.astype(jnp.float32), p, s, jnp.ones(()), fmt="nvfp4",
+                   config=Fp4MatmulConfig(bn=16, bkh=32, x_pairs=True))
 
 
 GPU_CASES = [   # (M, N, K, config or None for the default heuristic)
@@ -128,6 +136,11 @@ GPU_CASES = [   # (M, N, K, config or None for the default heuristic)
     (8, 7168, 2048, Fp4MatmulConfig(bm=16, bn=32, bkh=128, split_k=4, num_stages=4, decode="ptx")),
     (300, 256, 1024, Fp4MatmulConfig(bm=128, bn=64, bkh=32, num_warps=4, num_stages=2, decode="ptx")),
     (4096, 256, 2048, Fp4MatmulConfig(bm=128, bn=128, bkh=32, num_warps=8, decode="ptx")),
+    # x read in the kernel as column pairs (rows past M masked, output unpadded): one launch with split_k 1
+    (1, 2048, 7168, Fp4MatmulConfig(bm=16, bn=16, bkh=256, num_stages=4, x_pairs=True, decode="ptx")),
+    (3, 7168, 2048, Fp4MatmulConfig(bm=16, bn=32, bkh=128, num_stages=4, x_pairs=True, decode="ptx")),
+    (21, 512, 2048, Fp4MatmulConfig(bm=16, bn=32, bkh=64, split_k=2, x_pairs=True)),
+    (40, 2048, 7168, Fp4MatmulConfig(bm=64, bn=32, bkh=128, split_k=4, x_pairs=True, decode="ptx")),
 ]
 
 

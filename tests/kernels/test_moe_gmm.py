@@ -56,21 +56,29 @@ def test_reference_matches_oracle(fmt):
     assert_kernel_close(y, expect, "reference_vs_oracle_f32", f"{fmt} seed {seed}")
 
 
-@pytest.mark.parametrize("decode", ["jnp", "ptx"])
+VARIANTS = {            # config fields beside the tiles: the XLA-built tile list on split x, and the one-launch forms
+    "tiles": {}, "pairs": dict(x_pairs=True), "slots": dict(schedule="slots"),
+    "slots_pairs": dict(schedule="slots", x_pairs=True), "slots_interleaved": dict(schedule="slots", x_split=False),
+}
+
+
+@pytest.mark.parametrize("decode,variant", [("jnp", "tiles"), ("ptx", "tiles"), ("ptx", "slots_pairs"),
+                                            ("jnp", "slots"), ("jnp", "pairs"), ("jnp", "slots_interleaved")])
 @pytest.mark.parametrize("fmt", FMTS)
-def test_kernels_interpret(fmt, decode):
+def test_kernels_interpret(fmt, decode, variant):
     rng, seed = fresh_rng()
     s, n, k, t = 4, 32, 128, 30
     packed, scales, gs = random_fp4(rng, (s, n, k), fmt)
     sizes = jnp.asarray([3, 0, 20, 1], jnp.int32)                     # empty group, straddling tiles, 6 zero rows
     x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
-    cfg = MoeGmmConfig(bm=16, bn=16, bkh=32, decode=decode)           # ptx: its jnp emulation under the interpreter
+    v = VARIANTS[variant]
+    cfg = MoeGmmConfig(bm=16, bn=16, bkh=32, decode=decode, **v)     # ptx: its jnp emulation under the interpreter
     y = moe_gmm(x, packed, scales, gs, sizes, fmt=fmt, config=cfg, interpret=True)
     assert_kernel_close(y, moe_gmm_reference(x, packed, scales, gs, sizes, fmt=fmt), "kernel_vs_reference",
-                        f"interpret moe_gmm {fmt} seed {seed}")
+                        f"interpret moe_gmm {fmt} {variant} seed {seed}")
     down = random_fp4(rng, (s, k, n), fmt)
     z = expert_swiglu(x, (packed, scales, gs), (packed, scales, gs), down, sizes, fmt=fmt,
-                      config=(cfg, MoeGmmConfig(bm=16, bn=16, bkh=16, decode=decode)), interpret=True)
+                      config=(cfg, MoeGmmConfig(bm=16, bn=16, bkh=16, decode=decode, **v)), interpret=True)
     zr = expert_swiglu_reference(x, (packed, scales, gs), (packed, scales, gs), down, sizes, fmt=fmt)
     assert_kernel_close(z, zr, "swiglu_vs_reference", f"interpret expert_swiglu {fmt} seed {seed}")
 
@@ -106,30 +114,33 @@ GPU_CASES = [   # (group sizes, extra rows past the groups, N, K)
 
 @pytest.mark.gpu
 class TestMoeGmmGpu:
-    @pytest.mark.parametrize("decode", ["jnp", "ptx"])
+    @pytest.mark.parametrize("decode,variant", [("jnp", "tiles"), ("ptx", "tiles"), ("ptx", "slots_pairs"),
+                                                ("jnp", "slots"), ("ptx", "pairs")])
     @pytest.mark.parametrize("fmt", FMTS)
     @pytest.mark.parametrize("sizes,extra,n,k", GPU_CASES)
-    def test_moe_gmm_vs_reference(self, fmt, sizes, extra, n, k, decode):
+    def test_moe_gmm_vs_reference(self, fmt, sizes, extra, n, k, decode, variant):
         rng, seed = fresh_rng()
         sizes = jnp.asarray(sizes, jnp.int32)
         t = int(sizes.sum()) + extra
         packed, scales, gs = (jnp.asarray(a) for a in random_fp4(rng, (len(sizes), n, k), fmt))
         x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
-        cfg = dataclasses.replace(default_grouped(t, n, k, len(sizes)), decode=decode)   # the default tiles,
-        if decode == "ptx":                                                                 # on split x for PTX
+        cfg = dataclasses.replace(default_grouped(t, n, k, len(sizes)), decode=decode,   # the default tiles,
+                                  **VARIANTS[variant])                                   # on split x for PTX
+        if decode == "ptx" or cfg.x_pairs:
             cfg = dataclasses.replace(cfg, x_split=True)
         ref = moe_gmm_reference(x, packed, scales, gs, sizes, fmt=fmt)
         for run in range(2):
             poison_device_memory()
             y = moe_gmm(x, packed, scales, gs, sizes, fmt=fmt, config=cfg)
             assert_kernel_close(y, ref, "kernel_vs_reference",
-                                f"{decode} {fmt} sizes {list(sizes)} T={t} N={n} K={k} run {run} seed {seed}")
+                                f"{decode} {variant} {fmt} sizes {list(sizes)} T={t} N={n} K={k} run {run} seed {seed}")
             assert not np.asarray(y[int(sizes.sum()):]).any(), "rows past the groups must be zero"
 
     @pytest.mark.parametrize("fmt", FMTS)
     @pytest.mark.parametrize("sizes,extra", [([1, 2, 8, 3, 5, 7, 4, 6], 0), ([0, 9, 0, 40, 1], 2),
                                               ([130, 0, 64, 257], 0)])
-    def test_expert_swiglu_vs_reference(self, fmt, sizes, extra):
+    @pytest.mark.parametrize("one_launch", [False, True])
+    def test_expert_swiglu_vs_reference(self, fmt, sizes, extra, one_launch):
         rng, seed = fresh_rng()
         d, i = 1024, 512
         sizes = jnp.asarray(sizes, jnp.int32)
@@ -138,6 +149,11 @@ class TestMoeGmmGpu:
         down = tuple(jnp.asarray(a) for a in random_fp4(rng, (len(sizes), d, i), fmt))
         x = jnp.asarray(rng.standard_normal((t, d)) * 0.05, jnp.bfloat16)
         ref = expert_swiglu_reference(x, gate, up, down, sizes, fmt=fmt)
+        cfg = None
+        if one_launch:      # the slots schedule on x's column pairs with the PTX decode, for both launches
+            one = dict(schedule="slots", x_pairs=True, x_split=True, decode="ptx")
+            cfg = (dataclasses.replace(default_grouped(t, i, d, len(sizes)), **one),
+                   dataclasses.replace(default_grouped(t, d, i, len(sizes)), **one))
         poison_device_memory()
-        y = expert_swiglu(x, gate, up, down, sizes, fmt=fmt)
-        assert_kernel_close(y, ref, "swiglu_vs_reference", f"{fmt} sizes {list(sizes)} T={t} seed {seed}")
+        y = expert_swiglu(x, gate, up, down, sizes, fmt=fmt, config=cfg)
+        assert_kernel_close(y, ref, "swiglu_vs_reference", f"{fmt} sizes {list(sizes)} T={t} {cfg} seed {seed}")
