@@ -216,6 +216,7 @@ def main():
     ap.add_argument("--one-launch", action="store_true",
                     help="sweep the one-launch forms (x read as column pairs in the kernel, split_k 1; grouped on the "
                          "slots schedule) against the defaults, instead of --sweep's tile sweep")
+    ap.add_argument("--fmts", default="nvfp4,mxfp4", help="formats measured at M=8 and 4096 (nvfp4 elsewhere)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
@@ -271,7 +272,7 @@ def main():
     ms = [int(v) for v in args.ms.split(",")] if args.ms else (1, 8, 4096) if args.quick else (1, 8, 32, 256, 4096)
     for k, n in ((7168, 2048), (2048, 7168)) if "dense" in parts else ():
         for m in ms:
-            for fmt in ("nvfp4", "mxfp4") if m in (8, 4096) else ("nvfp4",):
+            for fmt in args.fmts.split(",") if m in (8, 4096) else ("nvfp4",):
                 cfgs = dec_cfgs if m <= 64 else pre_cfgs if m >= 1024 else mid_cfgs
                 try:
                     rows.append(dense_row(m, n, k, fmt, hbm, configs=cfgs))
