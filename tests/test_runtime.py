@@ -386,6 +386,23 @@ def test_adaptive_schedule_looks_further_ahead_after_disk_waits(store, budgets, 
     assert fixed.stats()["prefetch_depth"] == start
 
 
+def test_adaptive_schedule_stops_copies_ahead_while_the_link_is_full(store, budgets, reference):
+    """A step that keeps the host->GPU link >= 90% busy turns predicted copies off; a link with room keeps them.
+    The link's ceiling is the engine's (here given, so that the same steps read as saturated or idle)."""
+    from dsjax.runtime.planner import Links
+    copies = {}
+    for name, h2d in (("full", 1.0), ("idle", 1e18)):        # bytes/s: every step saturates / none does
+        e = _load(store, adaptive_schedule=True, links=Links(h2d=h2d, measured=True), **budgets["tight"])
+        out = [g.token_ids for g in e.generate(PROMPTS, max_new_tokens=10, stop_token_ids=())]
+        assert out == reference[1]
+        s = e.stats()
+        copies[name] = s["prefetch"]["copies"]
+        assert s["copies_ahead"] is (name == "idle")
+        assert (s["steps_without_copies_ahead"] > 0) is (name == "full")
+    # the saturated engine copied ahead only during its first step (prefill), before the first adaptation
+    assert copies["idle"] > 0 and copies["full"] < copies["idle"] / 2, copies
+
+
 def test_use_parallel_compute_runs_shared_experts_before_the_sync(store, budgets, reference):
     for flag in (True, False):
         e = _load(store, use_parallel_compute=flag, **budgets["tight"])

@@ -247,6 +247,8 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
             hit_rates=s.get("hit_rates", {}), prediction=s.get("prediction", {}), gpu_busy=None,
             prefetch={k: s.get("prefetch", {}).get(k, 0) - s0.get("prefetch", {}).get(k, 0)
                       for k in ("copies", "used")},          # experts copied ahead during the measured generation
+            steps_without_copies_ahead=(s.get("steps_without_copies_ahead", 0)     # adaptive: link saturated
+                                        - s0.get("steps_without_copies_ahead", 0)),
             stall_s=stall, host_ms_per_step={k: 1e3 * (v - h0.get(k, 0.0)) / steps for k, v in h1.items()},
             predicted_tok_s=s.get("predicted_tok_s") if B == 1 else None, trace=None,   # the plan is batch 1
             process_memory=process_memory()))        # resident now / at peak, against the host budget

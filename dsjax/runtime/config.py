@@ -43,7 +43,8 @@ class ComputeConfig:
     overlap_compute: bool = True     # prefill: read the next expert chunk while the current chunk computes
     use_parallel_compute: bool = True  # shared experts run while the routed experts' weights are being fetched
     auto_tune: bool = False          # measure disk and host->GPU bandwidth at load and plan with them
-    adaptive_schedule: bool = False  # adapt prefetch depth and expert_threshold from observed hit rates
+    adaptive_schedule: bool = False  # adapt prefetch depth and expert_threshold from observed hit rates; no
+    #                                  predicted host->GPU copies while steps saturate that link
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
