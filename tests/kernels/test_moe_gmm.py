@@ -28,6 +28,17 @@ def grouped_oracle(x, w, group_sizes):
     return y
 
 
+def test_bad_grouped_config_rejected():
+    x = jnp.zeros((4, 64), jnp.bfloat16)
+    p, s = jnp.zeros((2, 32, 32), jnp.uint8), jnp.zeros((2, 32, 4), jnp.uint8)
+    sizes, gs = jnp.asarray([3, 1], jnp.int32), jnp.ones((2,), jnp.float32)
+    bad = {"schedule": dict(schedule="by_expert"), "x_pairs": dict(x_pairs=True, x_split=False)}
+    for match, fields in bad.items():
+        with pytest.raises(ValueError, match=match):
+            moe_gmm(x, p, s, gs, sizes, fmt="nvfp4", config=MoeGmmConfig(bm=16, bn=16, bkh=16, **fields),
+                    interpret=True)
+
+
 def test_tile_schedule_covers_every_row_once():
     rng, seed = fresh_rng()
     schedule = jax.jit(tile_schedule, static_argnums=(1, 2))          # one compile per bm: shapes fixed below
