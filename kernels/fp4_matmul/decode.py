@@ -131,8 +131,6 @@ def scale_bits_to_bf16(bits: jax.Array, fmt: str) -> jax.Array:
     return jax.lax.bitcast_convert_type(jnp.where(e == 0, jnp.uint16(0x40), e << 7), jnp.bfloat16)
 
 
-
-
 def decode_tile_halves_ptx(packed: jax.Array, scale_bits: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array]:
     """decode_tile_halves in bf16 with the packed-pair PTX decode (inside a Pallas Triton kernel on an sm_90 GPU;
     on the CPU use decode_tile_halves_ptx_emulated, the same bit logic in jnp)."""

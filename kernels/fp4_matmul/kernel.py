@@ -86,9 +86,7 @@ def _check_tiles(m_pad: int, n: int, h: int, fmt: str, cfg: Fp4MatmulConfig) -> 
     bs = check_fmt(fmt)
     if cfg.gemv and (not cfg.x_split or m_pad > GEMV_MAX_M):
         raise ValueError(f"gemv tiles need x_split and M <= {GEMV_MAX_M} (got M={m_pad}, {cfg})")
-    if cfg.x_pairs and (not cfg.x_split or cfg.gemv):
-        raise ValueError(f"x_pairs needs x_split MMA tiles without gemv ({cfg})")
-    check_decode(cfg)
+    check_layout(cfg)
     for name in ("bm", "bn", "bkh"):
         v = getattr(cfg, name)
         if v & (v - 1) or v < 16:
@@ -98,12 +96,16 @@ def _check_tiles(m_pad: int, n: int, h: int, fmt: str, cfg: Fp4MatmulConfig) -> 
     assert cfg.gemv or m_pad % cfg.bm == 0
 
 
-def check_decode(cfg) -> None:
-    """decode='ptx' decodes [rows, bytes] tiles into bf16 halves: the MMA tiles with x_split (not gemv)."""
+def check_layout(cfg) -> None:
+    """How a config (Fp4MatmulConfig or MoeGmmConfig) reads x and decodes the weight: decode='ptx' makes bf16 halves
+    for the MMA tiles with x_split (not gemv); x_pairs splits x's column pairs for those same tiles."""
+    gemv = getattr(cfg, "gemv", False)
     if cfg.decode not in DECODES:
         raise ValueError(f"decode must be one of {DECODES}, got {cfg.decode!r}")
-    if cfg.decode == "ptx" and (not cfg.x_split or getattr(cfg, "gemv", False)):
+    if cfg.decode == "ptx" and (not cfg.x_split or gemv):
         raise ValueError(f"decode='ptx' needs x_split tiles without gemv ({cfg})")
+    if cfg.x_pairs and (not cfg.x_split or gemv):
+        raise ValueError(f"x_pairs needs x_split MMA tiles without gemv ({cfg})")
 
 
 GEMV_MAX_M = 16                          # one float32 accumulator tile per row of x

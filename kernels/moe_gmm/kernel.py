@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from dsjax_kernels.fp4_matmul.decode import bf16_pairs, check_fmt, decode_halves, decode_tile, pairs_to_bf16
-from dsjax_kernels.fp4_matmul.kernel import check_decode, split_even_odd
+from dsjax_kernels.fp4_matmul.kernel import check_layout, split_even_odd
 from dsjax_kernels.moe_gmm.reference import weight_parts
 
 
@@ -207,9 +207,7 @@ def _grouped_call(x, weights, group_sizes, *, fmt, cfg, num_weights, interpret):
         raise ValueError(f"tiles {cfg} do not divide N={n}, K/2={h} (format {fmt}, block {bs})")
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
-    if cfg.x_pairs and not cfg.x_split:
-        raise ValueError(f"x_pairs needs x_split ({cfg})")
-    check_decode(cfg)
+    check_layout(cfg)
     rows = t
     if interpret:                      # the interpreter clamps out-of-range slices: give every tile real rows
         rows = t + cfg.bm
