@@ -149,7 +149,7 @@ def grouped_sizes(rng, experts, lo, hi):
     return np.asarray(rng.integers(lo, hi + 1, size=experts), np.int32)
 
 
-def grouped_row(experts, lo, hi, n, k, fmt, hbm, swiglu=False, configs=(None,)):
+def grouped_row(experts, lo, hi, n, k, fmt, hbm, swiglu=False, configs=(None,), swiglu_w_lhs=False):
     rng = np.random.default_rng(experts * 100 + hi)
     sizes = jnp.asarray(grouped_sizes(rng, experts, lo, hi))
     t_rows = int(sizes.sum())
@@ -162,7 +162,12 @@ def grouped_row(experts, lo, hi, n, k, fmt, hbm, swiglu=False, configs=(None,)):
     if swiglu:          # gate/up [S, I=n, D=k], down [S, D, I]
         ws = [tuple(fp4_weights(jax.random.PRNGKey(10 * c + j), (experts,), *((k, n) if j == 2 else (n, k)), fmt, 1)[0]
                     for j in range(3)) for c in range(copies)]
-        op = lambda x, g, u, d: expert_swiglu(x, g, u, d, sizes, fmt=fmt)
+        cfg = None
+        if swiglu_w_lhs:    # the default tiles of both launches with the weight as the dot's left operand
+            cfg = (dataclasses.replace(default_grouped(t_rows, n, k, experts), w_lhs=True),
+                   dataclasses.replace(default_grouped(t_rows, k, n, experts), w_lhs=True))
+            row["cfg"] = str(cfg)
+        op = lambda x, g, u, d: expert_swiglu(x, g, u, d, sizes, fmt=fmt, config=cfg)
         ref = lambda x, g, u, d: expert_swiglu_reference(x, g, u, d, sizes, fmt=fmt)
         flops = 2 * t_rows * n * k * 3
     else:
@@ -170,8 +175,17 @@ def grouped_row(experts, lo, hi, n, k, fmt, hbm, swiglu=False, configs=(None,)):
         default = default_grouped(t_rows, n, k, experts)
         named = dict(flip=dict(x_split=not default.x_split, decode="jnp"),  # the default tiles on the other x layout,
                      ptx=dict(x_split=True, decode="ptx"),                  # on split x with the PTX decode,
-                     slots=dict(schedule="slots"))                          # on the in-kernel slots schedule
-        cfgs = [dataclasses.replace(default, **named[c]) if isinstance(c, str) else c for c in configs]
+                     slots=dict(schedule="slots"),                          # on the in-kernel slots schedule,
+                     w_lhs=dict(w_lhs=True),                                # with the weight as the left operand
+                     w_lhs8=dict(w_lhs=True, bm=8), w_lhs8_w8=dict(w_lhs=True, bm=8, num_warps=8),
+                     w_lhs8_bn128=dict(w_lhs=True, bm=8, bn=128, num_warps=8),
+                     w_lhs8_bn32=dict(w_lhs=True, bm=8, bn=32), w_lhs8_bn16=dict(w_lhs=True, bm=8, bn=16),
+                     **{f"w_lhs8_slots{b}": dict(w_lhs=True, bm=8, schedule="slots", x_pairs=True, x_split=True,
+                                                 decode="ptx", **bn) for b, bn in (("", {}), ("_bn32", dict(bn=32)),
+                                                                                   ("_bn16", dict(bn=16)))})
+        small = lambda c: not (isinstance(c, str) and c.startswith("w_lhs8") and default.bm > 16)   # 8-row tiles:
+        cfgs = [dataclasses.replace(default, **named[c]) if isinstance(c, str) else c   # decode-sized groups only
+                for c in configs if small(c)]
         cfgs = list(dict.fromkeys(cfgs))                           # each distinct config once
         make = lambda cfg: lambda x, p, s, g: moe_gmm(x, p, s, g, sizes, fmt=fmt, config=cfg)
         _, best, _ = fastest(f"grouped {experts}e x {t_rows} rows K={k} N={n}", cfgs, make, x, ws)
@@ -216,6 +230,11 @@ def main():
     ap.add_argument("--one-launch", action="store_true",
                     help="sweep the one-launch forms (x read as column pairs in the kernel, split_k 1; grouped on the "
                          "slots schedule) against the defaults, instead of --sweep's tile sweep")
+    ap.add_argument("--w-lhs", action="store_true",
+                    help="sweep tiles with the weight as the dot's left operand (w_lhs; 8-row tiles for small M) "
+                         "against the defaults")
+    ap.add_argument("--groups", default="8x1-8,64x1-8,64x48-80",
+                    help="grouped shapes: EXPERTSxLO-HI rows per expert, comma-separated")
     ap.add_argument("--fmts", default="nvfp4,mxfp4", help="formats measured at M=8 and 4096 (nvfp4 elsewhere)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
@@ -269,6 +288,19 @@ def main():
         pre_cfgs = (None, Fp4MatmulConfig(bm=256, bn=128, bkh=32, num_warps=8, num_stages=3, x_pairs=True))
         mid_cfgs = (None, Fp4MatmulConfig(bm=64, bn=64, bkh=128, split_k=1, num_warps=4, num_stages=4, x_pairs=True,
                                           decode="ptx"))
+    if args.w_lhs:          # kernel run 8: the weight as the dot's left operand, 8-row tiles, more programs
+        lhs = dict(w_lhs=True, num_warps=4, num_stages=4, decode="ptx")
+        dec_cfgs = (None, *(Fp4MatmulConfig(bm=8, bn=bn, bkh=128, split_k=sk, **lhs)
+                            for bn, sk in ((64, 7), (64, 4), (32, 14), (16, 7), (64, 14), (128, 7), (32, 8),
+                                           (64, 8), (16, 4))))
+        pre_cfgs = (None, *(Fp4MatmulConfig(bm=bm, bn=bn, bkh=32, w_lhs=True, num_warps=8, num_stages=st, x_split=xs,
+                                            decode="jnp" if not xs else "ptx")
+                            for bm, bn, st, xs in ((256, 128, 3, False), (128, 128, 3, False), (256, 64, 3, False),
+                                                   (128, 256, 3, False), (256, 128, 3, True))))
+        mid_cfgs = (None, Fp4MatmulConfig(bm=64, bn=64, bkh=128, split_k=4, w_lhs=True, num_warps=4, num_stages=4,
+                                          decode="ptx"),
+                    Fp4MatmulConfig(bm=128, bn=64, bkh=64, split_k=2, w_lhs=True, num_warps=8, num_stages=3,
+                                    x_split=False))
     ms = [int(v) for v in args.ms.split(",")] if args.ms else (1, 8, 4096) if args.quick else (1, 8, 32, 256, 4096)
     for k, n in ((7168, 2048), (2048, 7168)) if "dense" in parts else ():
         for m in ms:
@@ -291,7 +323,11 @@ def main():
                                           for bn, bkh, w, st in ((64, 128, 4, 4), (32, 128, 4, 4), (64, 256, 4, 3),
                                                                  (128, 128, 8, 4), (64, 128, 4, 6))),
                   MoeGmmConfig(bm=16, bn=64, bkh=128, num_warps=4, num_stages=4, x_pairs=True, decode="ptx"))
-    for experts, lo, hi in ((8, 1, 8), (64, 1, 8), (64, 48, 80)) if "grouped" in parts else ():
+    if args.w_lhs:
+        g_cfgs = (None, "w_lhs", "w_lhs8", "w_lhs8_bn32", "w_lhs8_bn16", "w_lhs8_slots", "w_lhs8_slots_bn32",
+                  "w_lhs8_slots_bn16")
+    groups = [tuple(int(v) for v in g.replace("x", "-").split("-")) for g in args.groups.split(",")]
+    for experts, lo, hi in groups if "grouped" in parts else ():
         for k, n in ((7168, 2048), (2048, 7168)):
             try:
                 rows.append(grouped_row(experts, lo, hi, n, k, "nvfp4", hbm, configs=g_cfgs))
@@ -301,7 +337,7 @@ def main():
                 print(f"FAILED grouped {experts}e K={k} N={n}: {type(e).__name__}: {str(e)[:300]}", flush=True)
     for experts, lo, hi in ((8, 1, 8), (64, 48, 80)) if "swiglu" in parts else ():
         try:
-            rows.append(grouped_row(experts, lo, hi, 2048, 7168, "nvfp4", hbm, swiglu=True))
+            rows.append(grouped_row(experts, lo, hi, 2048, 7168, "nvfp4", hbm, swiglu=True, swiglu_w_lhs=args.w_lhs))
             save()
             print(fmt_row(rows[-1]), flush=True)
         except Exception as e:  # noqa: BLE001

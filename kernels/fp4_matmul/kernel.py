@@ -40,6 +40,9 @@ class Fp4MatmulConfig:
     (packed pairs in inline PTX, sm_90; the MMA tiles with x_split only).
     x_pairs: (with x_split, not gemv) the kernel loads x as uint32 even/odd column pairs and splits them in
     registers, masking rows past M: x is never padded or split in XLA, and the output is written unpadded.
+    w_lhs: the decoded weight is the matrix instruction's left operand (acc^T [bn, bm] = W x^T, transposed once at
+    the store), so it can feed the instruction from registers while x, the small operand, goes through shared
+    memory; bm may then be 8 (the instruction's narrow side).
     """
 
     bm: int = 16
@@ -52,15 +55,28 @@ class Fp4MatmulConfig:
     gemv: bool = False
     decode: str = "jnp"
     x_pairs: bool = False
+    w_lhs: bool = False
 
 
 def default_config(m: int, n: int, k: int) -> Fp4MatmulConfig:
-    """Heuristic tiles: small M streams the weight with split-K; large M uses 128-wide tiles."""
+    """Heuristic tiles: small M streams the weight with split-K (8-row tiles, the weight as the dot's left operand, up
+    to M=8); large M uses 128- or 256-row tiles."""
     h = k // 2
     if m == 1 and n % 16 == 0 and n // 16 >= 264 and h % 256 == 0:
         # GEMV tiles for one row of x when 16-row programs fill >= 2 waves: the fastest tiles of the H200 sweep for
         # K=2048 N=7168 (bench/RESULTS.md, kernel run 5: 8.0 us); for N=2048 (128 programs) split-K MMA tiles won
         return Fp4MatmulConfig(bn=16, bkh=256, split_k=1, num_warps=4, num_stages=3, gemv=True)
+    if m <= 8:
+        # 8-row tiles with the weight as the dot's left operand (w_lhs) and split-K so that >= 448 programs stream the
+        # weight (~3.4 per SM: the grid, not the decode, caps bytes in flight; Nsight Compute on run 6's tiles: 0.3
+        # waves, 12% achieved occupancy). Kernel run 8 (bench/RESULTS.md): 8.9-9.1 us at M=1 and 8 for K=7168 N=2048
+        # (bn 64, split 14) and 9.1 us at M=8 for K=2048 N=7168 (split 4), against 10.0-11.2 us for run 6's tiles.
+        bn = 64 if n % 64 == 0 else 32 if n % 32 == 0 else 16
+        bkh = 128 if h % 128 == 0 else 64 if h % 64 == 0 else 32 if h % 32 == 0 else 16
+        steps = h // bkh
+        split_k = next((s for s in range(1, steps + 1) if steps % s == 0 and n // bn * s >= 448), steps)
+        return Fp4MatmulConfig(bm=8, bn=bn, bkh=bkh, split_k=split_k, num_warps=4, num_stages=4, decode="ptx",
+                               w_lhs=True)
     if m <= 64:
         # MMA tiles with the PTX decode; bn and split-K so that the weight is streamed by >= 256 programs (~2 per
         # SM), bm=16 up to M=32 (the weight decoded twice at M=32 still won). Kernel run 6 (bench/RESULTS.md): these
@@ -77,8 +93,9 @@ def default_config(m: int, n: int, k: int) -> Fp4MatmulConfig:
     bkh = 32 if h % 32 == 0 else 16
     if m >= 1024:
         # Prefill: 256-row tiles on interleaved x (one dot per K step) were the fastest of kernel run 6's sweep at
-        # M=4096 for both shapes and formats (304-334 us against 409-456 us for 128-row tiles on split x)
-        return Fp4MatmulConfig(bm=256, bn=bn, bkh=bkh, split_k=1, num_warps=8, num_stages=3, x_split=False)
+        # M=4096 for both shapes and formats (304-334 us against 409-456 us for 128-row tiles on split x); with the
+        # weight as the dot's left operand 297 / 309 us against 330 / 335 (kernel run 8, NVFP4)
+        return Fp4MatmulConfig(bm=256, bn=bn, bkh=bkh, split_k=1, num_warps=8, num_stages=3, x_split=False, w_lhs=True)
     return Fp4MatmulConfig(bm=128, bn=bn, bkh=bkh, split_k=1, num_warps=8, num_stages=3)
 
 
@@ -87,10 +104,7 @@ def _check_tiles(m_pad: int, n: int, h: int, fmt: str, cfg: Fp4MatmulConfig) -> 
     if cfg.gemv and (not cfg.x_split or m_pad > GEMV_MAX_M):
         raise ValueError(f"gemv tiles need x_split and M <= {GEMV_MAX_M} (got M={m_pad}, {cfg})")
     check_layout(cfg)
-    for name in ("bm", "bn", "bkh"):
-        v = getattr(cfg, name)
-        if v & (v - 1) or v < 16:
-            raise ValueError(f"{name}={v} must be a power of two >= 16")
+    check_pow2_tiles(cfg)
     if n % cfg.bn or h % cfg.bkh or cfg.bkh % (bs // 2) or (h // cfg.bkh) % cfg.split_k:
         raise ValueError(f"tiles {cfg} do not divide N={n}, K/2={h} (format {fmt}, block {bs})")
     assert cfg.gemv or m_pad % cfg.bm == 0
@@ -108,8 +122,24 @@ def check_layout(cfg) -> None:
         raise ValueError(f"x_pairs needs x_split MMA tiles without gemv ({cfg})")
 
 
+def check_pow2_tiles(cfg) -> None:
+    """bm, bn, bkh powers of two >= 16 (bm >= 8 with w_lhs, where the rows are the instruction's narrow side)."""
+    for name in ("bm", "bn", "bkh"):
+        v = getattr(cfg, name)
+        low = 8 if name == "bm" and getattr(cfg, "w_lhs", False) else 16
+        if v & (v - 1) or v < low:
+            raise ValueError(f"{name}={v} must be a power of two >= {low}")
+
+
 GEMV_MAX_M = 16                          # one float32 accumulator tile per row of x
 _NT = (((1,), (1,)), ((), ()))          # a [m, k] . b [n, k] -> [m, n]
+
+
+def nt_dot(x: jax.Array, w: jax.Array, w_lhs: bool) -> jax.Array:
+    """float32 x [bm, k] . w [bn, k] -> [bm, bn], or with w_lhs its transpose [bn, bm] (w the left operand)."""
+    if w_lhs:
+        return jax.lax.dot_general(w, x, _NT, preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(x, w, _NT, preferred_element_type=jnp.float32)
 
 
 def split_even_odd(x: jax.Array) -> jax.Array:
@@ -145,13 +175,13 @@ def _fp4_matmul_kernel(x_ref, p_ref, s_ref, g_ref, o_ref, *, fmt, cfg: Fp4Matmul
                 xe = x_ref[0, pl.ds(m0, bm), pl.ds(h0, bkh)]                # bf16 [bm, bkh], x[:, 0::2]
                 xo = x_ref[1, pl.ds(m0, bm), pl.ds(h0, bkh)]                # x[:, 1::2]
             lo, hi = decode_halves(p, s, fmt, xe.dtype, cfg.decode, interpret)   # bf16 [bn, bkh] each
-            acc = acc + jax.lax.dot_general(xe, lo, _NT, preferred_element_type=jnp.float32)
-            return acc + jax.lax.dot_general(xo, hi, _NT, preferred_element_type=jnp.float32)
+            return acc + nt_dot(xe, lo, cfg.w_lhs) + nt_dot(xo, hi, cfg.w_lhs)
         x = x_ref[pl.ds(m0, bm), pl.ds(2 * h0, 2 * bkh)]                    # bf16 [bm, 2 bkh]
         w = decode_tile(p, s, fmt, x.dtype)                                 # bf16 [bn, 2 bkh]
-        return acc + jax.lax.dot_general(x, w, _NT, preferred_element_type=jnp.float32)
+        return acc + nt_dot(x, w, cfg.w_lhs)
 
-    acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((bm, bn), jnp.float32))
+    acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((bn, bm) if cfg.w_lhs else (bm, bn), jnp.float32))
+    acc = acc.T if cfg.w_lhs else acc
     y = (acc * g_ref[0]).astype(o_ref.dtype) if cfg.split_k == 1 else acc
     dst = o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)] if cfg.split_k == 1 else o_ref.at[i_k, pl.ds(m0, bm), pl.ds(n0, bn)]
     if cfg.x_pairs:

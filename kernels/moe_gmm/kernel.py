@@ -27,13 +27,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from dsjax_kernels.fp4_matmul.decode import bf16_pairs, check_fmt, decode_halves, decode_tile, pairs_to_bf16
-from dsjax_kernels.fp4_matmul.kernel import check_layout, split_even_odd
+from dsjax_kernels.fp4_matmul.kernel import check_layout, check_pow2_tiles, nt_dot, split_even_odd
 from dsjax_kernels.moe_gmm.reference import weight_parts
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MoeGmmConfig:
-    """Tiles: bm rows per program (power of two >= 16), bn out-features, bkh packed bytes per K step;
+    """Tiles: bm rows per program (power of two >= 16; >= 8 with w_lhs), bn out-features, bkh packed bytes per K step;
     x_split, x_pairs and decode as in Fp4MatmulConfig.
 
     schedule: 'tiles' (a list of (slot, rows) tiles built in XLA from group_sizes, one program per tile: even work
@@ -50,18 +50,27 @@ class MoeGmmConfig:
     decode: str = "jnp"          # as Fp4MatmulConfig.decode
     x_pairs: bool = False
     schedule: str = "tiles"
+    w_lhs: bool = False          # as Fp4MatmulConfig.w_lhs
 
 
 SCHEDULES = ("tiles", "slots")
 
 
 def default_config(t: int, n: int, k: int, num_slots: int) -> MoeGmmConfig:
-    """Small tiles with the PTX decode when groups are small (decode), 64x128 or 128x128 tiles on interleaved x
+    """Small tiles with the PTX decode when groups are small (decode; 8 rows with the weight as the dot's left operand
+    up to 8 rows a group on average), 64x128 or 128x128 tiles on interleaved x
     for prefill-sized groups: the fastest of kernel run 6's sweep (bench/RESULTS.md) at 8 and 64 experts with 1-8
     rows each (PTX: 1.3-1.4x the jnp decode) and at 64 experts with 48-80 rows (interleaved x: 2.7x split x)."""
     h = k // 2
     bkh = 128 if h % 128 == 0 else 64 if h % 64 == 0 else 32 if h % 32 == 0 else 16
     per_group = t / max(num_slots, 1)
+    if per_group <= 8:
+        # 8-row tiles with the weight as the dot's left operand: kernel run 8 (bench/RESULTS.md), 64 experts x 1-8
+        # rows 228-233 us (61-62% of HBM) against 301-305 for run 6's tiles; 8 experts x 1-8 rows 36.5 us against
+        # 46.4 at K=2048 N=7168, but 50.9 against 48.8 at K=7168 N=2048 (there the one-launch form of these tiles,
+        # schedule 'slots' with x_pairs, took 44.4)
+        bn = 64 if n % 64 == 0 else 32 if n % 32 == 0 else 16
+        return MoeGmmConfig(bm=8, bn=bn, bkh=bkh, num_warps=4, num_stages=4, decode="ptx", w_lhs=True)
     if per_group <= 16:
         bn = 64 if n % 64 == 0 else 32 if n % 32 == 0 else 16
         return MoeGmmConfig(bm=16, bn=bn, bkh=bkh, num_warps=4, num_stages=4, decode="ptx")
@@ -102,7 +111,6 @@ def _tile(x_ref, xo_ref, w_refs, o_ref, *, slot, r0, r1, n0, fmt, cfg: MoeGmmCon
     bm, bn, bkh = cfg.bm, cfg.bn, cfg.bkh
     sg = bkh // (bs // 2)
     row_ok = (r0 + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < r1                 # [bm, 1]
-    nt = (((1,), (1,)), ((), ()))
     x_mask = jnp.broadcast_to(row_ok, (bm, bkh if cfg.x_split else 2 * bkh))
 
     def step(i, accs):
@@ -121,15 +129,16 @@ def _tile(x_ref, xo_ref, w_refs, o_ref, *, slot, r0, r1, n0, fmt, cfg: MoeGmmCon
             s = s_ref[slot, pl.ds(n0, bn), pl.ds(h0 // (bs // 2), sg)]         # uint8 [bn, sg]
             if cfg.x_split:
                 lo, hi = decode_halves(p, s, fmt, xe.dtype, cfg.decode, interpret)      # bf16 [bn, bkh] each
-                acc = accs[j] + jax.lax.dot_general(xe, lo, nt, preferred_element_type=jnp.float32)
-                acc = acc + jax.lax.dot_general(xo, hi, nt, preferred_element_type=jnp.float32)
+                acc = accs[j] + nt_dot(xe, lo, cfg.w_lhs) + nt_dot(xo, hi, cfg.w_lhs)
             else:
                 w = decode_tile(p, s, fmt, x.dtype)                            # bf16 [bn, 2 bkh]
-                acc = accs[j] + jax.lax.dot_general(x, w, nt, preferred_element_type=jnp.float32)
+                acc = accs[j] + nt_dot(x, w, cfg.w_lhs)
             new.append(acc)
         return tuple(new)
 
-    accs = jax.lax.fori_loop(0, k_steps, step, tuple(jnp.zeros((bm, bn), jnp.float32) for _ in range(num_weights)))
+    acc_shape = (bn, bm) if cfg.w_lhs else (bm, bn)
+    accs = jax.lax.fori_loop(0, k_steps, step, tuple(jnp.zeros(acc_shape, jnp.float32) for _ in range(num_weights)))
+    accs = [a.T for a in accs] if cfg.w_lhs else accs
     ys = [accs[j] * w_refs[3 * j + 2][slot] for j in range(num_weights)]
     y = ys[0] if num_weights == 1 else ys[0] / (1.0 + jnp.exp(-ys[0])) * ys[1]       # silu(gate) * up, float32
     plt.store(o_ref.at[pl.ds(r0, bm), pl.ds(n0, bn)], y.astype(o_ref.dtype), mask=jnp.broadcast_to(row_ok, (bm, bn)))
@@ -199,10 +208,7 @@ def _grouped_call(x, weights, group_sizes, *, fmt, cfg, num_weights, interpret):
         raise ValueError(f"x [T, K] = {x.shape} does not match packed [S, N, K/2] = {packed.shape}")
     if group_sizes.shape != (s_slots,):
         raise ValueError(f"group_sizes shape {group_sizes.shape} must be [S] = ({s_slots},)")
-    for name in ("bm", "bn", "bkh"):
-        v = getattr(cfg, name)
-        if v & (v - 1) or v < 16:
-            raise ValueError(f"{name}={v} must be a power of two >= 16")
+    check_pow2_tiles(cfg)
     if n % cfg.bn or h % cfg.bkh or cfg.bkh % (bs // 2):
         raise ValueError(f"tiles {cfg} do not divide N={n}, K/2={h} (format {fmt}, block {bs})")
     if cfg.schedule not in SCHEDULES:

@@ -85,6 +85,10 @@ INTERPRET_CASES = [   # (M, N, K, config): M off the tile, split-K, several M ti
     (5, 64, 256, Fp4MatmulConfig(bm=16, bn=32, bkh=64, x_pairs=True)),   # x read as column pairs, rows masked
     (20, 32, 256, Fp4MatmulConfig(bm=16, bn=16, bkh=32, split_k=2, x_pairs=True, decode="ptx")),
     (1100, 128, 64, None),              # large M -> 256-row tiles on interleaved x, the last one ragged
+    # the weight as the dot's left operand (acc transposed at the store); bm=8 only there
+    (5, 64, 256, Fp4MatmulConfig(bm=8, bn=32, bkh=64, split_k=2, w_lhs=True, decode="ptx")),
+    (20, 32, 256, Fp4MatmulConfig(bm=16, bn=16, bkh=32, x_split=False, w_lhs=True)),
+    (3, 32, 256, Fp4MatmulConfig(bm=8, bn=16, bkh=32, x_pairs=True, w_lhs=True)),
 ]
 
 
@@ -118,6 +122,8 @@ def test_bad_tiles_rejected():
     with pytest.raises(ValueError, match="bfloat16"):
         fp4_matmul(x.astype(jnp.float32), p, s, jnp.ones(()), fmt="nvfp4",
                    config=Fp4MatmulConfig(bn=16, bkh=32, x_pairs=True))
+    with pytest.raises(ValueError, match="bm=8 must be a power of two >= 16"):       # bm=8 needs w_lhs
+        fp4_matmul(x, p, s, jnp.ones(()), fmt="nvfp4", config=Fp4MatmulConfig(bm=8, bn=16, bkh=32))
 
 
 GPU_CASES = [   # (M, N, K, config or None for the default heuristic)
@@ -141,13 +147,21 @@ GPU_CASES = [   # (M, N, K, config or None for the default heuristic)
     (3, 7168, 2048, Fp4MatmulConfig(bm=16, bn=32, bkh=128, num_stages=4, x_pairs=True, decode="ptx")),
     (21, 512, 2048, Fp4MatmulConfig(bm=16, bn=32, bkh=64, split_k=2, x_pairs=True)),
     (40, 2048, 7168, Fp4MatmulConfig(bm=64, bn=32, bkh=128, split_k=4, x_pairs=True, decode="ptx")),
+    # the weight as the dot's left operand: 8-row tiles, split-K, column pairs, prefill tiles on interleaved x
+    (1, 2048, 7168, Fp4MatmulConfig(bm=8, bn=32, bkh=128, split_k=4, num_stages=4, w_lhs=True, decode="ptx")),
+    (8, 7168, 2048, Fp4MatmulConfig(bm=8, bn=64, bkh=128, split_k=4, num_stages=4, w_lhs=True, decode="ptx")),
+    (13, 2048, 7168, Fp4MatmulConfig(bm=16, bn=32, bkh=128, split_k=4, num_stages=4, w_lhs=True)),
+    (3, 7168, 2048, Fp4MatmulConfig(bm=8, bn=32, bkh=128, num_stages=4, x_pairs=True, w_lhs=True, decode="ptx")),
+    (300, 256, 1024, Fp4MatmulConfig(bm=128, bn=64, bkh=32, num_warps=4, w_lhs=True, decode="ptx")),
+    (4096, 2048, 7168, Fp4MatmulConfig(bm=256, bn=128, bkh=32, num_warps=8, x_split=False, w_lhs=True)),
 ]
 
 
 @pytest.mark.gpu
 class TestFp4MatmulGpu:
     @pytest.mark.parametrize("fmt", FMTS)
-    @pytest.mark.parametrize("m,n,k,cfg", GPU_CASES)
+    @pytest.mark.parametrize("m,n,k,cfg", GPU_CASES, ids=[f"{m}-{n}-{k}-{i}" + ("-w_lhs" if c and c.w_lhs else "")
+                                                          for i, (m, n, k, c) in enumerate(GPU_CASES)])
     def test_kernel_vs_reference(self, fmt, m, n, k, cfg):
         rng, seed = fresh_rng()
         packed, scales, gs = (jnp.asarray(a) for a in random_fp4(rng, (n, k), fmt))

@@ -70,11 +70,14 @@ def test_reference_matches_oracle(fmt):
 VARIANTS = {            # config fields beside the tiles: the XLA-built tile list on split x, and the one-launch forms
     "tiles": {}, "pairs": dict(x_pairs=True), "slots": dict(schedule="slots"),
     "slots_pairs": dict(schedule="slots", x_pairs=True), "slots_interleaved": dict(schedule="slots", x_split=False),
+    "w_lhs": dict(w_lhs=True), "w_lhs8": dict(w_lhs=True, bm=8),          # the weight as the dot's left operand
+    "slots_w_lhs8": dict(schedule="slots", x_pairs=True, w_lhs=True, bm=8),
 }
 
 
 @pytest.mark.parametrize("decode,variant", [("jnp", "tiles"), ("ptx", "tiles"), ("ptx", "slots_pairs"),
-                                            ("jnp", "slots"), ("jnp", "pairs"), ("jnp", "slots_interleaved")])
+                                            ("jnp", "slots"), ("jnp", "pairs"), ("jnp", "slots_interleaved"),
+                                            ("ptx", "w_lhs8"), ("jnp", "slots_w_lhs8")])
 @pytest.mark.parametrize("fmt", FMTS)
 def test_kernels_interpret(fmt, decode, variant):
     rng, seed = fresh_rng()
@@ -83,13 +86,13 @@ def test_kernels_interpret(fmt, decode, variant):
     sizes = jnp.asarray([3, 0, 20, 1], jnp.int32)                     # empty group, straddling tiles, 6 zero rows
     x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
     v = VARIANTS[variant]
-    cfg = MoeGmmConfig(bm=16, bn=16, bkh=32, decode=decode, **v)     # ptx: its jnp emulation under the interpreter
+    cfg = dataclasses.replace(MoeGmmConfig(bm=16, bn=16, bkh=32, decode=decode), **v)   # ptx: emulated in jnp
     y = moe_gmm(x, packed, scales, gs, sizes, fmt=fmt, config=cfg, interpret=True)
     assert_kernel_close(y, moe_gmm_reference(x, packed, scales, gs, sizes, fmt=fmt), "kernel_vs_reference",
                         f"interpret moe_gmm {fmt} {variant} seed {seed}")
     down = random_fp4(rng, (s, k, n), fmt)
     z = expert_swiglu(x, (packed, scales, gs), (packed, scales, gs), down, sizes, fmt=fmt,
-                      config=(cfg, MoeGmmConfig(bm=16, bn=16, bkh=16, decode=decode, **v)), interpret=True)
+                      config=(cfg, dataclasses.replace(cfg, bkh=16)), interpret=True)
     zr = expert_swiglu_reference(x, (packed, scales, gs), (packed, scales, gs), down, sizes, fmt=fmt)
     assert_kernel_close(z, zr, "swiglu_vs_reference", f"interpret expert_swiglu {fmt} seed {seed}")
 
@@ -126,7 +129,8 @@ GPU_CASES = [   # (group sizes, extra rows past the groups, N, K)
 @pytest.mark.gpu
 class TestMoeGmmGpu:
     @pytest.mark.parametrize("decode,variant", [("jnp", "tiles"), ("ptx", "tiles"), ("ptx", "slots_pairs"),
-                                                ("jnp", "slots"), ("ptx", "pairs")])
+                                                ("jnp", "slots"), ("ptx", "pairs"), ("ptx", "w_lhs8"),
+                                                ("jnp", "w_lhs"), ("ptx", "slots_w_lhs8")])
     @pytest.mark.parametrize("fmt", FMTS)
     @pytest.mark.parametrize("sizes,extra,n,k", GPU_CASES)
     def test_moe_gmm_vs_reference(self, fmt, sizes, extra, n, k, decode, variant):
@@ -150,7 +154,7 @@ class TestMoeGmmGpu:
     @pytest.mark.parametrize("fmt", FMTS)
     @pytest.mark.parametrize("sizes,extra", [([1, 2, 8, 3, 5, 7, 4, 6], 0), ([0, 9, 0, 40, 1], 2),
                                               ([130, 0, 64, 257], 0)])
-    @pytest.mark.parametrize("one_launch", [False, True])
+    @pytest.mark.parametrize("one_launch", [False, True, "w_lhs"])
     def test_expert_swiglu_vs_reference(self, fmt, sizes, extra, one_launch):
         rng, seed = fresh_rng()
         d, i = 1024, 512
@@ -163,6 +167,8 @@ class TestMoeGmmGpu:
         cfg = None
         if one_launch:      # the slots schedule on x's column pairs with the PTX decode, for both launches
             one = dict(schedule="slots", x_pairs=True, x_split=True, decode="ptx")
+            if one_launch == "w_lhs":          # the default tiles with the weight as the dot's left operand
+                one = dict(w_lhs=True)
             cfg = (dataclasses.replace(default_grouped(t, i, d, len(sizes)), **one),
                    dataclasses.replace(default_grouped(t, d, i, len(sizes)), **one))
         poison_device_memory()
