@@ -234,7 +234,8 @@ def main():
                     help="sweep tiles with the weight as the dot's left operand (w_lhs; 8-row tiles for small M) "
                          "against the defaults")
     ap.add_argument("--groups", default="8x1-8,64x1-8,64x48-80",
-                    help="grouped shapes: EXPERTSxLO-HI rows per expert, comma-separated")
+                    help="grouped shapes: EXPERTSxLO-HI rows per expert, comma-separated (swiglu: those of 8x1-8 and "
+                         "64x48-80 listed)")
     ap.add_argument("--fmts", default="nvfp4,mxfp4", help="formats measured at M=8 and 4096 (nvfp4 elsewhere)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
@@ -335,7 +336,7 @@ def main():
                 print(fmt_row(rows[-1]), rows[-1].get("cfg"), flush=True)
             except Exception as e:  # noqa: BLE001
                 print(f"FAILED grouped {experts}e K={k} N={n}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-    for experts, lo, hi in ((8, 1, 8), (64, 48, 80)) if "swiglu" in parts else ():
+    for experts, lo, hi in [g for g in ((8, 1, 8), (64, 48, 80)) if g in groups] if "swiglu" in parts else ():
         try:
             rows.append(grouped_row(experts, lo, hi, 2048, 7168, "nvfp4", hbm, swiglu=True, swiglu_w_lhs=args.w_lhs))
             save()
