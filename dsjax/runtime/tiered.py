@@ -191,7 +191,8 @@ class TieredEngine(Engine):
                                              parallel_shared=cc.use_parallel_compute, enable_fusion=cc.enable_fusion)
         self.threshold = mc.expert_threshold
         self.prefetch_depth = mc.prefetch_layers
-        self.max_depth = mc.prefetch_layers + 2          # adaptive_schedule may look up to two MoE layers further
+        # adaptive_schedule may look up to two MoE layers further, but never ahead at all when prefetch_layers is 0
+        self.max_depth = mc.prefetch_layers + 2 if mc.prefetch_layers else 0
         # Speculative disk reads go fewer MoE layers ahead than predictions: the further ahead, the less precise, and
         # a wasted 24.8 MB read costs a disk-bound step ~27x a wasted host->GPU copy (V3 slice run 6: reads two layers
         # ahead made the budget config read 2.2x load-on-demand's bytes; a CPU probe of V3's routing topology: 37% of
