@@ -57,9 +57,9 @@ SCHEDULES = ("tiles", "slots")
 
 
 def default_config(t: int, n: int, k: int, num_slots: int) -> MoeGmmConfig:
-    """Small tiles with the PTX decode when groups are small (decode; 8 rows with the weight as the dot's left operand
-    up to 8 rows a group on average), 64x128 or 128x128 tiles on interleaved x
-    for prefill-sized groups: the fastest of kernel run 6's sweep (bench/RESULTS.md) at 8 and 64 experts with 1-8
+    """Small tiles with the PTX decode when groups are small (decode: 8-row tiles with the weight as the dot's left
+    operand up to 8 rows a group on average, 16-row tiles up to 16), 64x128 or 128x128 tiles on interleaved x for
+    prefill-sized groups: the fastest of kernel run 6's sweep (bench/RESULTS.md) at 8 and 64 experts with 1-8
     rows each (PTX: 1.3-1.4x the jnp decode) and at 64 experts with 48-80 rows (interleaved x: 2.7x split x)."""
     h = k // 2
     bkh = 128 if h % 128 == 0 else 64 if h % 64 == 0 else 32 if h % 32 == 0 else 16
