@@ -27,22 +27,19 @@ top warp stall reasons; without preallocation ncu does not save and restore most
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
 import json
-import tempfile
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from dsjax.runtime.bench import gpu_events, is_kernel
 from dsjax_kernels.fp4_matmul import Fp4MatmulConfig, fp4_matmul
 from dsjax_kernels.fp4_matmul.decode import decode_halves
 from dsjax_kernels.moe_gmm import moe_gmm
 
-from kernel_bench import L2_ROTATE_BYTES, fp4_weights, hbm_ceiling, timeit
+from kernel_bench import L2_ROTATE_BYTES, fp4_weights, gpu_time, hbm_ceiling
 
 # (bn, bkh, split_k, num_warps, num_stages); K=7168 has 3584 packed bytes per row: 28 steps of 128, 14 of 256
 SHAPES = ((32, 128, 4, 4, 4),      # the default decode tiles (256 programs, 7 steps of 4 KB)
@@ -90,24 +87,6 @@ def full_cfg(shape) -> Fp4MatmulConfig:
     return Fp4MatmulConfig(bm=16, bn=bn, bkh=bkh, split_k=split, num_warps=warps, num_stages=stages, decode="ptx")
 
 
-def by_kernel(op, args, ws, reps: int = 10) -> tuple[float, dict[str, float]]:
-    """(GPU seconds per op, {kernel name: seconds per op}) from a profiler trace of `reps` rotated calls."""
-    f = jax.jit(lambda args, ws: [op(*args, *w) for w in ws])
-    timeit(f, args, ws, reps=3)
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
-            for _ in range(reps):
-                jax.block_until_ready(f(args, ws))
-        kern = [e for e in gpu_events(d) if is_kernel(e)]
-    ops = reps * len(ws)
-    if not kern:                                    # no GPU in the trace (CPU): wall time per op
-        return timeit(f, args, ws, reps=2) / len(ws), {"wall": timeit(f, args, ws, reps=2) / len(ws)}
-    parts = collections.defaultdict(float)
-    for e in kern:
-        parts[e["name"][:40]] += e["dur"] * 1e-6 / ops
-    return sum(parts.values()), dict(parts)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, default=8)
@@ -148,7 +127,7 @@ def main() -> None:
 
     def add(label, shape, fn, args, wlist):
         try:
-            t, parts = by_kernel(fn, args, wlist)
+            t, _, parts = gpu_time(fn, args, wlist)
         except Exception as e:  # noqa: BLE001 -- a variant the compiler rejects must not hide the others
             print(f"{label} {shape}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
             return
@@ -169,7 +148,7 @@ def main() -> None:
     add("xla_sum", "-", lambda p, s: (jnp.sum(p, axis=1, dtype=jnp.int32), jnp.sum(s, axis=1, dtype=jnp.int32)), (), ws)
     bcopies = max(2, -(-L2_ROTATE_BYTES // (2 * n * k)))
     wb = [(jax.random.normal(jax.random.PRNGKey(100 + c), (n, k), jnp.bfloat16),) for c in range(bcopies)]
-    xla_t, xla_parts = by_kernel(lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype),
+    xla_t, _, xla_parts = gpu_time(lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype),
                                  (x,), wb)
     print(f"xla bf16 matmul: {xla_t * 1e6:.2f} us for {2 * n * k / 1e6:.1f} MB ({2 * n * k / xla_t / 1e9:.0f} GB/s) "
           f"{xla_parts}", flush=True)

@@ -12,6 +12,7 @@ alike. Without a GPU trace (CPU) the wall time per op is reported instead. GB/s 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -43,29 +44,30 @@ def timeit(fn, *args, reps=15, warmup=2) -> float:
     return statistics.median(ts)
 
 
-def rotated(op):
-    """One jitted call running op on each weight copy in turn, once per activation in xs (distinct activations,
-    so XLA cannot merge the passes)."""
-    @jax.jit
-    def run(xs, ws):
-        return [op(x, *w) for x in xs for w in ws]
-    return run
-
-
-def per_launch(op, x, ws, reps: int = 10) -> tuple[float, float]:
-    """(GPU seconds per op, GPU kernels per op): kernel durations in a profiler trace of `reps` calls (each running
-    op once per weight copy) over reps * copies. Without GPU events in the trace (CPU): (wall time per op, 0)."""
-    f = rotated(op)
-    wall = timeit(f, [x], ws, reps=reps)
+def gpu_time(op, args: tuple, ws, reps: int = 10) -> tuple[float, float, dict[str, float]]:
+    """(GPU seconds per op, GPU kernels per op, {kernel name: GPU seconds per op}) from a profiler trace of `reps`
+    jitted calls, each running op(*args, *w) once per weight copy w in ws (so the weights rotate past L2). Without
+    GPU events in the trace (CPU): (wall time per op, 0, {})."""
+    f = jax.jit(lambda args, ws: [op(*args, *w) for w in ws])
+    wall = timeit(f, args, ws, reps=reps)
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             for _ in range(reps):
-                jax.block_until_ready(f([x], ws))
+                jax.block_until_ready(f(args, ws))
         kern = [e for e in gpu_events(d) if is_kernel(e)]
     ops = reps * len(ws)
     if not kern:
-        return wall / len(ws), 0.0
-    return sum(e["dur"] for e in kern) * 1e-6 / ops, len(kern) / ops
+        return wall / len(ws), 0.0, {}
+    parts = collections.defaultdict(float)
+    for e in kern:
+        parts[e["name"][:40]] += e["dur"] * 1e-6 / ops
+    return sum(e["dur"] for e in kern) * 1e-6 / ops, len(kern) / ops, dict(parts)
+
+
+def per_launch(op, x, ws, reps: int = 10) -> tuple[float, float]:
+    """gpu_time of op(x, *w): (GPU seconds per op, GPU kernels per op)."""
+    t, nk, _ = gpu_time(op, (x,), ws, reps)
+    return t, nk
 
 
 def fastest(label: str, configs, make_op, x, ws) -> tuple[float, object, float]:
@@ -177,9 +179,7 @@ def grouped_row(experts, lo, hi, n, k, fmt, hbm, swiglu=False, configs=(None,), 
                      ptx=dict(x_split=True, decode="ptx"),                  # on split x with the PTX decode,
                      slots=dict(schedule="slots"),                          # on the in-kernel slots schedule,
                      w_lhs=dict(w_lhs=True),                                # with the weight as the left operand
-                     w_lhs8=dict(w_lhs=True, bm=8), w_lhs8_w8=dict(w_lhs=True, bm=8, num_warps=8),
-                     w_lhs8_bn128=dict(w_lhs=True, bm=8, bn=128, num_warps=8),
-                     w_lhs8_bn32=dict(w_lhs=True, bm=8, bn=32), w_lhs8_bn16=dict(w_lhs=True, bm=8, bn=16),
+                     w_lhs8=dict(w_lhs=True, bm=8), w_lhs8_bn32=dict(w_lhs=True, bm=8, bn=32), w_lhs8_bn16=dict(w_lhs=True, bm=8, bn=16),
                      **{f"w_lhs8_slots{b}": dict(w_lhs=True, bm=8, schedule="slots", x_pairs=True, x_split=True,
                                                  decode="ptx", **bn) for b, bn in (("", {}), ("_bn32", dict(bn=32)),
                                                                                    ("_bn16", dict(bn=16)))})
