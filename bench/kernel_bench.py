@@ -44,24 +44,31 @@ def timeit(fn, *args, reps=15, warmup=2) -> float:
     return statistics.median(ts)
 
 
+def on_device(e: dict) -> bool:
+    """A GPU event that is the op's own work: kernels, memsets (zeroed buffers, e.g. split-K counters) and copies
+    within the GPU; host <-> GPU copies are not (none run inside the timed calls)."""
+    return is_kernel(e) or not any(t in e["name"] for t in ("H2D", "D2H", "HtoD", "DtoH"))
+
+
 def gpu_time(op, args: tuple, ws, reps: int = 10) -> tuple[float, float, dict[str, float]]:
-    """(GPU seconds per op, GPU kernels per op, {kernel name: GPU seconds per op}) from a profiler trace of `reps`
-    jitted calls, each running op(*args, *w) once per weight copy w in ws (so the weights rotate past L2). Without
-    GPU events in the trace (CPU): (wall time per op, 0, {})."""
+    """(GPU seconds per op, GPU kernels per op, {event name: GPU seconds per op}) from a profiler trace of `reps`
+    jitted calls, each running op(*args, *w) once per weight copy w in ws (so the weights rotate past L2). The time
+    sums the op's kernels, memsets and on-GPU copies (on_device); the count is of kernels. Without GPU events in the
+    trace (CPU): (wall time per op, 0, {})."""
     f = jax.jit(lambda args, ws: [op(*args, *w) for w in ws])
     wall = timeit(f, args, ws, reps=reps)
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             for _ in range(reps):
                 jax.block_until_ready(f(args, ws))
-        kern = [e for e in gpu_events(d) if is_kernel(e)]
+        evs = [e for e in gpu_events(d) if on_device(e)]
     ops = reps * len(ws)
-    if not kern:
+    if not evs:
         return wall / len(ws), 0.0, {}
     parts = collections.defaultdict(float)
-    for e in kern:
+    for e in evs:
         parts[e["name"][:40]] += e["dur"] * 1e-6 / ops
-    return sum(e["dur"] for e in kern) * 1e-6 / ops, len(kern) / ops, dict(parts)
+    return sum(e["dur"] for e in evs) * 1e-6 / ops, sum(map(is_kernel, evs)) / ops, dict(parts)
 
 
 def per_launch(op, x, ws, reps: int = 10) -> tuple[float, float]:
@@ -76,11 +83,12 @@ def fastest(label: str, configs, make_op, x, ws) -> tuple[float, object, float]:
     best = None
     for cfg in configs:
         try:
-            t, nk = per_launch(make_op(cfg), x, ws)
+            t, nk, parts = gpu_time(make_op(cfg), (x,), ws)
         except Exception as e:  # noqa: BLE001 -- a config the compiler rejects must not hide the others
             print(f"  {label} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
-        print(f"  {label} {cfg}: {t * 1e6:.1f} us, {nk:.0f} kernels", flush=True)
+        split = ", ".join(f"{name} {v * 1e6:.2f}" for name, v in sorted(parts.items(), key=lambda kv: -kv[1]))
+        print(f"  {label} {cfg}: {t * 1e6:.1f} us, {nk:.0f} kernels ({split})", flush=True)
         if best is None or t < best[0]:
             best = (t, cfg, nk)
     if best is None:
@@ -147,11 +155,42 @@ def dense_row(m, n, k, fmt, hbm, configs=(None,), with_baselines=True):
     return row
 
 
+def k_reduce_cfgs(m: int, n: int, k: int) -> list:
+    """The default tiles, then split-K tiles whose partials the kernel adds itself (k_reduce='kernel'). M <= 64: w_lhs
+    tiles of M's size (8-row for M <= 8) over bn 32/64 (and 128 for M <= 8), bkh 128 (and 64 where K/2 has fewer
+    than 16 such steps), every split that launches 224-1,024 programs, PTX decode. Larger M: 128- and 256-row w_lhs
+    tiles on interleaved x (the prefill tiles), bn 64/128, splits that launch 128-1,024 programs."""
+    h = k // 2
+    out = [None]
+    if m <= 64:
+        bm = 8 if m <= 8 else 1 << (m - 1).bit_length()
+        for bn in (32, 64, 128) if m <= 8 else (32, 64):
+            for bkh in (64, 128) if h // 128 < 16 else (128,):
+                steps = h // bkh
+                for sk in (s for s in range(2, steps + 1) if steps % s == 0 and 224 <= n // bn * s <= 1024):
+                    out.append(Fp4MatmulConfig(bm=bm, bn=bn, bkh=bkh, split_k=sk, w_lhs=True, k_reduce="kernel",
+                                               num_stages=4, num_warps=4, decode="ptx"))
+        if m <= 8:          # the XLA-summed twin of the default's tiles at twice its split
+            d = default_config(m, n, k)
+            if d.split_k > 1 and (h // d.bkh) % (2 * d.split_k) == 0:
+                out.append(dataclasses.replace(d, split_k=d.split_k * 2))
+        return list(dict.fromkeys(out))
+    steps = h // 32
+    for bm in (128, 256) if m > 128 else (128,):
+        for bn in (64, 128):
+            for sk in (2, 4, 7, 8, 14):
+                if steps % sk == 0 and 128 <= n // bn * sk * -(-m // bm) <= 1024:
+                    out.append(Fp4MatmulConfig(bm=bm, bn=bn, bkh=32, split_k=sk, w_lhs=True, k_reduce="kernel",
+                                               x_split=False, num_warps=8, num_stages=3))
+    return out
+
+
 def grouped_sizes(rng, experts, lo, hi):
     return np.asarray(rng.integers(lo, hi + 1, size=experts), np.int32)
 
 
-def grouped_row(experts, lo, hi, n, k, fmt, hbm, swiglu=False, configs=(None,), swiglu_w_lhs=False):
+def grouped_row(experts, lo, hi, n, k, fmt, hbm, swiglu=False, configs=(None,), swiglu_w_lhs=False,
+                swiglu_splits=None):
     rng = np.random.default_rng(experts * 100 + hi)
     sizes = jnp.asarray(grouped_sizes(rng, experts, lo, hi))
     t_rows = int(sizes.sum())
@@ -169,6 +208,14 @@ def grouped_row(experts, lo, hi, n, k, fmt, hbm, swiglu=False, configs=(None,), 
             cfg = (dataclasses.replace(default_grouped(t_rows, n, k, experts), w_lhs=True),
                    dataclasses.replace(default_grouped(t_rows, k, n, experts), w_lhs=True))
             row["cfg"] = str(cfg)
+        if swiglu_splits:   # (gate/up split_k, down split_k) pairs on the default tiles (split_k 1: as they are)
+            gu, dn = default_grouped(t_rows, n, k, experts), default_grouped(t_rows, k, n, experts)
+            cfgs = [None] + [(dataclasses.replace(gu, split_k=a, schedule="tiles"),
+                              dataclasses.replace(dn, split_k=b, schedule="tiles")) for a, b in swiglu_splits
+                             if not (k // 2 // gu.bkh % a or n // 2 // dn.bkh % b)]
+            make = lambda cfg: lambda x, g, u, d: expert_swiglu(x, g, u, d, sizes, fmt=fmt, config=cfg)
+            _, cfg, _ = fastest(f"swiglu {experts}e x {t_rows} rows", cfgs, make, x, ws)
+            row["cfg"] = str(cfg)
         op = lambda x, g, u, d: expert_swiglu(x, g, u, d, sizes, fmt=fmt, config=cfg)
         ref = lambda x, g, u, d: expert_swiglu_reference(x, g, u, d, sizes, fmt=fmt)
         flops = 2 * t_rows * n * k * 3
@@ -177,15 +224,20 @@ def grouped_row(experts, lo, hi, n, k, fmt, hbm, swiglu=False, configs=(None,), 
         default = default_grouped(t_rows, n, k, experts)
         named = dict(flip=dict(x_split=not default.x_split, decode="jnp"),  # the default tiles on the other x layout,
                      ptx=dict(x_split=True, decode="ptx"),                  # on split x with the PTX decode,
-                     slots=dict(schedule="slots"),                          # on the in-kernel slots schedule,
+                     slots=dict(schedule="slots", split_k=1),               # on the in-kernel slots schedule,
                      w_lhs=dict(w_lhs=True),                                # with the weight as the left operand
                      w_lhs8=dict(w_lhs=True, bm=8), w_lhs8_bn32=dict(w_lhs=True, bm=8, bn=32), w_lhs8_bn16=dict(w_lhs=True, bm=8, bn=16),
                      **{f"w_lhs8_slots{b}": dict(w_lhs=True, bm=8, schedule="slots", x_pairs=True, x_split=True,
-                                                 decode="ptx", **bn) for b, bn in (("", {}), ("_bn32", dict(bn=32)),
-                                                                                   ("_bn16", dict(bn=16)))})
+                                                 decode="ptx", split_k=1, **bn)
+                        for b, bn in (("", {}), ("_bn32", dict(bn=32)), ("_bn16", dict(bn=16)))},
+                     slots_pairs=dict(schedule="slots", x_pairs=True, x_split=True, decode="ptx", split_k=1),
+                     **{f"split{sk}{b}": dict(split_k=sk, **bn) for sk in (2, 4, 7, 8, 14)
+                        for b, bn in (("", {}), ("_bn32", dict(bn=32)))})
         small = lambda c: not (isinstance(c, str) and c.startswith("w_lhs8") and default.bm > 16)   # 8-row tiles:
+        steps = k // 2 // default.bkh
+        fits = lambda c: not (isinstance(c, str) and c.startswith("split") and steps % named[c]["split_k"])
         cfgs = [dataclasses.replace(default, **named[c]) if isinstance(c, str) else c   # decode-sized groups only
-                for c in configs if small(c)]
+                for c in configs if small(c) and fits(c)]
         cfgs = list(dict.fromkeys(cfgs))                           # each distinct config once
         make = lambda cfg: lambda x, p, s, g: moe_gmm(x, p, s, g, sizes, fmt=fmt, config=cfg)
         _, best, _ = fastest(f"grouped {experts}e x {t_rows} rows K={k} N={n}", cfgs, make, x, ws)
@@ -233,6 +285,9 @@ def main():
     ap.add_argument("--w-lhs", action="store_true",
                     help="sweep tiles with the weight as the dot's left operand (w_lhs; 8-row tiles for small M) "
                          "against the defaults")
+    ap.add_argument("--k-reduce", action="store_true",
+                    help="sweep split-K tiles whose partial sums the kernel adds itself (k_reduce='kernel'; grouped: "
+                         "split_k) against the defaults; dense M 9..1023 also w_lhs tiles of M's size")
     ap.add_argument("--groups", default="8x1-8,64x1-8,64x48-80",
                     help="grouped shapes: EXPERTSxLO-HI rows per expert, comma-separated (swiglu: those of 8x1-8 and "
                          "64x48-80 listed)")
@@ -303,10 +358,13 @@ def main():
                     Fp4MatmulConfig(bm=128, bn=64, bkh=64, split_k=2, w_lhs=True, num_warps=8, num_stages=3,
                                     x_split=False))
     ms = [int(v) for v in args.ms.split(",")] if args.ms else (1, 8, 4096) if args.quick else (1, 8, 32, 256, 4096)
+    pick = lambda m, n, k: dec_cfgs if m <= 64 else pre_cfgs if m >= 1024 else mid_cfgs
+    if args.k_reduce:
+        pick = k_reduce_cfgs
     for k, n in ((7168, 2048), (2048, 7168)) if "dense" in parts else ():
         for m in ms:
             for fmt in args.fmts.split(",") if m in (8, 4096) else ("nvfp4",):
-                cfgs = dec_cfgs if m <= 64 else pre_cfgs if m >= 1024 else mid_cfgs
+                cfgs = pick(m, n, k)
                 try:
                     rows.append(dense_row(m, n, k, fmt, hbm, configs=cfgs))
                     save()
@@ -324,6 +382,8 @@ def main():
                                           for bn, bkh, w, st in ((64, 128, 4, 4), (32, 128, 4, 4), (64, 256, 4, 3),
                                                                  (128, 128, 8, 4), (64, 128, 4, 6))),
                   MoeGmmConfig(bm=16, bn=64, bkh=128, num_warps=4, num_stages=4, x_pairs=True, decode="ptx"))
+    if args.k_reduce:       # grouped split-K (the last program of a tile adds the partials) on the default tiles
+        g_cfgs = (None, "slots_pairs", *(f"split{s}" for s in (2, 4, 7, 8, 14)), "split4_bn32", "split7_bn32")
     if args.w_lhs:
         g_cfgs = (None, "w_lhs", "w_lhs8", "w_lhs8_bn32", "w_lhs8_bn16", "w_lhs8_slots", "w_lhs8_slots_bn32",
                   "w_lhs8_slots_bn16")
@@ -338,7 +398,9 @@ def main():
                 print(f"FAILED grouped {experts}e K={k} N={n}: {type(e).__name__}: {str(e)[:300]}", flush=True)
     for experts, lo, hi in [g for g in ((8, 1, 8), (64, 48, 80)) if g in groups] if "swiglu" in parts else ():
         try:
-            rows.append(grouped_row(experts, lo, hi, 2048, 7168, "nvfp4", hbm, swiglu=True, swiglu_w_lhs=args.w_lhs))
+            splits = ((1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (7, 1), (7, 2), (4, 4)) if args.k_reduce else None
+            rows.append(grouped_row(experts, lo, hi, 2048, 7168, "nvfp4", hbm, swiglu=True, swiglu_w_lhs=args.w_lhs,
+                                    swiglu_splits=splits))
             save()
             print(fmt_row(rows[-1]), flush=True)
         except Exception as e:  # noqa: BLE001

@@ -45,6 +45,10 @@ class Fp4MatmulConfig:
     the right one, whose side of the matrix instruction may be 8 wide: bm may then be 8, so decode rows are not
     padded to 16 (kernel run 8: 1.1-1.3x faster at decode sizes). Which operand Triton then stages through shared
     memory was not inspected.
+    k_reduce: how split-K partial sums are added (split_k > 1, MMA tiles): 'xla' (one XLA reduction over a float32
+    [split_k, M, N] buffer, a second kernel) or 'kernel' (each program writes its partial, then counts itself in
+    with an atomic on a per-tile counter; the program that arrives last adds the split_k partials in order and writes
+    the output: one launch, same summation order as 'xla', so the result does not depend on arrival order).
     """
 
     bm: int = 16
@@ -58,47 +62,68 @@ class Fp4MatmulConfig:
     decode: str = "jnp"
     x_pairs: bool = False
     w_lhs: bool = False
+    k_reduce: str = "xla"
+
+
+K_REDUCES = ("xla", "kernel")
 
 
 def default_config(m: int, n: int, k: int) -> Fp4MatmulConfig:
-    """Heuristic tiles: small M streams the weight with split-K (8-row tiles, the weight as the dot's left operand, up
-    to M=8); large M uses 128- or 256-row tiles."""
+    """Heuristic tiles: small M streams the weight with split-K (the weight as the dot's left operand, 8-row tiles up
+    to M=8, 32-row tiles for M 17..32; the kernel adds the split-K partials itself), M 65..1023 uses 128-row tiles
+    with split-K, large M 256-row tiles. M 9..16 and 33..64 keep kernel run 6's tiles (not re-measured since)."""
     h = k // 2
+    fit = lambda *cands: next((b for b in cands if n % b == 0), cands[-1])
+    divisors = lambda steps: [s for s in range(1, steps + 1) if steps % s == 0]
     if m == 1 and n % 16 == 0 and n // 16 >= 264 and h % 256 == 0:
         # GEMV tiles for one row of x when 16-row programs fill >= 2 waves: the fastest tiles of the H200 sweep for
         # K=2048 N=7168 (bench/RESULTS.md, kernel run 5: 8.0 us); for N=2048 (128 programs) split-K MMA tiles won
         return Fp4MatmulConfig(bn=16, bkh=256, split_k=1, num_warps=4, num_stages=3, gemv=True)
-    if m <= 8:
-        # 8-row tiles with the weight as the dot's left operand (w_lhs) and split-K so that >= 448 programs stream the
-        # weight (~3.4 per SM: the grid, not the decode, caps bytes in flight; Nsight Compute on run 6's tiles: 0.3
-        # waves, 12% achieved occupancy). Kernel run 8 (bench/RESULTS.md): 8.9-9.1 us at M=1 and 8 for K=7168 N=2048
-        # (bn 64, split 14) and 9.1 us at M=8 for K=2048 N=7168 (split 4), against 10.0-11.2 us for run 6's tiles.
-        bn = 64 if n % 64 == 0 else 32 if n % 32 == 0 else 16
-        bkh = 128 if h % 128 == 0 else 64 if h % 64 == 0 else 32 if h % 32 == 0 else 16
+    if m <= 8 or (17 <= m <= 32 and n % 64 == 0 and h % 128 == 0):
+        # w_lhs tiles (8 rows up to M=8, else 32), bn 64, and split-K summed in the kernel (k_reduce='kernel'). Kernel
+        # run 9 (bench/RESULTS.md): M=8, the fastest splits leave each program <= 2-4 K steps of 128 bytes with
+        # >= 224 programs: 8.6-8.8 us for both V3 shapes (run 8's XLA-summed split: 9.1-9.2); M=32, the smallest
+        # split that launches >= 224 programs: 13.0 us (K=7168 N=2048, split 7) and 11.8 us (K=2048 N=7168,
+        # split 2), against 14.6 / 14.8 for run 6's 16-row tiles.
+        bm = 8 if m <= 8 else 32
+        bn = fit(64, 32, 16)
+        bkh = fit_bkh(h, (128, 64, 32, 16))
         steps = h // bkh
-        split_k = next((s for s in range(1, steps + 1) if steps % s == 0 and n // bn * s >= 448), steps)
-        return Fp4MatmulConfig(bm=8, bn=bn, bkh=bkh, split_k=split_k, num_warps=4, num_stages=4, decode="ptx",
-                               w_lhs=True)
+        tiles = n // bn
+        ok = (lambda s: steps // s <= 2 and tiles * s >= 224) if m <= 8 else (lambda s: tiles * s >= 224)
+        split_k = next((s for s in divisors(steps) if ok(s)), steps)
+        return Fp4MatmulConfig(bm=bm, bn=bn, bkh=bkh, split_k=split_k, num_warps=4, num_stages=4, decode="ptx",
+                               w_lhs=True, k_reduce="kernel" if split_k > 1 else "xla")
     if m <= 64:
         # MMA tiles with the PTX decode; bn and split-K so that the weight is streamed by >= 256 programs (~2 per
-        # SM), bm=16 up to M=32 (the weight decoded twice at M=32 still won). Kernel run 6 (bench/RESULTS.md): these
-        # tiles were the fastest of the sweep at M=1/8/32 for K=7168 N=2048 (bn=32, split 4) and M=8/32 for
-        # K=2048 N=7168 (bn=64, split 4), 10-20% faster than the same tiles with the jnp decode.
+        # SM), bm=16 up to M=32. Kernel run 6 (bench/RESULTS.md): the fastest of that sweep at M=8/32.
         bm = 16 if m <= 32 else max(16, 1 << (m - 1).bit_length())
         fits = [b for b in (64, 32, 16) if n % b == 0] or [16]
         bn = next((b for b in fits if n // b * 4 >= 256), fits[-1])
-        bkh = 128 if h % 128 == 0 else 64 if h % 64 == 0 else 32 if h % 32 == 0 else 16
+        bkh = fit_bkh(h, (128, 64, 32, 16))
         steps = h // bkh
-        split_k = next((s for s in range(1, steps + 1) if steps % s == 0 and n // bn * s >= 256), steps)
+        split_k = next((s for s in divisors(steps) if n // bn * s >= 256), steps)
         return Fp4MatmulConfig(bm=bm, bn=bn, bkh=bkh, split_k=split_k, num_warps=4, num_stages=4, decode="ptx")
-    bn = 128 if n % 128 == 0 else 64 if n % 64 == 0 else 32 if n % 32 == 0 else 16
-    bkh = 32 if h % 32 == 0 else 16
+    bn = fit(128, 64, 32, 16)
+    bkh = fit_bkh(h, (32, 16))
     if m >= 1024:
         # Prefill: 256-row tiles on interleaved x (one dot per K step) were the fastest of kernel run 6's sweep at
         # M=4096 for both shapes and formats (304-334 us against 409-456 us for 128-row tiles on split x); with the
         # weight as the dot's left operand 297 / 309 us against 330 / 335 (kernel run 8, NVFP4)
         return Fp4MatmulConfig(bm=256, bn=bn, bkh=bkh, split_k=1, num_warps=8, num_stages=3, x_split=False, w_lhs=True)
-    return Fp4MatmulConfig(bm=128, bn=bn, bkh=bkh, split_k=1, num_warps=8, num_stages=3)
+    # M 65..1023: the prefill tiles at 128 rows, split-K (summed in the kernel) until >= 128 programs run, each
+    # program keeping >= 4 K steps. Kernel run 9 at M=256: 38.7 us for K=7168 N=2048 (split 4; 158 us for run 6's
+    # one 32-program launch), 45.4 us for K=2048 N=7168 (split 2; 45.1 unsplit)
+    tiles = n // bn * -(-m // 128)
+    splits = [s for s in divisors(h // bkh) if s <= max(1, h // bkh // 4)]
+    split_k = next((s for s in splits if tiles * s >= 128), splits[-1])
+    return Fp4MatmulConfig(bm=128, bn=bn, bkh=bkh, split_k=split_k, num_warps=8, num_stages=3, x_split=False,
+                           w_lhs=True, k_reduce="kernel" if split_k > 1 else "xla")
+
+
+def fit_bkh(h: int, cands: tuple[int, ...]) -> int:
+    """The first of `cands` (packed bytes per K step) that divides K/2, else the last."""
+    return next((b for b in cands if h % b == 0), cands[-1])
 
 
 def _check_tiles(m_pad: int, n: int, h: int, fmt: str, cfg: Fp4MatmulConfig) -> None:
@@ -107,6 +132,10 @@ def _check_tiles(m_pad: int, n: int, h: int, fmt: str, cfg: Fp4MatmulConfig) -> 
         raise ValueError(f"gemv tiles need x_split and M <= {GEMV_MAX_M} (got M={m_pad}, {cfg})")
     check_layout(cfg)
     check_pow2_tiles(cfg)
+    if cfg.k_reduce not in K_REDUCES:
+        raise ValueError(f"k_reduce must be one of {K_REDUCES}, got {cfg.k_reduce!r}")
+    if cfg.k_reduce == "kernel" and (cfg.gemv or cfg.split_k == 1):
+        raise ValueError(f"k_reduce='kernel' needs split-K MMA tiles (split_k > 1, not gemv): {cfg}")
     if n % cfg.bn or h % cfg.bkh or cfg.bkh % (bs // 2) or (h // cfg.bkh) % cfg.split_k:
         raise ValueError(f"tiles {cfg} do not divide N={n}, K/2={h} (format {fmt}, block {bs})")
     assert cfg.gemv or m_pad % cfg.bm == 0
@@ -151,10 +180,12 @@ def split_even_odd(x: jax.Array) -> jax.Array:
     return jnp.moveaxis(xs, -1, 0)
 
 
-def _fp4_matmul_kernel(x_ref, p_ref, s_ref, g_ref, o_ref, *, fmt, cfg: Fp4MatmulConfig, k_steps: int, m: int,
+def _fp4_matmul_kernel(x_ref, p_ref, s_ref, g_ref, *refs, fmt, cfg: Fp4MatmulConfig, k_steps: int, m: int,
                        interpret: bool = False):
     """Grid (N/bn, split_k, M/bm): one output tile over one K slice of k_steps steps. x_ref: [2, M, K/2] even / odd
-    columns (x_split), uint32 [M, K/2] column pairs (x_pairs; rows >= m masked) or x [M, K]."""
+    columns (x_split), uint32 [M, K/2] column pairs (x_pairs; rows >= m masked) or x [M, K]. refs: the output o_ref
+    ([M, N], or [split_k, M, N] float32 partials for an XLA sum), or with k_reduce='kernel' (counter in, float32
+    partials [split_k, M, N], output [M, N], counter out: the same zeroed int32 [tiles] buffer, aliased)."""
     bs = check_fmt(fmt)
     bm, bn, bkh = cfg.bm, cfg.bn, cfg.bkh
     sg = bkh // (bs // 2)                                       # scale groups per K step
@@ -184,12 +215,35 @@ def _fp4_matmul_kernel(x_ref, p_ref, s_ref, g_ref, o_ref, *, fmt, cfg: Fp4Matmul
 
     acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((bn, bm) if cfg.w_lhs else (bm, bn), jnp.float32))
     acc = acc.T if cfg.w_lhs else acc
-    y = (acc * g_ref[0]).astype(o_ref.dtype) if cfg.split_k == 1 else acc
-    dst = o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)] if cfg.split_k == 1 else o_ref.at[i_k, pl.ds(m0, bm), pl.ds(n0, bn)]
-    if cfg.x_pairs:
-        plt.store(dst, y, mask=jnp.broadcast_to(row_ok, (bm, bn)))
+    mask = jnp.broadcast_to(row_ok, (bm, bn)) if cfg.x_pairs else None
+
+    def put(dst, v):
+        if cfg.x_pairs:
+            plt.store(dst, v, mask=mask)
+        else:
+            dst[...] = v
+    tile = (pl.ds(m0, bm), pl.ds(n0, bn))
+    if cfg.k_reduce == "kernel":
+        _, ws_ref, o_ref, cnt_ref = refs
+        put(ws_ref.at[(i_k, *tile)], acc)
+        if not interpret:
+            plt.debug_barrier()        # every thread's partial is written before the count is released
+        arrived = plt.atomic_add(cnt_ref, (i_m * pl.num_programs(0) + i_n,), jnp.int32(1))     # acq_rel, GPU scope
+
+        @pl.when(arrived == cfg.split_k - 1)
+        def _():                       # the last of the tile's split_k programs: sum the partials in K order
+            # volatile: not served from L1, which may hold a line read before another SM's partial landed (the
+            # '.cg' cache modifier would do; jax 0.11.2's lowering cannot map it: KeyError)
+            parts = [plt.load(ws_ref.at[(jnp.int32(j), *tile)], mask=mask, other=None if mask is None else 0.0,
+                              volatile=True) for j in range(cfg.split_k)]     # unrolled: every load in flight at once
+            total = functools.reduce(jnp.add, parts)
+            put(o_ref.at[tile], (total * g_ref[0]).astype(o_ref.dtype))
+        return
+    (o_ref,) = refs
+    if cfg.split_k == 1:
+        put(o_ref.at[tile], (acc * g_ref[0]).astype(o_ref.dtype))
     else:
-        dst[...] = y
+        put(o_ref.at[(i_k, *tile)], acc)
 
 
 def _fp4_gemv_kernel(x_ref, p_ref, s_ref, g_ref, o_ref, *, fmt, cfg: Fp4MatmulConfig, k_steps: int, m: int):
@@ -228,8 +282,21 @@ def _fp4_gemv_kernel(x_ref, p_ref, s_ref, g_ref, o_ref, *, fmt, cfg: Fp4MatmulCo
 
 def _launch(kernel, args, *, rows: int, n: int, grid, cfg: Fp4MatmulConfig, dtype, g, interpret: bool, name: str):
     """One pallas_call writing y [rows, N] in `dtype`, or with split-K float32 partial sums [split_k, rows, N] that one
-    XLA reduction adds up and scales by the global scale g."""
+    XLA reduction adds up and scales by the global scale g (k_reduce='kernel': the kernel adds them itself)."""
     split = cfg.split_k > 1
+    if split and cfg.k_reduce == "kernel":
+        tiles = grid[0] * grid[2]
+        _, y, _ = pl.pallas_call(
+            kernel,
+            out_shape=(jax.ShapeDtypeStruct((cfg.split_k, rows, n), jnp.float32),
+                       jax.ShapeDtypeStruct((rows, n), dtype), jax.ShapeDtypeStruct((tiles,), jnp.int32)),
+            grid=grid,
+            input_output_aliases={len(args): 2},
+            compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+            interpret=interpret,
+            name=name,
+        )(*args, jnp.zeros((tiles,), jnp.int32))
+        return y
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((cfg.split_k, rows, n) if split else (rows, n), jnp.float32 if split else dtype),

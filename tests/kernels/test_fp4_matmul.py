@@ -89,6 +89,9 @@ INTERPRET_CASES = [   # (M, N, K, config): M off the tile, split-K, several M ti
     (5, 64, 256, Fp4MatmulConfig(bm=8, bn=32, bkh=64, split_k=2, w_lhs=True, decode="ptx")),
     (20, 32, 256, Fp4MatmulConfig(bm=16, bn=16, bkh=32, x_split=False, w_lhs=True)),
     (3, 32, 256, Fp4MatmulConfig(bm=8, bn=16, bkh=32, x_pairs=True, w_lhs=True)),
+    # split-K partials added in the kernel by the tile's last program (atomic counter), several M and N tiles
+    (20, 64, 512, Fp4MatmulConfig(bm=16, bn=32, bkh=64, split_k=4, k_reduce="kernel", decode="ptx")),
+    (5, 32, 256, Fp4MatmulConfig(bm=8, bn=16, bkh=32, split_k=2, x_pairs=True, w_lhs=True, k_reduce="kernel")),
 ]
 
 
@@ -124,6 +127,9 @@ def test_bad_tiles_rejected():
                    config=Fp4MatmulConfig(bn=16, bkh=32, x_pairs=True))
     with pytest.raises(ValueError, match="bm=8 must be a power of two >= 16"):       # bm=8 needs w_lhs
         fp4_matmul(x, p, s, jnp.ones(()), fmt="nvfp4", config=Fp4MatmulConfig(bm=8, bn=16, bkh=32))
+    for bad in (dict(k_reduce="atomic"), dict(k_reduce="kernel"), dict(k_reduce="kernel", split_k=2, gemv=True)):
+        with pytest.raises(ValueError, match="k_reduce"):
+            fp4_matmul(x, p, s, jnp.ones(()), fmt="nvfp4", config=Fp4MatmulConfig(bn=16, bkh=32, **bad))
 
 
 GPU_CASES = [   # (M, N, K, config or None for the default heuristic)
@@ -154,14 +160,23 @@ GPU_CASES = [   # (M, N, K, config or None for the default heuristic)
     (3, 7168, 2048, Fp4MatmulConfig(bm=8, bn=32, bkh=128, num_stages=4, x_pairs=True, w_lhs=True, decode="ptx")),
     (300, 256, 1024, Fp4MatmulConfig(bm=128, bn=64, bkh=32, num_warps=4, w_lhs=True, decode="ptx")),
     (4096, 2048, 7168, Fp4MatmulConfig(bm=256, bn=128, bkh=32, num_warps=8, x_split=False, w_lhs=True)),
+    # split-K sums in the kernel (the tile's last program adds the partials): decode, column pairs, mid-size M
+    (8, 2048, 7168, Fp4MatmulConfig(bm=8, bn=64, bkh=128, split_k=14, num_stages=4, w_lhs=True, decode="ptx",
+                                    k_reduce="kernel")),
+    (1, 7168, 2048, Fp4MatmulConfig(bm=8, bn=64, bkh=64, split_k=16, num_stages=4, w_lhs=True, decode="ptx",
+                                    k_reduce="kernel")),
+    (5, 2048, 7168, Fp4MatmulConfig(bm=8, bn=32, bkh=128, split_k=7, num_stages=4, x_pairs=True, w_lhs=True,
+                                    decode="ptx", k_reduce="kernel")),
+    (200, 2048, 7168, Fp4MatmulConfig(bm=64, bn=64, bkh=128, split_k=4, w_lhs=True, decode="ptx", k_reduce="kernel")),
 ]
 
 
 @pytest.mark.gpu
 class TestFp4MatmulGpu:
     @pytest.mark.parametrize("fmt", FMTS)
-    @pytest.mark.parametrize("m,n,k,cfg", GPU_CASES, ids=[f"{m}-{n}-{k}-{i}" + ("-w_lhs" if c and c.w_lhs else "")
-                                                          for i, (m, n, k, c) in enumerate(GPU_CASES)])
+    @pytest.mark.parametrize("m,n,k,cfg", GPU_CASES, ids=[
+        f"{m}-{n}-{k}-{i}" + ("-w_lhs" if c and c.w_lhs else "") + ("-kred" if c and c.k_reduce == "kernel" else "")
+        for i, (m, n, k, c) in enumerate(GPU_CASES)])
     def test_kernel_vs_reference(self, fmt, m, n, k, cfg):
         rng, seed = fresh_rng()
         packed, scales, gs = (jnp.asarray(a) for a in random_fp4(rng, (n, k), fmt))

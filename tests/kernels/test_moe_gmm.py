@@ -32,7 +32,9 @@ def test_bad_grouped_config_rejected():
     x = jnp.zeros((4, 64), jnp.bfloat16)
     p, s = jnp.zeros((2, 32, 32), jnp.uint8), jnp.zeros((2, 32, 4), jnp.uint8)
     sizes, gs = jnp.asarray([3, 1], jnp.int32), jnp.ones((2,), jnp.float32)
-    bad = {"schedule": dict(schedule="by_expert"), "x_pairs": dict(x_pairs=True, x_split=False)}
+    bad = {"schedule": dict(schedule="by_expert"), "x_pairs": dict(x_pairs=True, x_split=False),
+           "split_k=3 must divide": dict(split_k=3),
+           "split_k=2 needs schedule 'tiles'": dict(split_k=2, schedule="slots")}
     for match, fields in bad.items():
         with pytest.raises(ValueError, match=match):
             moe_gmm(x, p, s, gs, sizes, fmt="nvfp4", config=MoeGmmConfig(bm=16, bn=16, bkh=16, **fields),
@@ -68,16 +70,19 @@ def test_reference_matches_oracle(fmt):
 
 
 VARIANTS = {            # config fields beside the tiles: the XLA-built tile list on split x, and the one-launch forms
-    "tiles": {}, "pairs": dict(x_pairs=True), "slots": dict(schedule="slots"),
-    "slots_pairs": dict(schedule="slots", x_pairs=True), "slots_interleaved": dict(schedule="slots", x_split=False),
+    "tiles": {}, "pairs": dict(x_pairs=True), "slots": dict(schedule="slots", split_k=1),   # (slots: no split-K)
+    "slots_pairs": dict(schedule="slots", x_pairs=True, split_k=1),
+    "slots_interleaved": dict(schedule="slots", x_split=False, split_k=1),
     "w_lhs": dict(w_lhs=True), "w_lhs8": dict(w_lhs=True, bm=8),          # the weight as the dot's left operand
-    "slots_w_lhs8": dict(schedule="slots", x_pairs=True, w_lhs=True, bm=8),
+    "slots_w_lhs8": dict(schedule="slots", x_pairs=True, w_lhs=True, bm=8, split_k=1),
+    "split_w_lhs8": dict(w_lhs=True, bm=8, split_k=2),        # K over 2 programs, the last one adds the partials
 }
 
 
 @pytest.mark.parametrize("decode,variant", [("jnp", "tiles"), ("ptx", "tiles"), ("ptx", "slots_pairs"),
                                             ("jnp", "slots"), ("jnp", "pairs"), ("jnp", "slots_interleaved"),
-                                            ("ptx", "w_lhs8"), ("jnp", "slots_w_lhs8")])
+                                            ("ptx", "w_lhs8"), ("jnp", "slots_w_lhs8"), ("ptx", "split_w_lhs8"),
+                                            ("jnp", "split_w_lhs8")])
 @pytest.mark.parametrize("fmt", FMTS)
 def test_kernels_interpret(fmt, decode, variant):
     rng, seed = fresh_rng()
@@ -92,7 +97,7 @@ def test_kernels_interpret(fmt, decode, variant):
                         f"interpret moe_gmm {fmt} {variant} seed {seed}")
     down = random_fp4(rng, (s, k, n), fmt)
     z = expert_swiglu(x, (packed, scales, gs), (packed, scales, gs), down, sizes, fmt=fmt,
-                      config=(cfg, dataclasses.replace(cfg, bkh=16)), interpret=True)
+                      config=(cfg, dataclasses.replace(cfg, bkh=16, split_k=1)), interpret=True)
     zr = expert_swiglu_reference(x, (packed, scales, gs), (packed, scales, gs), down, sizes, fmt=fmt)
     assert_kernel_close(z, zr, "swiglu_vs_reference", f"interpret expert_swiglu {fmt} seed {seed}")
 
@@ -130,7 +135,7 @@ GPU_CASES = [   # (group sizes, extra rows past the groups, N, K)
 class TestMoeGmmGpu:
     @pytest.mark.parametrize("decode,variant", [("jnp", "tiles"), ("ptx", "tiles"), ("ptx", "slots_pairs"),
                                                 ("jnp", "slots"), ("ptx", "pairs"), ("ptx", "w_lhs8"),
-                                                ("jnp", "w_lhs"), ("ptx", "slots_w_lhs8")])
+                                                ("jnp", "w_lhs"), ("ptx", "slots_w_lhs8"), ("ptx", "split_w_lhs8")])
     @pytest.mark.parametrize("fmt", FMTS)
     @pytest.mark.parametrize("sizes,extra,n,k", GPU_CASES)
     def test_moe_gmm_vs_reference(self, fmt, sizes, extra, n, k, decode, variant):
@@ -154,7 +159,7 @@ class TestMoeGmmGpu:
     @pytest.mark.parametrize("fmt", FMTS)
     @pytest.mark.parametrize("sizes,extra", [([1, 2, 8, 3, 5, 7, 4, 6], 0), ([0, 9, 0, 40, 1], 2),
                                               ([130, 0, 64, 257], 0)])
-    @pytest.mark.parametrize("one_launch", [False, True, "w_lhs"])
+    @pytest.mark.parametrize("one_launch", [False, True, "w_lhs", "split"])
     def test_expert_swiglu_vs_reference(self, fmt, sizes, extra, one_launch):
         rng, seed = fresh_rng()
         d, i = 1024, 512
@@ -166,11 +171,30 @@ class TestMoeGmmGpu:
         ref = expert_swiglu_reference(x, gate, up, down, sizes, fmt=fmt)
         cfg = None
         if one_launch:      # the slots schedule on x's column pairs with the PTX decode, for both launches
-            one = dict(schedule="slots", x_pairs=True, x_split=True, decode="ptx")
+            one = dict(schedule="slots", x_pairs=True, x_split=True, decode="ptx", split_k=1)
             if one_launch == "w_lhs":          # the default tiles with the weight as the dot's left operand
                 one = dict(w_lhs=True)
+            if one_launch == "split":          # 8-row tiles, K over 2 programs (silu * up by the last of them)
+                one = dict(w_lhs=True, bm=8, split_k=2, schedule="tiles", x_pairs=False, x_split=True, decode="ptx")
             cfg = (dataclasses.replace(default_grouped(t, i, d, len(sizes)), **one),
                    dataclasses.replace(default_grouped(t, d, i, len(sizes)), **one))
         poison_device_memory()
         y = expert_swiglu(x, gate, up, down, sizes, fmt=fmt, config=cfg)
         assert_kernel_close(y, ref, "swiglu_vs_reference", f"{fmt} sizes {list(sizes)} T={t} {cfg} seed {seed}")
+
+    @pytest.mark.parametrize("fmt", FMTS)
+    @pytest.mark.parametrize("split_k,n,k", [(7, 2048, 7168), (14, 2048, 7168), (4, 7168, 2048)])
+    def test_split_k_at_v3_shapes(self, fmt, split_k, n, k):
+        """Decode-sized groups (8 experts, 1-8 rows, zero rows past them) with K over split_k programs per tile."""
+        rng, seed = fresh_rng()
+        sizes = jnp.asarray([1, 2, 8, 3, 0, 7, 4, 6], jnp.int32)
+        t = int(sizes.sum()) + 3
+        packed, scales, gs = (jnp.asarray(a) for a in random_fp4(rng, (len(sizes), n, k), fmt))
+        x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
+        cfg = dataclasses.replace(default_grouped(t, n, k, len(sizes)), split_k=split_k, schedule="tiles")
+        ref = moe_gmm_reference(x, packed, scales, gs, sizes, fmt=fmt)
+        for run in range(2):
+            poison_device_memory()
+            y = moe_gmm(x, packed, scales, gs, sizes, fmt=fmt, config=cfg)
+            assert_kernel_close(y, ref, "kernel_vs_reference", f"{cfg} {fmt} run {run} seed {seed}")
+            assert not np.asarray(y[int(sizes.sum()):]).any(), "rows past the groups must be zero"
