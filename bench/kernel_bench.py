@@ -287,7 +287,7 @@ def main():
                          "against the defaults")
     ap.add_argument("--k-reduce", action="store_true",
                     help="sweep split-K tiles whose partial sums the kernel adds itself (k_reduce='kernel'; grouped: "
-                         "split_k) against the defaults; dense M 9..1023 also w_lhs tiles of M's size")
+                         "split_k) against the defaults (k_reduce_cfgs: which tiles at which M)")
     ap.add_argument("--groups", default="8x1-8,64x1-8,64x48-80",
                     help="grouped shapes: EXPERTSxLO-HI rows per expert, comma-separated (swiglu: those of 8x1-8 and "
                          "64x48-80 listed)")

@@ -73,7 +73,6 @@ def default_config(m: int, n: int, k: int) -> Fp4MatmulConfig:
     to M=8, 32-row tiles for M 17..32; the kernel adds the split-K partials itself), M 65..1023 uses 128-row tiles
     with split-K, large M 256-row tiles. M 9..16 and 33..64 keep kernel run 6's tiles (not re-measured since)."""
     h = k // 2
-    fit = lambda *cands: next((b for b in cands if n % b == 0), cands[-1])
     divisors = lambda steps: [s for s in range(1, steps + 1) if steps % s == 0]
     if m == 1 and n % 16 == 0 and n // 16 >= 264 and h % 256 == 0:
         # GEMV tiles for one row of x when 16-row programs fill >= 2 waves: the fastest tiles of the H200 sweep for
@@ -86,8 +85,8 @@ def default_config(m: int, n: int, k: int) -> Fp4MatmulConfig:
         # split that launches >= 224 programs: 13.0 us (K=7168 N=2048, split 7) and 11.8 us (K=2048 N=7168,
         # split 2), against 14.6 / 14.8 for run 6's 16-row tiles.
         bm = 8 if m <= 8 else 32
-        bn = fit(64, 32, 16)
-        bkh = fit_bkh(h, (128, 64, 32, 16))
+        bn = first_fit(n, (64, 32, 16))
+        bkh = first_fit(h, (128, 64, 32, 16))
         steps = h // bkh
         tiles = n // bn
         ok = (lambda s: steps // s <= 2 and tiles * s >= 224) if m <= 8 else (lambda s: tiles * s >= 224)
@@ -100,12 +99,12 @@ def default_config(m: int, n: int, k: int) -> Fp4MatmulConfig:
         bm = 16 if m <= 32 else max(16, 1 << (m - 1).bit_length())
         fits = [b for b in (64, 32, 16) if n % b == 0] or [16]
         bn = next((b for b in fits if n // b * 4 >= 256), fits[-1])
-        bkh = fit_bkh(h, (128, 64, 32, 16))
+        bkh = first_fit(h, (128, 64, 32, 16))
         steps = h // bkh
         split_k = next((s for s in divisors(steps) if n // bn * s >= 256), steps)
         return Fp4MatmulConfig(bm=bm, bn=bn, bkh=bkh, split_k=split_k, num_warps=4, num_stages=4, decode="ptx")
-    bn = fit(128, 64, 32, 16)
-    bkh = fit_bkh(h, (32, 16))
+    bn = first_fit(n, (128, 64, 32, 16))
+    bkh = first_fit(h, (32, 16))
     if m >= 1024:
         # Prefill: 256-row tiles on interleaved x (one dot per K step) were the fastest of kernel run 6's sweep at
         # M=4096 for both shapes and formats (304-334 us against 409-456 us for 128-row tiles on split x); with the
@@ -121,9 +120,9 @@ def default_config(m: int, n: int, k: int) -> Fp4MatmulConfig:
                            w_lhs=True, k_reduce="kernel" if split_k > 1 else "xla")
 
 
-def fit_bkh(h: int, cands: tuple[int, ...]) -> int:
-    """The first of `cands` (packed bytes per K step) that divides K/2, else the last."""
-    return next((b for b in cands if h % b == 0), cands[-1])
+def first_fit(size: int, cands: tuple[int, ...]) -> int:
+    """The first tile of `cands` that divides `size`, else the last (the smallest)."""
+    return next((b for b in cands if size % b == 0), cands[-1])
 
 
 def _check_tiles(m_pad: int, n: int, h: int, fmt: str, cfg: Fp4MatmulConfig) -> None:
@@ -226,17 +225,10 @@ def _fp4_matmul_kernel(x_ref, p_ref, s_ref, g_ref, *refs, fmt, cfg: Fp4MatmulCon
     if cfg.k_reduce == "kernel":
         _, ws_ref, o_ref, cnt_ref = refs
         put(ws_ref.at[(i_k, *tile)], acc)
-        if not interpret:
-            plt.debug_barrier()        # every thread's partial is written before the count is released
-        arrived = plt.atomic_add(cnt_ref, (i_m * pl.num_programs(0) + i_n,), jnp.int32(1))     # acq_rel, GPU scope
 
-        @pl.when(arrived == cfg.split_k - 1)
-        def _():                       # the last of the tile's split_k programs: sum the partials in K order
-            # volatile: not served from L1, which may hold a line read before another SM's partial landed (the
-            # '.cg' cache modifier would do; jax 0.11.2's lowering cannot map it: KeyError)
-            parts = [plt.load(ws_ref.at[(jnp.int32(j), *tile)], mask=mask, other=None if mask is None else 0.0,
-                              volatile=True) for j in range(cfg.split_k)]     # unrolled: every load in flight at once
-            total = functools.reduce(jnp.add, parts)
+        @pl.when(count_in(cnt_ref, i_m * pl.num_programs(0) + i_n, interpret) == cfg.split_k - 1)
+        def _():                       # the last of the tile's split_k programs
+            total = sum_partials(ws_ref, 0, cfg.split_k, tile, mask)
             put(o_ref.at[tile], (total * g_ref[0]).astype(o_ref.dtype))
         return
     (o_ref,) = refs
@@ -244,6 +236,26 @@ def _fp4_matmul_kernel(x_ref, p_ref, s_ref, g_ref, *refs, fmt, cfg: Fp4MatmulCon
         put(o_ref.at[tile], (acc * g_ref[0]).astype(o_ref.dtype))
     else:
         put(o_ref.at[(i_k, *tile)], acc)
+
+
+def count_in(cnt_ref, index, interpret: bool) -> jax.Array:
+    """In-kernel split-K, after this program wrote its partial: add 1 to the tile's counter cnt_ref[index] and return
+    how many programs had arrived before (split_k - 1: this one is the last and adds the partials). The barrier
+    first makes every thread's partial written before the count is released (the atomic is acq_rel, GPU scope)."""
+    if not interpret:
+        plt.debug_barrier()
+    return plt.atomic_add(cnt_ref, (index,), jnp.int32(1))
+
+
+def sum_partials(ws_ref, first: int, count: int, tile: tuple, mask) -> jax.Array:
+    """ws_ref[first + i][tile] summed over i < count in that order, so the result does not depend on which program
+    arrived last. Unrolled: every load in flight at once (a loop paid ~0.2 us per partial on the H200). Volatile:
+    not served from L1, which may hold a line read before another SM's partial landed (the '.cg' cache modifier
+    would do; jax 0.11.2's Triton lowering cannot map it: KeyError)."""
+    other = None if mask is None else 0.0
+    parts = [plt.load(ws_ref.at[(jnp.int32(first + i), *tile)], mask=mask, other=other, volatile=True)
+             for i in range(count)]
+    return functools.reduce(jnp.add, parts)
 
 
 def _fp4_gemv_kernel(x_ref, p_ref, s_ref, g_ref, o_ref, *, fmt, cfg: Fp4MatmulConfig, k_steps: int, m: int):
@@ -282,29 +294,28 @@ def _fp4_gemv_kernel(x_ref, p_ref, s_ref, g_ref, o_ref, *, fmt, cfg: Fp4MatmulCo
 
 def _launch(kernel, args, *, rows: int, n: int, grid, cfg: Fp4MatmulConfig, dtype, g, interpret: bool, name: str):
     """One pallas_call writing y [rows, N] in `dtype`, or with split-K float32 partial sums [split_k, rows, N] that one
-    XLA reduction adds up and scales by the global scale g (k_reduce='kernel': the kernel adds them itself)."""
+    XLA reduction adds up and scales by the global scale g (k_reduce='kernel': the kernel adds them itself, counting
+    programs in on a zeroed int32 counter per tile, passed in and aliased out)."""
     split = cfg.split_k > 1
-    if split and cfg.k_reduce == "kernel":
+    in_kernel = split and cfg.k_reduce == "kernel"
+    partials = jax.ShapeDtypeStruct((cfg.split_k, rows, n), jnp.float32)
+    out_shape, aliases = (partials if split else jax.ShapeDtypeStruct((rows, n), dtype)), {}
+    if in_kernel:
         tiles = grid[0] * grid[2]
-        _, y, _ = pl.pallas_call(
-            kernel,
-            out_shape=(jax.ShapeDtypeStruct((cfg.split_k, rows, n), jnp.float32),
-                       jax.ShapeDtypeStruct((rows, n), dtype), jax.ShapeDtypeStruct((tiles,), jnp.int32)),
-            grid=grid,
-            input_output_aliases={len(args): 2},
-            compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-            interpret=interpret,
-            name=name,
-        )(*args, jnp.zeros((tiles,), jnp.int32))
-        return y
+        out_shape = (partials, jax.ShapeDtypeStruct((rows, n), dtype), jax.ShapeDtypeStruct((tiles,), jnp.int32))
+        aliases = {len(args): 2}
+        args = (*args, jnp.zeros((tiles,), jnp.int32))
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((cfg.split_k, rows, n) if split else (rows, n), jnp.float32 if split else dtype),
+        out_shape=out_shape,
         grid=grid,
+        input_output_aliases=aliases,
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=name,
     )(*args)
+    if in_kernel:
+        return out[1]
     return (out.sum(0) * g[0]).astype(dtype) if split else out
 
 

@@ -31,7 +31,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from dsjax_kernels.fp4_matmul.decode import bf16_pairs, check_fmt, decode_halves, decode_tile, pairs_to_bf16
-from dsjax_kernels.fp4_matmul.kernel import check_layout, check_pow2_tiles, nt_dot, split_even_odd
+from dsjax_kernels.fp4_matmul.kernel import (check_layout, check_pow2_tiles, count_in, first_fit, nt_dot,
+                                             split_even_odd, sum_partials)
 from dsjax_kernels.moe_gmm.reference import weight_parts
 
 
@@ -72,7 +73,7 @@ def default_config(t: int, n: int, k: int, num_slots: int, num_weights: int = 1)
     (bench/RESULTS.md) at 8 and 64 experts with 1-8 rows each (PTX: 1.3-1.4x the jnp decode) and at 64 experts
     with 48-80 rows (interleaved x: 2.7x split x). num_weights 2: the fused gate/up launch of expert_swiglu."""
     h = k // 2
-    bkh = 128 if h % 128 == 0 else 64 if h % 64 == 0 else 32 if h % 32 == 0 else 16
+    bkh = first_fit(h, (128, 64, 32, 16))
     per_group = t / max(num_slots, 1)
     if per_group <= 8:
         # 8-row tiles with the weight as the dot's left operand: kernel run 8 (bench/RESULTS.md), 64 experts x 1-8
@@ -81,7 +82,7 @@ def default_config(t: int, n: int, k: int, num_slots: int, num_weights: int = 1)
         # 448 per weight would stream the slots (estimated as one 8-row tile per used slot): 8 experts x 1-8 rows
         # at K=7168 N=2048 38.7 us with split 2 against 52.3 unsplit; the fused gate/up (two weights) 76.4 us of
         # kernel at split 4 against 94.5. Shapes with >= 448 programs (K=2048 N=7168, 64 experts) ran faster unsplit.
-        bn = 64 if n % 64 == 0 else 32 if n % 32 == 0 else 16
+        bn = first_fit(n, (64, 32, 16))
         steps = h // bkh
         programs = n // bn * max(min(num_slots, t), -(-t // 8))
         splits = [s for s in range(1, steps + 1) if steps % s == 0 and s <= max(1, steps // 2)]
@@ -89,9 +90,9 @@ def default_config(t: int, n: int, k: int, num_slots: int, num_weights: int = 1)
         return MoeGmmConfig(bm=8, bn=bn, bkh=bkh, num_warps=4, num_stages=4, decode="ptx", w_lhs=True,
                             split_k=split_k)
     if per_group <= 16:
-        bn = 64 if n % 64 == 0 else 32 if n % 32 == 0 else 16
+        bn = first_fit(n, (64, 32, 16))
         return MoeGmmConfig(bm=16, bn=bn, bkh=bkh, num_warps=4, num_stages=4, decode="ptx")
-    bn = 128 if n % 128 == 0 else 64 if n % 64 == 0 else 32 if n % 32 == 0 else 16
+    bn = first_fit(n, (128, 64, 32, 16))
     return MoeGmmConfig(bm=64 if per_group <= 64 else 128, bn=bn, bkh=min(bkh, 32), num_warps=8, num_stages=3,
                         x_split=False)
 
@@ -181,17 +182,10 @@ def _tile(x_ref, xo_ref, w_refs, outs, *, slot, r0, r1, n0, fmt, cfg: MoeGmmConf
     ws_ref, o_ref, cnt_ref = outs
     for j in range(num_weights):
         plt.store(ws_ref.at[(j * cfg.split_k + i_k, *tile)], accs[j], mask=mask)
-    if not interpret:
-        plt.debug_barrier()            # every thread's partial is written before the count is released
-    arrived = plt.atomic_add(cnt_ref, (counter,), jnp.int32(1))                         # acq_rel, GPU scope
 
-    @pl.when(arrived == cfg.split_k - 1)
-    def _():                           # the tile's last program: add the partials in K order (volatile loads:
-        # not from L1, as in fp4_matmul)
-        parts = [plt.load(ws_ref.at[(jnp.int32(i), *tile)], mask=mask, other=0.0, volatile=True)
-                 for i in range(num_weights * cfg.split_k)]         # unrolled: every load in flight at once
-        write(o_ref, [functools.reduce(jnp.add, parts[j * cfg.split_k:(j + 1) * cfg.split_k])
-                      for j in range(num_weights)])
+    @pl.when(count_in(cnt_ref, counter, interpret) == cfg.split_k - 1)
+    def _():                           # the tile's last program
+        write(o_ref, [sum_partials(ws_ref, j * cfg.split_k, cfg.split_k, tile, mask) for j in range(num_weights)])
 
 
 def _zero_tile(o_ref, *, r0, r1, n0, cfg: MoeGmmConfig):
