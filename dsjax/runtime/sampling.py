@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -29,20 +30,27 @@ class SamplingParams:
     top_k: int = 0
     stop: tuple[str, ...] = ()          # stop strings (text is cut before them)
     stop_token_ids: tuple[int, ...] = ()
-    seed: int = 0
+    seed: int | None = 0                # None: the engine draws a fresh random seed for the request
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must lie in (0, 1]")
+        # NaN compares false with everything, so each range test below is written to fail on it.
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0 (0 = greedy)")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p={self.top_p} must lie in (0, 1] (1 = off)")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
+                                      or not 0 <= self.seed < 2**64):
+            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**64), or None for a fresh random seed")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
+        if "" in self.stop:
+            raise ValueError(f"stop={list(self.stop)!r}: an empty stop string matches everywhere (generation would "
+                             "stop at once); drop it, or use stop_token_ids to stop on a token")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
 
