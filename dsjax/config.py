@@ -136,15 +136,20 @@ class ModelConfig:
     def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
         """Read `config.json` (or the directory holding it)."""
         path = os.fspath(path)
+        if not os.path.exists(path):
+            raise ConfigError(f"{path}: no such file or directory; give a checkpoint directory or its config.json")
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        if not os.path.exists(path):
-            raise ConfigError(f"{path}: no config.json; a Hugging Face checkpoint directory needs one")
-        with open(path) as f:
+            if not os.path.exists(path):
+                raise ConfigError(f"{path}: no config.json; a Hugging Face checkpoint directory needs one")
+        with open(path, "rb") as f:
             try:
-                raw = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+                raw = json.loads(f.read().decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{path}: not valid JSON ({e}); give a checkpoint directory or its config.json") \
+                    from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: not a model config (a JSON {type(raw).__name__}, not an object)")
         return cls.from_dict(raw, source=path)
 
     @classmethod
@@ -177,38 +182,50 @@ class ModelConfig:
             v = raw.get(name, default)
             return default if v is None and default is not None else v
 
-        n_routed = raw.get("n_routed_experts")
+        def as_int(name: str, v: Any) -> int | None:
+            if v is None:
+                return None
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+                raise ConfigError(f"{source}: {name}={v!r} must be an integer")
+            return int(v)
+
+        def as_float(name: str, v: Any) -> float:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{source}: {name}={v!r} must be a number")
+            return float(v)
+
+        n_routed = as_int("n_routed_experts", raw.get("n_routed_experts"))
         kw: dict[str, Any] = dict(
             model_type=mt,
-            vocab_size=int(req("vocab_size")),
-            hidden_size=int(req("hidden_size")),
-            intermediate_size=int(req("intermediate_size")),
-            moe_intermediate_size=int(raw.get("moe_intermediate_size") or 0)
-            if not n_routed else int(req("moe_intermediate_size")),
-            num_hidden_layers=int(req("num_hidden_layers")),
-            num_attention_heads=int(req("num_attention_heads")),
-            kv_lora_rank=int(req("kv_lora_rank")),
-            q_lora_rank=None if raw.get("q_lora_rank") is None else int(raw["q_lora_rank"]),
-            qk_nope_head_dim=int(get("qk_nope_head_dim", 128)),
-            qk_rope_head_dim=int(get("qk_rope_head_dim", 64)),
-            v_head_dim=int(get("v_head_dim", 128)),
-            n_routed_experts=None if n_routed is None else int(n_routed),
-            n_shared_experts=None if raw.get("n_shared_experts") is None else int(raw["n_shared_experts"]),
-            num_experts_per_tok=None if raw.get("num_experts_per_tok") is None else int(raw["num_experts_per_tok"]),
-            first_k_dense_replace=int(get("first_k_dense_replace", 0)),
-            moe_layer_freq=int(get("moe_layer_freq", 1)),
-            n_group=int(get("n_group", defaults["n_group"])),
-            topk_group=int(get("topk_group", defaults["topk_group"])),
+            vocab_size=as_int("vocab_size", req("vocab_size")),
+            hidden_size=as_int("hidden_size", req("hidden_size")),
+            intermediate_size=as_int("intermediate_size", req("intermediate_size")),
+            moe_intermediate_size=as_int("moe_intermediate_size", raw.get("moe_intermediate_size") or 0)
+            if not n_routed else as_int("moe_intermediate_size", req("moe_intermediate_size")),
+            num_hidden_layers=as_int("num_hidden_layers", req("num_hidden_layers")),
+            num_attention_heads=as_int("num_attention_heads", req("num_attention_heads")),
+            kv_lora_rank=as_int("kv_lora_rank", req("kv_lora_rank")),
+            q_lora_rank=as_int("q_lora_rank", raw.get("q_lora_rank")),
+            qk_nope_head_dim=as_int("qk_nope_head_dim", get("qk_nope_head_dim", 128)),
+            qk_rope_head_dim=as_int("qk_rope_head_dim", get("qk_rope_head_dim", 64)),
+            v_head_dim=as_int("v_head_dim", get("v_head_dim", 128)),
+            n_routed_experts=n_routed,
+            n_shared_experts=as_int("n_shared_experts", raw.get("n_shared_experts")),
+            num_experts_per_tok=as_int("num_experts_per_tok", raw.get("num_experts_per_tok")),
+            first_k_dense_replace=as_int("first_k_dense_replace", get("first_k_dense_replace", 0)),
+            moe_layer_freq=as_int("moe_layer_freq", get("moe_layer_freq", 1)),
+            n_group=as_int("n_group", get("n_group", defaults["n_group"])),
+            topk_group=as_int("topk_group", get("topk_group", defaults["topk_group"])),
             topk_method=get("topk_method", defaults["topk_method"]),
             scoring_func=get("scoring_func", defaults["scoring_func"]),
-            routed_scaling_factor=float(get("routed_scaling_factor", 1.0)),
+            routed_scaling_factor=as_float("routed_scaling_factor", get("routed_scaling_factor", 1.0)),
             norm_topk_prob=bool(get("norm_topk_prob", defaults["norm_topk_prob"])),
-            rope_theta=float(_rope_theta(raw)),
+            rope_theta=as_float("rope_theta", _rope_theta(raw)),
             rope_scaling=_rope_scaling(raw, source),
-            max_position_embeddings=int(get("max_position_embeddings", 4096)),
-            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=as_int("max_position_embeddings", get("max_position_embeddings", 4096)),
+            rms_norm_eps=as_float("rms_norm_eps", get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-            num_nextn_predict_layers=int(get("num_nextn_predict_layers", 0)),
+            num_nextn_predict_layers=as_int("num_nextn_predict_layers", get("num_nextn_predict_layers", 0)),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_id=tuple(raw["eos_token_id"]) if isinstance(raw.get("eos_token_id"), list)
             else raw.get("eos_token_id"),
@@ -218,16 +235,47 @@ class ModelConfig:
         return cfg
 
     def validate(self, source: str = "config") -> None:
-        """Raise ConfigError naming the first field whose value the model cannot run."""
-        def bad(field: str, why: str) -> ConfigError:
-            return ConfigError(f"{source}: {field}={getattr(self, field)!r} {why}")
+        """Raise ConfigError naming the first field whose value the model cannot run: every size positive (a
+        negative or zero width would plan negative bytes and run garbage), every ratio finite, and the divisibility
+        the model needs (rope pairs, expert groups)."""
+        def bad(field: str, why: str, obj: Any = None) -> ConfigError:
+            value = getattr(self if obj is None else obj, field.rsplit(".", 1)[-1])
+            return ConfigError(f"{source}: {field}={value!r} {why}")
 
         for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                  "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                  "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
             if getattr(self, f) <= 0:
                 raise bad(f, "must be positive")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise bad("q_lora_rank", "must be positive (or null: no query compression, as in V2-Lite)")
+        if self.n_routed_experts is not None and self.n_routed_experts <= 0:
+            raise bad("n_routed_experts", "must be positive (or absent/null for a model without routed experts)")
+        for f in ("first_k_dense_replace", "num_nextn_predict_layers", "intermediate_size", "moe_intermediate_size"):
+            if getattr(self, f) < 0:
+                raise bad(f, "must not be negative")
+        if self.n_shared_experts is not None and self.n_shared_experts < 0:
+            raise bad("n_shared_experts", "must not be negative")
+        if self.moe_layer_freq < 1:
+            raise bad("moe_layer_freq", "must be >= 1")
+        if "dense" in self.layer_kinds and self.intermediate_size <= 0:
+            raise bad("intermediate_size", "must be positive: the model has dense MLP layers (first_k_dense_replace="
+                                           f"{self.first_k_dense_replace})")
+        for f in ("rope_theta", "rms_norm_eps", "routed_scaling_factor"):
+            v = getattr(self, f)
+            if not math.isfinite(v) or v <= 0:
+                raise bad(f, "must be a positive finite number")
         if self.qk_rope_head_dim % 2:
             raise bad("qk_rope_head_dim", "must be even (rope rotates pairs)")
+        rs = self.rope_scaling
+        if rs is not None:
+            if not math.isfinite(rs.factor) or rs.factor <= 0:
+                raise bad("rope_scaling.factor", "must be a positive finite number", rs)
+            if rs.original_max_position_embeddings <= 0:
+                raise bad("rope_scaling.original_max_position_embeddings", "must be positive", rs)
+            for f in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+                v = getattr(rs, f)
+                if v is not None and not math.isfinite(v):
+                    raise bad(f"rope_scaling.{f}", "must be finite", rs)
         if self.topk_method not in ("noaux_tc", "group_limited_greedy", "greedy"):
             raise bad("topk_method", "is not one of noaux_tc, group_limited_greedy, greedy")
         if self.scoring_func not in ("sigmoid", "softmax"):
@@ -236,6 +284,10 @@ class ModelConfig:
             for f in ("num_experts_per_tok", "moe_intermediate_size"):
                 if not getattr(self, f):
                     raise bad(f, "must be set for a model with routed experts")
+                if getattr(self, f) < 0:
+                    raise bad(f, "must be positive")
+            if self.n_group < 1:
+                raise bad("n_group", "must be >= 1")
             if self.n_routed_experts % self.n_group:
                 raise bad("n_group", f"must divide n_routed_experts={self.n_routed_experts}")
             if not 1 <= self.topk_group <= self.n_group:
@@ -247,8 +299,6 @@ class ModelConfig:
                 raise bad("n_group", "leaves fewer than 2 experts per group (noaux_tc scores a group by its top 2)")
             if self.num_experts_per_tok > self.topk_group * per_group:
                 raise bad("num_experts_per_tok", "exceeds the experts in the kept groups (topk_group * experts/group)")
-        if self.moe_layer_freq < 1:
-            raise bad("moe_layer_freq", "must be >= 1")
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:

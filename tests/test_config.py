@@ -147,3 +147,56 @@ def test_missing_file_and_bad_json(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         ModelConfig.from_json(tmp_path)
+
+
+BAD_VALUES = [
+    (dict(moe_intermediate_size=-2048), r"moe_intermediate_size=-2048 must not be negative"),
+    (dict(n_routed_experts=-16), r"n_routed_experts=-16 must be positive"),
+    (dict(n_routed_experts=0), r"n_routed_experts=0 must be positive \(or absent/null"),
+    (dict(intermediate_size=0), r"intermediate_size=0 must be positive: the model has dense MLP layers"),
+    (dict(intermediate_size=-5), r"intermediate_size=-5 must not be negative"),
+    (dict(hidden_size=0), r"hidden_size=0 must be positive"),
+    (dict(v_head_dim=-128), r"v_head_dim=-128 must be positive"),
+    (dict(q_lora_rank=0), r"q_lora_rank=0 must be positive \(or null"),
+    (dict(n_shared_experts=-1), r"n_shared_experts=-1 must not be negative"),
+    (dict(num_experts_per_tok=-8), r"num_experts_per_tok=-8 must be positive"),
+    (dict(first_k_dense_replace=-1), r"first_k_dense_replace=-1 must not be negative"),
+    (dict(max_position_embeddings=0), r"max_position_embeddings=0 must be positive"),
+    (dict(n_group=0), r"n_group=0 must be >= 1"),
+    (dict(routed_scaling_factor=-2.5), r"routed_scaling_factor=-2.5 must be a positive finite number"),
+    (dict(rms_norm_eps=float("nan")), r"rms_norm_eps=nan must be a positive finite number"),
+    (dict(rope_theta=0), r"rope_theta=0.0 must be a positive finite number"),
+    (dict(rope_scaling=dict(YARN, factor=-40)), r"rope_scaling.factor=-40.0 must be a positive finite number"),
+    (dict(hidden_size=7168.5), r"hidden_size=7168.5 must be an integer"),
+    (dict(num_attention_heads="128"), r"num_attention_heads='128' must be an integer"),
+]
+
+
+@pytest.mark.parametrize("change, match", BAD_VALUES, ids=[f"{k}={v!r}" for c, _ in BAD_VALUES for k, v in c.items()])
+def test_every_size_and_ratio_is_validated(change, match):
+    """A negative or zero width used to pass: `dsjax plan` printed negative bytes and a tok/s figure."""
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_dict(dict(MODELS["v3"], **change))
+
+
+def test_dense_model_needs_no_expert_fields():
+    dense = {k: v for k, v in MODELS["v3"].items() if k not in ("n_routed_experts", "moe_intermediate_size")}
+    assert not ModelConfig.from_dict(dense).has_moe
+
+
+def test_plan_refuses_a_negative_width(tmp_path, capsys):
+    from dsjax.cli import main
+    (tmp_path / "config.json").write_text(json.dumps(dict(MODELS["v3"], moe_intermediate_size=-2048)))
+    assert main(["plan", str(tmp_path)]) == 2
+    assert "moe_intermediate_size=-2048 must not be negative" in capsys.readouterr().err
+
+
+def test_path_that_is_missing_a_file_or_binary(tmp_path):
+    with pytest.raises(ConfigError, match="no such file or directory"):
+        ModelConfig.from_json(tmp_path / "nope")
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00\xff\xfe{}")
+    with pytest.raises(ConfigError, match="not valid JSON .*give a checkpoint directory or its config.json"):
+        ModelConfig.from_json(tmp_path / "model.safetensors")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"not a model config \(a JSON list"):
+        ModelConfig.from_json(tmp_path / "list.json")
