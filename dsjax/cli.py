@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from dsjax.store import cli_commands
     cli_commands.add_parsers(sub)
+    from dsjax.serve import cli as serve_cli     # imports neither FastAPI nor uvicorn until `dsjax serve` runs
+    serve_cli.add_parser(sub)
     return ap
 
 

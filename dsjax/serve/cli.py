@@ -1,0 +1,72 @@
+"""`dsjax serve`: load a store and serve it over OpenAI's HTTP API (argparse front-end; the server is dsjax.serve.app).
+
+Importing this module needs nothing beyond argparse, so `dsjax --help` works without the `serve` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+        from dsjax.serve.app import create_app
+    except ImportError as e:
+        print(f"dsjax: error: `dsjax serve` needs FastAPI, uvicorn and pydantic ({e.name} is missing): "
+              "pip install 'dsjax[serve]'", file=sys.stderr)
+        return 2
+    import dsjax
+    from dsjax.cli import parse_overrides
+    path, dtype = args.path, args.dtype
+    if path is None:                                  # a fresh install serves the embedded model, as `dsjax demo`
+        from dsjax.demo import ensure_demo_store
+        path, dtype = ensure_demo_store(), dtype or "float32"
+    runtime = {k: v for k, v in (("preset", args.preset), ("gpu_memory", args.gpu_memory),
+                                 ("host_memory", args.host_memory)) if v is not None}
+    runtime.update(parse_overrides(args.set))
+    engine = dsjax.load(path, dtype=dtype or "bfloat16", progress=True, **runtime)
+    name = args.served_model_name or os.path.basename(os.path.normpath(path))
+    app = create_app(engine, served_model_name=name, api_key=args.api_key or os.environ.get("DSJAX_API_KEY") or None,
+                     max_queue=args.max_queue, request_timeout=args.request_timeout or None)
+    print(f"[dsjax serve] {name} (context {engine.max_context} tokens) at http://{args.host}:{args.port}/v1 "
+          f"(/health, /metrics); Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        engine.close()
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Add the `serve` subcommand to the dsjax CLI's subparsers."""
+    s = subparsers.add_parser(
+        "serve", help="serve a store over an OpenAI-compatible HTTP API",
+        description="OpenAI-compatible server (POST /v1/completions, /v1/chat/completions; GET /v1/models, /health, "
+                    "/metrics) with continuous batching on the engine's thread, streaming, a bounded queue (429 past "
+                    "--max-queue) and Prometheus metrics. Needs the `serve` extra: pip install 'dsjax[serve]'.")
+    s.add_argument("path", nargs="?", default=None, help="dsjax store (or Hugging Face checkpoint) directory; default: "
+                   "the embedded model's store, converted on first use as `dsjax demo` does")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--preset", default=None, help="runtime preset: low_latency, high_throughput, balanced, or a YAML "
+                   "file")
+    s.add_argument("--gpu-memory", default=None, help="GPU budget, e.g. 16GB (default: the preset's, or no limit)")
+    s.add_argument("--host-memory", default=None, help="pinned host budget, e.g. 96GB")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any memory_config / compute_config key, e.g. --set max_batch_size=64 (repeatable)")
+    s.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                   help="compute dtype (default bfloat16; float32 for the embedded model)")
+    s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* (default: the "
+                   "DSJAX_API_KEY environment variable; none = open)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a free KV row before new "
+                   "ones get 429 with Retry-After (default 64)")
+    s.add_argument("--request-timeout", type=float, default=None, help="seconds from arrival to the last token before "
+                   "a request is cancelled with 504 (default: no limit)")
+    s.add_argument("--served-model-name", default=None, help="the model name clients send (default: the store "
+                   "directory's name)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default info: one line per request)")
+    s.set_defaults(fn=cmd_serve)
