@@ -75,18 +75,22 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
 
     @app.get("/metrics")
     async def metrics():
+        from dsjax.runtime.metrics import prometheus_text
         status = engine.requests_status()
-        try:
-            engine_text = await asyncio.to_thread(engine.stats_prometheus)
+        try:                                     # stats() reads the engine's counters; off the event loop
+            stats = await asyncio.to_thread(engine.stats)
+            engine_text = prometheus_text(stats)
         except Exception as e:                   # the runtime's figures are a bonus; never fail the scrape on them
-            engine_text = f"# engine.stats_prometheus() failed: {type(e).__name__}: {e}\n"
-        return PlainTextResponse(srv.metrics.prometheus(status, engine_text),
+            stats, engine_text = {}, f"# engine.stats() failed: {type(e).__name__}: {e}\n"
+        steps = stats.get("steps")
+        return PlainTextResponse(srv.metrics.prometheus(status, steps if isinstance(steps, dict) else None, engine_text),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models", dependencies=[Depends(auth)])
     async def models():
         return ok({"object": "list", "data": [{"id": srv.model, "object": "model", "created": srv.created,
-                                               "owned_by": "dsjax", "max_model_len": engine.max_context}]})
+                                               "owned_by": "dsjax", "max_model_len": engine.max_context,
+                                               "vocab_size": engine.config.vocab_size}]})
 
     @app.post("/v1/completions", dependencies=[Depends(auth)])
     async def completions(request: Request):

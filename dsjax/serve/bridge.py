@@ -47,6 +47,7 @@ class Choice:
         self.logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] = []
         self.finish_reason: str | None = None
         self.t_last: float | None = None
+        self.pending = False                             # counted in Server.pending (no token yet)
 
     @property
     def finished(self) -> bool:
@@ -64,6 +65,15 @@ class Choice:
             if reason:
                 r, c = self.splitter.flush()
                 reasoning, text = reasoning + r, text + c
+        if ev.token_id < 0:                              # an end without a token (cancelled, error): text only
+            if self.text:
+                self.text[-1] += text
+                self.reasoning[-1] += reasoning
+            elif text or reasoning:
+                self.text.append(text)
+                self.reasoning.append(reasoning)
+            self.finish_reason = reason
+            return {"text": text, "reasoning": reasoning, "token_id": None, "logprob": None, "finish_reason": reason}
         self.token_ids.append(ev.token_id)
         self.text.append(text)
         self.reasoning.append(reasoning)
@@ -90,6 +100,7 @@ class Server:
         self.metrics = ServerMetrics()
         self.created = P.now()
         self.tok = engine.tokenizer
+        self.pending = 0                 # submitted choices without a first token yet (see admit)
 
     # ---- admission -------------------------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -98,14 +109,16 @@ class Server:
                              code="model_not_found")
 
     def admit(self, k: int) -> None:
-        """429 when k more requests would leave more than max_queue of them waiting for a free KV row."""
-        st = self.engine.requests_status()
-        kv = st.get("kv", {})
-        free = max(0, kv.get("rows", 0) - kv.get("rows_used", 0))
-        queued = max(0, st.get("waiting", 0) + k - free)
-        if queued > self.max_queue:
-            raise P.ApiError(429, f"the server is at capacity: {st.get('running', 0)} requests running, "
-                                  f"{st.get('waiting', 0)} waiting (--max-queue {self.max_queue}); retry later",
+        """429 when k more requests would leave more than max_queue of them not yet generating.
+
+        Counted here, not from engine.requests_status(): the engine publishes its waiting count once per step, so a
+        burst of arrivals inside one step would all pass a check against it. A request counts from its submission
+        to its first token (waiting for KV pages or batch room, or in prefill), which includes every request the
+        engine has waiting."""
+        if self.pending + k > self.max_queue:
+            st = self.engine.requests_status()
+            raise P.ApiError(429, f"the server is at capacity: {self.pending} requests waiting for their first token "
+                                  f"(--max-queue {self.max_queue}), {st.get('running', 0)} running; retry later",
                              code="queue_full", headers={"Retry-After": "1"})
 
     def encode(self, prompt, *, chat: bool, param: str) -> list[int]:
@@ -139,7 +152,7 @@ class Server:
 
     # ---- running ---------------------------------------------------------------------------------------------
     def submit(self, choices: list[Choice], params: list, logprobs: int) -> asyncio.Queue:
-        """Submit every choice; one queue gets (choice index, TokenEvent | Exception) from the engine thread."""
+        """Submit every choice; one queue gets (choice index, TokenEvent) from the engine thread."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -163,6 +176,9 @@ class Server:
             self.cancel(choices)
             raise P.ApiError(503, f"the engine cannot take requests: {type(e).__name__}: {e}") from None
         self.metrics.prompt_tokens += sum(len(c.prompt_ids) for c in choices)
+        for c in choices:
+            c.pending = True
+        self.pending += len(choices)
         return queue
 
     @staticmethod
@@ -188,26 +204,41 @@ class Server:
                     raise _Disconnected()
                 continue
             c = by_index[i]
-            if isinstance(ev, BaseException):
-                raise P.ApiError(500, f"the engine failed while generating: {type(ev).__name__}: {ev}",
-                                 code="engine_error")
-            if c.finished:                                # a token after our stop-string cut: dropped
+            if c.finished:                                # an event after our stop-string cut or cancel: dropped
                 continue
+            if ev.finish_reason == "error":
+                raise P.ApiError(500, f"the engine failed while generating: {self._error_of(c)}", code="engine_error")
             now = time.monotonic()
-            if c.t_last is None:
-                self.metrics.ttft.observe(now - t0)
-            else:
-                self.metrics.itl.observe(now - c.t_last)
-            c.t_last = now
+            self._first_token(c)
+            if ev.token_id >= 0:
+                if c.t_last is None:
+                    self.metrics.ttft.observe(now - t0)
+                else:
+                    self.metrics.itl.observe(now - c.t_last)
+                c.t_last = now
             piece = c.advance(ev)
             if c.finished:
                 self.metrics.finished(c.finish_reason, len(c.token_ids), now - t0)
             yield c, piece
 
+    def _first_token(self, c: Choice) -> None:
+        if c.pending:
+            c.pending = False
+            self.pending -= 1
+
+    @staticmethod
+    def _error_of(c: Choice) -> str:
+        try:
+            c.handle.result(timeout=5)                   # raises the step's error (set just before this event)
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+        return "unknown error"
+
     def end(self, choices: list[Choice], reason: str, t0: float) -> None:
         """Count and cancel the choices a disconnect, timeout or error ended."""
         self.cancel(choices)
         for c in choices:
+            self._first_token(c)
             if not c.finished:
                 self.metrics.finished(reason, len(c.token_ids), time.monotonic() - t0)
                 c.finish_reason = reason

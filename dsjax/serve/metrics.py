@@ -1,8 +1,9 @@
 """The server's own figures in Prometheus text: request counts by outcome, tokens in and out, latency histograms.
 
 Owns what only the server sees (arrival to first token, gaps between tokens as the client gets them, HTTP outcomes).
-Running/waiting requests and the KV pool come from `engine.requests_status()`, the runtime's figures (hit rates,
-bytes per link, prediction) from `engine.stats_prometheus()`; /metrics concatenates the three. Everything here is
+Running/waiting requests and the KV pool come from `engine.requests_status()`, step time and batch from the step
+counters of `engine.stats()`, and the runtime's figures (hit rates, bytes per link, prediction) are that same
+snapshot as `engine.stats_prometheus()` writes it; /metrics concatenates them. Everything here is
 touched from the event loop's thread only, so it needs no lock.
 """
 
@@ -18,7 +19,6 @@ PREFIX = "dsjax_serve"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Histogram:
@@ -54,15 +54,28 @@ class ServerMetrics:
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
-        self.step_seconds: Histogram | None = None     # from the engine's per-step samples, when it reports them
-        self.batch = Histogram(BATCH_BUCKETS)
+        self._last_steps: dict[str, Any] = {}            # the engine's step counters at the previous scrape
 
     def finished(self, reason: str, completion_tokens: int, e2e_s: float) -> None:
         self.requests[reason] += 1
         self.generation_tokens += completion_tokens
         self.e2e.observe(e2e_s)
 
-    def prometheus(self, status: dict[str, Any] | None, engine_text: str = "") -> str:
+    def step_figures(self, steps: dict[str, Any] | None) -> tuple[float, float] | None:
+        """Mean step time and mean batch (decode rows + prefill chunks per step) since the previous scrape, from the
+        engine's cumulative step counters (the engine reports no per-step samples, so no histogram)."""
+        if not steps:
+            return None
+        last, self._last_steps = self._last_steps, dict(steps)
+        n = steps.get("steps", 0) - last.get("steps", 0)
+        if n <= 0:
+            return 0.0, 0.0
+        dt = steps.get("step_seconds", 0.0) - last.get("step_seconds", 0.0)
+        rows = steps.get("decode_rows", 0) - last.get("decode_rows", 0)
+        return dt / n, rows / n
+
+    def prometheus(self, status: dict[str, Any] | None, steps: dict[str, Any] | None = None,
+                   engine_text: str = "") -> str:
         p = PREFIX
         lines: list[str] = []
 
@@ -78,13 +91,12 @@ class ServerMetrics:
             metric("engine_requests_finished_total", "counter", "requests the engine finished, by reason",
                    [f'{p}_engine_requests_finished_total{{reason="{r}"}} {n}' for r, n in sorted(fin.items())])
             kv = status.get("kv", {})
-            rows, used = kv.get("rows", 0), kv.get("rows_used", 0)
-            metric("kv_rows", "gauge", "KV pool rows (concurrent sequences it holds)", [f"{p}_kv_rows {rows}"])
-            metric("kv_rows_used", "gauge", "KV pool rows in use", [f"{p}_kv_rows_used {used}"])
+            for k, v in sorted(kv.items()):
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    metric(f"kv_{k}", "gauge", f"the engine's KV pool: {k}", [f"{p}_kv_{k} {v}"])
+            total, used = kv.get("pages", kv.get("rows", 0)), kv.get("pages_used", kv.get("rows_used", 0))
             metric("kv_usage_ratio", "gauge", "fraction of the KV pool in use",
-                   [f"{p}_kv_usage_ratio {used / rows if rows else 0.0}"])
-            metric("max_context", "gauge", "tokens of context per request (prompt + output)",
-                   [f"{p}_max_context {kv.get('max_context', 0)}"])
+                   [f"{p}_kv_usage_ratio {used / total if total else 0.0}"])
         metric("requests_finished_total", "counter", "choices the server finished, by finish reason",
                [f'{p}_requests_finished_total{{reason="{r}"}} {n}' for r, n in sorted(self.requests.items())])
         metric("http_responses_total", "counter", "answers by HTTP status",
@@ -99,10 +111,12 @@ class ServerMetrics:
                self.itl.lines(f"{p}_inter_token_latency_seconds"))
         metric("e2e_request_latency_seconds", "histogram", "arrival to last token",
                self.e2e.lines(f"{p}_e2e_request_latency_seconds"))
-        if self.step_seconds is not None:
-            metric("step_seconds", "histogram", "engine step time (one token for every running request)",
-                   self.step_seconds.lines(f"{p}_step_seconds"))
-        metric("batch_size", "histogram", "running requests, sampled at each engine step",
-               self.batch.lines(f"{p}_batch_size"))
+        figures = self.step_figures(steps)
+        if figures is not None:
+            metric("step_seconds_mean", "gauge", "mean engine step time since the previous scrape",
+                   [f"{p}_step_seconds_mean {figures[0]}"])
+            metric("decode_batch_mean", "gauge", "mean decode rows per engine step since the previous scrape",
+                   [f"{p}_decode_batch_mean {figures[1]}"])
+            metric("steps_total", "counter", "engine steps", [f"{p}_steps_total {steps.get('steps', 0)}"])
         text = "\n".join(lines) + "\n"
         return text + engine_text if engine_text else text
