@@ -9,6 +9,8 @@ import os
 import sys
 import time
 
+UNLIMITED_BYTES = 1 << 56       # pool capacities at or above this are the runtime's "no budget" sentinel
+
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
@@ -26,9 +28,38 @@ def _print_stats(stats: dict, file=None) -> None:
           file=file or sys.stderr)
 
 
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt values; `--prompt -`, or no --prompt with text piped in, reads one prompt from stdin."""
+    prompts = list(args.prompt or [])
+    if not prompts:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise ValueError("generate: no prompt; give --prompt TEXT (repeatable), or pipe the prompt on stdin "
+                             "(--prompt - reads it from stdin)")
+        prompts = ["-"]
+    if "-" in prompts:
+        text = sys.stdin.read().rstrip("\n")
+        if not text:
+            raise ValueError("generate: the prompt read from stdin is empty; pipe some text, or give --prompt TEXT")
+        prompts = [text if p == "-" else p for p in prompts]
+    return prompts
+
+
+def _readable_stats(stats: dict) -> dict:
+    """The runtime's figures for printing: a pool without a budget reports capacity "unlimited" (the runtime keeps
+    a huge sentinel number internally; Prometheus text omits the gauge)."""
+    pools = stats.get("pools")
+    if not isinstance(pools, dict):
+        return stats
+    return dict(stats, pools={k: dict(v, capacity="unlimited") if isinstance(v, dict) and isinstance(
+        v.get("capacity"), int) and v["capacity"] >= UNLIMITED_BYTES else v for k, v in pools.items()})
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import contextlib
     import dsjax
+    args.prompt = _read_prompts(args)
+    if args.json:
+        args.no_stream = True       # JSON describes whole generations: --json prints them, not a stream
     runtime = {k: v for k, v in (("preset", args.preset), ("gpu_memory", args.gpu_memory),
                                  ("host_memory", args.host_memory)) if v is not None}
     runtime.update(parse_overrides(args.set))
@@ -40,13 +71,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with trace:
         rc = _generate(engine, args)
     if args.stats and hasattr(engine, "stats_prometheus"):
-        print(engine.stats_prometheus() if args.stats_format == "prometheus" else engine.stats_json_line(),
-              file=sys.stderr)
+        from dsjax.runtime.metrics import json_line, prometheus_text
+        stats = _readable_stats(engine.stats())
+        print(prometheus_text(stats) if args.stats_format == "prometheus" else json_line(stats), file=sys.stderr)
     return rc
 
 
 def _generate(engine, args: argparse.Namespace) -> int:
-    prompts = args.prompt or ["Hello"]
+    prompts = args.prompt
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
               stop=tuple(args.stop), seed=args.seed)
     if args.no_stream:
@@ -66,72 +98,62 @@ def _generate(engine, args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Embedded model -> FP4 store -> generation under budgets that make all three tiers work."""
-    import json as _json
-    import dsjax
-    from dsjax.demo import demo_budgets, embedded_checkpoint, ensure_demo_store
-    from dsjax.runtime.planner import fmt_bytes
-    from dsjax.runtime.tiered import model_bytes_from_store
-    from dsjax.store.reader import Store
-    t0 = time.perf_counter()
-    path = embedded_checkpoint()
-    store = ensure_demo_store(args.dir)
-    mb = model_bytes_from_store(Store(store))
-    budgets = demo_budgets(store)
-    gpu, host = budgets["gpu_memory"], budgets["host_memory"]
-    with open(os.path.join(path, "training.json")) as f:
-        tr = _json.load(f)
-    print(f"[dsjax demo] embedded model: DeepSeek-V3 architecture trained on Shakespeare ({path}; held-out plays "
-          f"perplexity {tr['heldout_ppl']:.1f} in bf16),\n"
-          f"             converted to an NVFP4 store of {fmt_bytes(mb.total)} ({store})")
-    engine = dsjax.load(store, dtype=args.dtype, preset="balanced", **budgets)
-    cfg, p = engine.config, engine.placement
-    print(f"[dsjax demo] {cfg.num_hidden_layers} layers ({', '.join(cfg.layer_kinds)}), {cfg.n_routed_experts} "
-          f"routed experts (top-{cfg.num_experts_per_tok}, {cfg.n_group} groups), MLA latent {cfg.kv_lora_rank}+"
-          f"{cfg.qk_rope_head_dim}, vocab {cfg.vocab_size}; ready in {time.perf_counter() - t0:.1f} s")
-    print(f"[dsjax demo] budgets GPU {fmt_bytes(gpu)}, host {fmt_bytes(host)}: {len(p.resident_layers)} layers "
-          f"resident, {p.ring_slots} GPU layer slot streams the rest, {engine.experts.slots.capacity} GPU expert "
-          f"slots, {p.host_experts} experts per layer in pinned host, the rest on disk")
-    for prompt in ["MACBETH.\nIs this a dagger", "ROMEO.\nBut soft, what light"]:
-        print(f"\n>>> {prompt}", end="", flush=True)
-        for ev in engine.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=0.9, seed=0):
-            print(ev.text, end="", flush=True)
-        print()
-        _print_stats(engine.stats()["generation"], file=sys.stdout)
-    s = engine.stats()
-    links = ", ".join(f"{k} {v['bytes'] / 1e6:.2f} MB in {v['copies']} copies" for k, v in s["links"].items())
-    pr = s["prediction"]
-    print(f"\n[dsjax demo] moved: {links}")
-    print(f"[dsjax demo] hit rates: GPU {s['hit_rates']['gpu']:.2f}, host {s['hit_rates']['host']:.2f}; "
-          f"next-layer prediction precision {pr['precision']:.2f}, recall {pr['recall']:.2f}; "
-          f"{s['prefetch']['used']} of {s['prefetch']['copies']} experts copied ahead were used; "
-          f"stalled on weights {s['stall_seconds'] * 1e3:.0f} ms")
-    g = engine.generate("Speak, what news?", chat=True, max_new_tokens=8)
-    print(f"[dsjax demo] chat template prompt: {engine.tokenizer.decode(g.prompt_ids, False)!r}")
-    print(f"[dsjax demo] done in {time.perf_counter() - t0:.1f} s; try `dsjax plan {store}` and "
-          f"`dsjax generate {store} --prompt ... --stats`")
-    engine.close()
-    return 0
+    from dsjax.demo import run_demo
+    return run_demo(args.dir, dtype=args.dtype, max_new_tokens=args.max_new_tokens)
+
+
+def _directory(path: str, what: str) -> str:
+    """`path` if it is a directory, else a ValueError that says what it is instead."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or directory; give {what}")
+    if not os.path.isdir(path):
+        raise ValueError(f"{path} is a file, not a directory; give {what}")
+    return path
+
+
+def _unfinished_store(path: str) -> None:
+    from dsjax.store.manifest import MANIFEST_FILE, StoreError, looks_like_store, unfinished_store_message
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST_FILE)) and looks_like_store(path):
+        raise StoreError(unfinished_store_message(path))
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from dsjax.config import ModelConfig
-    from dsjax.store.safetensors_io import Checkpoint
-    cfg = ModelConfig.from_json(args.path)
-    ck = Checkpoint(args.path)
+    path = _directory(args.path, "a Hugging Face checkpoint directory or a dsjax store")
+    _unfinished_store(path)
+    if os.path.exists(os.path.join(path, "manifest.json")):
+        from dsjax.store.manifest import read_manifest
+        m = read_manifest(path)
+        cfg = ModelConfig.from_dict(m.model_config, source=os.path.join(path, "manifest.json"))
+    else:
+        from dsjax.store.safetensors_io import Checkpoint
+        cfg, m = ModelConfig.from_json(path), None
     kinds = cfg.layer_kinds
     print(f"model_type {cfg.model_type}: {cfg.num_hidden_layers} layers ({kinds.count('dense')} dense, "
           f"{kinds.count('moe')} MoE), hidden {cfg.hidden_size}, vocab {cfg.vocab_size}")
     if cfg.has_moe:
         print(f"experts: {cfg.n_routed_experts} routed (top-{cfg.num_experts_per_tok}, {cfg.topk_method}/"
               f"{cfg.scoring_func}, groups {cfg.n_group}/{cfg.topk_group}) + {cfg.n_shared_experts or 0} shared")
+    if m is not None:
+        t = m.totals()
+        fp4 = sum(1 for r in m.tensors.values() if r.is_fp4)
+        print(f"dsjax store: {m.fmt} (policy {m.policy}), {len(m.tensors)} tensors ({fp4} in {m.fmt}), "
+              f"{t['bytes'] / 1e9:.3f} GB (core {t['core_bytes'] / 1e9:.3f} GB, routed experts "
+              f"{t['expert_bytes'] / 1e9:.3f} GB), converted from {m.source.get('name')!r} by dsjax "
+              f"{m.dsjax_version}")
+        return 0
+    ck = Checkpoint(path)
     print(f"checkpoint: {len(ck.files)} file(s), {len(ck.names())} tensors, {ck.total_bytes / 1e9:.3f} GB")
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import os
     from dsjax.config import ModelConfig
     from dsjax.runtime.planner import GB, Links, ModelBytes, plan
+    if not os.path.exists(args.path):
+        raise FileNotFoundError(f"{args.path}: no such file or directory; give a checkpoint or store directory, "
+                                "or a config.json")
+    _unfinished_store(args.path)
     if os.path.exists(os.path.join(args.path, "manifest.json")):      # a store: its real byte counts
         from dsjax.runtime.tiered import model_bytes_from_store
         from dsjax.store.reader import Store
@@ -178,13 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dsjax", description="DeepSeek MoE inference in JAX with FP4 weight tiering")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    g = sub.add_parser("generate", help="generate text from a checkpoint directory")
-    g.add_argument("path", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json)")
-    g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    g = sub.add_parser("generate", help="generate text from a dsjax store or a checkpoint directory",
+                       description="Generate text from a dsjax store (made by `dsjax convert`; runs on the tiered "
+                                   "runtime under memory budgets) or a Hugging Face checkpoint directory (loaded "
+                                   "whole onto the device).")
+    g.add_argument("path", help="dsjax store directory (manifest.json), or Hugging Face checkpoint directory "
+                                "(config.json, *.safetensors, tokenizer.json)")
+    g.add_argument("--prompt", action="append", help="prompt text (repeatable); '-' reads it from stdin, as does "
+                                                     "giving no --prompt with text piped in")
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat template")
     g.add_argument("--no-stream", action="store_true", help="print whole generations instead of streaming")
-    g.add_argument("--json", action="store_true", help="with --no-stream: one JSON object per generation")
+    g.add_argument("--json", action="store_true", help="print one JSON object per whole generation (implies --no-stream)")
     g.add_argument("--stats", action="store_true", help="print timing statistics after each generation and, for "
                    "a store, the runtime's figures (memory per pool, bytes and GB/s per link, hit rates, prediction)")
     g.add_argument("--stats-format", default="json", choices=["json", "prometheus"], help="runtime figures as one "
@@ -207,7 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=48, help="tokens per prompt (default 48)")
     d.set_defaults(fn=cmd_demo)
 
-    pl = sub.add_parser("plan", help="what fits where under memory budgets, and the predicted decode speed")
+    pl = sub.add_parser("plan", help="what fits where under memory budgets, and the predicted decode speed",
+                        description="Plan where a model's weights go under GPU and host budgets (resident layers, "
+                                    "layer slots, GPU expert slots, host expert cache) and predict decode tokens/s "
+                                    "from the link speeds, before anything is loaded. PATH: a dsjax store (its real "
+                                    "byte counts), or a checkpoint directory or config.json (bytes estimated for "
+                                    "--format and --policy).")
     pl.add_argument("path", help="checkpoint or store directory, or a config.json")
     pl.add_argument("--gpu-memory", default="16GB", help="GPU budget, bytes or e.g. 16GB / 16GiB (default 16GB)")
     pl.add_argument("--host-memory", default="96GB", help="pinned host budget (default 96GB)")
@@ -247,8 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--trace-dir", default=None, help="keep each row's jax.profiler trace under DIR/<config>_b<batch>")
     b.set_defaults(fn=cmd_bench)
 
-    i = sub.add_parser("info", help="summarize a checkpoint's config and tensors")
-    i.add_argument("path")
+    i = sub.add_parser("info", help="summarize a checkpoint's or a store's model and tensors",
+                       description="Print the model (layers, experts, routing) of a Hugging Face checkpoint "
+                                   "directory or a dsjax store, and its tensors: file count and size for a checkpoint, "
+                                   "FP4 format, policy and bytes for a store.")
+    i.add_argument("path", help="Hugging Face checkpoint directory or dsjax store directory")
     i.set_defaults(fn=cmd_info)
 
     from dsjax.store import cli_commands

@@ -9,8 +9,11 @@ fast and deterministic, for tests of code paths where the text does not matter.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+import time
 
 import numpy as np
 
@@ -109,13 +112,23 @@ def ensure_demo_store(store: str | None = None, checkpoint: str | None = None) -
     path = checkpoint or embedded_checkpoint()
     store = store or os.path.join(cache_dir(), os.path.basename(path.rstrip("/")) + "-nvfp4")
     manifest, stamp = os.path.join(store, "manifest.json"), os.path.join(store, "DSJAX_SOURCE")
-    if os.path.exists(manifest) and not (os.path.exists(stamp) and open(stamp).read() == _fingerprint(path)):
-        shutil.rmtree(store)                        # made from another version of the checkpoint: stale
+    if os.path.exists(manifest) and not (os.path.exists(stamp) and open(stamp).read() == _fingerprint(path)
+                                         and _sealed(manifest)):
+        shutil.rmtree(store)        # made from another version of the checkpoint, or by a dsjax before sealed manifests
     if not os.path.exists(manifest):
         convert(path, store, fmt="nvfp4", policy="mlp", progress=False)
         with open(stamp, "w") as f:
             f.write(_fingerprint(path))
     return store
+
+
+def _sealed(manifest: str) -> bool:
+    from dsjax.store.manifest import MANIFEST_CHECKSUM
+    try:
+        with open(manifest) as f:
+            return MANIFEST_CHECKSUM in json.load(f)
+    except (OSError, ValueError):
+        return False
 
 
 def demo_budgets(store: str) -> dict:
@@ -133,3 +146,94 @@ def demo_budgets(store: str) -> dict:
     while plan(mb, gpu, host, context_tokens=context, **tight).host_experts < mb.n_experts // 2:
         host += max(mb.expert, 1)
     return dict(gpu_memory=gpu, host_memory=host, **tight)
+
+
+@contextlib.contextmanager
+def compile_seconds():
+    """Seconds JAX spends tracing, lowering and compiling (or loading from the persistent cache) inside the block,
+    from JAX's monitoring events: yields a one-element list that holds the running total."""
+    import jax
+    events = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+              "/jax/core/compile/backend_compile_duration")
+    total = [0.0]
+
+    def listener(event: str, seconds: float, **_) -> None:
+        if event in events:
+            total[0] += seconds
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield total
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def _n(k: int, noun: str) -> str:
+    return f"{k} {noun}" + ("" if k == 1 else "s")
+
+
+def run_demo(store_dir: str | None = None, *, dtype: str = "float32", max_new_tokens: int = 48, out=None) -> int:
+    """`dsjax demo`: the embedded model -> an NVFP4 store -> generation under budgets that make all three tiers work,
+    then what moved over each link. Returns the exit code."""
+    import jax
+    import dsjax
+    from dsjax.runtime.planner import fmt_bytes
+    from dsjax.runtime.tiered import model_bytes_from_store
+    from dsjax.store.reader import Store
+    out = out or sys.stdout
+
+    def say(*a, **kw):
+        print(*a, file=out, flush=True, **kw)
+
+    t0 = time.perf_counter()
+    path = embedded_checkpoint()
+    store = ensure_demo_store(store_dir)
+    mb = model_bytes_from_store(Store(store))
+    budgets = demo_budgets(store)
+    gpu, host = budgets["gpu_memory"], budgets["host_memory"]
+    with open(os.path.join(path, "training.json")) as f:
+        tr = json.load(f)
+    say(f"[dsjax demo] embedded model: DeepSeek-V3 architecture trained on Shakespeare ({path}; held-out plays "
+        f"perplexity {tr['heldout_ppl']:.1f} in bf16),\n"
+        f"             converted to an NVFP4 store of {fmt_bytes(mb.total)} ({store})")
+    if jax.default_backend() == "cpu":
+        say("[dsjax demo] no GPU here: the 'GPU' and 'pinned host' tiers are stand-ins in CPU memory (same code "
+            "paths and byte counts; on a GPU they are HBM and page-locked host RAM)")
+    engine = dsjax.load(store, dtype=dtype, preset="balanced", **budgets)
+    cfg, p = engine.config, engine.placement
+    say(f"[dsjax demo] {cfg.num_hidden_layers} layers ({', '.join(cfg.layer_kinds)}), {cfg.n_routed_experts} "
+        f"routed experts (top-{cfg.num_experts_per_tok}, {cfg.n_group} groups), MLA latent {cfg.kv_lora_rank}+"
+        f"{cfg.qk_rope_head_dim}, vocab {cfg.vocab_size}; ready in {time.perf_counter() - t0:.1f} s")
+    say(f"[dsjax demo] budgets GPU {fmt_bytes(gpu)}, host {fmt_bytes(host)}: {_n(len(p.resident_layers), 'layer')} "
+        f"resident, {_n(p.ring_slots, 'GPU layer slot')} for streaming the rest, "
+        f"{_n(engine.experts.slots.capacity, 'GPU expert slot')}, {p.host_experts} experts per layer in pinned host, "
+        "the rest on disk")
+    for i, prompt in enumerate(["MACBETH.\nIs this a dagger", "ROMEO.\nBut soft, what light"]):
+        say(f"\n>>> {prompt}", end="")
+        with compile_seconds() as compiled:
+            for ev in engine.stream(prompt, max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, seed=0):
+                say(ev.text, end="")
+        say()
+        g = engine.stats()["generation"]
+        note = (f" (includes {compiled[0] * 1e3:.0f} ms compiling: XLA compiles each layer kind once, on first use;"
+                " the next prompt shows the steady state)" if i == 0 and compiled[0] > 0.001 else "")
+        say(f"[dsjax] prompt tokens {g.get('prompt_tokens')}, generated {g.get('generated_tokens')}, time to first "
+            f"token {g.get('ttft_s', 0) * 1e3:.1f} ms{note}, decode {g.get('decode_tok_s', 0):.1f} tok/s")
+    s = engine.stats()
+    links = ", ".join(f"{k} {v['bytes'] / 1e6:.2f} MB in {v['copies']} copies" for k, v in s["links"].items())
+    pr = s["prediction"]
+    say(f"\n[dsjax demo] moved: {links}")
+    if "stage->pinned" in s["links"]:
+        say("             (stage->pinned: expert bytes read from disk into plain host buffers, then copied into "
+            "pinned host memory, which is what the host->GPU link can read at full speed)")
+    say(f"[dsjax demo] hit rates: GPU {s['hit_rates']['gpu']:.2f}, host {s['hit_rates']['host']:.2f}; "
+        f"next-layer prediction precision {pr['precision']:.2f}, recall {pr['recall']:.2f}; "
+        f"{s['prefetch']['used']} of {s['prefetch']['copies']} experts copied ahead were used; "
+        f"stalled on weights {s['stall_seconds'] * 1e3:.0f} ms")
+    g = engine.generate("Speak, what news?", chat=True, max_new_tokens=8)
+    say(f"[dsjax demo] chat template prompt: {engine.tokenizer.decode(g.prompt_ids, False)!r}")
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in budgets.items())
+    say(f"[dsjax demo] done in {time.perf_counter() - t0:.1f} s; try `dsjax plan {store} {flags}` (this run's "
+        f"placement) and `dsjax generate {store} --prompt 'ROMEO.' --stats`")
+    engine.close()
+    return 0

@@ -58,6 +58,14 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "disk->host" in moved and "host->GPU" in moved       # every tier did work
     assert (tmp_path / "demo" / "manifest.json").exists()
     assert "trained on Shakespeare" in out
+    # What a newcomer asked: stand-in tiers on a CPU, compile time apart, what stage->pinned is, no "1 layers".
+    assert "the 'GPU' and 'pinned host' tiers are stand-ins in CPU memory" in out
+    assert " ms compiling: XLA compiles each layer kind once" in out and "stage->pinned: expert bytes read" in out
+    assert "1 layers" not in out and "1 GPU layer slots" not in out
+    # The suggested `dsjax plan` is the full command, and it works as printed.
+    plan = out.split("try `dsjax plan ")[1].split("`")[0].split()
+    assert "--max-gpu-layers" in plan and "--prefetch-layers" in plan
+    assert main(["plan", *plan]) == 0 and "predicted:" in capsys.readouterr().out
 
 
 def test_generate_from_store_with_runtime_options(tmp_path, capsys):
@@ -86,3 +94,61 @@ def test_import_lifts_the_pinned_host_cap_unless_set():
     out = subprocess.run([sys.executable, "-c", code], env=dict(env, XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB="7"),
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "7"                           # a user's setting is kept
+
+
+def test_generate_prompt_from_stdin_or_an_error(demo_checkpoint, demo_engine, capsys, monkeypatch):
+    import io
+    monkeypatch.setattr("sys.stdin", io.StringIO("Shall I\n"))
+    assert main(["generate", demo_checkpoint, "--max-new-tokens", "3", "--dtype", "float32", "--no-stream"]) == 0
+    assert capsys.readouterr().out == demo_engine.generate("Shall I", max_new_tokens=3).text + "\n"
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    monkeypatch.setattr("sys.stdin", Terminal())
+    assert main(["generate", demo_checkpoint]) == 2
+    assert "no prompt; give --prompt TEXT (repeatable), or pipe the prompt on stdin" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["generate", demo_checkpoint, "--prompt", "-"]) == 2
+    assert "the prompt read from stdin is empty" in capsys.readouterr().err
+
+
+def test_generate_json_without_no_stream_prints_json(demo_checkpoint, demo_engine, capsys):
+    assert main(["generate", demo_checkpoint, "--prompt", "Thou art", "--max-new-tokens", "3", "--json",
+                 "--dtype", "float32"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["token_ids"] == demo_engine.generate("Thou art", max_new_tokens=3).token_ids
+
+
+def test_generate_stats_say_unlimited(store, capsys):
+    assert main(["generate", store, "--prompt", "Thou", "--max-new-tokens", "1", "--dtype", "float32",
+                 "--stats"]) == 0
+    stats = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    caps = {k: v["capacity"] for k, v in stats["pools"].items()}
+    assert caps["reserve"] == "unlimited" and all(c == "unlimited" or c < 2**50 for c in caps.values()), caps
+
+
+def test_info_and_plan_on_a_file_a_missing_path_and_a_store(store, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert main(["info", str(tmp_path / "notes.txt")]) == 2
+    assert "notes.txt is a file, not a directory; give a Hugging Face checkpoint directory" in capsys.readouterr().err
+    for cmd in ("info", "plan"):
+        assert main([cmd, str(tmp_path / "missing")]) == 2
+        assert "missing: no such file or directory" in capsys.readouterr().err
+    assert main(["plan", str(tmp_path / "notes.txt")]) == 2
+    assert "notes.txt: not valid JSON" in capsys.readouterr().err
+    assert main(["info", store]) == 0
+    out = capsys.readouterr().out
+    assert "4 layers (1 dense, 3 MoE)" in out and "dsjax store: nvfp4 (policy mlp)" in out
+
+
+def test_help_describes_every_command(capsys):
+    import pytest
+    for cmd in ("info", "plan", "generate"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        text = capsys.readouterr().out
+        assert "usage:" in text and len(text.split("\n\n")[1]) > 40, text      # a description paragraph
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "dsjax store directory" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 through dsjax.load, FP4 quality against the bf16 model, and corruption reported with the tensor's name."""
 
 import gc
+import json
 import os
 import shutil
 
@@ -288,3 +289,72 @@ def test_missing_copied_file_and_bad_manifest(damaged, tmp_path):
         Store(damaged)
     with pytest.raises(StoreError, match="not a dsjax store"):
         Store(tmp_path)
+
+
+# ---- the manifest's own checksum ---------------------------------------------------------------------
+def test_manifest_edited_is_refused_by_verify_load_and_the_cli(damaged, capsys):
+    """An edited model config breaks no tensor checksum but changes every token: the manifest seals itself."""
+    from dsjax.cli import main
+    m = json.loads((damaged / "manifest.json").read_text())
+    assert m["manifest_sha256"].startswith("sha256:")
+    m["model_config"]["routed_scaling_factor"] = 0.1
+    (damaged / "manifest.json").write_text(json.dumps(m, indent=1))
+    match = r"manifest\.json: manifest\.json was edited or damaged .*convert the checkpoint again"
+    with pytest.raises(StoreCorruptError, match=match):
+        verify(damaged)
+    with pytest.raises(StoreCorruptError, match=match):
+        Store(damaged)
+    with pytest.raises(StoreCorruptError, match=match):
+        dsjax.load(damaged, dtype="float32")
+    assert main(["verify", str(damaged)]) == 1
+    assert "manifest.json was edited or damaged" in capsys.readouterr().out
+    assert main(["generate", str(damaged), "--prompt", "x"]) == 2
+    assert "manifest.json was edited or damaged" in capsys.readouterr().err
+
+
+def test_manifest_reformatted_is_accepted_and_one_without_a_checksum_loads_with_a_warning(damaged):
+    m = json.loads((damaged / "manifest.json").read_text())
+    (damaged / "manifest.json").write_text(json.dumps(m, indent=4, sort_keys=True))   # same content, other bytes
+    assert verify(damaged).ok and not verify(damaged).warnings
+    del m["manifest_sha256"]                     # a store converted before manifests carried their own checksum
+    (damaged / "manifest.json").write_text(json.dumps(m))
+    with Store(damaged) as s:
+        assert s.config.routed_scaling_factor == 2.5 and not s.manifest.sealed
+    rep = verify(damaged)
+    assert rep.ok and "has no manifest_sha256" in rep.warnings[0] and "warning: manifest.json" in rep.summary()
+
+
+# ---- expert counts that are not a multiple of the read batch ------------------------------------------
+@pytest.mark.parametrize("n_experts", [12, 60, 72])
+def test_expert_counts_not_a_multiple_of_the_read_batch(small, tmp_path, n_experts):
+    """A Kimi-like routing (top-2, one group): verify read batches of 8 past the last expert (OUT_OF_RANGE)."""
+    cfg, cfg_dict, tensors = bf16_tensors(vocab_size=512, n_routed_experts=n_experts, num_experts_per_tok=2,
+                                          n_group=1, topk_group=1)
+    write(tmp_path / "src", cfg_dict, tensors, tokenizer_from=small[0])
+    convert(tmp_path / "src", tmp_path / "store", "nvfp4", "mlp", progress=False)
+    for batch in (8, 16, 5):
+        rep = verify(tmp_path / "store", expert_batch=batch)
+        assert rep.ok, rep.summary()
+    with Store(tmp_path / "store") as s:
+        last = s.read_experts(1, [n_experts - 1, 0])["down"].result()["packed"]
+        want = quantize(_expert(tensors, 1, "down", n_experts - 1), "nvfp4").packed
+        np.testing.assert_array_equal(last[0], want)
+    if n_experts == 12:         # generation through the tiers under tight budgets: experts read from disk
+        from dsjax.demo import demo_budgets
+        tiered = dsjax.load(tmp_path / "store", dtype="float32", **demo_budgets(str(tmp_path / "store")))
+        assert len(tiered.generate("Shall I", max_new_tokens=1).token_ids) == 1
+        assert tiered.stats()["links"]["disk->host"]["copies"] > 0
+
+
+# ---- a store without its manifest ---------------------------------------------------------------------
+def test_store_without_manifest_is_called_an_unfinished_store(damaged, capsys):
+    from dsjax.cli import main
+    os.remove(damaged / "manifest.json")
+    match = r"this is an unfinished or damaged dsjax store .*re-run `dsjax convert SRC .*` to resume, or `dsjax verify"
+    for call in (lambda: dsjax.load(damaged), lambda: Store(damaged), lambda: verify(damaged)):
+        with pytest.raises(StoreError, match=match):
+            call()
+    for cmd in (["generate", str(damaged), "--prompt", "x"], ["info", str(damaged)], ["plan", str(damaged)],
+                ["verify", str(damaged)]):
+        assert main(cmd) == 2, cmd
+        assert "this is an unfinished or damaged dsjax store" in capsys.readouterr().err, cmd

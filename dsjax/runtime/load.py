@@ -15,6 +15,7 @@ from dsjax.model.attention import MlaForm
 from dsjax.runtime.engine import Engine
 from dsjax.runtime.tokenizer import Tokenizer
 from dsjax.store.hf_names import read_global, read_layer
+from dsjax.store.manifest import MANIFEST_FILE, StoreError, looks_like_store, unfinished_store_message
 from dsjax.store.safetensors_io import Checkpoint
 
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "fp32": jnp.float32}
@@ -51,8 +52,14 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None
         >>> engine.generate("Hello", max_new_tokens=8).text
     """
     path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint directory; give a dsjax store (made by `dsjax convert`) "
+                                "or a Hugging Face checkpoint directory")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+        raise ValueError(f"{path} is a file, not a directory; give a dsjax store (made by `dsjax convert`) or a "
+                         "Hugging Face checkpoint directory")
+    if not os.path.exists(os.path.join(path, MANIFEST_FILE)) and looks_like_store(path):
+        raise StoreError(unfinished_store_message(path))    # not a Hugging Face checkpoint: say what it is
     dt = _dtype(dtype)
     if progress is None:
         progress = sys.stderr.isatty()

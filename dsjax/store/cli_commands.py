@@ -32,8 +32,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from dsjax.store.manifest import StoreCorruptError
     from dsjax.store.verify import verify
-    rep = verify(args.store)
+    try:
+        rep = verify(args.store)
+    except StoreCorruptError as e:      # a damaged or edited manifest.json is a problem found, not bad input
+        print(f"{args.store}: 1 problem(s)\n  {e}")
+        return 1
     print(rep.summary())
     return 0 if rep.ok else 1
 

@@ -12,6 +12,10 @@ policy), where the conversion came from, and one record per tensor of the weight
                  (FP4)  or  {"weight": {...}} (plain),
         "source_dtype": "BF16" | "F32" | "F8_E4M3" | "NVFP4" ...,  "note": why a tensor stayed bf16 (optional)}
 
+The manifest seals itself: `manifest_sha256` is the SHA-256 of the canonical JSON (sorted keys, no spaces, ASCII) of
+every other field, so an edited model config (say routed_scaling_factor 2.5 -> 0.1, which changes every token
+without breaking a single tensor checksum) is refused by `dsjax verify` and by loading, naming manifest.json.
+
 Checksums are zlib.crc32 (stdlib, CRC-32/ISO-HDLC) of a part's raw bytes in C order, as 8 hex digits; routed-expert
 parts carry one checksum per expert (a list), so one expert read can be checked on its own. CRC-32 rather than
 blake2b: the job is catching bit rot, torn writes and truncation, not adversaries; CRC-32 detects every error burst of
@@ -24,6 +28,7 @@ This module knows nothing of orbax, TensorStore or the model math.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import zlib
@@ -36,6 +41,10 @@ SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 CHECKSUM = "crc32"
 PLAIN_PART = "weight"
+MANIFEST_CHECKSUM = "manifest_sha256"
+# What a store directory holds besides manifest.json (writer.py's layout); any of the first four marks a directory as
+# a dsjax store, finished or not.
+STORE_MARKS = ("progress", "core", "experts", MANIFEST_FILE + ".tmp")
 
 
 class StoreError(ValueError):
@@ -141,6 +150,7 @@ class Manifest:
     files: dict[str, dict[str, Any]]
     dsjax_version: str
     schema_version: int = SCHEMA_VERSION
+    sealed: bool = True         # False: read from a manifest written before manifests carried their own checksum
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -155,26 +165,55 @@ class Manifest:
         return t
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "schema_version": self.schema_version, "dsjax_version": self.dsjax_version,
-                "quantization": {"format": self.fmt, "block_size": self.block_size, "policy": self.policy},
-                "source": self.source, "checksum": CHECKSUM, "totals": self.totals(),
-                "files": self.files, "model_config": self.model_config,
-                "tensors": {k: r.to_json() for k, r in self.tensors.items()}}
+        d = {"format": FORMAT, "schema_version": self.schema_version, "dsjax_version": self.dsjax_version,
+             "quantization": {"format": self.fmt, "block_size": self.block_size, "policy": self.policy},
+             "source": self.source, "checksum": CHECKSUM, "totals": self.totals(),
+             "files": self.files, "model_config": self.model_config,
+             "tensors": {k: r.to_json() for k, r in self.tensors.items()}}
+        return dict(d, **{MANIFEST_CHECKSUM: manifest_digest(d)})
 
     @classmethod
     def from_json(cls, d: dict[str, Any], where: str = MANIFEST_FILE) -> "Manifest":
-        if d.get("format") != FORMAT:
-            raise StoreError(f"{where}: not a dsjax store manifest (format {d.get('format')!r})")
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            fmt = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise StoreError(f"{where}: not a dsjax store manifest (format {fmt!r})")
         if d.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(f"{where}: schema version {d.get('schema_version')} is not the {SCHEMA_VERSION} this "
                              "dsjax reads; re-convert the checkpoint with this dsjax (dsjax convert SRC DST)")
+        sealed = d.get(MANIFEST_CHECKSUM)
+        # Stores converted before the manifest carried its own checksum have none: they still load (their tensors
+        # are checked as always), and `dsjax verify` warns that edits to their manifest cannot be detected.
+        if sealed is not None and sealed != manifest_digest(d):
+            raise StoreCorruptError(
+                f"{where}: manifest.json was edited or damaged (its {MANIFEST_CHECKSUM} does not match its content), "
+                "so its model config and tensor records cannot be trusted; convert the checkpoint again "
+                "(`dsjax convert SRC DST` into a new directory), or restore the original manifest.json")
         try:
             q = d["quantization"]
             return cls(model_config=d["model_config"], fmt=q["format"], block_size=int(q["block_size"]),
                        policy=q["policy"], source=d["source"], files=d["files"], dsjax_version=d["dsjax_version"],
-                       tensors={k: TensorRecord.from_json(k, r) for k, r in d["tensors"].items()})
+                       tensors={k: TensorRecord.from_json(k, r) for k, r in d["tensors"].items()},
+                       sealed=sealed is not None)
         except (KeyError, TypeError, ValueError) as e:
             raise StoreError(f"{where}: malformed manifest ({type(e).__name__}: {e}); re-convert the store") from None
+
+
+def manifest_digest(d: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of a manifest dict without its own checksum field, as 'sha256:<hex>'."""
+    body = {k: v for k, v in d.items() if k != MANIFEST_CHECKSUM}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def looks_like_store(path: str) -> bool:
+    """True for a directory holding a dsjax store's parts (core/, experts/, a conversion journal), with or without
+    manifest.json: a store, or an unfinished or damaged one."""
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in STORE_MARKS)
+
+
+def unfinished_store_message(path: str) -> str:
+    return (f"{path}: this is an unfinished or damaged dsjax store (it has no {MANIFEST_FILE}): re-run `dsjax convert "
+            f"SRC {path}` to resume, or `dsjax verify {path}`")
 
 
 def conversion_identity(fingerprint: str, fmt: str, policy: str) -> dict[str, Any]:
@@ -200,9 +239,9 @@ def read_manifest(store: str) -> Manifest:
     if not os.path.isdir(store):
         raise StoreError(f"{store}: no such store directory")
     if not os.path.exists(path):
-        if os.path.isdir(os.path.join(store, "progress")):
-            raise StoreError(f"{store}: unfinished conversion (no {MANIFEST_FILE} yet); re-run `dsjax convert SRC "
-                             f"{store}` with the same source, format and policy to resume it")
+        if looks_like_store(store):
+            raise StoreError(unfinished_store_message(store) + " (a conversion resumes with the same source, "
+                             "format and policy)")
         raise StoreError(f"{store}: not a dsjax store (no {MANIFEST_FILE}); convert a checkpoint with "
                          "`dsjax convert SRC DST`")
     try:

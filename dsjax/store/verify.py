@@ -1,6 +1,7 @@
 """`dsjax verify STORE`: re-read every byte of a store and check it against the manifest.
 
 Checks, each failure reported with the tensor's name (and the expert, for routed experts):
+    manifest.json                                      its own SHA-256 (an edited manifest is refused outright)
     copied files (config.json, tokenizer files)       size and CRC-32
     core tensors (orbax checkpoints)                   restorable, shape, dtype, CRC-32 per part
     routed-expert arrays (zarr3 shards)                zarr.json shape/dtype, shard file size (truncation), shard
@@ -16,7 +17,9 @@ import os
 
 import numpy as np
 
-from dsjax.store.manifest import PLAIN_PART, Manifest, StoreError, TensorRecord, checksum, np_dtype, read_manifest
+from dsjax.store.manifest import (
+    MANIFEST_CHECKSUM, MANIFEST_FILE, PLAIN_PART, Manifest, StoreError, TensorRecord, checksum, np_dtype, read_manifest,
+)
 from dsjax.store.zarr_shard import read_shard_index, shard_file
 
 
@@ -39,6 +42,7 @@ class VerifyReport:
     tensors: int = 0
     bytes: int = 0
     problems: list[Problem] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)     # worth knowing, but the store is usable
 
     @property
     def ok(self) -> bool:
@@ -46,9 +50,10 @@ class VerifyReport:
 
     def summary(self) -> str:
         head = f"{self.path}: checked {self.tensors} tensors, {self.bytes / 1e6:.1f} MB"
+        notes = [f"  warning: {w}" for w in self.warnings]
         if self.ok:
-            return head + ": OK"
-        return "\n".join([head + f": {len(self.problems)} problem(s)"] + [f"  {p}" for p in self.problems])
+            return "\n".join(notes + [head + ": OK"])
+        return "\n".join(notes + [head + f": {len(self.problems)} problem(s)"] + [f"  {p}" for p in self.problems])
 
 
 def _check_files(path: str, m: Manifest, report: VerifyReport) -> None:
@@ -131,11 +136,11 @@ def _check_experts(path: str, m: Manifest, report: VerifyReport, batch: int) -> 
                                                        f"manifest {p.dtype}{list(p.shape)}", part))
                 continue
             for e0 in range(0, E, batch):
+                e1 = min(E, e0 + batch)         # TensorStore refuses a slice past the end (numpy would clip it)
                 try:
-                    a = arr[e0:e0 + batch].read().result()
+                    a = arr[e0:e1].read().result()
                 except Exception as e:
-                    report.problems.append(Problem(r.name, f"experts {e0}..{min(E, e0 + batch) - 1} unreadable "
-                                                           f"({e})", part))
+                    report.problems.append(Problem(r.name, f"experts {e0}..{e1 - 1} unreadable ({e})", part))
                     continue
                 for j in range(a.shape[0]):
                     got = checksum(a[j])
@@ -148,15 +153,20 @@ def _check_experts(path: str, m: Manifest, report: VerifyReport, batch: int) -> 
 def verify(path: str | os.PathLike, *, expert_batch: int = 8) -> VerifyReport:
     """Check every file, tensor and expert of a store against its manifest.
 
-    Returns a VerifyReport (`.ok`, `.problems`, `.summary()`); raises StoreError only when the directory is not a
-    readable store at all (no or unreadable manifest).
+    Returns a VerifyReport (`.ok`, `.problems`, `.warnings`, `.summary()`); raises StoreError only when the directory
+    is not a readable store at all (no manifest, or one that is unreadable or fails its own checksum:
+    StoreCorruptError).
 
     Example:
         >>> rep = verify("/nvme/v3-nvfp4"); print(rep.summary())
     """
     path = os.fspath(path)
-    m = read_manifest(path)
+    m = read_manifest(path)         # refuses a manifest whose own checksum does not match (edited or damaged)
     report = VerifyReport(path)
+    if not m.sealed:
+        report.warnings.append(f"{MANIFEST_FILE} has no {MANIFEST_CHECKSUM} (written by a dsjax before manifests "
+                               "carried their own checksum): an edit to it, e.g. to its model config, cannot be "
+                               "detected; re-convert the store to add one")
     _check_files(path, m, report)
     _check_core(path, m, report)
     _check_experts(path, m, report, expert_batch)
