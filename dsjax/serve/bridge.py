@@ -148,7 +148,10 @@ class Server:
 
     @functools.lru_cache(maxsize=65536)
     def token_str(self, token_id: int) -> str:
-        return self.tok.decode([token_id], skip_special_tokens=False) if self.tok else f"token_id:{token_id}"
+        """A token's text for logprobs; `token_id:N` where it has none of its own (no tokenizer, or a byte-level
+        token that is part of a UTF-8 character: several such would collide as U+FFFD in top_logprobs' keys)."""
+        text = self.tok.decode([token_id], skip_special_tokens=False) if self.tok else "\ufffd"
+        return f"token_id:{token_id}" if "\ufffd" in text else text
 
     # ---- running ---------------------------------------------------------------------------------------------
     def submit(self, choices: list[Choice], params: list, logprobs: int) -> asyncio.Queue:
