@@ -11,6 +11,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import dsjax
+
 from ckpt_builders import (
     assert_same_files, bf16_tensors, files_of, fp8_dequantized, linear_names, to_fp8, to_modelopt, write,
 )
@@ -171,8 +173,9 @@ def test_resume_after_interruption_between_units_is_byte_identical(bf16_ckpt, cl
     with pytest.raises(Stop):
         convert(bf16_ckpt[0], dst, "nvfp4", "mlp", progress=False, on_unit=stop_after(3))
     assert not (dst / "manifest.json").exists() and len(os.listdir(dst / "progress")) == 4   # job + 3 units
-    with pytest.raises(StoreError, match="unfinished conversion.*re-run `dsjax convert"):
-        Store(dst)
+    for call in (lambda: Store(dst), lambda: dsjax.load(dst)):     # load used to call it a Hugging Face checkpoint
+        with pytest.raises(StoreError, match="this is an unfinished or damaged dsjax store.*re-run `dsjax convert"):
+            call()
     resumed = []
     convert(bf16_ckpt[0], dst, "nvfp4", "mlp", progress=False, on_unit=resumed.append)
     assert resumed[0] == "layer_001.gate" and "embed" not in resumed      # continued at the first unfinished unit
@@ -354,6 +357,69 @@ def test_bad_source_fails_and_names_the_tensor(bf16_ckpt, tmp_path, mutate, matc
     # Header problems fail before anything is written; bad values (NaN) only when their tensor is reached.
     assert not (tmp_path / "s" / "manifest.json").exists()
     assert not (tmp_path / "s").exists() or "NaN" in match
+
+
+def test_store_without_its_manifest_converts_again_in_place(bf16_ckpt, clean_store, tmp_path):
+    """The message for a store without manifest.json says `dsjax convert` resumes: it must, journal or not."""
+    import shutil
+    shutil.copytree(clean_store, tmp_path / "s")
+    os.remove(tmp_path / "s" / "manifest.json")
+    (tmp_path / "s" / "core" / "embed" / "stale").write_text("left by whatever damaged it")
+    convert(bf16_ckpt[0], tmp_path / "s", "nvfp4", "mlp", progress=False)
+    assert_same_files(tmp_path / "s", clean_store)
+
+
+def test_unwritable_destination_is_one_line_naming_it(bf16_ckpt, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file.txt").write_text("x")
+    dst = tmp_path / "file.txt" / "store"
+    with pytest.raises(StoreError, match=r"file\.txt/store: cannot write the store there: Not a directory"):
+        convert(bf16_ckpt[0], dst, progress=False)
+    assert main(["convert", str(bf16_ckpt[0]), str(dst), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsjax: error: ") and err.count("\n") == 1 and "cannot write the store there" in err
+    assert (tmp_path / "file.txt").read_text() == "x"
+
+    def refuse(path, tree):             # what a read-only filesystem or a permission says, mid-conversion
+        raise PermissionError(errno.EACCES, "Permission denied", os.path.join(path, "_METADATA"))
+    monkeypatch.setattr(writer, "_save_orbax", refuse)
+    with pytest.raises(StoreError, match=r"s2: cannot write the store there: Permission denied \(at .*_METADATA\)"):
+        convert(bf16_ckpt[0], tmp_path / "s2", progress=False)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda h: h.replace(b'"data_offsets"', b'"data_offsetz"', 1), r"missing field 'data_offsets'"),
+    (lambda h: h.replace(b'"shape":[', b'"shape":{', 1), r"Expecting|delimiter|value"),
+    (lambda h: h.replace(b'"dtype":"BF16"', b'"dtype":416000', 1), r"TypeError: dtype 416000 is not a string"),
+], ids=["renamed-key", "broken-json", "wrong-type"])
+def test_damaged_safetensors_header_names_the_file(bf16_ckpt, tmp_path, capsys, damage, match):
+    _, _, cfg_dict, tensors = bf16_ckpt
+    src = write(tmp_path / "src", cfg_dict, tensors)
+    f = os.path.join(src, "model.safetensors")
+    data = open(f, "rb").read()
+    n = int.from_bytes(data[:8], "little")
+    header = damage(data[8:8 + n])
+    assert len(header) == n and header != data[8:8 + n]          # same length: only the JSON is damaged
+    with open(f, "wb") as out:
+        out.write(data[:8] + header + data[8 + n:])
+    want = r"model\.safetensors: safetensors header is not valid \(.*(" + match + ")"
+    with pytest.raises(CheckpointError, match=want):
+        convert(src, tmp_path / "s", progress=False)
+    with pytest.raises(CheckpointError, match=want):
+        dsjax.load(src)
+    assert main(["info", str(src)]) == 2
+    assert "safetensors header is not valid" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_demo_store_made_before_sealed_manifests_is_rebuilt(bf16_ckpt, tmp_path):
+    from dsjax.demo import ensure_demo_store
+    store = ensure_demo_store(str(tmp_path / "demo"), checkpoint=str(bf16_ckpt[0]))
+    m = json.loads((tmp_path / "demo" / "manifest.json").read_text())
+    assert m["manifest_sha256"].startswith("sha256:")
+    del m["manifest_sha256"]
+    (tmp_path / "demo" / "manifest.json").write_text(json.dumps(m))
+    assert ensure_demo_store(store, checkpoint=str(bf16_ckpt[0])) == store
+    assert "manifest_sha256" in json.loads((tmp_path / "demo" / "manifest.json").read_text())
 
 
 def test_unknown_format_policy_and_quant_algo(bf16_ckpt, tmp_path):

@@ -60,14 +60,28 @@ class SafetensorsFile:
                 if n > size - 8 or n > 100 << 20:
                     raise CheckpointError(f"{path}: corrupt header length {n} (file has {size} bytes)")
                 header = json.loads(f.read(n))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: safetensors header is not valid ({e}); re-download this file") from None
+        except OSError as e:
             raise CheckpointError(f"{path}: cannot read safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: safetensors header is not valid (a JSON {type(header).__name__}, not an "
+                                  "object); re-download this file")
         self.metadata = header.pop("__metadata__", None) or {}
         base = 8 + n
         self.tensors: dict[str, TensorInfo] = {}
         for name, h in header.items():
-            b, e = h["data_offsets"]
-            info = TensorInfo(name, path, h["dtype"], tuple(h["shape"]), base + b, base + e)
+            try:
+                b, e = (int(x) for x in h["data_offsets"])
+                if not isinstance(h["dtype"], str):
+                    raise TypeError(f"dtype {h['dtype']!r} is not a string")
+                info = TensorInfo(name, path, h["dtype"], tuple(int(d) for d in h["shape"]), base + b, base + e)
+                if min(info.shape, default=0) < 0 or not base <= info.begin <= info.end:
+                    raise ValueError(f"shape {list(info.shape)}, data_offsets {[b, e]}")
+            except (KeyError, TypeError, ValueError) as err:
+                what = f"missing field {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
+                raise CheckpointError(f"{path}: safetensors header is not valid (tensor {name!r}: {what}); "
+                                      "re-download this file") from None
             if info.end > size:
                 raise CheckpointError(
                     f"{path}: truncated: tensor {name!r} needs bytes up to {info.end}, file has {size}; "

@@ -58,7 +58,7 @@ from dsjax.quant import BLOCK_SIZES, QTensor, dequantize_np, quantize
 from dsjax.store import policy as policy_lib
 from dsjax.store.manifest import (
     MANIFEST_FILE, PLAIN_PART, Manifest, PartRecord, StoreError, TensorRecord, checksum,
-    conversion_identity, read_manifest, write_json_atomic,
+    conversion_identity, looks_like_store, read_manifest, write_json_atomic,
 )
 from dsjax.store.safetensors_io import CheckpointError
 from dsjax.store.source import Ref, Source
@@ -68,6 +68,9 @@ PROJECTIONS = {"experts_gate": "gate", "experts_up": "up", "experts_down": "down
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 PROGRESS = "progress"
 JOB_FILE = "conversion.json"
+# Everything a store directory may hold (DSJAX_SOURCE: dsjax.demo's stamp of the checkpoint it was made from).
+STORE_PARTS = {MANIFEST_FILE, MANIFEST_FILE + ".tmp", PROGRESS, "core", "experts", "DSJAX_SOURCE", *COPIED_FILES,
+               *(f + ".tmp" for f in COPIED_FILES)}
 DEFAULT_BAND_BYTES = 64 << 20
 T, R = TypeVar("T"), TypeVar("R")
 
@@ -357,6 +360,12 @@ def _prepare(dst: str, identity: dict[str, Any]) -> str:
                 raise StoreError(f"{dst}: holds an unfinished conversion of a different job ({job}); resume it with "
                                  f"its own source, format and policy, or delete {dst}")
             return "resume"
+        if entries and set(entries) <= STORE_PARTS and looks_like_store(dst):
+            # A store's parts without its manifest and job file (a deleted manifest.json, a lost journal): nothing
+            # here can be trusted or matched to a job, so convert again from scratch, into the same directory.
+            for part in (PROGRESS, "core", "experts"):
+                shutil.rmtree(os.path.join(dst, part), ignore_errors=True)
+            entries = []
         if entries and entries != [PROGRESS]:
             shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
             raise StoreError(f"{dst}: exists and is not a dsjax store (it holds {shown}); choose a new or empty "
@@ -415,6 +424,21 @@ def _is_disk_full(e: BaseException) -> bool:
     return False
 
 
+def _under(filename, dst: str) -> bool:
+    if not isinstance(filename, (str, bytes, os.PathLike)):
+        return False
+    f, d = os.path.abspath(os.fsdecode(filename)), os.path.abspath(dst)
+    return f == d or f.startswith(d.rstrip(os.sep) + os.sep)
+
+
+def _unwritable(dst: str, e: OSError) -> StoreError:
+    """One line for an OSError on the destination (read-only filesystem, no permission, a file in the path)."""
+    where = "" if e.filename is None or os.path.abspath(os.fsdecode(e.filename)) == os.path.abspath(dst) \
+        else f" (at {os.fsdecode(e.filename)})"
+    return StoreError(f"{dst}: cannot write the store there: {e.strerror or e}{where}; choose a writable "
+                      "destination directory")
+
+
 def convert(src: "str | os.PathLike | Source", dst: str | os.PathLike, fmt: str = "nvfp4", policy: str = "mlp",
             progress: bool = True, *, on_unit: Callable[[str], None] | None = None,
             band_bytes: int = DEFAULT_BAND_BYTES, workers: int | None = None) -> Manifest:
@@ -440,7 +464,8 @@ def convert(src: "str | os.PathLike | Source", dst: str | os.PathLike, fmt: str 
 
     Raises:
         CheckpointError / ConfigError: missing tensors, wrong shapes, unsupported dtypes (named), bad config.
-        StoreError: a destination that is not ours, a different unfinished job there, or a full disk.
+        StoreError: a destination that is not ours or cannot be written (read-only, no permission), a different
+            unfinished job there, or a full disk.
 
     Example:
         >>> convert("DeepSeek-V3", "/nvme/v3-nvfp4", fmt="nvfp4", policy="mlp")
@@ -456,7 +481,11 @@ def convert(src: "str | os.PathLike | Source", dst: str | os.PathLike, fmt: str 
         source.preflight()
         described = source.describe()
         identity = conversion_identity(described["fingerprint"], fmt, policy)
-        if _prepare(dst, identity) == "complete":
+        try:
+            state = _prepare(dst, identity)
+        except OSError as e:
+            raise _unwritable(dst, e) from None
+        if state == "complete":
             return read_manifest(dst)
         job = _Job(source, dst, fmt, policy, band_bytes, default_workers() if workers is None else max(1, workers))
         units = plan_units(source.cfg)
@@ -495,6 +524,8 @@ def convert(src: "str | os.PathLike | Source", dst: str | os.PathLike, fmt: str 
                     f"{dst}: disk full (no space left on device) while writing {current}; "
                     f"{shutil.disk_usage(dst).free / 1e9:.2f} GB free. Free space and re-run the same command: the "
                     f"conversion resumes at {current}") from e
+            if isinstance(e, OSError) and _under(e.filename, dst):
+                raise _unwritable(dst, e) from None
             raise
         shutil.rmtree(os.path.join(dst, PROGRESS), ignore_errors=True)
         return manifest
