@@ -32,8 +32,11 @@ def test_normal_install_imports_dsjax_kernels(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                         "--target", str(target), REPO], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    # A quiet install: setuptools used to print ~50 lines ("Package 'dsjax.data' ... would be ignored").
+    assert "Warning" not in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
     assert (target / "dsjax_kernels" / "__init__.py").exists() and not (target / "kernels").exists()
     assert (target / "dsjax_configs" / "balanced.yaml").exists()        # presets ship with the package
+    assert (target / "dsjax" / "data" / "shakespeare-v3-tiny" / "model.safetensors").exists()    # the demo's model
     env = dict(os.environ, PYTHONPATH=str(target))
     path, no_kernels = _probe(tmp_path, env)
     assert path.startswith(str(target)), path
