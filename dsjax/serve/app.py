@@ -202,11 +202,16 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
 
 # ---- helpers shared by the two generation routes -----------------------------------------------------------------
 def _sampling(body, max_new: int, j: int):
-    """Choice j's SamplingParams: n > 1 choices use seeds seed, seed + 1, ... (each fresh when seed is None)."""
+    """Choice j's SamplingParams: n > 1 choices use seeds seed, seed + 1, ... (each fresh when seed is None); any
+    integer seed is taken modulo 2**64 (the engine's seeds are unsigned 64-bit; OpenAI's may be negative)."""
     from dsjax.runtime.sampling import SamplingParams
-    return SamplingParams(max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p,
-                          top_k=max(body.top_k, 0), stop=tuple(body.stop), stop_token_ids=tuple(body.stop_token_ids or ()),
-                          seed=None if body.seed is None else body.seed + j)
+    try:
+        return SamplingParams(max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p,
+                              top_k=max(body.top_k, 0), stop=tuple(body.stop),
+                              stop_token_ids=tuple(body.stop_token_ids or ()),
+                              seed=None if body.seed is None else (body.seed + j) % 2**64)
+    except ValueError as e:
+        raise P.ApiError(400, str(e), param=P.param_of(str(e))) from None
 
 
 def _engine_logprobs(top: int | None) -> int:

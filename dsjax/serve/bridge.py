@@ -124,7 +124,7 @@ class Server:
     def encode(self, prompt, *, chat: bool, param: str) -> list[int]:
         try:
             ids = self.engine.encode(prompt, chat=chat)
-        except ValueError as e:                           # TokenizerError, PromptError, bad chat template input
+        except Exception as e:                            # TokenizerError, PromptError, a chat template that fails
             raise P.ApiError(400, f"{param}: {e}", param=param) from None
         if not ids:
             raise P.ApiError(400, f"{param}: the prompt is empty", param=param)
@@ -174,7 +174,7 @@ class Server:
                                               request_id=f"{rid}-{c.index}")
         except ValueError as e:
             self.cancel(choices)
-            raise P.ApiError(400, str(e), param=None) from None
+            raise P.ApiError(400, str(e), param=P.param_of(str(e))) from None
         except Exception as e:
             self.cancel(choices)
             raise P.ApiError(503, f"the engine cannot take requests: {type(e).__name__}: {e}") from None

@@ -9,6 +9,7 @@ work unchanged; unknown fields are ignored, as OpenAI does. Extensions (vLLM's n
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -133,6 +134,15 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
         msg = err["msg"].removeprefix("Value error, ")
         raise ApiError(400, f"{param}: {msg}{got}" if param else f"{msg}{got}", param=param,
                        code="invalid_value" if err["type"] != "missing" else "missing_field") from None
+
+
+_ENGINE_NAMES = {"max_new_tokens": "max_tokens"}
+
+
+def param_of(message: str) -> str | None:
+    """The request field an engine / SamplingParams error names ("top_k=... must ..." -> "top_k")."""
+    m = re.match(r"(\w+)=", message)
+    return _ENGINE_NAMES.get(m.group(1), m.group(1)) if m else None
 
 
 def _union_branch(x) -> bool:
