@@ -128,7 +128,7 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
                     ch["logprobs"] = _completion_logprobs(srv, [piece["logprob"]], [piece["text"]], offsets[c.index])
                 offsets[c.index] += len(piece["text"])
                 if body.return_token_ids:
-                    ch["token_ids"] = [piece["token_id"]]
+                    ch["token_ids"] = [] if piece["token_id"] is None else [piece["token_id"]]
                 return dict(head, choices=[ch])
 
             return _stream(srv, request, body, choices, queue, t0, head, first_chunks, chunk)
@@ -177,7 +177,7 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
                 if piece["logprob"] is not None:
                     ch["logprobs"] = {"content": [_chat_logprob(srv, piece["logprob"])]}
                 if body.return_token_ids:
-                    ch["token_ids"] = [piece["token_id"]]
+                    ch["token_ids"] = [] if piece["token_id"] is None else [piece["token_id"]]
                 return dict(head, choices=[ch])
 
             return _stream(srv, request, body, choices, queue, t0, head, first_chunks, chunk)
