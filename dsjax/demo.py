@@ -150,11 +150,12 @@ def demo_budgets(store: str) -> dict:
 
 @contextlib.contextmanager
 def compile_seconds():
-    """Seconds JAX spends tracing, lowering and compiling (or loading from the persistent cache) inside the block,
-    from JAX's monitoring events: yields a one-element list that holds the running total."""
+    """Seconds JAX spends lowering and compiling (or loading from the persistent cache) inside the block, from JAX's
+    monitoring events: yields a one-element list that holds the running total."""
     import jax
-    events = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-              "/jax/core/compile/backend_compile_duration")
+    # Lowering and XLA compilation are recorded once per top-level jitted call; tracing is left out because a jit
+    # traced inside another records its own duration inside its caller's (it would count twice).
+    events = ("/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core/compile/backend_compile_duration")
     total = [0.0]
 
     def listener(event: str, seconds: float, **_) -> None:
@@ -210,15 +211,21 @@ def run_demo(store_dir: str | None = None, *, dtype: str = "float32", max_new_to
         "the rest on disk")
     for i, prompt in enumerate(["MACBETH.\nIs this a dagger", "ROMEO.\nBut soft, what light"]):
         say(f"\n>>> {prompt}", end="")
+        first = None                    # (seconds to the first token, seconds of it spent compiling)
+        t_prompt = time.perf_counter()
         with compile_seconds() as compiled:
             for ev in engine.stream(prompt, max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, seed=0):
+                if first is None:
+                    first = (time.perf_counter() - t_prompt, compiled[0])
                 say(ev.text, end="")
         say()
         g = engine.stats()["generation"]
-        note = (f" (includes {compiled[0] * 1e3:.0f} ms compiling: XLA compiles each layer kind once, on first use;"
-                " the next prompt shows the steady state)" if i == 0 and compiled[0] > 0.001 else "")
         say(f"[dsjax] prompt tokens {g.get('prompt_tokens')}, generated {g.get('generated_tokens')}, time to first "
-            f"token {g.get('ttft_s', 0) * 1e3:.1f} ms{note}, decode {g.get('decode_tok_s', 0):.1f} tok/s")
+            f"token {g.get('ttft_s', 0) * 1e3:.1f} ms, decode {g.get('decode_tok_s', 0):.1f} tok/s")
+        if i == 0 and first is not None and first[1] > 0:
+            say(f"[dsjax demo] this first call waited {first[0] * 1e3:.0f} ms for its first token, {first[1] * 1e3:.0f} "
+                "ms of it compiling (XLA compiles each kind of layer once, on first use); the next prompt shows the "
+                "steady state")
     s = engine.stats()
     links = ", ".join(f"{k} {v['bytes'] / 1e6:.2f} MB in {v['copies']} copies" for k, v in s["links"].items())
     pr = s["prediction"]
