@@ -7,7 +7,6 @@ import faulthandler
 import json
 import os
 import sys
-import time
 
 UNLIMITED_BYTES = 1 << 56       # pool capacities at or above this are the runtime's "no budget" sentinel
 
@@ -211,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat template")
     g.add_argument("--no-stream", action="store_true", help="print whole generations instead of streaming")
-    g.add_argument("--json", action="store_true", help="print one JSON object per whole generation (implies --no-stream)")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object per whole generation (implies --no-stream)")
     g.add_argument("--stats", action="store_true", help="print timing statistics after each generation and, for "
                    "a store, the runtime's figures (memory per pool, bytes and GB/s per link, hit rates, prediction)")
     g.add_argument("--stats-format", default="json", choices=["json", "prometheus"], help="runtime figures as one "

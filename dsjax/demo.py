@@ -223,9 +223,9 @@ def run_demo(store_dir: str | None = None, *, dtype: str = "float32", max_new_to
         say(f"[dsjax] prompt tokens {g.get('prompt_tokens')}, generated {g.get('generated_tokens')}, time to first "
             f"token {g.get('ttft_s', 0) * 1e3:.1f} ms, decode {g.get('decode_tok_s', 0):.1f} tok/s")
         if i == 0 and first is not None and first[1] > 0:
-            say(f"[dsjax demo] this first call waited {first[0] * 1e3:.0f} ms for its first token, {first[1] * 1e3:.0f} "
-                "ms of it compiling (XLA compiles each kind of layer once, on first use); the next prompt shows the "
-                "steady state")
+            say(f"[dsjax demo] this first call waited {first[0] * 1e3:.0f} ms for its first token, "
+                f"{first[1] * 1e3:.0f} ms of it compiling (XLA compiles each kind of layer once, on first use); the "
+                "next prompt shows the steady state")
     s = engine.stats()
     links = ", ".join(f"{k} {v['bytes'] / 1e6:.2f} MB in {v['copies']} copies" for k, v in s["links"].items())
     pr = s["prediction"]
