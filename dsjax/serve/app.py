@@ -97,21 +97,35 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
         t0 = time.monotonic()
         body = P.parse(P.CompletionRequest, await request.body())
         srv.check_model(body.model)
-        if body.echo and body.logprobs is not None:
-            raise P.ApiError(400, "echo: echo with logprobs needs the prompt tokens' logprobs, which this server does "
-                                  "not compute yet", param="echo")
+        if body.max_tokens == 0 and not body.echo:
+            raise P.ApiError(400, "max_tokens: must be >= 1 (0 only with echo: score the prompt, generate nothing)",
+                             param="max_tokens")
         prompts = body.prompts()
+        ids_of = [srv.encode(prompt, chat=False, param="prompt") for prompt in prompts]
+        # echo: the prompt comes back before the completion; with logprobs, its tokens' logprobs too (lm-eval's
+        # loglikelihood requests: echo, logprobs=1, max_tokens 0 or 1), from one full forward of each prompt
+        echo = {i: _prompt_text(srv, p, ids) if body.echo else "" for i, (p, ids) in enumerate(zip(prompts, ids_of))}
+        echo_lps = {}
+        if body.echo and body.logprobs is not None:
+            for i, ids in enumerate(ids_of):
+                echo_lps[i] = await srv.prompt_logprobs(ids, body.logprobs)
         choices, params = [], []
-        for i, prompt in enumerate(prompts):
-            ids = srv.encode(prompt, chat=False, param="prompt")
-            max_new = srv.max_new_tokens(len(ids), body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens")
+        for i, ids in enumerate(ids_of):
+            max_new = 0 if body.max_tokens == 0 else \
+                srv.max_new_tokens(len(ids), body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens")
             for j in range(body.n):
-                choices.append(Choice(i * body.n + j, ids, body.stop, None, body.logprobs))
-                params.append(_sampling(body, max_new, j))
-        srv.admit(len(choices))
-        queue = srv.submit(choices, params, logprobs=_engine_logprobs(body.logprobs))
-        echo = {c.index: _prompt_text(srv, prompts[c.index // body.n], c.prompt_ids) if body.echo else ""
-                for c in choices}
+                c = Choice(i * body.n + j, ids, body.stop, None, body.logprobs)
+                if max_new:
+                    choices.append(c)
+                    params.append(_sampling(body, max_new, j))
+                else:
+                    c.finish_reason = "length"
+                    choices.append(c)
+        generating = [c for c in choices if not c.finished]
+        srv.admit(len(generating))
+        queue = srv.submit(generating, params, logprobs=_engine_logprobs(body.logprobs))
+        echo = {c.index: echo[c.index // body.n] for c in choices}
+        echo_lps = {c.index: echo_lps.get(c.index // body.n, ([], [])) for c in choices}
         rid, created = P.new_id("cmpl"), P.now()
         head = {"id": rid, "object": "text_completion", "created": created, "model": srv.model}
 
@@ -119,8 +133,14 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
             offsets = {c.index: len(echo[c.index]) for c in choices}
 
             def first_chunks():
-                return [dict(head, choices=[{"index": c.index, "text": echo[c.index], "logprobs": None,
-                                             "finish_reason": None}]) for c in choices if echo[c.index]]
+                out = []
+                for c in choices:
+                    if body.echo:
+                        lps, texts = echo_lps[c.index]
+                        lp = _completion_logprobs(srv, lps, texts, 0) if body.logprobs is not None else None
+                        out.append(dict(head, choices=[{"index": c.index, "text": echo[c.index], "logprobs": lp,
+                                                        "finish_reason": c.finish_reason}]))
+                return out
 
             def chunk(c: Choice, piece: dict[str, Any]) -> dict[str, Any]:
                 ch = {"index": c.index, "text": piece["text"], "logprobs": None, "finish_reason": piece["finish_reason"]}
@@ -139,7 +159,9 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
             text = echo[c.index] + "".join(c.text)
             ch = {"index": c.index, "text": text, "logprobs": None, "finish_reason": c.finish_reason}
             if c.top_logprobs is not None:
-                ch["logprobs"] = _completion_logprobs(srv, c.logprobs, c.text, len(echo[c.index]))
+                lps, texts = echo_lps[c.index]
+                ch["logprobs"] = _completion_logprobs(srv, lps + c.logprobs, texts + c.text, 0) if body.echo else \
+                    _completion_logprobs(srv, c.logprobs, c.text, 0)
             if body.return_token_ids:
                 ch["token_ids"] = c.token_ids
             out.append(ch)
@@ -231,14 +253,14 @@ def _usage(n: int, choices: list[Choice]) -> dict[str, int]:
 
 
 def _completion_logprobs(srv: Server, lps: list, texts: list[str], offset: int) -> dict[str, Any]:
-    """lm-eval's local-completions format: tokens, token_logprobs, top_logprobs (dicts), text_offset."""
+    """lm-eval's local-completions format: tokens, token_logprobs, top_logprobs (dicts), text_offset. A prompt's
+    first token has no logprob (null, as OpenAI's echo gives)."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for (tid, lp, top), text in zip(lps, texts):
         tok = srv.token_str(tid)
         out["tokens"].append(tok)
         out["token_logprobs"].append(lp)
-        tops = {srv.token_str(t): l for t, l in top}
-        out["top_logprobs"].append(tops)
+        out["top_logprobs"].append(None if lp is None else {srv.token_str(t): l for t, l in top})
         out["text_offset"].append(offset)
         offset += len(text)
     return out

@@ -17,7 +17,10 @@ import math
 import time
 from typing import Any, AsyncIterator
 
+import numpy as np
 from starlette.requests import Request
+
+from dsjax.runtime.tokenizer import StreamDecoder
 
 from dsjax.serve import protocol as P
 from dsjax.serve.metrics import ServerMetrics
@@ -152,6 +155,31 @@ class Server:
         token that is part of a UTF-8 character: several such would collide as U+FFFD in top_logprobs' keys)."""
         text = self.tok.decode([token_id], skip_special_tokens=False) if self.tok else "\ufffd"
         return f"token_id:{token_id}" if "\ufffd" in text else text
+
+    async def prompt_logprobs(self, ids: list[int], top: int) -> tuple[list, list[str]]:
+        """Each prompt token's (id, logprob given the tokens before it, top-n alternatives) and its text, from one full
+        forward (`engine.logits`, run between the engine's steps); the first token has no logprob."""
+        def run():
+            x = np.asarray(self.engine.logits(ids))[0, :-1].astype(np.float32)       # [T-1, V]
+            m = x.max(-1, keepdims=True)
+            x -= m + np.log(np.exp(x - m).sum(-1, keepdims=True))                   # log-softmax in place
+            out = [(ids[0], None, [])]
+            k = max(top, 1)
+            for t in range(1, len(ids)):
+                row = x[t - 1]
+                best = np.argpartition(-row, k - 1)[:k]
+                best = best[np.argsort(-row[best], kind="stable")]
+                out.append((ids[t], float(row[ids[t]]), [(int(b), float(row[b])) for b in best[:top]]))
+            texts = []
+            if self.tok is not None:
+                dec = StreamDecoder(self.tok)
+                texts = [dec.push(t) for t in ids]
+                texts[-1] += dec.flush()
+            return out, texts or [""] * len(ids)
+        try:
+            return await asyncio.to_thread(run)
+        except ValueError as e:
+            raise P.ApiError(400, f"prompt: {e}", param="prompt") from None
 
     # ---- running ---------------------------------------------------------------------------------------------
     def submit(self, choices: list[Choice], params: list, logprobs: int) -> asyncio.Queue:

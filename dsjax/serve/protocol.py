@@ -73,7 +73,7 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)         # OpenAI's default for completions
+    max_tokens: int | None = Field(None, ge=0)       # None: OpenAI's default (16); 0 only with echo
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
 
