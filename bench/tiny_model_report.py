@@ -8,7 +8,7 @@ encoded them, windows placed by its `eval_windows`):
    come from the product path: `convert` to a store, `dsjax.load` it, full-sequence `engine.logits`.
 2. Routing of the bf16 checkpoint: expert popularity per MoE layer, reuse of the previous token's experts, distinct
    experts per decode step at batch b, and next-layer prediction precision/recall with the runtime's own predictor
-   (dsjax/runtime/scheduler.py `_predict`, thresholded as TieredEngine._prefetch does, counted as Metrics does),
+   (dsjax/runtime/programs.py `_predict`, thresholded as TieredEngine._prefetch does, counted as Metrics does),
    plus a cross-check against `engine.stats()["prediction"]` of a tiered engine under a small budget.
 3. Preset recommendations (expert_threshold, batch and cache remarks) derived from those numbers.
 
@@ -48,11 +48,11 @@ import fp4_quality  # noqa: E402  (bench/: the FP4 metric definitions this repor
 from dsjax.model.attention import init_layer_cache  # noqa: E402
 from dsjax.model.layers import rms_norm  # noqa: E402
 from dsjax.model.transformer import attn_route, embed_step, ffn_finish  # noqa: E402
-from dsjax.runtime.scheduler import _predict as runtime_predict  # noqa: E402  (the PrefetchSystem's predictor)
+from dsjax.runtime.programs import _predict as runtime_predict  # noqa: E402  (the PrefetchSystem's predictor)
 
 FORMATS = ("nvfp4", "mxfp4")
 POLICIES = ("experts", "mlp", "all", "all+lm_head")
-THRESHOLDS = (0.0, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0)   # top_k x share scale (scheduler._predict)
+THRESHOLDS = (0.0, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0)   # top_k x share scale (programs._predict)
 PRED_BATCHES = (1, 8, 32)
 DISTINCT_BATCHES = (1, 2, 4, 8, 16, 32)
 COVER = (0.5, 0.8, 0.9, 0.99)
@@ -508,7 +508,7 @@ def write_markdown(report: dict, path: str) -> None:
     pr = report["prediction"]
     L.append("### Next-layer expert prediction\n")
     L.append("Layer L+1's router (with its bias and group limit) applied at layer L by the runtime's own "
-             "predictor (`dsjax.runtime.scheduler._predict`: an expert's probability is top_k x its share of the "
+             "predictor (`dsjax.runtime.programs._predict`: an expert's probability is top_k x its share of the "
              "predicted top-k weight, capped at 1, maximized over the step's tokens); an expert is predicted when "
              "that probability >= max(threshold, 1e-9) (TieredEngine._prefetch), so threshold 0 predicts the K "
              "routed experts of each token. Counted as Metrics.add_prediction over steps and MoE layer pairs: "

@@ -22,7 +22,7 @@ _FUSION = contextvars.ContextVar("dsjax_enable_fusion", default=False)
 @contextlib.contextmanager
 def fusion(enabled: bool):
     """Choose kernels (True) or references (False) for the ops traced inside. The choice is made at trace time, so
-    jitted callers must key their cache on it (the ComputeScheduler owns one set of executables per setting)."""
+    jitted callers must key their cache on it (the LayerPrograms own one set of executables per setting)."""
     token = _FUSION.set(bool(enabled))
     try:
         yield

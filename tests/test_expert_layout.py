@@ -90,7 +90,7 @@ def test_one_load_is_one_put_and_one_slot_write(stores, monkeypatch):
     layout = ExpertLayout.of_store(store, LAYER)
     mm = MemoryManager(Pools.split(1 << 30, 1 << 30))
     metrics = Metrics(3, E)
-    host = tiers.HostCache(8, mm, metrics, layout.nbytes)
+    host = tiers.HostCache(8, mm, metrics, layout.nbytes, device=jax.devices()[0])
     disk = tiers.DiskReader(store, metrics, layout)
     staged = disk.read(LAYER, EXPERTS, stage=host.put).result()
     disk.close()
@@ -100,7 +100,7 @@ def test_one_load_is_one_put_and_one_slot_write(stores, monkeypatch):
         assert got.sharding.memory_kind == "pinned_host"
     assert mm.report()["host_layer_cache"]["used"] == len(EXPERTS) * layout.nbytes
 
-    cache = tiers.ExpertCache(16, layout, mm, metrics)
+    cache = tiers.ExpertCache(16, layout, mm, metrics, device=jax.devices()[0])
     assert {a.shape[0] for a in jax.tree.leaves(cache.pool)} == {16}      # per-part slot arrays, read in place
     assert mm.report()["expert_cache"]["used"] == 16 * layout.nbytes
     puts, writes = [], []

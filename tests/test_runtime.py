@@ -41,18 +41,21 @@ def _load(store, **kw):
 
 def _compiles(fn):
     """fn()'s result and the "Compiling ..." lines JAX logged while it ran; a throwaway jit runs first so that an
-    empty capture means no compile, not a capture that saw nothing."""
+    empty capture means no compile, not a capture that saw nothing. The flag is set process-wide, not with the
+    thread-local `jax.log_compiles` context: the engine compiles on its own thread."""
     import io
     import logging
     import jax
     log = io.StringIO()
     handler = logging.StreamHandler(log)
     logging.getLogger("jax").addHandler(handler)
+    was = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)
     try:
-        with jax.log_compiles(True):
-            jax.jit(lambda a: a * 3)(np.ones(3))
-            out = fn()
+        jax.jit(lambda a: a * 3)(np.ones(3))
+        out = fn()
     finally:
+        jax.config.update("jax_log_compiles", was)
         logging.getLogger("jax").removeHandler(handler)
     compiled = [ln for ln in log.getvalue().splitlines() if ln.startswith("Compiling")]
     assert any("<lambda>" in ln for ln in compiled)
@@ -167,10 +170,10 @@ def test_in_memory_refuses_a_store_larger_than_the_gpu(store, monkeypatch):
     from dsjax.runtime import tiered
     from dsjax.runtime.planner import BudgetError
     need = model_bytes_from_store(Store(store)).total
-    monkeypatch.setattr(tiered, "device_free_bytes", lambda: need - 1)
+    monkeypatch.setattr(tiered, "device_free_bytes", lambda device: need - 1)
     with pytest.raises(BudgetError, match="whole store on the GPU.*load it tiered"):
         _load(store, in_memory=True)
-    monkeypatch.setattr(tiered, "device_free_bytes", lambda: need)
+    monkeypatch.setattr(tiered, "device_free_bytes", lambda device: need)
     assert _load(store, in_memory=True).logits(np.asarray([PROMPTS[1]])).shape[1] == len(PROMPTS[1])
 
 
@@ -255,8 +258,8 @@ def test_attention_and_expert_calls_compile_once_per_kind_and_form(store, budget
     """A first generation compiles attention once per layer kind (dense, MoE) and form (prefill, decode), however
     many MoE layers follow each layer (the look-ahead router tuple is padded), and the expert-rows call once per
     form (its warm-up inputs are committed like the real ones)."""
-    from dsjax.runtime.scheduler import ComputeScheduler
-    monkeypatch.setattr(ComputeScheduler, "_shared", {})          # fresh executables for this engine
+    from dsjax.runtime.programs import LayerPrograms
+    monkeypatch.setattr(LayerPrograms, "_shared", {})          # fresh executables for this engine
     e = _load(store, **budgets["tight"])
     assert len(e.moe_layers) >= 2 and e.experts is not None
     _, compiled = _compiles(lambda: e.generate(PROMPTS[:1], max_new_tokens=4, stop_token_ids=()))
@@ -449,22 +452,27 @@ def test_auto_tune_measures_links(store):
 
 
 def test_use_cuda_graph_sets_xla_command_buffers(monkeypatch, store):
-    from dsjax.runtime import scheduler
-    monkeypatch.setattr(scheduler.jax, "default_backend", lambda: "gpu")
-    off = scheduler.ComputeScheduler(Store(store).config, use_cuda_graph=False)
-    on = scheduler.ComputeScheduler(Store(store).config, use_cuda_graph=True)
+    from dsjax.runtime import programs
+    monkeypatch.setattr(programs.jax, "default_backend", lambda: "gpu")
+    off = programs.LayerPrograms(Store(store).config, use_cuda_graph=False)
+    on = programs.LayerPrograms(Store(store).config, use_cuda_graph=True)
     assert off.compiler_options == {"xla_gpu_enable_command_buffer": ""} and on.compiler_options is None
 
 
 def test_batching_keys(store, reference):
+    """max_batch_size caps the requests running at once (the others wait and join as places free up); a step's
+    decode rows are padded to a power of two (dynamic_batch) or always to max_batch_size, at least min_batch_size.
+    Tokens do not change."""
     prompts = PROMPTS + [[0, 9, 9], [0, 1], [0, 44, 45, 46]]
     e = _load(store, max_batch_size=2, dynamic_batch=True)
     out = [g.token_ids for g in e.generate(prompts, max_new_tokens=5, stop_token_ids=())]
-    assert e.batch_sizes == [2, 2, 1]
+    steps = e.stats()["steps"]
+    assert steps["max_running"] == 2 and set(steps["decode_batches"]) <= {1, 2}
     assert out[:2] == [t[:5] for t in reference[1]]
     e = _load(store, max_batch_size=4, min_batch_size=4, dynamic_batch=False)
     assert [g.token_ids for g in e.generate(prompts, max_new_tokens=5, stop_token_ids=())] == out
-    assert e.batch_sizes == [4, 4]
+    steps = e.stats()["steps"]
+    assert steps["max_running"] == 4 and steps["decode_batches"] == [4]
 
 
 @pytest.mark.gpu
@@ -587,7 +595,7 @@ def test_prediction_scale_does_not_depend_on_top_k():
     import jax.numpy as jnp
     from dsjax.config import ModelConfig
     from dsjax.runtime.config import RuntimeConfig
-    from dsjax.runtime.scheduler import _predict
+    from dsjax.runtime.programs import _predict
     from dsjax.store.synthetic import v3_slice_config
     cfg = ModelConfig.from_dict(v3_slice_config(1, hidden_size=64))
     E, K, G, TG = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group

@@ -4,6 +4,7 @@ and the MemoryManager's ledger and refusals; the GPU expert cache's deferred slo
 import collections
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
@@ -193,7 +194,7 @@ def test_expert_copies_reach_the_pool_only_at_flush_and_the_latest_copy_of_a_slo
     from dsjax.runtime.tiers import ExpertCache
     layout = ExpertLayout((Part("down", "weight", 0, (4,), "float32"),), (("down", None),), 256)
     pools = Pools(**{f.name: 1 << 20 for f in dataclasses.fields(Pools)})
-    cache = ExpertCache(2, layout, MemoryManager(pools), Metrics())
+    cache = ExpertCache(2, layout, MemoryManager(pools), Metrics(), device=jax.devices()[0])
     expert = lambda v: flatten({"down": {"weight": np.full((1, 4), v, np.float32)}}, layout)[0]  # noqa: E731
     cache.load([(("L", 0), expert(1.0)), (("L", 1), expert(2.0))])
     assert not np.asarray(cache.pool["down"]).any(), "written before flush"
@@ -214,7 +215,7 @@ def test_a_flush_of_more_experts_than_one_write_group_writes_them_all():
     layout = ExpertLayout((Part("down", "weight", 0, (4,), "float32"),), (("down", None),), 256)
     pools = Pools(**{f.name: 1 << 20 for f in dataclasses.fields(Pools)})
     n = 2 * WRITE_GROUP + 5
-    cache = ExpertCache(n + 3, layout, MemoryManager(pools), Metrics())
+    cache = ExpertCache(n + 3, layout, MemoryManager(pools), Metrics(), device=jax.devices()[0])
     rows = flatten({"down": {"weight": np.arange(n, dtype=np.float32)[:, None].repeat(4, 1) + 1}}, layout)
     slots = cache.load([(("L", e), rows[e]) for e in range(n)])
     pool = np.asarray(cache.flush()["down"])

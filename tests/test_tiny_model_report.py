@@ -16,7 +16,7 @@ import pytest
 import dsjax
 from dsjax.model import head_step, init_layer_cache, layer_step
 from dsjax.runtime.metrics import Metrics
-from dsjax.runtime.scheduler import _predict
+from dsjax.runtime.programs import _predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("tiny_model_report", os.path.join(ROOT, "bench", "tiny_model_report.py"))

@@ -57,18 +57,18 @@ def test_decode_logits_follow_the_full_forward(case):
 
 
 def _decode_logits(engine, prompt, forced):
-    """Teacher-forced decode: prefill `prompt`, then feed `forced` tokens one at a time; yields logits [B, V]."""
-    import jax.numpy as jnp
-    from dsjax.model import embed_step, head_step
+    """Teacher-forced decode: prefill `prompt`, then feed `forced` tokens one at a time; yields logits [B, V]. Runs
+    the engine's own forward (prefill form naive, then absorbed decode steps) on a private cache."""
+    from dsjax.runtime.engine import Group
     B, P = prompt.shape
     caches = engine._new_caches(B, P + forced.shape[1])
-    x = embed_step(engine.weights["embed"], jnp.asarray(prompt), engine.dtype)
-    x = engine._run_layers(x, caches, jnp.broadcast_to(jnp.arange(P), (B, P)), "naive")
-    yield np.asarray(head_step(engine.weights["final_norm"], engine.weights["lm_head"], x, engine.config))[:, -1]
+    prefill = Group(prompt, np.broadcast_to(np.arange(P, dtype=np.int32), (B, P)), None, np.ones((B, P), bool),
+                    np.full(B, P - 1, np.int32), "naive")
+    yield np.asarray(engine._call(lambda: engine._forward([prefill], caches)[0]))
     for t in range(forced.shape[1] - 1):
-        x = embed_step(engine.weights["embed"], jnp.asarray(forced[:, t:t + 1]), engine.dtype)
-        x = engine._run_layers(x, caches, jnp.full((B, 1), P + t, jnp.int32), "absorbed")
-        yield np.asarray(head_step(engine.weights["final_norm"], engine.weights["lm_head"], x, engine.config))[:, 0]
+        step = Group(forced[:, t:t + 1], np.full((B, 1), P + t, np.int32), None, np.ones((B, 1), bool),
+                     np.zeros(B, np.int32), "absorbed")
+        yield np.asarray(engine._call(lambda: engine._forward([step], caches)[0]))
 
 
 def test_bf16_logits_near_the_float32_oracle(case):

@@ -35,6 +35,17 @@ def _write(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0)))(cache, new, start)
 
 
+def _write_pages(cache: jax.Array, new: jax.Array, pages: jax.Array, positions: jax.Array) -> jax.Array:
+    """Paged cache [P, page, ...]: position p of batch row b goes to page pages[b, p // page] at offset p % page.
+    Positions past the row's page table (a padding token) or rows whose pages lie past the pool (a padding row)
+    write nothing, so padding never touches a request's cache."""
+    size, W = cache.shape[1], pages.shape[1]
+    slot = positions // size
+    page = jnp.take_along_axis(pages, jnp.clip(slot, 0, W - 1), axis=1)
+    page = jnp.where((positions >= 0) & (slot < W), page, cache.shape[0])
+    return cache.at[page, positions % size].set(new.astype(cache.dtype), mode="drop")
+
+
 def _project_q(w, x, cfg: ModelConfig):
     B, T, _ = x.shape
     if cfg.q_lora_rank is None:
@@ -46,11 +57,15 @@ def _project_q(w, x, cfg: ModelConfig):
 
 
 def attention(w: dict, x: jax.Array, cache: dict, positions: jax.Array, cfg: ModelConfig,
-              form: MlaForm = "absorbed") -> tuple[jax.Array, dict]:
+              form: MlaForm = "absorbed", pages: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """MLA block on normed input x [B, T, D] at absolute positions [B, T] (contiguous per row).
 
     Returns the attention output [B, T, D] and the cache with this chunk written. Queries see cached positions
     <= their own; the caller keeps each row's cache filled up to its current position.
+
+    With `pages` [B, W], `cache` is a pool of pages shared by requests ({'c': [P, page, C], 'pe': [P, page, R]}):
+    batch row b's positions live in pages pages[b, :W] (its page table), and it attends over those W pages (W x page
+    positions, more than its real positions; the causal mask hides the rest). Padding writes nothing.
     """
     B, T, _ = x.shape
     H, N, V, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
@@ -61,9 +76,13 @@ def attention(w: dict, x: jax.Array, cache: dict, positions: jax.Array, cfg: Mod
     q_pe = apply_rope(q_pe, cos, sin)
     k_pe = apply_rope(kv[..., C:], cos, sin)                          # [B, T, R], shared by all heads
 
-    start = positions[:, 0]
-    cache = {"c": _write(cache["c"], c, start), "pe": _write(cache["pe"], k_pe, start)}
-    cc, cpe = cache["c"], cache["pe"]                                 # [B, S, C], [B, S, R]
+    if pages is None:
+        start = positions[:, 0]
+        cache = {"c": _write(cache["c"], c, start), "pe": _write(cache["pe"], k_pe, start)}
+        cc, cpe = cache["c"], cache["pe"]                             # [B, S, C], [B, S, R]
+    else:
+        cache = {k: _write_pages(cache[k], v, pages, positions) for k, v in (("c", c), ("pe", k_pe))}
+        cc, cpe = (cache[k][pages].reshape(B, -1, cache[k].shape[-1]) for k in ("c", "pe"))   # [B, W*page, C/R]
     S = cc.shape[1]
     visible = jnp.arange(S)[None, None, :] <= positions[:, :, None]  # [B, T, S] causal over absolute positions
 

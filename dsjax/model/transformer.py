@@ -22,13 +22,15 @@ from dsjax.model.moe import Routing, combine, expert_rows, route
 
 
 def attn_route(w: dict, x: jax.Array, cache: dict, positions: jax.Array, cfg: ModelConfig, kind: str,
-               form: MlaForm = "absorbed") -> tuple[jax.Array, jax.Array, dict, Routing | None]:
+               form: MlaForm = "absorbed", pages: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array, dict, Routing | None]:
     """First half of a layer: attention, residual, FFN norm and (MoE) routing. Returns (h, normed h, cache, routing).
 
-    The runtime reads the routing to bring the selected experts to the GPU before `ffn_finish` runs.
+    The runtime reads the routing to bring the selected experts to the GPU before `ffn_finish` runs. `pages`: the
+    cache is a paged pool shared by requests, and these are the batch rows' page tables (attention.attention).
     """
     with jax.named_scope("attention"):
-        a, cache = attention(w, rms_norm(x, w["attn_norm"], cfg.rms_norm_eps), cache, positions, cfg, form)
+        a, cache = attention(w, rms_norm(x, w["attn_norm"], cfg.rms_norm_eps), cache, positions, cfg, form, pages)
     h = x + a
     hn = rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps)
     routing = None
@@ -52,21 +54,34 @@ def ffn_finish(w: dict, h: jax.Array, hn: jax.Array, kind: str, idx: jax.Array |
     return moe_output(w, h, hn, rows, weight)
 
 
-def moe_output(w: dict, h: jax.Array, hn: jax.Array, rows: jax.Array, weight: jax.Array) -> jax.Array:
+def shared_experts(w: dict, hn: jax.Array) -> jax.Array | None:
+    """The shared experts' output [B*T, D] for normed hn [B, T, D] (None when the layer has none)."""
+    if "shared_gate" not in w:
+        return None
+    B, T, D = hn.shape
+    with jax.named_scope("shared_experts"):
+        return swiglu_mlp(hn.reshape(B * T, D), w["shared_gate"], w["shared_up"], w["shared_down"])
+
+
+def moe_output(w: dict, h: jax.Array, hn: jax.Array, rows: jax.Array, weight: jax.Array,
+               shared: jax.Array | None = None) -> jax.Array:
     """h + combine(expert rows [B*T, K, D], weights) + shared experts(hn): the one place MoE outputs are summed,
-    so the all-in-memory path and the runtime's chunked expert path give the same bits."""
+    so the all-in-memory path and the runtime's chunked expert path give the same bits. `shared`: the shared
+    experts' output when it was computed earlier (the runtime runs it while routed experts are fetched)."""
     B, T, D = hn.shape
     y = combine(rows, weight, hn.dtype)
-    if "shared_gate" in w:
-        with jax.named_scope("shared_experts"):
-            y = y + swiglu_mlp(hn.reshape(B * T, D), w["shared_gate"], w["shared_up"], w["shared_down"])
+    if shared is None:
+        shared = shared_experts(w, hn)
+    if shared is not None:
+        y = y + shared
     return h + y.reshape(B, T, D)
 
 
 def layer_forward(w: dict, x: jax.Array, cache: dict, positions: jax.Array, cfg: ModelConfig, kind: str,
-                  form: MlaForm = "absorbed") -> tuple[jax.Array, dict, Routing | None]:
+                  form: MlaForm = "absorbed", pages: jax.Array | None = None
+                  ) -> tuple[jax.Array, dict, Routing | None]:
     """One pre-norm decoder layer: x + Attn(norm(x)), then + FFN(norm(.)). Returns (x, cache, routing or None)."""
-    h, hn, cache, r = attn_route(w, x, cache, positions, cfg, kind, form)
+    h, hn, cache, r = attn_route(w, x, cache, positions, cfg, kind, form, pages)
     if kind == "moe":
         out = ffn_finish(w, h, hn, kind, r.idx, r.weight, (w["experts_gate"], w["experts_up"], w["experts_down"]))
     else:
@@ -76,11 +91,12 @@ def layer_forward(w: dict, x: jax.Array, cache: dict, positions: jax.Array, cfg:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kind", "form", "fusion"), donate_argnames=("cache",))
 def layer_step(w: dict, x: jax.Array, cache: dict, positions: jax.Array, cfg: ModelConfig, kind: str,
-               form: MlaForm = "absorbed", fusion: bool = False):
+               form: MlaForm = "absorbed", fusion: bool = False, pages: jax.Array | None = None):
     """Jitted `layer_forward`; the cache is donated (updated in place). `fusion`: FP4 ops traced with the fused
-    kernels (ops.fusion; a static argument, so each setting has its own executable)."""
+    kernels (ops.fusion; a static argument, so each setting has its own executable). `pages`: page tables into a paged
+    cache pool (attention.attention)."""
     with ops.fusion(fusion):
-        return layer_forward(w, x, cache, positions, cfg, kind, form)
+        return layer_forward(w, x, cache, positions, cfg, kind, form, pages)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))

@@ -172,3 +172,9 @@ class SlotCache:
     def unpin_all(self, keys: Iterable[Hashable]) -> None:
         for k in keys:
             self.unpin(k)
+
+    def clear_pins(self) -> None:
+        """Unpin every key however often it was pinned (after a failed step)."""
+        for k in list(self._pins):
+            while k in self._pins:
+                self.unpin(k)

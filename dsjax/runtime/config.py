@@ -29,9 +29,11 @@ class MemoryConfig:
     prefetch_layers: int = 2         # how many layers ahead layer weights are copied to the GPU
     disk_prefetch_layers: int = 1    # MoE layers ahead whose predicted experts are read from disk (<= prefetch_layers)
     expert_threshold: float = 0.4    # predicted probability (top_k x share, capped at 1) to prefetch an expert
-    min_batch_size: int = 1          # batches are padded up to at least this many rows
-    max_batch_size: int = 32         # prompts beyond this are run in successive batches
-    dynamic_batch: bool = True       # pad a batch to the next power of two (True) or always to max_batch_size
+    min_batch_size: int = 1          # a step's decode rows are padded up to at least this many
+    max_batch_size: int = 32         # requests running at once (more wait for a place)
+    dynamic_batch: bool = True       # pad a step's rows to the next power of two (True) or always to max_batch_size
+    max_context: int = 0             # tokens of prompt + output per request; 0 = min(model's, 4096, what the KV pool holds)
+    step_tokens: int = 256           # prompt tokens prefilled per step while other requests decode (chunked prefill)
     preload_experts: bool = True     # fill the host expert cache and GPU expert slots from disk at load
 
 
@@ -128,6 +130,10 @@ class RuntimeConfig:
             raise RuntimeConfigError(f"memory_config.expert_threshold={m.expert_threshold} must lie in [0, 1]")
         if m.min_batch_size < 1:
             raise RuntimeConfigError(f"memory_config.min_batch_size={m.min_batch_size} must be >= 1")
+        if m.max_context < 0:
+            raise RuntimeConfigError(f"memory_config.max_context={m.max_context} must be >= 0 (0 = automatic)")
+        if m.step_tokens < 1:
+            raise RuntimeConfigError(f"memory_config.step_tokens={m.step_tokens} must be >= 1")
         if m.max_batch_size < m.min_batch_size:
             raise RuntimeConfigError(f"memory_config.max_batch_size={m.max_batch_size} must be >= min_batch_size="
                                      f"{m.min_batch_size}")

@@ -1,17 +1,34 @@
-"""The Engine: owns the weights handles, the KV caches and the per-layer jitted steps, and runs prefill + decode.
+"""The Engine: a request-level engine that advances every running request by one token per step, on one thread.
 
-This is the all-in-memory path: every weight sits on the default device. The tiered runtime (planner, layer ring,
-expert cache, prefetch) replaces where weights come from, not this loop's math. Text lives in the tokenizer; the
-engine's core works on token ids.
+Thread model (the contract):
+- One engine thread, started at the first request, owns every device array (weights handles, the KV pool, the
+  expert caches), every cache and ledger, and every Request. Nothing else mutates them.
+- Any thread may call `submit` (-> RequestHandle), `generate`, `stream`, `logits`, `stats`, `cancel` on a handle, and
+  `close`: they hand work to the engine thread through a queue and wait on futures or the handle's event queue.
+  Four threads calling `generate` at once get their results as if they had called one after another.
+- Callbacks (`on_event`) run on the engine thread and must not block.
+
+A step (`_step`): the Scheduler admits waiting requests while the KV pool has pages for them, decode rows and prompt
+chunks become groups, one forward runs the groups through every layer (`_forward`; the tiered engine shares each
+layer's experts between the groups), each request that completes a token samples it with its own key (seed, token
+index), finished requests leave at once and their pages return to the pool. This class holds the whole model as a
+weight pytree on its device (the all-in-memory path); TieredEngine (tiered.py) replaces `_forward`'s weight movement,
+not this loop. Text lives in the tokenizer; the engine's core works on token ids.
 """
 
-# B batch, T tokens, V vocab
+# B batch rows of a group, T tokens of a group, W pages of a row's table, V vocab
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import itertools
+import math
+import secrets
+import threading
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,35 +37,18 @@ import numpy as np
 from dsjax.config import ModelConfig
 from dsjax.model import embed_step, head_step, init_layer_cache, layer_step
 from dsjax.model.attention import MlaForm
-from dsjax.runtime.sampling import SamplingParams, sample
+from dsjax.runtime.kv_pool import PAGE_TOKENS, KVPool
+from dsjax.runtime.requests import Generation, PromptError, Request, RequestHandle, TokenEvent
+from dsjax.runtime.sampler import MAX_LOGPROBS, choose
+from dsjax.runtime.sampling import SamplingParams
+from dsjax.runtime.scheduler import Scheduler, StepPlan
 from dsjax.runtime.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
+DEFAULT_CONTEXT = 4096          # max_context when neither the caller nor the model's config says less
+SEED_LIMIT = 2**64
 
-
-class PromptError(ValueError):
-    pass
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenEvent:
-    """One generated token of sequence `seq`: its id, the text it completes (may be empty) and whether it ends."""
-
-    seq: int
-    token_id: int
-    text: str
-    finished: bool
-    finish_reason: str | None = None
-
-
-@dataclasses.dataclass
-class Generation:
-    """A finished sequence: prompt ids, generated ids, generated text, and why it stopped ("stop" or "length")."""
-
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str
+__all__ = ["Engine", "Generation", "PromptError", "TokenEvent", "RequestHandle"]
 
 
 def _prompt_bucket(n: int) -> int:
@@ -64,16 +64,51 @@ def _prompt_bucket(n: int) -> int:
         b *= 2
 
 
+def pow2_bucket(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): counts and batch sizes bucketed so that few executables compile."""
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+@dataclasses.dataclass
+class Group:
+    """Rows of one shape in a step: decode rows (T = 1) or prompt chunks. Padding rows and tokens have valid False,
+    page tables past the pool and positions past their table, so they write no cache."""
+
+    tokens: np.ndarray            # [B, T] int32
+    positions: np.ndarray         # [B, T] int32
+    pages: np.ndarray | None      # [B, W] int32 page tables (None: a private contiguous cache, e.g. logits())
+    valid: np.ndarray             # [B, T] bool
+    last: np.ndarray | None       # [B] the token whose logits are wanted (None: every token's)
+    form: MlaForm
+
+
+@jax.jit
+def _take_last(x, last):
+    return x[jnp.arange(x.shape[0]), last][:, None]                  # [B, 1, D]
+
+
+class _Call:
+    """A function to run on the engine thread between steps, and the future of its result."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.fn = fn
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+
+
 class Engine:
     """Runs a DeepSeek model held as a weight pytree. Build it with `dsjax.load`.
 
     Example:
         >>> engine = dsjax.load("path/to/checkpoint")
         >>> engine.generate("The capital of France is", max_new_tokens=16).text
+        >>> h = engine.submit("Once", max_new_tokens=8, seed=1); h.result().text
     """
 
     def __init__(self, cfg: ModelConfig, weights: dict, tokenizer: Tokenizer | None = None, *,
-                 prefill_form: MlaForm = "naive", name: str = "", dtype=None, enable_fusion: bool = False):
+                 prefill_form: MlaForm = "naive", name: str = "", dtype=None, enable_fusion: bool = False,
+                 max_batch_size: int = 32, min_batch_size: int = 1, dynamic_batch: bool = True,
+                 max_context: int | None = None, step_tokens: int = 256, kv_pages: int | None = None,
+                 device=None, mm=None):
         self.config = cfg
         self.enable_fusion = enable_fusion      # FP4 weights through the fused kernels (GPU); else the references
         self.weights = weights
@@ -81,20 +116,35 @@ class Engine:
         self.dtype = np.dtype(dtype) if dtype is not None else weights["embed"].dtype
         self.prefill_form = prefill_form
         self.name = name
+        self.device = device if device is not None else jax.devices()[0]
         self._stats: dict[str, Any] = {}
+        # ---- requests (engine thread) ----
+        limit = min(cfg.max_position_embeddings, max_context or DEFAULT_CONTEXT)
+        if max_context is not None and max_context > cfg.max_position_embeddings:
+            raise ValueError(f"max_context={max_context} exceeds the model's max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
+        self.max_context = limit
+        self.batch = dict(min=min_batch_size, max=max_batch_size, dynamic=dynamic_batch)
+        per_request = math.ceil(limit / PAGE_TOKENS)
+        self.kv = KVPool(cfg, kv_pages if kv_pages is not None else max_batch_size * per_request, self.dtype,
+                         jax.sharding.SingleDeviceSharding(self.device), mm=mm)
+        if self.kv.pages < per_request:
+            raise PromptError(f"the KV pool holds {self.kv.capacity_tokens} tokens, less than one request of "
+                              f"max_context={limit}; lower max_context or give the pool more memory")
+        self.scheduler = Scheduler(max_batch_size, step_tokens)
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: list[Request] = []
+        self._inbox: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._ids = itertools.count()
+        self.counters = {"steps": 0, "decode_rows": 0, "prefill_tokens": 0, "step_seconds": 0.0,
+                         "finished": collections.Counter(), "submitted": 0, "last_batch": 0, "max_running": 0}
+        self.decode_batches: set[int] = set()     # padded decode row counts met (min/max_batch_size, dynamic_batch)
+        self._status = {"running": 0, "waiting": 0}
 
-    # ---- model steps ---------------------------------------------------------------------------
-    @property
-    def max_context(self) -> int:
-        return self.config.max_position_embeddings
-
-    def _run_layers(self, x, caches, positions, form):
-        cfg = self.config
-        for i, w in enumerate(self.weights["layers"]):
-            x, caches[i], _ = layer_step(w, x, caches[i], positions, cfg, cfg.layer_kind(i), form,
-                                         fusion=self.enable_fusion)
-        return x
-
+    # ---- model steps (engine thread) ------------------------------------------------------------------------------
     def _embed(self, tokens: np.ndarray) -> jax.Array:
         return embed_step(self.weights["embed"], jnp.asarray(tokens), self.dtype)
 
@@ -107,27 +157,36 @@ class Engine:
     def _new_caches(self, batch: int, length: int) -> list[dict]:
         return [init_layer_cache(batch, length, self.config, self.dtype) for _ in range(self.config.num_hidden_layers)]
 
-    def logits(self, token_ids) -> np.ndarray:
-        """Full forward of token ids [B, T] (or [T]) from position 0: float32 numpy logits [B, T, V]."""
-        ids = np.asarray(token_ids, dtype=np.int32)
-        if ids.ndim == 1:
-            ids = ids[None]
-        self._check_ids(ids.reshape(-1))
-        B, T = ids.shape
-        if T > self.max_context:
-            raise PromptError(f"{T} tokens exceed the model's context limit of {self.max_context}")
-        x = self._embed(ids)
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        x = self._run_layers(x, self._new_caches(B, T), positions, self.prefill_form)
-        return np.asarray(self._head(x))
+    def _logits_of(self, x: jax.Array, g: Group) -> jax.Array:
+        """float32 logits [B, V] of each row's wanted token, or [B, T, V] of every token when g.last is None."""
+        if g.last is None:
+            return self._head(x)
+        return self._head(_take_last(x, jnp.asarray(g.last, jnp.int32)))[:, 0]
 
-    def _check_ids(self, ids: np.ndarray) -> None:
-        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-            raise PromptError(f"token id {int(ids.max() if ids.max() >= self.config.vocab_size else ids.min())} is "
-                              f"outside the vocabulary [0, {self.config.vocab_size})")
+    def _forward(self, groups: list[Group], caches: list[dict]) -> list[jax.Array]:
+        """Run the groups through every layer; `caches[i]` is layer i's cache (the KV pool's, or private ones)."""
+        cfg = self.config
+        out = []
+        for g in groups:
+            x = self._embed(g.tokens)
+            positions = jnp.asarray(g.positions)
+            pages = None if g.pages is None else jnp.asarray(g.pages)
+            for i, w in enumerate(self.weights["layers"]):
+                x, caches[i], _ = layer_step(w, x, caches[i], positions, cfg, cfg.layer_kind(i), g.form,
+                                             fusion=self.enable_fusion, pages=pages)
+            out.append(self._logits_of(x, g))
+        return out
 
-    # ---- prompts -------------------------------------------------------------------------------
-    def _encode(self, prompt: Prompt, chat: bool) -> list[int]:
+    def _prepare_decode(self, batch: int) -> None:
+        """Before the first decode step of a batch size (the tiered engine compiles its expert calls)."""
+
+    def _recover(self) -> None:
+        """After a step failed: put the runtime's caches back in a usable state (the tiered engine's pins)."""
+
+    # ---- prompts -------------------------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
+        """Token ids of a prompt: text (with the tokenizer; `chat` wraps it as a user message), token ids, or chat
+        messages rendered with the checkpoint's chat template."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise TokenizerError("this checkpoint has no tokenizer.json: pass token ids instead of text")
@@ -135,11 +194,17 @@ class Engine:
                 return self.tokenizer.encode(self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]),
                                              add_bos=False)
             return self.tokenizer.encode(prompt)
+        if isinstance(prompt, np.ndarray):
+            prompt = prompt.tolist()
         items = list(prompt)
-        if items and isinstance(items[0], dict):
+        if items and all(isinstance(m, dict) for m in items):
             if self.tokenizer is None:
                 raise TokenizerError("chat messages need the checkpoint's tokenizer")
             return self.tokenizer.encode(self.tokenizer.apply_chat_template(items), add_bos=False)
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in items):
+            bad = next(t for t in items if not isinstance(t, (int, np.integer)) or isinstance(t, bool))
+            raise PromptError(f"a prompt is text, a list of token ids, or a list of chat messages; got a list holding "
+                              f"{type(bad).__name__} {bad!r}")
         return [int(t) for t in items]
 
     def _normalize(self, prompts, chat: bool) -> tuple[list[list[int]], bool]:
@@ -148,136 +213,434 @@ class Engine:
         if isinstance(prompts, str):
             single = True
         elif isinstance(prompts, Sequence) and len(prompts) > 0:
-            single = isinstance(prompts[0], (int, np.integer, dict))   # token ids or chat messages
+            first = prompts[0]
+            single = isinstance(first, (int, np.integer, dict))          # token ids or chat messages
+            if not single and not all(isinstance(p, (str, Sequence, np.ndarray)) for p in prompts):
+                bad = next(p for p in prompts if not isinstance(p, (str, Sequence, np.ndarray)))
+                raise PromptError(f"prompt {prompts.index(bad)}: a prompt is text, a list of token ids, or a list of "
+                                  f"chat messages; got {type(bad).__name__} {bad!r} in a list of prompts")
         else:
             raise PromptError("prompts must be a string, token ids, chat messages, or a non-empty list of these")
         if single:
             prompts = [prompts]
-        ids = [self._encode(p, chat) for p in prompts]
+        ids = []
+        for i, p in enumerate(prompts):
+            try:
+                ids.append(self.encode(p, chat))
+            except PromptError as e:
+                raise PromptError(f"prompt {i}: {e}") from None
         for i, p in enumerate(ids):
-            if not p:
-                raise PromptError(f"prompt {i} is empty")
-            if len(p) >= self.max_context:
-                raise PromptError(f"prompt {i} has {len(p)} tokens; the context limit is {self.max_context} "
-                                  "(prompt + at least one generated token must fit)")
-            self._check_ids(np.asarray(p))
+            self._check_prompt(p, i)
         return ids, single
 
-    def _stop_ids(self, params: SamplingParams) -> set[int]:
+    def _check_prompt(self, p: list[int], i: int = 0) -> None:
+        if not p:
+            raise PromptError(f"prompt {i} is empty")
+        if len(p) >= self.max_context:
+            raise PromptError(f"prompt {i} has {len(p)} tokens; the context limit is {self.max_context} "
+                              "(prompt + at least one generated token must fit)")
+        self._check_ids(np.asarray(p))
+
+    def _check_ids(self, ids: np.ndarray) -> None:
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise PromptError(f"token id {int(ids.max() if ids.max() >= self.config.vocab_size else ids.min())} is "
+                              f"outside the vocabulary [0, {self.config.vocab_size})")
+
+    def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
         ids = set(params.stop_token_ids)
         eos = self.config.eos_token_id
         ids.update(eos if isinstance(eos, tuple) else ([eos] if eos is not None else []))
         if self.tokenizer is not None and self.tokenizer.eos_id is not None:
             ids.add(self.tokenizer.eos_id)
-        return ids
+        return frozenset(ids)
 
-    # ---- generation ----------------------------------------------------------------------------
+    # ---- the caller's API (any thread) ---------------------------------------------------------------------------
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool = False, logprobs: int = 0,
+               on_event: Callable[[TokenEvent], None] | None = None, request_id: str | None = None, seq: int = 0,
+               **sampling) -> RequestHandle:
+        """Queue one request; returns its handle at once. Bad prompts and parameters raise here (ValueError).
+
+        `params` or keyword SamplingParams fields; `seed=None` draws a fresh seed (handle.seed says which);
+        `logprobs=n` (0..20) adds each token's log-probability and its n most likely alternatives to the events;
+        `on_event` is called on the engine thread for every event (must not block).
+
+        Example:
+            >>> h = engine.submit([0, 17, 42], max_new_tokens=8, temperature=0.7, seed=3)
+            >>> [ev.token_id for ev in h.events()]
+        """
+        params = params or SamplingParams(**sampling)
+        ids = self.encode(prompt, chat)
+        self._check_prompt(ids)
+        req = self._request(ids, params, params.seed, logprobs=logprobs, on_event=on_event, request_id=request_id,
+                            seq=seq)
+        self._post(req)
+        return req.handle
+
+    def _submit_all(self, reqs: list[Request]) -> list[RequestHandle]:
+        """Queue requests together: the engine thread admits them in the same step (a static batch stays one)."""
+        self._post(*reqs)
+        return [r.handle for r in reqs]
+
+    def _request(self, ids: list[int], params: SamplingParams, seed: int | None, *, logprobs: int = 0,
+                 on_event=None, request_id: str | None = None, seq: int = 0) -> Request:
+        if params.top_k > self.config.vocab_size:
+            raise ValueError(f"top_k={params.top_k} must be <= the vocabulary size {self.config.vocab_size}")
+        if not 0 <= logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs={logprobs} must lie in [0, {MAX_LOGPROBS}]")
+        if seed is None:
+            seed = secrets.randbits(63)
+        elif not 0 <= int(seed) < SEED_LIMIT:
+            raise ValueError(f"seed={seed} must lie in [0, 2**64)")
+        rid = request_id or f"req-{next(self._ids)}"
+        handle = RequestHandle(rid, ids, int(seed), seq, on_event)
+        budget = min(params.max_new_tokens, self.max_context - len(ids))
+        req = Request(handle, ids, params, int(seed), budget, self._stop_ids(params), logprobs,
+                      StreamDecoder(self.tokenizer) if self.tokenizer else None)
+        if self.kv.pages_for(Scheduler.kv_tokens(req)) > self.kv.pages:
+            raise PromptError(f"the request needs {Scheduler.kv_tokens(req)} tokens of KV cache; the pool holds "
+                              f"{self.kv.capacity_tokens} (raise gpu_memory or lower max_new_tokens)")
+        return req
+
+    def _post(self, *items) -> None:
+        with self._cv:
+            if self._closing:
+                raise RuntimeError("the engine is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=f"dsjax-engine-{self.name}", daemon=True)
+                self._thread.start()
+            self._inbox.extend(items)
+            self._cv.notify()
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the engine thread (between steps) and return its result (or raise its error)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        call = _Call(fn)
+        self._post(call)
+        return call.future.result()
+
+    def _params_for(self, n: int, params: SamplingParams, seed) -> list[int | None]:
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != n:
+                raise ValueError(f"seed has {len(seed)} values for {n} prompts; give one per prompt, an int or None")
+            return list(seed)
+        return [seed] * n
+
     def stream(self, prompts, params: SamplingParams | None = None, *, chat: bool = False,
                **kwargs) -> Iterator[TokenEvent]:
-        """Generate token by token; yields a TokenEvent per new token of each unfinished sequence.
+        """Generate token by token; yields a TokenEvent per new token of each unfinished sequence (ev.seq: the
+        prompt's index), in the order the engine produces them.
 
         `prompts`: a string, a list of token ids, a list of chat messages, or a list of any of these.
-        Keyword arguments are SamplingParams fields (max_new_tokens, temperature, top_p, top_k, stop, seed).
+        Keyword arguments are SamplingParams fields (max_new_tokens, temperature, top_p, top_k, stop, seed; seed may
+        be a list, one per prompt).
         """
+        seed = kwargs.pop("seed", params.seed if params else 0)
         params = params or SamplingParams(**kwargs)
         ids, _ = self._normalize(prompts, chat)
-        yield from self._generate(ids, params)
-
-    def _generate(self, ids: list[list[int]], params: SamplingParams, *, seq_offset: int = 0,
-                  n_real: int | None = None) -> Iterator[TokenEvent]:
-        """Prefill and decode one batch. Rows from `n_real` on are padding (no events); row b samples with the
-        key of sequence seq_offset + b."""
-        B = len(ids)
-        lengths = np.array([len(p) for p in ids], np.int32)
-        budget = np.minimum(params.max_new_tokens, self.max_context - lengths)   # tokens each row may still add
-        T = min(_prompt_bucket(int(lengths.max())), self.max_context)
-        # The KV cache length is a power of two (at least 64): every distinct length compiles each attention variant
-        # anew, so generations of growing length (a chat) compile O(log n) times, not once per 64 tokens. MLA's
-        # cache is small (576 values per token and layer), so the up-to-2x padding costs little.
-        S = min(max(64, 1 << (int((lengths + budget).max()) - 1).bit_length()), self.max_context)
-        stop_ids = self._stop_ids(params)
-        decoders = [StreamDecoder(self.tokenizer) if self.tokenizer else None for _ in range(B)]
-        done = np.arange(B) >= (B if n_real is None else n_real)
-        n_new = np.zeros(B, np.int32)
-        stats = dict(batch=B, prompt_tokens=int(lengths[: n_real or B].sum()), generated_tokens=0)
-
-        t0 = time.perf_counter()
-        tokens = np.zeros((B, T), np.int32)
-        for b, p in enumerate(ids):
-            tokens[b, : len(p)] = p
-        caches = self._new_caches(B, S)
-        self._set_phase("prefill")
-        x = self._embed(tokens)
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        x = self._run_layers(x, caches, positions, self.prefill_form)
-        last = x[jnp.arange(B), jnp.asarray(lengths - 1)][:, None]               # [B, 1, D] last real token
-        logits = self._head(last)[:, 0]
-        pos = lengths.copy()
-        step = 0
-        while True:
-            nxt = np.asarray(sample(logits, params, list(range(seq_offset, seq_offset + B)), step))
-            if step == 0:
-                stats["ttft_s"] = time.perf_counter() - t0
-                t_dec = time.perf_counter()
-                self._set_phase("decode")
-            for b in range(B):
-                if done[b]:
-                    continue
-                tok = int(nxt[b])
-                n_new[b] += 1
-                text = decoders[b].push(tok) if decoders[b] else ""
-                reason = None
-                if tok in stop_ids:
-                    reason = "stop"
-                elif params.stop and decoders[b] and any(s in decoders[b].text for s in params.stop):
-                    reason = "stop"
-                elif n_new[b] >= budget[b]:
-                    reason = "length"
-                done[b] = reason is not None
-                if done[b] and decoders[b]:
-                    text += decoders[b].flush()
-                yield TokenEvent(seq_offset + b, tok, text, bool(done[b]), reason)
-            step += 1
-            if done.all():
-                break
-            x = self._embed(nxt[:, None])
-            x = self._run_layers(x, caches, jnp.asarray(pos[:, None]), "absorbed")
-            logits = self._head(x)[:, 0]
-            pos = pos + 1
-        stats["generated_tokens"] = int(n_new.sum())
-        stats["decode_s"] = time.perf_counter() - t_dec
-        stats["decode_tok_s"] = (stats["generated_tokens"] - B) / stats["decode_s"] if stats["decode_s"] > 0 else 0.0
-        self._stats = stats
+        seeds = self._params_for(len(ids), params, seed)
+        import queue
+        sink: queue.SimpleQueue = queue.SimpleQueue()
+        handles = self._submit_all([self._request(p, params, s, on_event=sink.put, seq=i)
+                                    for i, (p, s) in enumerate(zip(ids, seeds))])
+        open_ = len(handles)
+        try:
+            while open_:
+                ev = sink.get()
+                if ev.finished:
+                    open_ -= 1
+                    if ev.finish_reason == "error":
+                        handles[ev.seq].result()             # raises the step's error
+                        continue
+                yield ev
+        finally:
+            for h in handles:
+                h.cancel()
 
     def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, stop: Sequence[str] | str = (), seed: int = 0, *, chat: bool = False,
-                 stop_token_ids: Sequence[int] = ()) -> Generation | list[Generation]:
-        """Generate continuations. A single prompt returns one Generation, a list of prompts a list.
+                 top_k: int = 0, stop: Sequence[str] | str = (), seed: int | Sequence[int] | None = 0, *,
+                 chat: bool = False, stop_token_ids: Sequence[int] = (), logprobs: int = 0
+                 ) -> Generation | list[Generation]:
+        """Generate continuations. A single prompt returns one Generation, a list of prompts a list (any length: the
+        engine runs them as KV pages and max_batch_size allow, starting each as soon as there is room).
+
+        `seed`: an int (every prompt), a list (one per prompt), or None (a fresh random seed per prompt; the
+        Generation's `seed` says which). The same prompt, parameters and seed give the same tokens alone, in a batch
+        or joining a running one.
 
         Example:
             >>> engine.generate(["Once upon a time", [1, 2, 3]], max_new_tokens=32, temperature=0.7, seed=1)
         """
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                stop=stop, stop_token_ids=tuple(stop_token_ids), seed=seed)
+                                stop=stop, stop_token_ids=tuple(stop_token_ids),
+                                seed=seed if isinstance(seed, int) or seed is None else 0)
         ids, single = self._normalize(prompts, chat)
-        toks: list[list[int]] = [[] for _ in ids]
-        reasons: list[str] = ["length"] * len(ids)
-        for ev in self._generate(ids, params):
-            toks[ev.seq].append(ev.token_id)
-            if ev.finished:
-                reasons[ev.seq] = ev.finish_reason
-        out = []
-        for p, t, r in zip(ids, toks, reasons):
-            text = self.tokenizer.decode(t) if self.tokenizer else ""
-            for s in params.stop:
-                if s in text:
-                    text = text[: text.index(s)]
-            out.append(Generation(p, t, text, r))
+        seeds = self._params_for(len(ids), params, seed)
+        t0 = time.perf_counter()
+        handles = self._submit_all([self._request(p, params, s, logprobs=logprobs, seq=i)
+                                    for i, (p, s) in enumerate(zip(ids, seeds))])
+        out = [h.result() for h in handles]
+        self._stats = self._batch_stats(handles, out, t0)
         return out[0] if single else out
 
+    @staticmethod
+    def _batch_stats(handles: list[RequestHandle], out: list[Generation], t0: float) -> dict[str, Any]:
+        firsts = [h.first_token for h in handles if h.first_token is not None]
+        lasts = [h.last_token for h in handles if h.last_token is not None]
+        B = len(handles)
+        gen = sum(len(g.token_ids) for g in out)
+        stats = dict(batch=B, prompt_tokens=sum(len(g.prompt_ids) for g in out), generated_tokens=gen,
+                     ttft_s=(max(firsts) - t0) if firsts else 0.0)
+        stats["decode_s"] = (max(lasts) - min(firsts)) if firsts else 0.0
+        stats["decode_tok_s"] = (gen - len(firsts)) / stats["decode_s"] if stats["decode_s"] > 0 else 0.0
+        return stats
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Full forward of token ids [B, T] (or [T]) from position 0: float32 numpy logits [B, T, V]."""
+        ids = np.asarray(token_ids)
+        if ids.size == 0:
+            raise PromptError("logits(): empty input: give at least one token")
+        ids = ids.astype(np.int32)
+        if ids.ndim == 1:
+            ids = ids[None]
+        self._check_ids(ids.reshape(-1))
+        B, T = ids.shape
+        if T > self.config.max_position_embeddings:
+            raise PromptError(f"{T} tokens exceed the model's context limit of {self.config.max_position_embeddings}")
+
+        def run():
+            positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+            g = Group(ids, positions, None, np.ones((B, T), bool), None, self.prefill_form)
+            self._set_phase("prefill")
+            return np.asarray(self._forward([g], self._new_caches(B, T))[0])
+        return self._call(run)
+
+    def requests_status(self) -> dict[str, Any]:
+        """Running and waiting requests, finished ones by reason, and the KV pool's use (any thread, no wait)."""
+        return {"running": self._status["running"], "waiting": self._status["waiting"],
+                "finished": dict(self.counters["finished"]),
+                "kv": {"pages": self.kv.pages, "pages_used": self.kv.pages - self.kv.free_pages,
+                       "page_tokens": self.kv.page_tokens, "max_context": self.max_context}}
+
     def stats(self) -> dict[str, Any]:
-        """Counters and timings of the last generation (prompt/generated tokens, TTFT, decode tok/s)."""
-        return dict(self._stats)
+        """Counters and timings of the last generate() (prompt/generated tokens, TTFT, decode tok/s), plus the
+        request engine's (requests, steps, KV pool)."""
+        return {**self._stats, "requests": self.requests_status(), "steps": self._step_counters()}
+
+    def _step_counters(self) -> dict[str, Any]:
+        c = self.counters
+        return {"steps": c["steps"], "decode_rows": c["decode_rows"], "prefill_tokens": c["prefill_tokens"],
+                "step_seconds": c["step_seconds"], "last_batch": c["last_batch"], "max_running": c["max_running"],
+                "decode_batches": sorted(self.decode_batches)}
+
+    def stats_prometheus(self) -> str:
+        from dsjax.runtime.metrics import prometheus_text
+        return prometheus_text(self.stats())
+
+    def stats_json_line(self) -> str:
+        from dsjax.runtime.metrics import json_line
+        return json_line(self.stats())
 
     def close(self) -> None:
-        """Release what the engine holds beyond its arrays (nothing here; the tiered engine stops its readers)."""
+        """Finish the engine thread (requests still queued are cancelled) and release what the engine holds beyond
+        its arrays (the tiered engine stops its readers)."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # ---- the engine thread ---------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._inbox or self._waiting or self._running or self._closing):
+                    self._cv.wait()
+                inbox = list(self._inbox)
+                self._inbox.clear()
+                closing = self._closing
+            for item in inbox:
+                if isinstance(item, _Call):
+                    try:
+                        item.future.set_result(item.fn())
+                    except BaseException as e:          # the caller gets the error; the engine goes on
+                        item.future.set_exception(e)
+                else:
+                    self._waiting.append(item)
+                    self.counters["submitted"] += 1
+            if closing:
+                for r in list(self._waiting) + self._running:
+                    self._finish(r, "cancelled")
+                self._waiting.clear()
+                self._running = []
+                self._publish()
+                return
+            self._drop_cancelled()
+            if self._waiting or self._running:
+                self._step()
+            self._publish()
+
+    def _publish(self) -> None:
+        self._status = {"running": len(self._running), "waiting": len(self._waiting)}
+
+    def _drop_cancelled(self) -> None:
+        for r in [r for r in self._waiting if r.handle.cancelled]:
+            self._waiting.remove(r)
+            self._finish(r, "cancelled")
+        for r in [r for r in self._running if r.handle.cancelled]:
+            self._retire(r, "cancelled")
+
+    def _finish(self, r: Request, reason: str, text: str = "") -> None:
+        self.counters["finished"][reason] += 1
+        r.handle._emit(TokenEvent(r.handle.seq, -1, text, True, reason))
+
+    def _retire(self, r: Request, reason: str | None = None) -> None:
+        """Take a running request out and return its pages (with a final event when it did not end on a token)."""
+        self._running.remove(r)
+        if r.pages is not None:
+            self.kv.free(r.pages)
+            r.pages = None
+        if reason is not None:
+            self._finish(r, reason)
+
+    def _batch_rows(self, n: int) -> int:
+        b = self.batch
+        size = min(max(pow2_bucket(n), b["min"]), b["max"]) if b["dynamic"] else b["max"]
+        return max(size, n, b["min"])
+
+    def _groups(self, plan: StepPlan) -> list[Group]:
+        page = self.kv.page_tokens
+        groups = []
+        if plan.decode:
+            reqs = plan.decode
+            B = self._batch_rows(len(reqs))
+            self.decode_batches.add(B)
+            W = pow2_bucket(max(len(r.pages) for r in reqs))
+            tokens = np.zeros((B, 1), np.int32)
+            positions = np.full((B, 1), W * page, np.int32)
+            pages = np.full((B, W), self.kv.pages, np.int32)
+            valid = np.zeros((B, 1), bool)
+            for b, r in enumerate(reqs):
+                tokens[b, 0], positions[b, 0], valid[b, 0] = r.last_token, r.pos, True
+                pages[b, :len(r.pages)] = r.pages
+            groups.append(Group(tokens, positions, pages, valid, np.zeros(B, np.int32), "absorbed"))
+        if plan.prefill:
+            chunks = plan.prefill
+            B = pow2_bucket(len(chunks))
+            T = _prompt_bucket(max(c.length for c in chunks))
+            W = pow2_bucket(max(len(c.request.pages) for c in chunks))
+            tokens = np.zeros((B, T), np.int32)
+            positions = np.full((B, T), W * page, np.int32)
+            pages = np.full((B, W), self.kv.pages, np.int32)
+            valid = np.zeros((B, T), bool)
+            last = np.zeros(B, np.int32)
+            for b, c in enumerate(chunks):
+                r = c.request
+                tokens[b, :c.length] = r.prompt[c.start:c.start + c.length]
+                positions[b, :c.length] = np.arange(c.start, c.start + c.length)
+                valid[b, :c.length] = True
+                pages[b, :len(r.pages)] = r.pages
+                last[b] = c.length - 1
+            groups.append(Group(tokens, positions, pages, valid, last, self.prefill_form))
+        return groups
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        plan = self.scheduler.next_step(self._running, self._waiting, self.kv)
+        self._running.extend(plan.admitted)
+        self.counters["max_running"] = max(self.counters["max_running"], len(self._running))
+        if plan.empty:          # nothing fits (cannot happen: submit refuses requests larger than the pool)
+            return
+        try:
+            if plan.decode and not plan.prefill:
+                self._prepare_decode(self._batch_rows(len(plan.decode)))
+            self._set_phase("prefill" if plan.prefill else "decode")
+            groups = self._groups(plan)
+            logits = self._forward(groups, self.kv.caches)
+            self._advance(plan, logits)
+        except Exception as e:           # fail the step's requests only; the engine keeps serving the others
+            self._recover()
+            involved = plan.requests
+            broken = self.kv.broken()    # a failed call consumed the pool: every running request lost its cache
+            if broken:
+                involved = list(self._running)
+            for r in involved:
+                if r in self._running:
+                    self._retire(r)
+                self.counters["finished"]["error"] += 1
+                r.handle._fail(e)
+            if broken:
+                self.kv.reset()
+            return
+        c = self.counters
+        c["steps"] += 1
+        c["decode_rows"] += len(plan.decode)
+        c["prefill_tokens"] += sum(ch.length for ch in plan.prefill)
+        c["step_seconds"] += time.perf_counter() - t0
+        c["last_batch"] = len(plan.decode) + len(plan.prefill)
+
+    def _advance(self, plan: StepPlan, logits: list[jax.Array]) -> None:
+        """Move every request of the step forward; sample a token for those that complete one."""
+        rows, parts, k = [], [], 0
+        if plan.decode:
+            n = len(plan.decode)
+            parts.append(logits[k][:n])
+            rows += plan.decode
+            for r in plan.decode:
+                r.pos += 1
+            k += 1
+        if plan.prefill:
+            done = [b for b, c in enumerate(plan.prefill) if c.completes_prompt]
+            if done:
+                parts.append(logits[k][np.asarray(done)])
+                rows += [plan.prefill[b].request for b in done]
+            for c in plan.prefill:
+                c.request.pos = c.start + c.length
+        if not rows:
+            return
+        lg = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+        N = pow2_bucket(len(rows))
+        if N > len(rows):
+            lg = jnp.pad(lg, ((0, N - len(rows)), (0, 0)))
+        ch = choose(lg, [r.params for r in rows], [r.seed for r in rows], [len(r.generated) for r in rows],
+                    [r.logprobs for r in rows])
+        for n, r in enumerate(rows):
+            lp = top = None
+            if r.logprobs:
+                lp = float(ch.logprob[n])
+                top = tuple((int(t), float(v)) for t, v in zip(ch.top_ids[n, :r.logprobs], ch.top_logprobs[n, :r.logprobs]))
+            self._emit_token(r, int(ch.tokens[n]), lp, top)
+
+    def _emit_token(self, r: Request, tok: int, logprob: float | None, top) -> None:
+        r.generated.append(tok)
+        reason = None
+        if tok in r.stop_ids:
+            reason = "stop"
+        elif len(r.generated) >= r.budget:
+            reason = "length"
+        text = ""
+        if r.decoder is not None:
+            r.decoder.push(tok)
+            if reason is not None:
+                r.decoder.flush()
+            full = r.decoder.text
+            cut = None
+            for s in r.params.stop:
+                j = full.find(s, max(0, r.emitted - len(s) + 1))
+                if j >= 0 and (cut is None or j < cut):
+                    cut = j
+            if cut is not None:
+                reason, end = "stop", max(cut, r.emitted)
+            elif reason is not None:
+                end = len(full)
+            else:                      # hold back a tail that may be the start of a stop string
+                hold = max((n for s in r.params.stop for n in range(1, len(s)) if full.endswith(s[:n])), default=0)
+                end = max(len(full) - hold, r.emitted)
+            text = full[r.emitted:end]
+            r.emitted = end
+        if reason is not None:
+            self.counters["finished"][reason] += 1
+            self._running.remove(r)
+            self.kv.free(r.pages)
+            r.pages = None
+        r.handle._emit(TokenEvent(r.handle.seq, tok, text, reason is not None, reason, logprob, top))

@@ -151,7 +151,8 @@ class Placement:
     host_experts: int                     # per MoE layer, pinned host copies
     host_layers: tuple[int, ...]          # streamed layer cores that sit in pinned host memory
     prefetch_layers: int
-    max_kv_tokens: int                    # batch x context the compute pool's KV cache holds
+    max_kv_tokens: int                    # tokens of KV cache the compute pool holds (all requests together)
+    context_tokens: int                   # prompt + output of one request the plan was made for
     h2d_bytes_per_token: float
     disk_bytes_per_token: float
     hbm_bytes_per_token: float
@@ -184,7 +185,8 @@ class Placement:
             f"shared by the MoE layers, {mb.top_k}x{1 + self.prefetch_layers} of them for experts in flight); "
             f"cached per MoE layer: {self.gpu_expert_slots} on the GPU, {self.host_experts} in pinned host, "
             f"{mb.n_experts - max(self.gpu_expert_slots, self.host_experts)} on disk only; "
-            f"KV cache room: {self.max_kv_tokens} tokens",
+            f"KV cache (compute pool): {self.max_kv_tokens} tokens, {self.max_kv_tokens // max(self.context_tokens, 1)} "
+            f"requests of {self.context_tokens} tokens at once (more wait; shorter requests take fewer pages)",
             f"decode, batch 1, uniform routing (no locality assumed): per token "
             f"disk->host {fmt_bytes(self.disk_bytes_per_token)} @ {fmt_bytes(links.disk)}/s ({src}) = "
             f"{self.t_disk * 1e3:.1f} ms; host->GPU {fmt_bytes(self.h2d_bytes_per_token)} @ {fmt_bytes(links.h2d)}/s "
@@ -281,7 +283,8 @@ def plan(mb: ModelBytes, gpu_memory: int | str, host_memory: int | str, *, max_g
                      gpu_expert_pool=int(expert_pool),
                      host_experts=int(host_experts), host_layers=tuple(host_layers),
                      prefetch_layers=prefetch_layers,
-                     max_kv_tokens=int(pools.compute // max(mb.kv_bytes_per_token, 1)), h2d_bytes_per_token=h2d,
+                     max_kv_tokens=int(pools.compute // max(mb.kv_bytes_per_token, 1)),
+                     context_tokens=context_tokens, h2d_bytes_per_token=h2d,
                      disk_bytes_per_token=disk, hbm_bytes_per_token=hbm, t_h2d=t_h2d, t_disk=t_disk,
                      t_compute=t_compute, t_token=t_token, bound=bound, overlap_io=overlap_io)
 

@@ -1,146 +1,83 @@
-"""ComputeScheduler: the per-layer jitted calls of the tiered runtime, compiled once per layer kind and shape bucket.
+"""Scheduler: which requests a step advances, and how (the seed's ComputeScheduler at the level of requests).
 
-Weights are arguments (never constants), the KV cache is donated. The calls are the halves of a decoder layer from
-dsjax/model/transformer.py, so the tiered runtime computes exactly the model's math:
-
-    attn(w, x, cache, pos, next_routers)  -> h, hn, cache, top-k ids, weights, predicted next-layer experts,
-                                            shared-expert output (when use_parallel_compute)
-    dense(w, h, hn)                       -> x
-    rows_direct(hn, ids, experts)                    every expert on the GPU: rows [T, K, D] with no host sync
-    moe_rows(pool, slot_ids, hn, acc)                one chunk of experts in GPU slots -> rows of [T, K, D]
-    moe_out(w, h, hn, rows, weights, shared)         combine in top-k order + shared experts
-
-Both expert paths end in the same `moe_out` executable, so where the experts sat cannot change the result.
+Pure bookkeeping over plain Request objects and the KV pool's page count, testable on the CPU: it admits waiting
+requests in arrival order while the running set has room (max_batch_size) and the KV pool has every page the
+request may need, then plans one step: every running request past its prompt decodes one token, and requests still
+in their prompt prefill a chunk each from a token budget (`step_tokens`), so a joining prompt never stalls the
+running streams for its whole length. With no request decoding there is nobody to stall: whole prompts go at once.
 """
-
-# B batch, T tokens, D hidden, K top-k, E experts, P GPU expert slots
 
 from __future__ import annotations
 
-import functools
+import collections
+import dataclasses
 
-import jax
-import jax.numpy as jnp
-
-from dsjax import ops
-from dsjax.config import ModelConfig
-from dsjax.model.layers import swiglu_mlp
-from dsjax.model.moe import combine, expert_rows, route
-from dsjax.model.transformer import attn_route, ffn_finish
+from dsjax.runtime.requests import Request
 
 
-def _predict(hn_flat: jax.Array, routers: tuple, cfg: ModelConfig) -> jax.Array:
-    """Predicted activation probability per expert of the next MoE layers [len(routers), E]: their routers applied
-    to this layer's normed hidden state. An expert outside a token's predicted top-k gets 0; inside it, top_k times
-    its share of the predicted top-k weight, capped at 1 (1 = at least an average share), so `expert_threshold`
-    means the same for top-4 and top-8 models (a raw share averages 1/top_k: with V3's top-8 and near-even
-    weights every share sat below 0.15 and nothing was ever prefetched). Maximized over the batch's tokens."""
-    out = []
-    K = cfg.num_experts_per_tok
-    for router, bias in routers:
-        r = route(hn_flat, router, bias, cfg)
-        share = r.weight / (r.weight.sum(-1, keepdims=True) + 1e-20)                  # [T, K]
-        rel = jnp.minimum(share.astype(jnp.float32) * K, 1.0)
-        p = jnp.zeros((hn_flat.shape[0], cfg.n_routed_experts), jnp.float32)
-        p = p.at[jnp.arange(hn_flat.shape[0])[:, None], r.idx].set(rel)
-        out.append(p.max(0))
-    return jnp.stack(out) if out else jnp.zeros((0, cfg.n_routed_experts), jnp.float32)
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Prompt positions [start, start + length) of `request`, prefilled this step."""
+
+    request: Request
+    start: int
+    length: int
+
+    @property
+    def completes_prompt(self) -> bool:
+        return self.start + self.length == len(self.request.prompt)
 
 
-def _dense(w: dict, h: jax.Array, hn: jax.Array) -> jax.Array:
-    return ffn_finish(w, h, hn, "dense")
+@dataclasses.dataclass
+class StepPlan:
+    admitted: list[Request]             # moved from waiting to running this step (pages given)
+    decode: list[Request]               # one token each
+    prefill: list[Chunk]                # one prompt chunk each
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode and not self.prefill
+
+    @property
+    def requests(self) -> list[Request]:
+        return self.decode + [c.request for c in self.prefill]
 
 
-def _shared(w: dict, hn: jax.Array) -> jax.Array | None:
-    if "shared_gate" not in w:
-        return None
-    B, T, D = hn.shape
-    return swiglu_mlp(hn.reshape(B * T, D), w["shared_gate"], w["shared_up"], w["shared_down"])
+class Scheduler:
+    """Example:
+        >>> sched = Scheduler(max_running=32, step_tokens=256)
+        >>> plan = sched.next_step(running, waiting, kv_pool)
+    """
 
-
-def _moe_out(w: dict, h, hn, rows, weight, shared):
-    """As model.transformer.moe_output, with the shared-expert output possibly computed earlier."""
-    B, T, D = hn.shape
-    y = combine(rows, weight, hn.dtype)
-    if shared is None:
-        shared = _shared(w, hn)
-    if shared is not None:
-        y = y + shared
-    return h + y.reshape(B, T, D)
-
-
-class ComputeScheduler:
-    _shared: dict = {}
-
-    @classmethod
-    def shared(cls, cfg: ModelConfig, **options) -> "ComputeScheduler":
-        """The scheduler for a model config and options, shared by every engine that asks for the same: its jitted
-        calls (and so their compiled executables, one per shape) are reused when a model is loaded again, e.g. with
-        other budgets or presets, instead of compiling everything anew."""
-        key = (cfg, tuple(sorted(options.items())))
-        if key not in cls._shared:
-            cls._shared[key] = cls(cfg, **options)
-        return cls._shared[key]
-
-    def __init__(self, cfg: ModelConfig, *, use_cuda_graph: bool = True, parallel_shared: bool = True,
-                 enable_fusion: bool = True):
-        self.cfg = cfg
-        self.parallel_shared = parallel_shared
-        self.enable_fusion = enable_fusion
-        opts = None
-        if not use_cuda_graph and jax.default_backend() == "gpu":
-            opts = {"xla_gpu_enable_command_buffer": ""}       # no CUDA-graph capture inside the executables
-        self.compiler_options = opts
-        def jit(fn, **kw):
-            # Kernels vs references is decided while tracing; each scheduler owns its executables, so the
-            # choice is part of what they were compiled with.
-            @functools.wraps(fn)
-            def traced(*args, **kwargs):
-                with ops.fusion(enable_fusion):
-                    return fn(*args, **kwargs)
-            return jax.jit(traced, compiler_options=opts, **kw)
-
-        self.attn = jit(self._attn, static_argnames=("kind", "form"), donate_argnames=("cache",))
-        self.dense = jit(_dense)
-        self.rows_direct = jit(self._rows_direct)
-        self.moe_rows = jit(self._moe_rows, donate_argnames=("acc",))
-        self.moe_out = jit(_moe_out)
-
-    def _attn(self, w, x, cache, positions, next_routers, kind, form):
-        h, hn, cache, r = attn_route(w, x, cache, positions, self.cfg, kind, form)
-        B, T, D = hn.shape
-        if kind != "moe":     # a dense layer predicts the MoE layers after it too (V3's layer 3 follows 3 dense ones)
-            pred = _predict(hn.reshape(B * T, D), next_routers, self.cfg) if next_routers else None
-            return h, hn, cache, None, None, pred, None
-        pred = _predict(hn.reshape(B * T, D), next_routers, self.cfg)
-        shared = _shared(w, hn) if self.parallel_shared else None
-        return h, hn, cache, r.idx, r.weight, pred, shared
+    def __init__(self, max_running: int, step_tokens: int):
+        if max_running < 1 or step_tokens < 1:
+            raise ValueError(f"max_running={max_running} and step_tokens={step_tokens} must be >= 1")
+        self.max_running = max_running
+        self.step_tokens = step_tokens
 
     @staticmethod
-    def _rows_direct(hn, idx, experts):
-        B, T, D = hn.shape
-        return expert_rows(hn.reshape(B * T, D), idx, *experts)
+    def kv_tokens(req: Request) -> int:
+        """Positions a request can ever write: its prompt and every generated token but the last."""
+        return len(req.prompt) + req.budget - 1
 
-    @staticmethod
-    def _moe_rows(pool, slot_idx, hn, acc):
-        """Rows of the assignments whose experts sit in GPU slots now: slot_idx [T, K] holds the slot of each
-        assignment of this chunk and P (one past the last slot) elsewhere; the others keep their `acc` rows.
-
-        The kernels read the slots in place: groups are the P slots (empty ones cost nothing, their weights are
-        never read) and the other chunks' assignments sort past the last group, where rows come out as zeros. The
-        references dequantize every expert they are given, so they get only the chunk's slots, gathered (at most
-        min(T*K, P), a static size: one executable per batch shape). Each expert's group holds exactly its own rows
-        either way, as when every expert is on the GPU."""
-        B, T, D = hn.shape
-        x = hn.reshape(B * T, D)
-        P = jax.tree.leaves(pool)[0].shape[0]
-        mask = slot_idx < P
-        if ops.fp4_path(x, pool["gate"], pool["up"], pool["down"]) == "kernel":
-            rows = expert_rows(x, slot_idx, pool["gate"], pool["up"], pool["down"])
-        else:
-            n = min(slot_idx.size, P)
-            used = jnp.unique(slot_idx, size=n, fill_value=P)                       # sorted; P fills the rest
-            local = jnp.where(mask, jnp.searchsorted(used, slot_idx), n).astype(jnp.int32)
-            experts = jax.tree.map(lambda a: a[jnp.minimum(used, P - 1)], pool)     # [n, ...]
-            rows = expert_rows(x, local, experts["gate"], experts["up"], experts["down"])
-        return jnp.where(mask[..., None], rows, acc)
+    def next_step(self, running: list[Request], waiting: collections.deque, kv) -> StepPlan:
+        """Admit from `waiting` (removing them; `running` is not modified) and plan the step."""
+        admitted: list[Request] = []
+        while waiting and len(running) + len(admitted) < self.max_running:
+            pages = kv.alloc(self.kv_tokens(waiting[0]))
+            if pages is None:                 # first come, first served: the head waits for pages, and so do the rest
+                break
+            req = waiting.popleft()
+            req.pages = pages
+            admitted.append(req)
+        active = list(running) + admitted
+        decode = [r for r in active if not r.prefilling]
+        budget = self.step_tokens if decode else sum(len(r.prompt) - r.pos for r in active)
+        prefill = []
+        for r in active:
+            if not r.prefilling or budget <= 0:
+                continue
+            n = min(len(r.prompt) - r.pos, budget)
+            prefill.append(Chunk(r, r.pos, n))
+            budget -= n
+        return StepPlan(admitted, decode, prefill)

@@ -22,20 +22,20 @@ import numpy as np
 from dsjax.model.weights import F32_KEYS
 from dsjax.quant import QTensor
 from dsjax.runtime.config import RuntimeConfig
-from dsjax.runtime.engine import Engine
+from dsjax.runtime.engine import DEFAULT_CONTEXT, Engine, Group
 from dsjax.runtime.expert_layout import PROJ, ExpertLayout
+from dsjax.runtime.kv_pool import PAGE_TOKENS, kv_bytes_per_token
 from dsjax.runtime.memory import MemoryManager
 from dsjax.runtime.metrics import Metrics, json_line, process_memory, prometheus_text
-from dsjax.runtime.planner import BudgetError, Links, ModelBytes, fmt_bytes, plan
-from dsjax.runtime.scheduler import ComputeScheduler
-from dsjax.runtime.tiers import (DiskReader, ExpertCache, HostCache, LayerManager, pow2_bucket, shardings,
-                                 tree_nbytes)
+from dsjax.runtime.planner import BudgetError, Links, ModelBytes, Pools, fmt_bytes, plan
+from dsjax.runtime.programs import LayerPrograms
+from dsjax.runtime.tiers import DiskReader, ExpertCache, HostCache, LayerManager, shardings, tree_nbytes
 
 UNLIMITED = 1 << 60
 
 
-def model_bytes_from_store(store) -> ModelBytes:
-    """The planner's byte counts, read from the store's manifest (what will actually move)."""
+def model_bytes_from_store(store, dtype="bfloat16") -> ModelBytes:
+    """The planner's byte counts, read from the store's manifest (what will actually move); the KV cache in `dtype`."""
     cfg = store.config
     core: dict[str, int] = {}
     expert = 0
@@ -48,7 +48,7 @@ def model_bytes_from_store(store) -> ModelBytes:
     return ModelBytes(embed=core.get("embed", 0), head=core.get("head", 0),
                       layer_core=tuple(core[f"layer_{i:03d}"] for i in range(cfg.num_hidden_layers)),
                       expert=expert, n_experts=cfg.n_routed_experts or 0, top_k=cfg.num_experts_per_tok or 0,
-                      moe_layers=moe, kv_bytes_per_token=cfg.num_hidden_layers * cfg.kv_cache_dim * 2)
+                      moe_layers=moe, kv_bytes_per_token=kv_bytes_per_token(cfg, jnp.dtype(dtype)))
 
 
 def _first_moe(cfg) -> int:
@@ -78,21 +78,22 @@ def _expert_tree(store, layer: int, proj: str, parts: dict, sharding):
     return QTensor(**parts, fmt=rec.dtype) if rec.is_fp4 else parts["weight"]
 
 
-def device_free_bytes() -> int | None:
-    """Bytes the default device can still allocate (None where the backend does not say, e.g. the CPU)."""
-    stats = jax.devices()[0].memory_stats() or {}
+def device_free_bytes(device) -> int | None:
+    """Bytes `device` can still allocate (None where the backend does not say, e.g. the CPU)."""
+    stats = device.memory_stats() or {}
     if "bytes_limit" not in stats:
         return None
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
 
 
 def in_memory_engine(store, dtype, tokenizer=None, *, prefill_form="naive", name: str = "",
-                     enable_fusion: bool = True) -> Engine:
+                     enable_fusion: bool = True, device=None) -> Engine:
     """The whole store on the GPU as one in-memory model (the plain Engine: no tiers, no caches, no runtime
     bookkeeping): the all-in-HBM reference that the tiered runtime with no budget is compared against. FP4 weights
     stay FP4; experts are stacked per projection [E, ...] as the model's layer call takes them."""
-    cfg, dt, s_dev = store.config, np.dtype(dtype), shardings()[0]
-    need, free = model_bytes_from_store(store).total, device_free_bytes()
+    device = device if device is not None else jax.devices()[0]
+    cfg, dt, s_dev = store.config, np.dtype(dtype), shardings(device)[0]
+    need, free = model_bytes_from_store(store).total, device_free_bytes(device)
     if free is not None and need > free:
         raise BudgetError(f"in_memory=True puts the whole store on the GPU: about {fmt_bytes(need)}, and the GPU has "
                           f"{fmt_bytes(free)} free; load it tiered instead (dsjax.load(store, gpu_memory=..., "
@@ -107,7 +108,8 @@ def in_memory_engine(store, dtype, tokenizer=None, *, prefill_form="naive", name
             w.update({f"experts_{proj}": _expert_tree(store, i, proj, futs[proj].result(), s_dev) for proj in PROJ})
         layers.append(_cast(w, dt, s_dev))
     weights = {"embed": embed["embed"], "final_norm": head["final_norm"], "lm_head": head["lm_head"], "layers": layers}
-    return Engine(cfg, weights, tokenizer, prefill_form=prefill_form, name=name, dtype=dt, enable_fusion=enable_fusion)
+    return Engine(cfg, weights, tokenizer, prefill_form=prefill_form, name=name, dtype=dt, enable_fusion=enable_fusion,
+                  device=device)
 
 
 class TieredEngine(Engine):
@@ -117,23 +119,26 @@ class TieredEngine(Engine):
     """
 
     def __init__(self, store, runtime: RuntimeConfig, dtype, tokenizer=None, *, prefill_form="naive",
-                 links: Links | None = None, name: str = ""):
+                 links: Links | None = None, name: str = "", device=None):
         cfg = store.config
         self.store = store
         self.runtime = runtime
+        self.device = device if device is not None else jax.devices()[0]
         mc, cc = runtime.memory_config, runtime.compute_config
         self.metrics = Metrics(cfg.num_hidden_layers, cfg.n_routed_experts or 0)
-        self.model_bytes = mb = model_bytes_from_store(store)
-        self.links = links or (measure_links(store) if cc.auto_tune else Links())
-        self.placement = plan(mb, runtime.gpu_memory or UNLIMITED, runtime.host_memory or UNLIMITED,
-                              max_gpu_layers=mc.max_gpu_layers, prefetch_layers=mc.prefetch_layers,
-                              links=self.links, overlap_io=cc.overlap_io,
-                              context_tokens=min(4096, cfg.max_position_embeddings))
+        self.model_bytes = mb = model_bytes_from_store(store, dtype)
+        self.links = links or (measure_links(store, self.device) if cc.auto_tune else Links())
+        # None is "no limit"; 0 is a budget of zero bytes (the planner says it is too small and names the minimum)
+        gpu = UNLIMITED if runtime.gpu_memory is None else runtime.gpu_memory
+        host = UNLIMITED if runtime.host_memory is None else runtime.host_memory
+        context = _context(cfg, mc.max_context, Pools.split(gpu, host).compute, mb.kv_bytes_per_token)
+        self.placement = plan(mb, gpu, host, max_gpu_layers=mc.max_gpu_layers, prefetch_layers=mc.prefetch_layers,
+                              links=self.links, overlap_io=cc.overlap_io, context_tokens=context)
         p = self.placement
         moved = p.gpu_expert_pool - p.pools.expert_cache   # active-pool room the planner gave to experts
         self.mm = MemoryManager(p.pools, {"expert_cache": p.gpu_expert_pool,
                                           "active_layers": p.pools.active_layers - moved})
-        s_dev, s_host = shardings()
+        s_dev, s_host = shardings(self.device)
         dt = np.dtype(dtype)
 
         # Ends of the model: the embedding stays in host RAM (a row lookup needs no GPU table); the head on the GPU.
@@ -154,7 +159,8 @@ class TieredEngine(Engine):
         self.layers = LayerManager(resident, host, lambda i: _cast(store.read_core_unit(_unit(i), "pinned_host"),
                                                                      dt, s_host),
                                    p.ring_slots, self.mm, self.metrics,
-                                   {i: mb.layer_core[i] for i in range(cfg.num_hidden_layers) if i not in resident})
+                                   {i: mb.layer_core[i] for i in range(cfg.num_hidden_layers) if i not in resident},
+                                   device=self.device)
         # Routers of every MoE layer stay on the GPU: prediction applies layer L+1's router at layer L.
         self.moe_layers = list(mb.moe_layers)
         self.routers = {}
@@ -184,11 +190,15 @@ class TieredEngine(Engine):
             layout = ExpertLayout.of_store(store, self.moe_layers[0])
             nb = layout.nbytes
             host_room = self.mm.free("host_layer_cache") // nb + self.mm.free("host_weights") // nb
-            self.experts = ExpertCache(min(E * moe, p.gpu_expert_pool // nb), layout, self.mm, self.metrics)
-            self.host_cache = HostCache(min(p.host_experts * moe, host_room), self.mm, self.metrics, nb)
+            self.experts = ExpertCache(min(E * moe, p.gpu_expert_pool // nb), layout, self.mm, self.metrics,
+                                       device=self.device)
+            self.host_cache = HostCache(min(p.host_experts * moe, host_room), self.mm, self.metrics, nb,
+                                        device=self.device)
             self.disk = DiskReader(store, self.metrics, layout)
-        self.sched = ComputeScheduler.shared(cfg, use_cuda_graph=cc.use_cuda_graph,
-                                             parallel_shared=cc.use_parallel_compute, enable_fusion=cc.enable_fusion)
+        self.sched = LayerPrograms.shared(cfg, use_cuda_graph=cc.use_cuda_graph,
+                                          parallel_shared=cc.use_parallel_compute, enable_fusion=cc.enable_fusion)
+        # expert activations of the layers whose experts all sit on the GPU, counted on the device (no host sync)
+        self._device_activations = {i: None for i in self.full_experts}
         self.threshold = mc.expert_threshold
         self.prefetch_depth = mc.prefetch_layers
         # adaptive_schedule may look up to two MoE layers further, but never ahead at all when prefetch_layers is 0
@@ -208,11 +218,17 @@ class TieredEngine(Engine):
         self._predicted: dict[int, set] = {}
         self._prefetch_pins: dict[int, list] = {}        # layer -> predicted experts copied (and pinned) ahead
         self.chunk_reads_ahead = 0                           # experts read ahead of their prefill chunk
-        self.batch_sizes: list[int] = []                     # padded batch of each prefill (dynamic batching)
+        self.batch_sizes: list[int] = []                     # padded rows of each decode batch size met (dynamic)
         self._warmed: set[int] = set()                       # decode batch sizes whose executables are compiled
         weights = {"embed": None, "final_norm": head["final_norm"], "lm_head": head["lm_head"], "layers": []}
+        # The KV pool takes what the compute pool holds, up to max_batch_size requests of the full context
+        page_bytes = PAGE_TOKENS * mb.kv_bytes_per_token
+        per_request = -(-context // PAGE_TOKENS)
+        pages = min(self.mm.free("compute") // page_bytes, mc.max_batch_size * per_request)
         super().__init__(cfg, weights, tokenizer, prefill_form=prefill_form, name=name, dtype=dt,
-                         enable_fusion=cc.enable_fusion)
+                         enable_fusion=cc.enable_fusion, max_batch_size=mc.max_batch_size,
+                         min_batch_size=mc.min_batch_size, dynamic_batch=mc.dynamic_batch, max_context=context,
+                         step_tokens=mc.step_tokens, kv_pages=int(pages), device=self.device, mm=self.mm)
         self.preloaded = {"host": 0, "gpu": 0, "seconds": 0.0}
         if mc.preload_experts and self.experts is not None:
             self._preload()
@@ -222,7 +238,7 @@ class TieredEngine(Engine):
         self.metrics.phase = phase
 
     def _embed(self, tokens: np.ndarray) -> jax.Array:
-        return jax.device_put(self._embed_table[np.asarray(tokens)], shardings()[0])
+        return jax.device_put(self._embed_table[np.asarray(tokens)], shardings(self.device)[0])
 
     def _next_moe(self, i: int, depth: int) -> list[int]:
         return [j for j in self.moe_layers if j > i][:depth]
@@ -249,10 +265,19 @@ class TieredEngine(Engine):
         self._set_phase("prefill")
 
     # ---- the layer loop ------------------------------------------------------------------------------------------
-    def _run_layers(self, x, caches, positions, form):
+    def _forward(self, groups: list[Group], caches: list[dict]) -> list[jax.Array]:
+        """One pass over the layers for a step's groups: each group's attention on its own shape, then one expert half
+        for all their tokens together (merged when there are several), so the experts a step needs move once."""
         cfg = self.config
         overlap = self.runtime.compute_config.overlap_io
         self._step_start = (time.perf_counter(), self.metrics.link_bytes.get("host->GPU", 0))
+        s_dev = shardings(self.device)[0]
+        xs = [self._embed(g.tokens) for g in groups]
+        pos = [jax.device_put(g.positions, s_dev) for g in groups]
+        pages = [None if g.pages is None else jax.device_put(g.pages, s_dev) for g in groups]
+        valid = [jax.device_put(g.valid, s_dev) for g in groups]
+        valid_flat = np.concatenate([g.valid.reshape(-1) for g in groups])
+        shapes = tuple(g.tokens.shape for g in groups)
         for i in range(cfg.num_hidden_layers):
             t0 = time.perf_counter()
             kind = cfg.layer_kind(i)
@@ -271,24 +296,40 @@ class TieredEngine(Engine):
             routers = tuple(self.routers[j] for j in ahead)
             if overlap and self.experts is not None:
                 routers += (self.routers[self.moe_layers[-1]],) * (self.max_depth - len(routers))
+            outs = []
             with m.host("dispatch"):
-                h, hn, caches[i], idx, weight, pred, shared = self.sched.attn(w, x, caches[i], positions, routers,
-                                                                              kind=kind, form=form)
+                for k, g in enumerate(groups):
+                    h, hn, caches[i], idx, weight, pred, shared = self.sched.attn(
+                        w, xs[k], caches[i], pos[k], pages[k], valid[k], routers, kind=kind, form=g.form)
+                    outs.append((h, hn, idx, weight, pred, shared))
+            preds = [o[4] for o in outs if o[4] is not None]
             if kind != "moe":
                 with m.host("dispatch"):
-                    x = self.sched.dense(w, h, hn)
-                if pred is not None and len(nxt):
+                    xs = [self.sched.dense(w, o[0], o[1]) for o in outs]
+                if preds and len(nxt):
                     with m.host("prefetch"):
-                        self._prefetch(np.asarray(pred), nxt)
-            elif self.full_experts:
-                with m.host("dispatch"):
-                    rows = self.sched.rows_direct(hn, idx, self.full_experts[i])
-                    x = self.sched.moe_out(w, h, hn, rows, weight, shared)
+                        self._prefetch(_merge_predictions(preds), nxt)
             else:
-                idx.copy_to_host_async()             # start the routing's device->host copy as soon as it exists,
-                if pred is not None:                  # so the sync below waits for one copy, not a round trip
-                    pred.copy_to_host_async()
-                x = self._moe_tiered(i, w, h, hn, idx, weight, shared, pred, nxt)
+                if len(groups) == 1:
+                    h, hn, idx, weight, _, shared = outs[0]
+                else:
+                    with m.host("dispatch"):
+                        h, hn, idx, weight, shared = self.sched.merge(*(tuple(o[j] for o in outs) for j in (0, 1, 2, 3, 5)))
+                if self.full_experts:
+                    with m.host("dispatch"):
+                        rows = self.sched.rows_direct(hn, idx, self.full_experts[i])
+                        x = self.sched.moe_out(w, h, hn, rows, weight, shared)
+                        self._count_on_device(i, idx, valid_flat)
+                else:
+                    idx.copy_to_host_async()         # start the routing's device->host copy as soon as it exists,
+                    for p_ in preds:                  # so the sync below waits for one copy, not a round trip
+                        p_.copy_to_host_async()
+                    x = self._moe_tiered(i, w, h, hn, idx, weight, shared, preds, nxt, valid_flat)
+                if len(groups) == 1:
+                    xs = [x]
+                else:
+                    with m.host("dispatch"):
+                        xs = list(self.sched.split(x, shapes=shapes))
             self.layers.release(i)
             self.metrics.add_layer(i, time.perf_counter() - t0)
         if self.experts is not None:
@@ -299,15 +340,24 @@ class TieredEngine(Engine):
             if self.runtime.compute_config.adaptive_schedule:
                 self._adapt()
         self.metrics.tokens += 1
-        return x
+        return [self._logits_of(x, g) for x, g in zip(xs, groups)]
 
-    def _moe_tiered(self, i, w, h, hn, idx, weight, shared, pred, nxt):
+    def _count_on_device(self, i: int, idx: jax.Array, valid: np.ndarray) -> None:
+        """Expert activations of a layer whose experts are all on the GPU: counted there, read by stats()."""
+        E = self.config.n_routed_experts
+        prev = self._device_activations.get(i)
+        if prev is None:
+            prev = jnp.zeros(E, jnp.int32, device=shardings(self.device)[0])
+        self._device_activations[i] = _count_experts(prev, idx, jax.device_put(valid, shardings(self.device)[0]))
+
+    def _moe_tiered(self, i, w, h, hn, idx, weight, shared, preds, nxt, valid):
         m = self.metrics
         with m.host("routing_sync"):
             ids = np.asarray(idx)                                        # the one sync of this layer
-        routed = set(ids.reshape(-1).tolist())
+        real = ids[valid]                                                # padding tokens route nowhere
+        routed = set(real.reshape(-1).tolist())
         used = sorted(routed)
-        self.metrics.add_activations(i, ids.reshape(-1))
+        self.metrics.add_activations(i, real.reshape(-1))
         if i in self._predicted:
             self.metrics.add_prediction(self._predicted.pop(i), routed)
         self._release_prefetch_pins(i, routed)
@@ -320,18 +370,21 @@ class TieredEngine(Engine):
                 self.chunk_reads_ahead += len(ahead)
                 self._start_disk(i, ahead)
         B, T, D = hn.shape
-        acc = _zeros((B * T, ids.shape[1], D), hn.dtype)     # committed, as later chunks; jitted: one dispatch, not 4
+        acc = _zeros((B * T, ids.shape[1], D), hn.dtype, self.device)    # committed, as later chunks; one dispatch
         lut = np.full(self.config.n_routed_experts, P, np.int32)          # P: not in this chunk
+        pred = preds
         for ch in chunks:
             with m.host("expert_copies"):                                # includes waits for disk (stall_seconds)
                 lut[ch] = self._ensure(i, ch)
                 pool = self.experts.flush()
+            slot_ids = lut[ids]
+            slot_ids[~valid] = P
             with m.host("dispatch"):
-                acc = self.sched.moe_rows(pool, lut[ids], hn, acc)
+                acc = self.sched.moe_rows(pool, slot_ids, hn, acc)
             lut[ch] = P
-            if pred is not None and len(nxt):                  # after this layer's experts are secured
+            if pred and len(nxt):                               # after this layer's experts are secured
                 with m.host("prefetch"):
-                    self._prefetch(np.asarray(pred), nxt)
+                    self._prefetch(_merge_predictions(pred), nxt)
                 pred = None
             self.experts.slots.unpin_all([(i, e) for e in ch])
         self._drop_pending(i)
@@ -462,7 +515,7 @@ class TieredEngine(Engine):
             self.copies_ahead = True
         self.steps_without_copies_ahead += not self.copies_ahead
 
-    def _warm_decode(self, B: int) -> None:
+    def _prepare_decode(self, B: int) -> None:
         """Compile, once per decode batch size, the expert-rows call (run on dummy inputs), and once every bucket of
         the slot write (one per copy-count bucket; compiled ahead, not run), so no compile lands inside a decode step:
         which write bucket a step needs depends on how many experts it copies."""
@@ -472,34 +525,34 @@ class TieredEngine(Engine):
         cfg, P = self.config, self.experts.slots.capacity
         K, D = cfg.num_experts_per_tok, cfg.hidden_size
         with self.metrics.host("warmup"):
-            s_dev = shardings()[0]           # committed inputs, like attention's outputs: the same executable
+            s_dev = shardings(self.device)[0]   # committed inputs, like attention's outputs: the same executable
             hn = jnp.zeros((B, 1, D), self.dtype, device=s_dev)
             acc = self.sched.moe_rows(self.experts.flush(), np.full((B, K), P, np.int32), hn,
-                                      _zeros((B, K, D), self.dtype))     # also compiles the decode steps' zeros
+                                      _zeros((B, K, D), self.dtype, self.device))   # also the decode steps' zeros
             if not self._warmed:
                 self.experts.compile_writes()
             jax.block_until_ready(acc)
         self._warmed.add(B)
+        self.batch_sizes.append(B)
 
-    # ---- batching ---------------------------------------------------------------------------------------------------
-    def _generate(self, ids, params, *, seq_offset: int = 0, n_real: int | None = None):
-        """Batches of at most max_batch_size, padded to a power of two (dynamic_batch) or to max_batch_size, and to
-        at least min_batch_size, so each batch size compiles once."""
-        mc = self.runtime.memory_config
-        for start in range(0, len(ids), mc.max_batch_size):
-            chunk = ids[start:start + mc.max_batch_size]
-            n = len(chunk)
-            size = min(max(pow2_bucket(n), mc.min_batch_size), mc.max_batch_size) if mc.dynamic_batch \
-                else mc.max_batch_size
-            size = max(size, n, mc.min_batch_size)
-            self.batch_sizes.append(size)
-            self._warm_decode(size)
-            yield from super()._generate(chunk + [chunk[0]] * (size - n), params, seq_offset=start, n_real=n)
+    def _recover(self) -> None:
+        """After a failed step: nothing stays pinned or pending, no layer stays in the ring, and an expert pool that
+        a failed call consumed is rebuilt empty (the caches lose their contents, never their consistency)."""
+        self.layers.release_all()
+        if self.experts is not None:
+            self._prefetch_pins.clear()
+            self._predicted.clear()
+            self._pending.clear()
+            self.experts.recover()
 
     # ---- monitoring -----------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Generation counters plus the runtime's: memory per pool, bytes and GB/s per link against the ceilings,
-        per-layer latency, stall time, hit rates per tier, prediction precision/recall, expert activations."""
+        per-layer latency, stall time, hit rates per tier, prediction precision/recall, expert activations, the
+        request engine's requests, steps and KV pool. Read on the engine thread (between steps)."""
+        return self._call(self._stats_now)
+
+    def _stats_now(self) -> dict[str, Any]:
         hit = {}
         if self.experts is not None:
             hit["gpu"] = self.experts.slots.counters.hit_rate
@@ -507,6 +560,8 @@ class TieredEngine(Engine):
         p = self.placement
         extra = {
             "generation": dict(self._stats),
+            "requests": self.requests_status(),
+            "steps": self._step_counters(),
             "pools": self.mm.report(),
             "hit_rates": hit,
             "layers": {"resident": len(p.resident_layers), "ring_slots": p.ring_slots, **self.layers.counters,
@@ -523,7 +578,11 @@ class TieredEngine(Engine):
             "preloaded_experts": self.preloaded,
             "process_memory": process_memory(),
         }
-        return self.metrics.snapshot(extra)
+        snap = self.metrics.snapshot(extra)
+        for i, counts in self._device_activations.items():     # layers whose experts all sit on the GPU
+            if counts is not None:
+                snap["expert_activations"][i] = np.asarray(counts).tolist()
+        return snap
 
     def stats_prometheus(self) -> str:
         return prometheus_text(self.stats())
@@ -532,24 +591,51 @@ class TieredEngine(Engine):
         return json_line(self.stats())
 
     def close(self) -> None:
+        super().close()
         if self.disk is not None:
             self.disk.close()
 
 
 @functools.lru_cache(maxsize=64)
-def _zeros_fn(shape: tuple, dtype) -> Any:
-    return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=shardings()[0])
+def _zeros_fn(shape: tuple, dtype, device) -> Any:
+    return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=shardings(device)[0])
 
 
-def _zeros(shape: tuple, dtype) -> jax.Array:
-    """A fresh zero array on the GPU through one cached executable (an eager jnp.zeros is several dispatches:
+def _zeros(shape: tuple, dtype, device) -> jax.Array:
+    """A fresh zero array on the device through one cached executable (an eager jnp.zeros is several dispatches:
     ~170 us against ~8 us on the CPU machine; once per MoE layer per token)."""
-    return _zeros_fn(tuple(shape), jnp.dtype(dtype))()
+    return _zeros_fn(tuple(shape), jnp.dtype(dtype), device)()
 
 
-def measure_links(store, nbytes: int = 64 << 20) -> Links:
+@jax.jit
+def _count_experts(counts, idx, valid):
+    """counts [E] + how often each expert is routed by the valid tokens of idx [N, K]."""
+    E = counts.shape[0]
+    return counts + jnp.zeros(E, counts.dtype).at[idx.reshape(-1)].add(
+        jnp.repeat(valid.reshape(-1), idx.shape[-1]).astype(counts.dtype))
+
+
+def _merge_predictions(preds: list) -> np.ndarray:
+    """The groups' predictions [depth, E] as one (the largest probability per expert): host arrays."""
+    arrays = [np.asarray(p) for p in preds]
+    return arrays[0] if len(arrays) == 1 else np.maximum.reduce(arrays)
+
+
+def _context(cfg, max_context: int, compute_pool: int, kv_per_token: int) -> int:
+    """The context a request may hold: memory_config.max_context, or (0) the model's, at most 4096, and at most what
+    the compute pool's KV pages hold (at least one page: a smaller pool is the planner's "too small")."""
+    if max_context:
+        if max_context > cfg.max_position_embeddings:
+            raise BudgetError(f"memory_config.max_context={max_context} exceeds the model's max_position_embeddings="
+                              f"{cfg.max_position_embeddings}")
+        return max_context
+    fits = compute_pool // max(kv_per_token, 1) // PAGE_TOKENS * PAGE_TOKENS
+    return max(min(cfg.max_position_embeddings, DEFAULT_CONTEXT, fits), min(PAGE_TOKENS, cfg.max_position_embeddings))
+
+
+def measure_links(store, device=None, nbytes: int = 64 << 20) -> Links:
     """auto_tune: time a pinned host->device copy and a read of a few experts from the store."""
-    s_dev, s_host = shardings()
+    s_dev, s_host = shardings(device)
     host = jax.device_put(np.ones(nbytes // 4, np.float32), s_host)
     jax.block_until_ready(jax.device_put(host, s_dev))
     t0 = time.perf_counter()

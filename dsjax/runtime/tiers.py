@@ -34,10 +34,10 @@ def tree_nbytes(tree) -> int:
     return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
-def shardings(device=None):
-    dev = device or jax.devices()[0]
-    return (jax.sharding.SingleDeviceSharding(dev, memory_kind="device"),
-            jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host"))
+def shardings(device):
+    """(device memory, pinned host memory) of `device`: every pool and cache is given its device."""
+    return (jax.sharding.SingleDeviceSharding(device, memory_kind="device"),
+            jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host"))
 
 
 class DiskReader:
@@ -76,14 +76,15 @@ class HostCache:
     """Pinned-host copies of routed experts (one flat buffer each), keyed (layer, expert), LRFU eviction, accounted in
     the host pools at `expert_bytes` (the buffer's size) each."""
 
-    def __init__(self, capacity: int, mm: MemoryManager, metrics: Metrics, expert_bytes: int, decay: float = 0.1):
+    def __init__(self, capacity: int, mm: MemoryManager, metrics: Metrics, expert_bytes: int, decay: float = 0.1, *,
+                 device):
         self.slots = SlotCache(capacity, decay)
         self.mm = mm
         self.metrics = metrics
         self.expert_bytes = expert_bytes
         self._data: dict[tuple[int, int], Any] = {}
         self._lock = threading.Lock()
-        self._s_host = shardings()[1]
+        self._s_host = shardings(device)[1]
 
     def get(self, key: tuple[int, int], count: bool = True):
         with self._lock:
@@ -144,17 +145,33 @@ class ExpertCache:
     for copies it does not need, and the copies run under it; all the copies of one layer, predicted and missed, land
     in one slot write."""
 
-    def __init__(self, capacity: int, layout: ExpertLayout, mm: MemoryManager, metrics: Metrics, decay: float = 0.1):
-        s_dev, _ = shardings()
+    def __init__(self, capacity: int, layout: ExpertLayout, mm: MemoryManager, metrics: Metrics, decay: float = 0.1, *,
+                 device):
+        s_dev, _ = shardings(device)
         self.slots = SlotCache(capacity, decay)
         self.metrics = metrics
         self.layout = layout
         self.expert_bytes = layout.nbytes
+        self._decay = decay
         mm.reserve("expert_cache", "gpu_expert_slots", capacity * layout.nbytes)
-        template = jax.eval_shape(lambda: unflatten(jnp.zeros((capacity, layout.nbytes), jnp.uint8), layout))
-        self.pool = jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), s_dev), template)
+        self._template = jax.eval_shape(lambda: unflatten(jnp.zeros((capacity, layout.nbytes), jnp.uint8), layout))
         self._s_dev = s_dev
+        self.pool = self._empty_pool()
         self._pending: dict[int, Any] = {}      # slot -> its expert's buffer on the GPU (copy issued), not yet written
+
+    def _empty_pool(self):
+        return jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), self._s_dev), self._template)
+
+    def recover(self) -> None:
+        """After a failed step: no expert stays pinned or half-copied; a pool consumed by a failed (donating) call is
+        rebuilt empty and every slot forgotten."""
+        self._pending = {}
+        self.slots.clear_pins()
+        if any(a.is_deleted() for a in jax.tree.leaves(self.pool)):
+            self.pool = self._empty_pool()
+            counters = self.slots.counters
+            self.slots = SlotCache(self.slots.capacity, self._decay)
+            self.slots.counters = counters
 
     def lookup(self, key, count: bool = True) -> int | None:
         return self.slots.lookup(key) if count else self.slots.peek(key)
@@ -206,7 +223,7 @@ class LayerManager:
     """
 
     def __init__(self, resident: dict[int, Any], host: dict[int, Any], load_from_disk: Callable[[int], Any],
-                 ring_slots: int, mm: MemoryManager, metrics: Metrics, layer_bytes: dict[int, int]):
+                 ring_slots: int, mm: MemoryManager, metrics: Metrics, layer_bytes: dict[int, int], *, device):
         self.resident = resident
         self.host = host
         self.load_from_disk = load_from_disk
@@ -215,7 +232,7 @@ class LayerManager:
         self.metrics = metrics
         self.layer_bytes = layer_bytes
         self.inflight: dict[int, Any] = {}
-        self.s_dev, _ = shardings()
+        self.s_dev, _ = shardings(device)
         self.counters = {"resident_gets": 0, "prefetched": 0, "on_demand": 0}
         self.max_inflight = 0
 
@@ -254,3 +271,7 @@ class LayerManager:
     def release(self, i: int) -> None:
         if self.inflight.pop(i, None) is not None:
             self.mm.release(("ring", i))
+
+    def release_all(self) -> None:
+        for i in list(self.inflight):
+            self.release(i)

@@ -1,4 +1,4 @@
-"""The tiered runtime's expert-rows call (ComputeScheduler._moe_rows) on both of its paths: the kernels reading the
+"""The tiered runtime's expert-rows call (LayerPrograms._moe_rows) on both of its paths: the kernels reading the
 GPU slot pool in place (here the Pallas interpreter, standing in for the GPU) and the references on the gathered
 slots of the chunk, against a float64 SwiGLU oracle per assignment; assignments outside the chunk keep their rows."""
 
@@ -11,7 +11,7 @@ import pytest
 import dsjax_kernels.moe_gmm as moe_gmm_pkg
 from dsjax import ops
 from dsjax.quant import QTensor
-from dsjax.runtime.scheduler import ComputeScheduler
+from dsjax.runtime.programs import LayerPrograms
 from fp4_cases import assert_kernel_close, dequant_oracle, fresh_rng, random_fp4
 
 
@@ -42,7 +42,7 @@ def test_moe_rows_reads_slots_in_place_or_gathered(monkeypatch, path, fmt):
         calls = []
         monkeypatch.setattr(ops, "fp4_path", lambda *a: calls.append(1) or "kernel")
     with ops.fusion(path == "kernel"):
-        out = np.asarray(jnp.asarray(ComputeScheduler._moe_rows(pool, jnp.asarray(slot_idx), hn, acc), jnp.float32))
+        out = np.asarray(jnp.asarray(LayerPrograms._moe_rows(pool, jnp.asarray(slot_idx), hn, acc), jnp.float32))
     if path == "kernel":
         assert calls, "the kernel path was not taken"
     x = np.asarray(jnp.asarray(hn, jnp.float32), np.float64).reshape(B, D)
