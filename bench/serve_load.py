@@ -4,7 +4,9 @@ latency (p50/p90/p99) per concurrency level, as JSON.
 
 Every request streams (`stream: true`, `stream_options.include_usage`), so each token's arrival time is seen: TTFT is
 send -> first token chunk, inter-token latency the gaps between token chunks of one request (dsjax sends one chunk
-per token). Prompts are token ids by default (/v1/completions accepts them), so stores without a tokenizer work and
+per token). Throughput: output tok/s over the whole level, and "busy" output tok/s from the start until the first
+stream runs out of requests (no ramp-down tail: the figure to hold against `dsjax bench`'s static batch of the same
+size). Prompts are token ids by default (/v1/completions accepts them), so stores without a tokenizer work and
 lengths are exact; `--text` sends words instead.
 
 Example (a server on the embedded model: `dsjax serve --port 8000`):
@@ -38,6 +40,7 @@ class Result:
     t_send: float = 0.0
     ttft: float | None = None
     itl: list[float] = dataclasses.field(default_factory=list)
+    t_tokens: list[float] = dataclasses.field(default_factory=list)     # arrival time of each token chunk
     e2e: float | None = None
     error: str | None = None
 
@@ -95,6 +98,7 @@ async def one_request(client, args, model: str, prompt, prompt_len: int, max_tok
                     return res
                 now = time.perf_counter()
                 if chunk.get("choices"):
+                    res.t_tokens.append(now)
                     if last is None:
                         res.ttft = now - res.t_send
                     else:
@@ -137,6 +141,15 @@ async def run_level(args, model: str, concurrency: int, n_requests: int, rng: ra
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
     done = [r for r in results if r.ok]
+    # While every stream is busy: from the start until the first stream goes idle for good (the first request to
+    # finish after the last one was sent). Without the ramp-down tail this compares with a static batch of that size.
+    last_send = max(r.t_send for r in results)
+    ends = [r.t_send + r.e2e for r in done if r.t_send + r.e2e >= last_send]
+    busy_end = min(ends) if ends else None
+    busy = None
+    if busy_end is not None and busy_end > t0:
+        n = sum(1 for r in done for t in r.t_tokens if t <= busy_end)
+        busy = {"seconds": busy_end - t0, "output_tokens": n, "output_tok_s": n / (busy_end - t0)}
     out_tokens = sum(r.output_tokens for r in done)
     in_tokens = sum(r.prompt_tokens for r in done)
     statuses: dict[str, int] = {}
@@ -147,7 +160,7 @@ async def run_level(args, model: str, concurrency: int, n_requests: int, rng: ra
         "statuses": statuses, "errors": sorted({r.error for r in results if r.error})[:5],
         "duration_s": duration, "output_tokens": out_tokens, "prompt_tokens": in_tokens,
         "output_tok_s": out_tokens / duration, "total_tok_s": (out_tokens + in_tokens) / duration,
-        "requests_per_s": len(done) / duration,
+        "requests_per_s": len(done) / duration, "all_streams_busy": busy,
         "ttft_s": percentiles([r.ttft for r in done]),
         "itl_s": percentiles([x for r in done for x in r.itl]),
         "e2e_s": percentiles([r.e2e for r in done]),
@@ -172,13 +185,15 @@ async def main_async(args) -> dict:
     levels = []
     print(f"# {args.url} model {model}: prompts {args.prompt_len[0]}-{args.prompt_len[1]} tokens, outputs "
           f"{args.output_len[0]}-{args.output_len[1]}, rate {args.rate}/s", file=sys.stderr)
-    print("| streams | requests | ok | output tok/s | total tok/s | TTFT p50 / p90 / p99 ms | ITL p50 / p90 / p99 ms |")
+    print("| streams | requests | ok | output tok/s | busy output tok/s | TTFT p50 / p90 / p99 ms | "
+          "ITL p50 / p90 / p99 ms |")
     print("| ---: | ---: | ---: | ---: | ---: | --- | --- |")
     for c in args.concurrency:
         lv = await run_level(args, model, c, args.num_requests or args.requests_per_stream * c, rng)
         levels.append(lv)
         t, i = lv["ttft_s"], lv["itl_s"]
-        print(f"| {c} | {lv['requests']} | {lv['completed']} | {lv['output_tok_s']:.1f} | {lv['total_tok_s']:.1f} | "
+        busy = f"{lv['all_streams_busy']['output_tok_s']:.1f}" if lv["all_streams_busy"] else "-"
+        print(f"| {c} | {lv['requests']} | {lv['completed']} | {lv['output_tok_s']:.1f} | {busy} | "
               f"{fmt_ms(t['p50'])} / {fmt_ms(t['p90'])} / {fmt_ms(t['p99'])} | "
               f"{fmt_ms(i['p50'])} / {fmt_ms(i['p90'])} / {fmt_ms(i['p99'])} |", flush=True)
     return {"url": args.url, "model": model, "command": " ".join(sys.argv),
