@@ -82,8 +82,8 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
             engine_text = prometheus_text(stats)
         except Exception as e:                   # the runtime's figures are a bonus; never fail the scrape on them
             stats, engine_text = {}, f"# engine.stats() failed: {type(e).__name__}: {e}\n"
-        steps = stats.get("steps")
-        return PlainTextResponse(srv.metrics.prometheus(status, steps if isinstance(steps, dict) else None, engine_text),
+        steps = stats.get("steps") if isinstance(stats.get("steps"), dict) else None
+        return PlainTextResponse(srv.metrics.prometheus(status, steps, engine_text),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models", dependencies=[Depends(auth)])
@@ -143,7 +143,8 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
                 return out
 
             def chunk(c: Choice, piece: dict[str, Any]) -> dict[str, Any]:
-                ch = {"index": c.index, "text": piece["text"], "logprobs": None, "finish_reason": piece["finish_reason"]}
+                ch = {"index": c.index, "text": piece["text"], "logprobs": None,
+                      "finish_reason": piece["finish_reason"]}
                 if piece["logprob"] is not None:
                     ch["logprobs"] = _completion_logprobs(srv, [piece["logprob"]], [piece["text"]], offsets[c.index])
                 offsets[c.index] += len(piece["text"])
@@ -174,8 +175,8 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
         srv.check_model(body.model)
         ids = srv.encode(body.chat_messages(), chat=True, param="messages")
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_new = srv.max_new_tokens(len(ids), asked, None,
-                                     "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
+        name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_new = srv.max_new_tokens(len(ids), asked, None, name)
         thinking = srv.tok is not None and prompt_opens_thought(srv.tok.decode(ids[-8:], skip_special_tokens=False))
         top = (body.top_logprobs or 0) if body.logprobs else None
         choices = [Choice(j, ids, body.stop, thinking, top) for j in range(body.n)]
