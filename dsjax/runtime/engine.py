@@ -42,6 +42,7 @@ from dsjax.runtime.requests import Generation, PromptError, Request, RequestHand
 from dsjax.runtime.sampler import MAX_LOGPROBS, choose
 from dsjax.runtime.sampling import SamplingParams
 from dsjax.runtime.scheduler import Scheduler, StepPlan
+from dsjax.runtime.tiers import pow2_bucket
 from dsjax.runtime.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
@@ -62,11 +63,6 @@ def _prompt_bucket(n: int) -> int:
         if n <= b + b // 2:
             return b + b // 2
         b *= 2
-
-
-def pow2_bucket(n: int) -> int:
-    """The smallest power of two >= n (1 for n <= 1): counts and batch sizes bucketed so that few executables compile."""
-    return 1 << (max(n, 1) - 1).bit_length()
 
 
 @dataclasses.dataclass
@@ -608,7 +604,8 @@ class Engine:
             lp = top = None
             if r.logprobs:
                 lp = float(ch.logprob[n])
-                top = tuple((int(t), float(v)) for t, v in zip(ch.top_ids[n, :r.logprobs], ch.top_logprobs[n, :r.logprobs]))
+                top = tuple((int(t), float(v))
+                            for t, v in zip(ch.top_ids[n, :r.logprobs], ch.top_logprobs[n, :r.logprobs]))
             self._emit_token(r, int(ch.tokens[n]), lp, top)
 
     def _emit_token(self, r: Request, tok: int, logprob: float | None, top) -> None:

@@ -185,8 +185,9 @@ class Placement:
             f"shared by the MoE layers, {mb.top_k}x{1 + self.prefetch_layers} of them for experts in flight); "
             f"cached per MoE layer: {self.gpu_expert_slots} on the GPU, {self.host_experts} in pinned host, "
             f"{mb.n_experts - max(self.gpu_expert_slots, self.host_experts)} on disk only; "
-            f"KV cache (compute pool): {self.max_kv_tokens} tokens, {self.max_kv_tokens // max(self.context_tokens, 1)} "
-            f"requests of {self.context_tokens} tokens at once (more wait; shorter requests take fewer pages)",
+            f"KV cache (compute pool): {self.max_kv_tokens} tokens, "
+            f"{self.max_kv_tokens // max(self.context_tokens, 1)} requests of {self.context_tokens} tokens at once "
+            "(more wait; short ones take fewer pages)",
             f"decode, batch 1, uniform routing (no locality assumed): per token "
             f"disk->host {fmt_bytes(self.disk_bytes_per_token)} @ {fmt_bytes(links.disk)}/s ({src}) = "
             f"{self.t_disk * 1e3:.1f} ms; host->GPU {fmt_bytes(self.h2d_bytes_per_token)} @ {fmt_bytes(links.h2d)}/s "

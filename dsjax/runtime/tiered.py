@@ -314,7 +314,8 @@ class TieredEngine(Engine):
                     h, hn, idx, weight, _, shared = outs[0]
                 else:
                     with m.host("dispatch"):
-                        h, hn, idx, weight, shared = self.sched.merge(*(tuple(o[j] for o in outs) for j in (0, 1, 2, 3, 5)))
+                        parts = (tuple(o[j] for o in outs) for j in (0, 1, 2, 3, 5))
+                        h, hn, idx, weight, shared = self.sched.merge(*parts)
                 if self.full_experts:
                     with m.host("dispatch"):
                         rows = self.sched.rows_direct(hn, idx, self.full_experts[i])
