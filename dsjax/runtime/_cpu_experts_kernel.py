@@ -4,15 +4,15 @@ Nopython code over raw buffers; shapes, offsets and checks come from cpu_experts
 gate_up_rows and down_rows each take a range of rows of the active experts and release the GIL, so Python threads
 run ranges side by side.
 
-The inner loop (one weight row against one activation, or one row decoded for several) is written in LLVM IR
-(`_fp4_row_op`), 16 packed bytes (32 elements) per step: the bytes widened to 16 x i32 lanes, the low and high
-nibbles (elements 2j and 2j + 1) looked up in the 16-entry E2M1 table held in a vector register (a variable
-permutation: one vpermps on AVX-512, two permutes and a blend on AVX2), the block scales of the step's bytes broadcast
-to their lanes (E4M3 / E8M0 bits through a 256-entry float table), and 16-lane float32 FMAs against x's even and odd
-elements, into two accumulators summed at the end. Plain numba code cannot get there: it widens integer arithmetic to
-int64 and turns a table lookup into a gather (measured on AVX-512, one thread, V3 gate rows from cache: table lookup
-1.6 GB/s, int64 bit decode 2.8, float arithmetic decode 4.8, this 12). That float decode, exact and vectorisable,
-stays as the tail loop for rows whose length is not a multiple of 32 bytes.
+The inner loop (one weight row against 1, 2 or 4 rows of x) is written in LLVM IR (`_fp4_rows_dot`), 16 packed bytes
+(32 elements) per step: the bytes widened to 16 x i32 lanes, the low and high nibbles (elements 2j and 2j + 1) looked
+up in the 16-entry E2M1 table held in a vector register (a variable permutation: LLVM emits vpermps, on AVX2 too), the block scales of the step's bytes broadcast to their lanes (E4M3 / E8M0 bits through a 256-entry
+float table), and 16-lane float32 FMAs against x's even and odd elements, two accumulators per row of x. Plain numba
+code cannot get there: it widens integer arithmetic to int64 and turns a table lookup into a gather. Measured on this
+repository's AVX-512 CPU machine, one thread, V3 gate rows resident in cache: table lookup 1.6 GB/s, int64 bit decode
+2.8, float arithmetic decode ~5, this ~20 (from RAM, in the whole kernel: ~9). That float decode, exact and
+vectorisable, stays as the tail loop for rows whose length is not a multiple of 32 bytes. (Reading 64 bytes as 16
+lanes of 4, eight nibble shifts per load and x permuted to match, halves the instructions but measured slower here: 11 GB/s from cache.)
 """
 
 # T rows of x, A assignments (t, k) with an expert, hk packed bytes per weight row (K/2), hb bytes per scale block
@@ -31,6 +31,7 @@ from dsjax.quant.fp4 import E2M1_VALUES
 
 f32 = np.float32
 STEP = 16                     # packed bytes per step of the IR loop (16 lanes); steps go in pairs
+ROW_BLOCK = 16                # gate rows, then as many up rows: long runs of each matrix for the prefetchers
 
 # Block scale bits -> float32: E4M3 for NVFP4 (0x7F/0xFF are NaN, as ml_dtypes decodes them), E8M0 for MXFP4
 # (2^(e - 127); e = 0 is the subnormal 2^-127, 0xFF NaN), as qtensor.dequantize_np decodes them.
@@ -172,13 +173,10 @@ def _e2m1(c):
 
 
 @njit(fastmath=True, nogil=True, cache=True)
-def _row_dots(buf, p_off, s_off, hk, hb, table, xe, xo, rows, out):
-    """out[i] = W[n] . x[rows[i]] for every i (without the global scale), for the weight row n whose hk packed bytes
-    start at buf[p_off] and scale bytes at buf[s_off]: the IR loop over whole pairs of steps, 4, 2 or 1 rows of x
-    per pass, then the float decode over the last < 32 bytes."""
-    row = buf[p_off:p_off + hk]
-    scale_bytes = buf[s_off:s_off + hk // hb]
-    pairs = hk // (2 * STEP)
+def _main_dots(row, scale_bytes, table, hb, xe, xo, rows, out):
+    """out[i] = sum over the packed bytes of `row` (a multiple of 32) of s (v(lo) xe[rows[i]] + v(hi) xo[rows[i]]):
+    the IR loop, 4, 2 or 1 rows of x per pass."""
+    pairs = row.shape[0] // (2 * STEP)
     count = rows.shape[0]
     i = 0
     while i < count:
@@ -201,16 +199,32 @@ def _row_dots(buf, p_off, s_off, hk, hb, table, xe, xo, rows, out):
             else:
                 _dot_mxfp4_1(row, scale_bytes, table, xe, xo, sel, o, pairs)
             i += 1
-    tail = row[2 * STEP * pairs:]           # < 32 bytes; indexed by the loop counter so numba's negative-index
-    for j in range(tail.shape[0]):          # wraparound check does not get in the way
-        k = 2 * STEP * pairs + j
-        b = f32(tail[j])
-        hi = np.floor(b * f32(0.0625))
-        lo = b - f32(16) * hi
-        s = table[scale_bytes[k // hb]]
-        w_lo, w_hi = s * _e2m1(lo), s * _e2m1(hi)
-        for i in range(count):
-            out[i] += w_lo * xe[rows[i], k] + w_hi * xo[rows[i], k]
+
+
+@njit(fastmath=True, nogil=True, cache=True)
+def _block_dots(buf, p_off, s_off, n_w, hk, hb, table, xe, xo, rows, out):
+    """out[w, i] = W[w] . x[rows[i]] (without the global scale) for n_w consecutive weight rows whose hk packed bytes
+    start at buf[p_off] and scale bytes at buf[s_off] (hk / hb per row): the IR loop over each row's whole pairs of
+    steps, then the float decode over its last < 32 bytes. (Sweeping the rows in chunks so that x's part stays in
+    L1 when several rows of x share a weight row measured no faster.)"""
+    count = rows.shape[0]
+    main = hk // (2 * STEP) * (2 * STEP)
+    nb = hk // hb
+    for w in range(n_w):
+        row = buf[p_off + w * hk:p_off + (w + 1) * hk]      # indexed by loop counters only: numba's negative-index
+        scale_bytes = buf[s_off + w * nb:s_off + (w + 1) * nb]   # wraparound check would block vector loads
+        o = out[w, :count]
+        _main_dots(row[:main], scale_bytes, table, hb, xe, xo, rows, o)
+        tail = row[main:]
+        for j in range(tail.shape[0]):
+            k = main + j
+            b = f32(tail[j])
+            hi = np.floor(b * f32(0.0625))
+            lo = b - f32(16) * hi
+            s = table[scale_bytes[k // hb]]
+            w_lo, w_hi = s * _e2m1(lo), s * _e2m1(hi)
+            for i in range(count):
+                o[i] += w_lo * xe[rows[i], k] + w_hi * xo[rows[i], k]
 
 
 @njit(nogil=True, cache=True)
@@ -225,7 +239,7 @@ def gate_up_rows(lo, hi, xe, xo, addresses, nbytes, active, start, order, meta, 
     start[u]:start[u + 1] of h, in expert order); even n go to he[:, n // 2], odd n to ho."""
     n_inter, K = meta[0, 3], meta[3, 0]
     hk = xe.shape[1]
-    g_all, v_all = np.empty(order.shape[0], np.float32), np.empty(order.shape[0], np.float32)
+    g_all, v_all = np.empty((ROW_BLOCK, order.shape[0]), np.float32), np.empty((ROW_BLOCK, order.shape[0]), np.float32)
     hb_g, hb_u = meta[0, 6], meta[1, 6]
     table_g, table_u = tables[meta[0, 5]], tables[meta[1, 5]]
     r = lo
@@ -234,19 +248,23 @@ def gate_up_rows(lo, hi, xe, xo, addresses, nbytes, active, start, order, meta, 
         a0, count = start[u], start[u + 1] - start[u]
         buf = numba.carray(_as_pointer(addresses[u]), (nbytes,), np.uint8)
         x_rows = order[a0:a0 + count] // K
-        g, v = g_all[:count], v_all[:count]
         gs_g, gs_u = _global_scale(buf, meta[0, 2]), _global_scale(buf, meta[1, 2])
         n1 = min(hi - r + r % n_inter, n_inter)               # this expert's last row in the range, plus one
-        for n in range(r % n_inter, n1):
-            _row_dots(buf, meta[0, 0] + n * hk, meta[0, 1] + n * (hk // hb_g), hk, hb_g, table_g, xe, xo, x_rows, g)
-            _row_dots(buf, meta[1, 0] + n * hk, meta[1, 1] + n * (hk // hb_u), hk, hb_u, table_u, xe, xo, x_rows, v)
-            for i in range(count):
-                a = gs_g * g[i]
-                h = a / (f32(1) + np.exp(-a)) * (gs_u * v[i])        # silu(gate) * up
-                if n % 2 == 0:
-                    he[a0 + i, n // 2] = h
-                else:
-                    ho[a0 + i, n // 2] = h
+        for b0 in range(r % n_inter, n1, ROW_BLOCK):          # a block of gate rows, then the same up rows
+            nw = min(b0 + ROW_BLOCK, n1) - b0
+            _block_dots(buf, meta[0, 0] + b0 * hk, meta[0, 1] + b0 * (hk // hb_g), nw, hk, hb_g, table_g, xe, xo,
+                        x_rows, g_all)
+            _block_dots(buf, meta[1, 0] + b0 * hk, meta[1, 1] + b0 * (hk // hb_u), nw, hk, hb_u, table_u, xe, xo,
+                        x_rows, v_all)
+            for w in range(nw):
+                n = b0 + w
+                for i in range(count):
+                    a = gs_g * g_all[w, i]
+                    h = a / (f32(1) + np.exp(-a)) * (gs_u * v_all[w, i])        # silu(gate) * up
+                    if n % 2 == 0:
+                        he[a0 + i, n // 2] = h
+                    else:
+                        ho[a0 + i, n // 2] = h
         r += n1 - r % n_inter
 
 
@@ -256,7 +274,7 @@ def down_rows(lo, hi, he, ho, addresses, nbytes, active, start, order, meta, tab
     active[r // D]): y[t, k, n] = down[n] . h[a] for the expert's assignments a = (t, k)."""
     d_hidden, K = meta[2, 3], meta[3, 0]
     hk, hb = he.shape[1], meta[2, 6]
-    o_all = np.empty(order.shape[0], np.float32)
+    o_all = np.empty((ROW_BLOCK, order.shape[0]), np.float32)
     table = tables[meta[2, 5]]
     r = lo
     while r < hi:
@@ -264,12 +282,14 @@ def down_rows(lo, hi, he, ho, addresses, nbytes, active, start, order, meta, tab
         a0, count = start[u], start[u + 1] - start[u]
         buf = numba.carray(_as_pointer(addresses[u]), (nbytes,), np.uint8)
         h_rows = np.arange(a0, a0 + count)
-        o = o_all[:count]
         gs_d = _global_scale(buf, meta[2, 2])
         n1 = min(hi - r + r % d_hidden, d_hidden)
-        for n in range(r % d_hidden, n1):
-            _row_dots(buf, meta[2, 0] + n * hk, meta[2, 1] + n * (hk // hb), hk, hb, table, he, ho, h_rows, o)
-            for i in range(count):
-                flat = order[a0 + i]
-                y[flat // K, flat % K, n] = gs_d * o[i]
+        for b0 in range(r % d_hidden, n1, ROW_BLOCK):
+            nw = min(b0 + ROW_BLOCK, n1) - b0
+            _block_dots(buf, meta[2, 0] + b0 * hk, meta[2, 1] + b0 * (hk // hb), nw, hk, hb, table, he, ho, h_rows,
+                        o_all)
+            for w in range(nw):
+                for i in range(count):
+                    flat = order[a0 + i]
+                    y[flat // K, flat % K, b0 + w] = gs_d * o_all[w, i]
         r += n1 - r % d_hidden

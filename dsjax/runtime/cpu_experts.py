@@ -33,6 +33,7 @@ from dsjax.runtime.expert_layout import ExpertLayout
 
 FORMATS = {"nvfp4": 0, "mxfp4": 1}     # format -> its row in the kernel's scale tables
 _BLOCKS = {"nvfp4": 16, "mxfp4": 32}
+_MIN_ROWS_PER_THREAD = 64              # weight rows (~200 KB at V3's gate/up) below which a thread costs more than it adds
 
 
 def cpu_expert_rows(x, buffers, assign, layout: ExpertLayout, threads: int | None = None) -> np.ndarray:
@@ -132,7 +133,7 @@ def _split(rows_fn, total: int, threads: int | None, args: tuple) -> None:
     threads = default_threads() if threads is None else threads
     if not 1 <= threads <= default_threads():
         raise ValueError(f"threads must lie in 1..{default_threads()} (the CPUs of this process), got {threads}")
-    threads = max(1, min(threads, total))
+    threads = max(1, min(threads, total // _MIN_ROWS_PER_THREAD))      # small work: fewer threads to wake
     bounds = [total * i // threads for i in range(threads + 1)]
     futures = [_pool().submit(rows_fn, bounds[i], bounds[i + 1], *args) for i in range(1, threads)]
     try:
