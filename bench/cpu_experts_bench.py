@@ -119,7 +119,7 @@ def main(argv=None) -> dict:
     layout = expert_layout(a.fmt, a.hidden, a.inter)
     per_expert = cpu_experts.expert_bytes(layout)
     t0 = time.perf_counter()
-    cpu_experts.warm_up(layout)
+    cpu_experts.warm_up()
     compile_s = time.perf_counter() - t0
     print(f"{platform.processor() or platform.machine()}, {cpus} CPUs; numba kernel ready in {compile_s:.1f} s; "
           f"{a.fmt} experts [{a.inter}, {a.hidden}]: {per_expert / 1e6:.2f} MB of codes + scales each, "

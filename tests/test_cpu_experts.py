@@ -4,6 +4,9 @@ are multiples of the block but not powers of two, 1-8 rows, top-k 2-8, experts s
 row, empty assignments (-1), float32 and bfloat16 activations, buffers given as numpy arrays or host jax.Arrays."""
 
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -141,3 +144,10 @@ def test_rejects_bad_input(experts):
     assert cpu_experts.supports(layout) and not cpu_experts.supports(plain)
     assert cpu_experts.expert_bytes(layout) == sum(
         getattr(q[p], f)[0].nbytes for p in ("gate", "up", "down") for f in ("packed", "scales"))
+
+
+def test_numba_imported_on_first_use():
+    """`import dsjax` (and of this module) leaves numba alone; warm_up brings it in and compiles."""
+    code = ("import sys, dsjax, dsjax.runtime.cpu_experts as c; assert 'numba' not in sys.modules; "
+            "c.warm_up(); assert 'numba' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -4,14 +4,16 @@ At batch 1 an expert that misses the GPU costs its bytes over PCIe; the host rea
 computing some host-resident experts where their bytes are, beside the GPU copying the others, moves more expert bytes
 per second than either path alone. This module owns the CPU computation of a few rows (batch <= ~8): for each
 (row, expert) assignment, gate = x W_g^T, up = x W_u^T, h = silu(gate) * up, y = h W_d^T, float32 accumulation,
-decoding NVFP4 / MXFP4 codes and block scales from the packed bytes as it streams them (no dequantised copy of any
-weight; the only scratch is a weight row's worth of float32 per thread). It returns the rows per assignment, exactly
-what dsjax.model.moe.expert_rows returns, so the caller sums them with the routing weights (moe.combine) next to the
-GPU experts' rows.
+decoding NVFP4 / MXFP4 codes and block scales from the packed bytes in registers as it streams them (no dequantised
+copy of any weight, not even of a row; the scratch is h, [assignments, I] float32). It returns the rows per
+assignment, exactly what dsjax.model.moe.expert_rows returns, so the caller sums them with the routing weights
+(moe.combine) next to the GPU experts' rows. Threads split the weight rows of the called experts evenly (gate/up,
+then down); they come from a pool of this module, run numba code that releases the GIL, and the calling thread is
+one of them.
 
 It does not decide which experts run here (that is the policy's, from the rates bench/cpu_experts_bench.py measures),
 move anything, or touch the GPU. The numba kernel lives in _cpu_experts_kernel.py and is imported on the first call
-(`warm_up` compiles it ahead of time), so `import dsjax` does not pay for numba.
+(`warm_up` compiles it ahead of time: ~3 s, or ~0.5 s from numba's cache), so `import dsjax` does not pay for numba.
 
 Example:
     >>> layout = ExpertLayout.of_store(store, layer=3)
@@ -29,7 +31,7 @@ import os
 
 import numpy as np
 
-from dsjax.runtime.expert_layout import ExpertLayout
+from dsjax.runtime.expert_layout import ALIGN, ExpertLayout, Part
 
 FORMATS = {"nvfp4": 0, "mxfp4": 1}     # format -> its row in the kernel's scale tables
 _BLOCKS = {"nvfp4": 16, "mxfp4": 32}
@@ -77,7 +79,7 @@ def cpu_expert_rows(x, buffers, assign, layout: ExpertLayout, threads: int | Non
     start = np.zeros(len(buffers) + 1, np.int64)
     np.cumsum(np.bincount(flat[order], minlength=len(buffers)), out=start[1:])
     active = np.flatnonzero(np.diff(start))                  # experts with at least one assignment
-    meta = np.concatenate([meta, [[assign.shape[1], 0, 0, 0, 0, 0, 0]]])
+    meta = np.concatenate([meta, [[assign.shape[1], 0, 0, 0, 0, 0, 0]]])     # row 3: top-k, for (t, k) = divmod
     he, ho = (np.empty((len(order), n_inter // 2), np.float32) for _ in range(2))
     y = np.zeros(assign.shape + (d_hidden,), np.float32)
     k = _kernel()
@@ -103,14 +105,12 @@ def expert_bytes(layout: ExpertLayout) -> int:
     return sum(p.nbytes for p in layout.parts if p.field in ("packed", "scales"))
 
 
-def warm_up(layout: ExpertLayout | None = None) -> None:
-    """Import numba and compile (or load from numba's cache) the kernel now rather than on the first call; with a
-    layout, also run it once on zero experts of that layout."""
-    _kernel()
-    if layout is not None:
-        d = int(layout_meta(layout)[0, 4])
-        cpu_expert_rows(np.zeros((1, d), np.float32), [np.zeros(layout.nbytes, np.uint8)],
-                        np.zeros((1, 1), np.int32), layout, threads=1)
+def warm_up() -> None:
+    """Import numba and compile the kernel (or load it from numba's cache) now rather than in the first call: one
+    call on a tiny zero expert compiles every format's code."""
+    layout = _tiny_layout()
+    cpu_expert_rows(np.zeros((1, 64), np.float32), [np.zeros(layout.nbytes, np.uint8)], np.zeros((1, 1), np.int32),
+                    layout, threads=1)
 
 
 def default_threads() -> int:
@@ -197,6 +197,18 @@ def _address(buf, nbytes: int) -> int:
         buf.block_until_ready()
         return buf.unsafe_buffer_pointer()
     raise ValueError(f"expert buffer must be a numpy array or a jax.Array in host memory, got {type(buf).__name__}")
+
+
+@functools.cache
+def _tiny_layout() -> ExpertLayout:
+    """An NVFP4 expert of hidden 64, intermediate 64 (for warm_up)."""
+    parts, offset = [], 0
+    for proj in ("gate", "up", "down"):
+        for field, shape, dtype in (("packed", (64, 32), "uint8"), ("scales", (64, 4), "uint8"),
+                                    ("global_scale", (), "float32")):
+            parts.append(Part(proj, field, offset, shape, dtype))
+            offset += -(-parts[-1].nbytes // ALIGN) * ALIGN
+    return ExpertLayout(tuple(parts), tuple((proj, "nvfp4") for proj in ("gate", "up", "down")), offset)
 
 
 @functools.cache
