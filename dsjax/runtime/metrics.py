@@ -24,7 +24,9 @@ class Metrics:
         self.layer_calls = [0] * n_layers
         self.stall_seconds = 0.0
         self.pred_tp = self.pred_fp = self.pred_fn = 0
+        self.pred_layers = 0                              # MoE layer runs scored against a prediction
         self.prefetch_used = self.prefetch_unused = 0     # predicted experts copied to the GPU ahead of their layer
+        self.prefetch_recopied = 0                        # of them, copied again on demand in the same step (waste)
         self.activations = [[0] * n_experts for _ in range(n_layers)] if n_experts else []
         self.tokens = 0
         self.started = time.perf_counter()
@@ -59,6 +61,7 @@ class Metrics:
         self.stall_seconds += seconds
 
     def add_prediction(self, predicted: set, actual: set) -> None:
+        self.pred_layers += 1
         self.pred_tp += len(predicted & actual)
         self.pred_fp += len(predicted - actual)
         self.pred_fn += len(actual - predicted)
@@ -66,6 +69,9 @@ class Metrics:
     def add_prefetch(self, used: int, unused: int) -> None:
         self.prefetch_used += used
         self.prefetch_unused += unused
+
+    def add_recopied(self, n: int) -> None:
+        self.prefetch_recopied += n
 
     def add_activations(self, layer: int, experts) -> None:
         row = self.activations[layer]
@@ -86,8 +92,9 @@ class Metrics:
             "stall_seconds": self.stall_seconds,
             "layer_ms": [1e3 * s / n if n else None for s, n in zip(self.layer_seconds, self.layer_calls)],
             "prediction": {"precision": self.pred_tp / p if p else None, "recall": self.pred_tp / r if r else None,
-                           "predicted": p, "activated": r},
+                           "predicted": p, "activated": r, "layers_scored": self.pred_layers},
             "prefetch": {"copies": self.prefetch_used + self.prefetch_unused, "used": self.prefetch_used,
+                         "recopied": self.prefetch_recopied,
                          "hit_rate": self.prefetch_used / (self.prefetch_used + self.prefetch_unused)
                          if self.prefetch_used + self.prefetch_unused else None},
             "expert_activations": self.activations,

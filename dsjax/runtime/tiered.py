@@ -11,6 +11,7 @@ fits on the GPU the sync disappears. Same store, prompt and seed give the same t
 
 from __future__ import annotations
 
+import collections
 import functools
 import time
 from typing import Any
@@ -28,6 +29,7 @@ from dsjax.runtime.kv_pool import PAGE_TOKENS, kv_bytes_per_token
 from dsjax.runtime.memory import MemoryManager
 from dsjax.runtime.metrics import Metrics, json_line, process_memory, prometheus_text
 from dsjax.runtime.planner import BudgetError, Links, ModelBytes, Pools, fmt_bytes, plan
+from dsjax.runtime.prefetch import DISK, GPU, HOST, READING, PrefetchPolicy
 from dsjax.runtime.programs import LayerPrograms
 from dsjax.runtime.tiers import DiskReader, ExpertCache, HostCache, LayerManager, shardings, tree_nbytes
 
@@ -199,25 +201,19 @@ class TieredEngine(Engine):
                                           parallel_shared=cc.use_parallel_compute, enable_fusion=cc.enable_fusion)
         # expert activations of the layers whose experts all sit on the GPU, counted on the device (no host sync)
         self._device_activations = {i: None for i in self.full_experts}
-        self.threshold = mc.expert_threshold
-        self.prefetch_depth = mc.prefetch_layers
-        # adaptive_schedule may look up to two MoE layers further, but never ahead at all when prefetch_layers is 0
-        self.max_depth = mc.prefetch_layers + 2 if mc.prefetch_layers else 0
-        # Speculative disk reads go fewer MoE layers ahead than predictions: the further ahead, the less precise, and
-        # a wasted 24.8 MB read costs a disk-bound step ~27x a wasted host->GPU copy (V3 slice run 6: reads two layers
-        # ahead made the budget config read 2.2x load-on-demand's bytes; a CPU probe of V3's routing topology: 37% of
-        # the speculative reads used when reading two layers ahead, 49% one layer ahead)
-        self.disk_depth = mc.disk_prefetch_layers
+        # Decide (pure: prefetch.py) apart from move (the movers: self.experts, self.host_cache, self.disk)
+        self.policy = PrefetchPolicy(mc.expert_threshold, mc.prefetch_layers, mc.disk_prefetch_layers,
+                                     adaptive=cc.adaptive_schedule, overlap=cc.overlap_io)
         self.disk_waits = self._disk_waits_seen = 0      # expert reads the compute had to wait for
-        # Predicted host->GPU copies go out only while the link has room (adaptive_schedule turns them off when a step
-        # filled the link: see _adapt); counted per step for stats()
-        self.copies_ahead = True
-        self.steps_without_copies_ahead = 0
         self._step_start = (0.0, 0)                       # (perf_counter, host->GPU bytes) when the step began
         self._pending: dict[tuple[int, int], Any] = {}      # (layer, expert) -> Future of a disk read
         self._predicted: dict[int, set] = {}
         self._prefetch_pins: dict[int, list] = {}        # layer -> predicted experts copied (and pinned) ahead
+        self._copied_ahead: set = set()                   # this step's copies ahead (a demand copy of one = waste)
         self.chunk_reads_ahead = 0                           # experts read ahead of their prefill chunk
+        self.fetch_plans = 0                                 # plans the policy made (one per layer that predicts)
+        self.reads_ahead_by_depth = collections.Counter()    # speculative reads by MoE layers ahead (0 = the next)
+        self.max_reads_pending = 0                           # most speculative disk reads in flight after a plan
         self.batch_sizes: list[int] = []                     # padded rows of each decode batch size met (dynamic)
         self._warmed: set[int] = set()                       # decode batch sizes whose executables are compiled
         weights = {"embed": None, "final_norm": head["final_norm"], "lm_head": head["lm_head"], "layers": []}
@@ -286,16 +282,16 @@ class TieredEngine(Engine):
                 w = self.layers.get(i)
             if overlap:
                 with m.host("prefetch"):
-                    for j in range(i + 1, min(i + 1 + self.prefetch_depth, cfg.num_hidden_layers)):
+                    for j in range(i + 1, min(i + 1 + self.policy.depth, cfg.num_hidden_layers)):
                         self.layers.prefetch(j)
             # The attention call predicts for as many MoE layers as the schedule may ever look ahead, whatever the
             # current depth and however few MoE layers follow (the tuple is padded with repeats whose rows are never
             # read), so attention compiles once per layer kind and form; _prefetch uses the first `depth` rows.
-            ahead = self._next_moe(i, self.max_depth) if (overlap and self.experts is not None) else []
-            nxt = ahead[:max(self.prefetch_depth, 1)]
+            ahead = self._next_moe(i, self.policy.max_depth) if (overlap and self.experts is not None) else []
+            nxt = ahead[:self.policy.lookahead()]
             routers = tuple(self.routers[j] for j in ahead)
             if overlap and self.experts is not None:
-                routers += (self.routers[self.moe_layers[-1]],) * (self.max_depth - len(routers))
+                routers += (self.routers[self.moe_layers[-1]],) * (self.policy.max_depth - len(routers))
             outs = []
             with m.host("dispatch"):
                 for k, g in enumerate(groups):
@@ -336,10 +332,10 @@ class TieredEngine(Engine):
         if self.experts is not None:
             self._release_prefetch_pins()                 # a step's predictions never outlive it
             self._pending.clear()                         # nor its disk reads (each layer dropped its own)
+            self._copied_ahead.clear()
             self.experts.tick()
             self.host_cache.tick()
-            if self.runtime.compute_config.adaptive_schedule:
-                self._adapt()
+            self._adapt()
         self.metrics.tokens += 1
         return [self._logits_of(x, g) for x, g in zip(xs, groups)]
 
@@ -363,11 +359,12 @@ class TieredEngine(Engine):
             self.metrics.add_prediction(self._predicted.pop(i), routed)
         self._release_prefetch_pins(i, routed)
         P = self.experts.slots.capacity
-        chunk = max(1, P // 2) if (self.runtime.compute_config.overlap_compute and len(used) > P) else P
-        chunks = [used[c:c + chunk] for c in range(0, len(used), chunk)]
-        if self.runtime.compute_config.overlap_compute and len(chunks) > 1:
-            for ch in chunks[1:]:                                        # read later chunks while earlier compute
-                ahead = [e for e in ch if self._where(i, e) == "disk" and (i, e) not in self._pending]
+        overlap_compute = self.runtime.compute_config.overlap_compute
+        chunks = self.policy.chunks(used, P, overlap_compute)
+        if overlap_compute and len(chunks) > 1:                          # read later chunks while earlier compute
+            tiers = self._tiers(i)
+            for ch in chunks[1:]:
+                ahead = [e for e in ch if tiers[e] == DISK]
                 self.chunk_reads_ahead += len(ahead)
                 self._start_disk(i, ahead)
         B, T, D = hn.shape
@@ -400,21 +397,20 @@ class TieredEngine(Engine):
         for k in [k for k in self._pending if k[0] == i]:
             del self._pending[k]
 
-    def _where(self, i: int, e: int) -> str:
-        if self.experts.lookup((i, e), count=False) is not None:
-            return "gpu"
-        if self.host_cache.get((i, e), count=False) is not None:
-            return "host"
-        return "disk"
+    def _tiers(self, i: int) -> np.ndarray:
+        """Where each expert of layer i sits now ([E]: GPU / HOST / DISK / READING), from the caches' residency rows
+        (vectorised: no per-expert lookups)."""
+        E = self.config.n_routed_experts
+        t = np.full(E, DISK, np.int8)
+        t[self.host_cache.resident(i, E)] = HOST
+        reading = [e for (j, e) in self._pending if j == i]
+        t[reading] = READING
+        t[self.experts.resident(i, E)] = GPU
+        return t
 
-    def _start_disk(self, i: int, experts: list[int], speculative: bool = False) -> None:
-        """Read `experts` of layer i from disk on a loader thread (staged into pinned memory). Speculative reads
-        (predictions for later layers) are capped so that the reads pending hold at most the plan's host prefetch
-        pool; `experts` in order of preference."""
+    def _start_disk(self, i: int, experts: list[int]) -> None:
+        """Read `experts` of layer i from disk on a loader thread (staged into pinned memory), in order."""
         todo = [e for e in experts if (i, e) not in self._pending]
-        if speculative:
-            room = self.placement.pools.host_prefetch // max(self.host_cache.expert_bytes, 1) - len(self._pending)
-            todo = todo[:max(room, 0)]
         if not todo:
             return
         fut = self.disk.read(i, todo, stage=self.host_cache.put)
@@ -448,29 +444,33 @@ class TieredEngine(Engine):
                 self.experts.slots.pin((i, e))
                 slots[e] = slot
         self._start_disk(i, [e for e in misses if self.host_cache.get((i, e), count=False) is None])
+        self.metrics.add_recopied(sum((i, e) in self._copied_ahead for e in misses))
         loaded = self.experts.load([((i, e), self._host_row(i, e)) for e in misses], pin=True)
         slots.update(zip(misses, loaded))
         return [slots[e] for e in experts]
 
     def _prefetch(self, pred: np.ndarray, nxt: list[int]) -> None:
-        """Issue predicted experts: host->GPU for the next MoE layer, disk->host for the ones after it."""
-        for depth, j in enumerate(nxt):
-            chosen = set(np.flatnonzero(pred[depth] >= max(self.threshold, 1e-9)).tolist())
-            if depth == 0:
-                self._predicted[j] = chosen
-            where = {e: self._where(j, e) for e in sorted(chosen, key=lambda e: (-pred[depth][e], e))}  # likeliest first
-            if depth < self.disk_depth:
-                self._start_disk(j, [e for e, w in where.items() if w == "disk"], speculative=True)
-            if depth == 0 and self.copies_ahead:
-                up = [((j, e), self.host_cache.get((j, e), count=False)) for e, w in where.items() if w == "host"]
-                up = [(k, t) for k, t in up if t is not None]     # a loader thread may have evicted it since
-                # Pinned until layer j runs: unpinned, a just-copied expert (one use so far) is the first victim of
-                # LRFU, so the next copies evicted it before its layer ran (CPU probe: 54% of the predicted copies at
-                # batch 8, while precision was 0.92). Never more than the unpinned slots can take.
-                free = self.experts.slots.capacity - self.experts.slots.pinned_count()
-                up = up[:max(free, 0)]
-                self.experts.load(up, pin=True)
-                self._prefetch_pins.setdefault(j, []).extend(k for k, _ in up)
+        """The policy decides from the predictions and the caches' state; the movers execute its plan: disk->host
+        reads for the layers it names, host->GPU copies for the next MoE layer, pinned until that layer runs
+        (unpinned, a just-copied expert is LRFU's first victim: a CPU probe lost 54% of the predicted copies at batch
+        8 to the next copies while precision was 0.92)."""
+        where = {j: self._tiers(j) for j in nxt}
+        copy_room = self.experts.slots.capacity - self.experts.slots.pinned_count()
+        read_room = self.placement.pools.host_prefetch // max(self.host_cache.expert_bytes, 1) - len(self._pending)
+        plan = self.policy.plan(pred, nxt, where, copy_room=copy_room, read_room=read_room)
+        self._predicted.update(plan.predicted)
+        self.fetch_plans += 1
+        for j, experts in plan.reads.items():
+            self._start_disk(j, list(experts))
+            self.reads_ahead_by_depth[nxt.index(j)] += len(experts)
+        ahead = sum(k[0] >= nxt[0] for k in self._pending)               # speculative reads in flight
+        self.max_reads_pending = max(self.max_reads_pending, ahead)
+        for j, experts in plan.copies.items():
+            up = [((j, e), self.host_cache.get((j, e), count=False)) for e in experts]
+            up = [(k, t) for k, t in up if t is not None]     # a loader thread may have evicted it since
+            self.experts.load(up, pin=True)
+            self._prefetch_pins.setdefault(j, []).extend(k for k, _ in up)
+            self._copied_ahead.update(k for k, _ in up)
 
     def _release_prefetch_pins(self, layer: int | None = None, used: set | None = None) -> None:
         """Unpin the experts prefetched for `layer` (every layer's when None) as it starts; with `used`, count which
@@ -483,38 +483,15 @@ class TieredEngine(Engine):
             self.experts.slots.unpin_all(keys)
 
     def _adapt(self) -> None:
-        """adaptive_schedule, once per step: lower the threshold when predictions miss experts, raise it when they
-        are wasted; look one MoE layer further ahead when the step waited on disk reads (so they start earlier),
-        one layer less when predictions are mostly wasted; stop predicted host->GPU copies while steps fill the
-        host->GPU link (against the engine's link ceiling, measured at load under auto_tune)."""
+        """Once per step: tell the policy what the step saw (prediction counts, disk waits, how busy the host->GPU
+        link was against the engine's link ceiling, measured at load under auto_tune)."""
         m = self.metrics
-        p, r = m.pred_tp + m.pred_fp, m.pred_tp + m.pred_fn
-        if r:
-            precision, recall = (m.pred_tp / p if p else 1.0), m.pred_tp / r
-            if recall < 0.7:
-                self.threshold = max(0.01, self.threshold * 0.9)
-            elif precision < 0.5:
-                self.threshold = min(1.0, self.threshold * 1.1)
-            if precision < 0.3 and self.prefetch_depth > 1:
-                self.prefetch_depth -= 1
-                self.disk_depth = min(self.disk_depth, self.prefetch_depth)
-        if self.disk_waits > self._disk_waits_seen and self.prefetch_depth < self.max_depth:
-            self.prefetch_depth += 1
-            self.disk_depth = min(self.disk_depth + 1, self.prefetch_depth)     # start the reads a layer earlier
-        self._disk_waits_seen = self.disk_waits
-        # A predicted copy pays only by using link time the step would leave idle; once a step's copies fill the
-        # host->GPU link, each unused prediction costs its whole copy (V3 slice, experts in pinned host memory: 18% of
-        # the predicted copies unused at batch 32, and load-on-demand 1.11x faster; 1.13-1.17x at batch 1 and 8).
-        # Copies ahead stop while a step keeps the link >= 90% busy and resume when it drops below 75%. Disk reads
-        # ahead are not gated: disk-bound, they are what keeps the disk busy (run 6: 1.11-1.15x over on-demand).
         t0, b0 = self._step_start
         seconds = time.perf_counter() - t0
         busy = (m.link_bytes.get("host->GPU", 0) - b0) / max(self.links.h2d * seconds, 1e-9)
-        if self.copies_ahead and busy >= 0.9:
-            self.copies_ahead = False
-        elif not self.copies_ahead and busy < 0.75:
-            self.copies_ahead = True
-        self.steps_without_copies_ahead += not self.copies_ahead
+        self.policy.end_step(tp=m.pred_tp, fp=m.pred_fp, fn=m.pred_fn,
+                             disk_waited=self.disk_waits > self._disk_waits_seen, link_busy=busy)
+        self._disk_waits_seen = self.disk_waits
 
     def _prepare_decode(self, B: int) -> None:
         """Compile, once per decode batch size, the expert-rows call (run on dummy inputs), and once every bucket of
@@ -570,12 +547,16 @@ class TieredEngine(Engine):
             "ceilings_GB_per_s": {"host->GPU": self.links.h2d / 1e9, "disk->host": self.links.disk / 1e9,
                                   "measured": self.links.measured},
             "predicted_tok_s": p.tokens_per_s,
-            "expert_threshold": self.threshold,
-            "prefetch_depth": self.prefetch_depth,
-            "disk_prefetch_depth": self.disk_depth,
+            "expert_threshold": self.policy.threshold,
+            "prefetch_depth": self.policy.depth,
+            "disk_prefetch_depth": self.policy.disk_depth,
             "disk_waits": self.disk_waits,
-            "copies_ahead": self.copies_ahead,                       # predicted host->GPU copies on (adaptive)
-            "steps_without_copies_ahead": self.steps_without_copies_ahead,
+            "copies_ahead": self.policy.copies_ahead,                # predicted host->GPU copies on (adaptive)
+            "steps_without_copies_ahead": self.policy.steps_without_copies_ahead,
+            "fetch_plans": self.fetch_plans,
+            "disk_reads_pending": len(self._pending),
+            "disk_reads_pending_max": self.max_reads_pending,
+            "reads_ahead_by_depth": dict(self.reads_ahead_by_depth),
             "preloaded_experts": self.preloaded,
             "process_memory": process_memory(),
         }

@@ -40,6 +40,35 @@ def shardings(device):
             jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host"))
 
 
+class Residency:
+    """Which (layer, expert) keys a cache holds, as one boolean row per layer: the policy reads a layer's row at
+    once instead of looking experts up one by one."""
+
+    def __init__(self):
+        self._rows: dict[int, np.ndarray] = {}
+
+    def row(self, layer: int, n: int) -> np.ndarray:
+        r = self._rows.get(layer)
+        if r is None:
+            return np.zeros(n, bool)
+        return r[:n] if r.size >= n else np.concatenate([r, np.zeros(n - r.size, bool)])
+
+    def set(self, key, value: bool) -> None:
+        if not (isinstance(key, tuple) and len(key) == 2):
+            return                                   # only (layer, expert) keys have rows
+        layer, e = key
+        r = self._rows.get(layer)
+        if r is None or r.size <= e:
+            grown = np.zeros(max(e + 1, 2 * (0 if r is None else r.size), 64), bool)
+            if r is not None:
+                grown[:r.size] = r
+            self._rows[layer] = r = grown
+        r[e] = value
+
+    def clear(self) -> None:
+        self._rows.clear()
+
+
 class DiskReader:
     """Reads routed experts from the store on loader threads and packs each into its flat buffer (numpy uint8 [B],
     see `layout`). At most `max_inflight` layer reads run at once."""
@@ -85,6 +114,12 @@ class HostCache:
         self._data: dict[tuple[int, int], Any] = {}
         self._lock = threading.Lock()
         self._s_host = shardings(device)[1]
+        self._resident = Residency()
+
+    def resident(self, layer: int, n: int) -> np.ndarray:
+        """[n] bool: which experts of `layer` the cache holds now (a loader thread may change it just after)."""
+        with self._lock:
+            return self._resident.row(layer, n).copy()
 
     def get(self, key: tuple[int, int], count: bool = True):
         with self._lock:
@@ -104,10 +139,12 @@ class HostCache:
             if len(self.slots) == self.slots.capacity:      # make room first, so a refusal leaves no trace
                 victim = self.slots.evict_one()
                 self._data.pop(victim)
+                self._resident.set(victim, False)
                 self.mm.release(("host_expert", *victim))
             self.mm.reserve_first(("host_layer_cache", "host_weights"), ("host_expert", *key), self.expert_bytes)
             self.slots.insert(key)
             self._data[key] = pinned
+            self._resident.set(key, True)
         return pinned
 
     def tick(self) -> None:
@@ -158,6 +195,11 @@ class ExpertCache:
         self._s_dev = s_dev
         self.pool = self._empty_pool()
         self._pending: dict[int, Any] = {}      # slot -> its expert's buffer on the GPU (copy issued), not yet written
+        self._resident = Residency()
+
+    def resident(self, layer: int, n: int) -> np.ndarray:
+        """[n] bool: which experts of `layer` have a slot (copied, or copy issued)."""
+        return self._resident.row(layer, n)
 
     def _empty_pool(self):
         return jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), self._s_dev), self._template)
@@ -172,6 +214,7 @@ class ExpertCache:
             counters = self.slots.counters
             self.slots = SlotCache(self.slots.capacity, self._decay)
             self.slots.counters = counters
+            self._resident.clear()
 
     def lookup(self, key, count: bool = True) -> int | None:
         return self.slots.lookup(key) if count else self.slots.peek(key)
@@ -181,7 +224,13 @@ class ExpertCache:
         flight at once, which a lone expert copy cannot fill the link with); asynchronous; written by `flush`."""
         if not items:
             return []
-        slots = [self.slots.insert(key, pin=pin)[0] for key, _ in items]
+        slots = []
+        for key, _ in items:
+            slot, evicted = self.slots.insert(key, pin=pin)
+            if evicted is not None:
+                self._resident.set(evicted, False)
+            self._resident.set(key, True)
+            slots.append(slot)
         t0 = time.perf_counter()
         devs = jax.device_put([row for _, row in items], self._s_dev)
         self._pending.update(zip(slots, devs))   # a slot re-filled before a flush keeps only its latest expert

@@ -1,0 +1,77 @@
+"""The PrefetchPolicy alone, on plain arrays: which experts it copies and reads ahead, in what order, within which
+room, and how a step's observations move its threshold, look-ahead and copies ahead (no engine, no arrays moved)."""
+
+import numpy as np
+import pytest
+
+from dsjax.runtime.prefetch import DISK, GPU, HOST, READING, PrefetchPolicy
+
+
+def _where(*tiers):
+    return np.asarray(tiers, np.int8)
+
+
+def test_plan_copies_the_likeliest_host_experts_of_the_next_layer_and_reads_disk_experts_within_the_room():
+    pol = PrefetchPolicy(threshold=0.5, prefetch_layers=2, disk_prefetch_layers=2, adaptive=False)
+    pred = np.array([[0.9, 0.6, 0.4, 1.0, 0.7, 0.55],          # next MoE layer (7)
+                     [0.8, 0.0, 0.9, 0.6, 0.0, 0.95]])         # the one after (9)
+    where = {7: _where(HOST, DISK, HOST, GPU, HOST, READING), 9: _where(DISK, HOST, DISK, DISK, DISK, GPU)}
+    plan = pol.plan(pred, [7, 9], where, copy_room=2, read_room=3)
+    assert plan.predicted == {7: frozenset({0, 1, 3, 4, 5})}               # >= 0.5 (2 is below), depth 0 only
+    assert plan.copies == {7: (0, 4)}                                       # host experts, likeliest first, room 2
+    # disk experts only (never the GPU one, nor one already being read), likeliest first, one room for both layers
+    assert plan.reads == {7: (1,), 9: (2, 0)}
+    nothing = pol.plan(pred, [7, 9], where, copy_room=0, read_room=0)
+    assert nothing.copies == {} and nothing.reads == {} and nothing.predicted == plan.predicted
+
+
+def test_reads_go_only_disk_prefetch_layers_ahead_and_ties_break_by_expert_id():
+    pred = np.array([[0.5, 0.5, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0]])
+    where = {1: _where(DISK, DISK, DISK, DISK), 2: _where(DISK, DISK, DISK, DISK)}
+    one = PrefetchPolicy(0.4, 2, 1, adaptive=False).plan(pred, [1, 2], where, copy_room=4, read_room=10)
+    two = PrefetchPolicy(0.4, 2, 2, adaptive=False).plan(pred, [1, 2], where, copy_room=4, read_room=10)
+    assert one.reads == {1: (0, 1, 2, 3)}
+    assert two.reads == {1: (0, 1, 2, 3), 2: (0, 1, 2, 3)}
+    assert PrefetchPolicy(0.4, 2, 0, adaptive=False).plan(pred, [1, 2], where, copy_room=4, read_room=10).reads == {}
+
+
+def test_threshold_one_predicts_only_full_shares_and_zero_predicts_every_routed_expert():
+    pred = np.array([[0.0, 0.3, 1.0, 0.99]])
+    where = {3: _where(HOST, HOST, HOST, HOST)}
+    assert PrefetchPolicy(1.0, 1, 1).plan(pred, [3], where, copy_room=9, read_room=9).copies == {3: (2,)}
+    assert PrefetchPolicy(0.0, 1, 1).plan(pred, [3], where, copy_room=9, read_room=9).copies == {3: (2, 3, 1)}
+
+
+def test_a_full_link_stops_copies_ahead_until_it_drops_below_three_quarters():
+    pol = PrefetchPolicy(0.4, 2, 1)
+    pred, where = np.array([[1.0, 1.0]]), {5: _where(HOST, DISK)}
+    pol.end_step(tp=0, fp=0, fn=0, disk_waited=False, link_busy=0.95)
+    assert not pol.copies_ahead and pol.steps_without_copies_ahead == 1
+    plan = pol.plan(pred, [5], where, copy_room=4, read_room=4)
+    assert plan.copies == {} and plan.reads == {5: (1,)}                 # disk reads are not gated by the link
+    pol.end_step(tp=0, fp=0, fn=0, disk_waited=False, link_busy=0.8)     # hysteresis: still off
+    assert not pol.copies_ahead
+    pol.end_step(tp=0, fp=0, fn=0, disk_waited=False, link_busy=0.5)
+    assert pol.copies_ahead and pol.steps_without_copies_ahead == 2
+
+
+def test_end_step_moves_threshold_and_lookahead_from_what_the_step_saw():
+    pol = PrefetchPolicy(0.4, 2, 1)
+    pol.end_step(tp=5, fp=1, fn=10, disk_waited=False, link_busy=0.0)   # recall 1/3: predict more
+    assert pol.threshold == pytest.approx(0.36)
+    pol.end_step(tp=5, fp=20, fn=1, disk_waited=False, link_busy=0.0)   # precision 0.2: predict less, look closer
+    assert pol.threshold == pytest.approx(0.396) and pol.depth == 1 and pol.disk_depth == 1
+    for _ in range(5):                                                   # disk waits: look further, up to 2 + 2
+        pol.end_step(tp=9, fp=1, fn=1, disk_waited=True, link_busy=0.0)
+    assert pol.depth == pol.max_depth == 4 and pol.disk_depth == 4
+    frozen = PrefetchPolicy(0.4, 2, 1, adaptive=False)
+    frozen.end_step(tp=0, fp=9, fn=9, disk_waited=True, link_busy=1.0)
+    assert (frozen.threshold, frozen.depth, frozen.disk_depth, frozen.copies_ahead) == (0.4, 2, 1, True)
+    assert PrefetchPolicy(0.4, 0, 0).max_depth == 0                     # prefetch_layers 0: never ahead
+
+
+def test_chunks_split_a_layers_experts_by_the_slots():
+    used = list(range(10))
+    assert PrefetchPolicy.chunks(used, 16, True) == [used]
+    assert PrefetchPolicy.chunks(used, 8, True) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert PrefetchPolicy.chunks(used, 8, False) == [list(range(8)), [8, 9]]
