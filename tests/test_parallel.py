@@ -227,3 +227,63 @@ def test_mesh_errors_say_what_to_do(four_devices):
     too_many, no_axis = four_devices["errors"]
     assert "sees 4 device" in too_many
     assert "'expert' axis" in no_axis
+
+
+# ---- planning several devices (pure) ------------------------------------------------------------------------------
+
+def _v3():
+    from dsjax.runtime.plan_devices import v3_model_bytes
+    return v3_model_bytes()
+
+
+@pytest.mark.parametrize("gpu,host", [("16GB", "96GB"), ("80GB", "96GB"), ("24GB", "64GB")])
+def test_one_device_plan_is_the_single_gpu_planners(gpu, host):
+    from dsjax.runtime.plan_devices import plan_devices
+    from dsjax.runtime.planner import plan
+    mb = _v3()
+    one, ref = plan_devices(mb, 1, gpu, host), plan(mb, gpu, host)
+    d = one.devices[0]
+    assert one.mode == "tiered" and d.placement == ref
+    assert d.h2d_bytes == pytest.approx(ref.h2d_bytes_per_token) and one.disk_bytes == pytest.approx(
+        ref.disk_bytes_per_token) and d.hbm_bytes == pytest.approx(ref.hbm_bytes_per_token)
+    assert one.tokens_per_s == pytest.approx(ref.tokens_per_s), f"{one.tokens_per_s} vs {ref.tokens_per_s}"
+
+
+def test_eight_80gb_gpus_hold_all_of_v3_in_hbm():
+    from dsjax.runtime.plan_devices import device_weight_bytes, fits_all_in_hbm, plan_devices
+    mb = _v3()
+    p = plan_devices(mb, 8, "80GB", "96GB")
+    core = mb.embed + mb.head + sum(mb.layer_core)
+    experts = mb.expert * mb.n_experts * len(mb.moe_layers)
+    assert device_weight_bytes(mb, 8) == core + experts // 8 and 74e9 < device_weight_bytes(mb, 8) < 76e9
+    assert p.mode == "all in HBM" and fits_all_in_hbm(mb, 8, "80GB")
+    assert all(d.resident and d.h2d_bytes == 0 and d.kv_tokens >= 4096 for d in p.devices) and p.disk_bytes == 0
+    assert not fits_all_in_hbm(mb, 4, "80GB") and plan_devices(mb, 4, "80GB", "96GB").mode == "tiered"
+    assert p.tokens_per_s > 5 * plan_devices(mb, 1, "80GB", "96GB").tokens_per_s
+
+
+def test_more_gpus_never_plan_slower_and_share_the_disk():
+    from dsjax.runtime.plan_devices import plan_devices
+    mb = _v3()
+    prev = None
+    for n in (1, 2, 4, 8):
+        for batch in (1, 32):
+            p = plan_devices(mb, n, "16GB", "96GB", batch=batch)
+            assert p.disk_bytes == pytest.approx(sum(d.disk_bytes for d in p.devices))
+            assert p.t_disk == pytest.approx(p.disk_bytes / 12e9) and p.t_h2d == max(d.t_h2d for d in p.devices)
+            if batch == 1:
+                assert prev is None or p.tokens_per_s >= prev.tokens_per_s, f"{n} GPUs slower than {n // 2}"
+                prev = p
+    assert prev.disk_bytes == 0, "8 host caches of 96 GB hold every expert"
+
+
+def test_budgets_per_device_and_expected_experts():
+    from dsjax.runtime.plan_devices import expected_experts, plan_devices
+    mb = _v3()
+    p = plan_devices(mb, 2, ["16GB", "24GB"], "96GB")
+    assert p.devices[0].gpu_memory == 16e9 and p.devices[1].gpu_memory == 24e9
+    assert p.devices[1].gpu_experts >= p.devices[0].gpu_experts and p.t_h2d == p.devices[0].t_h2d
+    with pytest.raises(ValueError, match="3 budgets for 2 devices"):
+        plan_devices(mb, 2, ["16GB"] * 3, "96GB")
+    assert expected_experts(256, 8, 1) == 8
+    assert 8 < expected_experts(256, 8, 8) < 64 and 250 < expected_experts(256, 8, 1024) <= 256

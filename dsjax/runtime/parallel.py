@@ -46,13 +46,13 @@ from dsjax.model.weights import F32_KEYS
 from dsjax.quant import QTensor
 from dsjax.runtime.engine import DEFAULT_CONTEXT, Engine, Group
 from dsjax.runtime.kv_pool import PAGE_TOKENS, KVPool
+from dsjax.runtime.plan_devices import ACTIVATION_RESERVE, device_weight_bytes
 from dsjax.runtime.planner import BudgetError, fmt_bytes
 from dsjax.runtime.requests import PromptError
 
 AXIS = "expert"
 EXPERT_KEYS = ("experts_gate", "experts_up", "experts_down")
 SLOTS_KEY = "expert_slots"           # a MoE layer's [N, E] table: local slot of each expert on each device
-ACTIVATION_RESERVE = 2 * 10**9       # bytes left free on each device beside weights and KV pool (activations, XLA)
 
 __all__ = ["AXIS", "ExpertParallelEngine", "ExpertShards", "as_mesh", "load_parallel", "partition_experts",
            "place_layer"]
@@ -498,8 +498,7 @@ def load_parallel(path: str | os.PathLike, devices, dtype: str = "bfloat16", *, 
         store = Store(path)
         cfg = store.config
         mb = model_bytes_from_store(store, dt)
-        _check_fits(mb.total - mb.expert * mb.n_experts * len(mb.moe_layers)
-                    + mb.expert * -(-mb.n_experts // N) * len(mb.moe_layers), mesh)
+        _check_fits(device_weight_bytes(mb, N), mesh)
         try:
             weights, shards = _store_layers(store, cfg, mesh, dt, popularity, progress)
         finally:
