@@ -73,7 +73,7 @@ def test_scheduler_admits_in_order_while_pages_last_and_chunks_prompts_within_th
     assert [len(r.prompt) for r in plan.admitted] == [25, 3]     # 25+8-1 = 32 tokens = 4 pages, 3+4-1 = 6 -> 1 page
     assert pages.free_pages == 1 and len(waiting) == 2           # max_running reached: the rest wait, in order
     assert plan.decode == [decoding]
-    assert [(c.start, c.length) for c in plan.prefill] == [(0, 10)]       # the token budget goes first come first
+    assert [(c.start, c.length) for c in plan.prefill] == [(0, 10)]       # one chunk, of the first in its prompt
     # with nobody decoding, whole prompts go at once
     plan = Scheduler(max_running=4, step_tokens=10).next_step([], collections.deque([_req(25, 8), _req(3, 4)]),
                                                                _Pages(100))

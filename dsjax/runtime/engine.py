@@ -523,7 +523,8 @@ class Engine:
         if plan.prefill:
             chunks = plan.prefill
             B = pow2_bucket(len(chunks))
-            T = _prompt_bucket(max(c.length for c in chunks))
+            # beside decoding rows a chunk is always step_tokens long (one shape); alone, prompts go whole, bucketed
+            T = self.scheduler.step_tokens if plan.decode else _prompt_bucket(max(c.length for c in chunks))
             W = pow2_bucket(max(len(c.request.pages) for c in chunks))
             tokens = np.zeros((B, T), np.int32)
             positions = np.full((B, T), W * page, np.int32)

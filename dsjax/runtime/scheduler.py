@@ -2,9 +2,11 @@
 
 Pure bookkeeping over plain Request objects and the KV pool's page count, testable on the CPU: it admits waiting
 requests in arrival order while the running set has room (max_batch_size) and the KV pool has every page the
-request may need, then plans one step: every running request past its prompt decodes one token, and requests still
-in their prompt prefill a chunk each from a token budget (`step_tokens`), so a joining prompt never stalls the
+request may need, then plans one step: every running request past its prompt decodes one token, and the first
+request still in its prompt prefills a chunk of at most `step_tokens` tokens, so a joining prompt never stalls the
 running streams for its whole length. With no request decoding there is nobody to stall: whole prompts go at once.
+One chunk of one request per step while others decode keeps the shapes a mixed step compiles to a handful (decode
+rows x one chunk size) however requests arrive.
 """
 
 from __future__ import annotations
@@ -72,12 +74,9 @@ class Scheduler:
             admitted.append(req)
         active = list(running) + admitted
         decode = [r for r in active if not r.prefilling]
-        budget = self.step_tokens if decode else sum(len(r.prompt) - r.pos for r in active)
-        prefill = []
-        for r in active:
-            if not r.prefilling or budget <= 0:
-                continue
-            n = min(len(r.prompt) - r.pos, budget)
-            prefill.append(Chunk(r, r.pos, n))
-            budget -= n
+        prefilling = [r for r in active if r.prefilling]
+        if decode:
+            prefill = [Chunk(r, r.pos, min(len(r.prompt) - r.pos, self.step_tokens)) for r in prefilling[:1]]
+        else:
+            prefill = [Chunk(r, r.pos, len(r.prompt) - r.pos) for r in prefilling]
         return StepPlan(admitted, decode, prefill)

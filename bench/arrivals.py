@@ -1,0 +1,156 @@
+"""Requests arriving over time against the static batch: the request-level engine's continuous batching (issue 19).
+
+One engine, one process: (1) the static batch row as `dsjax bench` measures it (B prompts of P tokens together,
+warm-up, then decode tok/s of a T-token generation); (2) each prompt length's prefill alone (one request, one token);
+(3) N requests with Poisson arrivals (prompt and output lengths uniform in the given ranges) submitted from a client
+thread at their arrival times, after a warm-up pass over the same trace (so the run measures steps, not compiles). Reports aggregate output tok/s over the whole run and over the steady window (from the last
+arrival to the first finish: every request in), TTFT of each request against its own prefill time alone plus two
+decode steps of the static batch, and bytes per step per link from the engine's counters.
+
+    python bench/arrivals.py STORE --gpu-memory 16GB --host-memory 96GB --requests 32 --rate 8 \\
+        --prompt-len 32:512 --output-len 16:256 --out arrivals.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def _trace(n: int, rate: float, prompt: tuple[int, int], output: tuple[int, int], vocab: int, seed: int):
+    rng = np.random.default_rng(seed)
+    t = np.cumsum(rng.exponential(1.0 / rate, n)) if rate > 0 else np.zeros(n)
+    t -= t[0]
+    lens = rng.integers(prompt[0], prompt[1] + 1, n)
+    outs = rng.integers(output[0], output[1] + 1, n)
+    return [(float(t[i]), rng.integers(2, vocab, int(lens[i])).tolist(), int(outs[i])) for i in range(n)]
+
+
+def run_trace(engine, trace, cap: int | None = None):
+    """Submit each request at its arrival time; returns per-request records (submit, first, last token times)."""
+    handles = []
+    t0 = time.perf_counter()
+    for at, prompt, out in trace:
+        wait = t0 + at - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        handles.append((engine.submit(prompt, max_new_tokens=min(out, cap) if cap else out, stop_token_ids=()),
+                        len(prompt)))
+    recs = []
+    for h, plen in handles:
+        g = h.result()
+        recs.append(dict(prompt_len=plen, tokens=len(g.token_ids), submit=h.submitted - t0,
+                         first=h.first_token - t0, last=h.last_token - t0))
+    return recs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("store")
+    ap.add_argument("--gpu-memory")
+    ap.add_argument("--host-memory")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--rate", type=float, default=8.0, help="arrivals per second (Poisson)")
+    ap.add_argument("--prompt-len", default="32:512")
+    ap.add_argument("--output-len", default="16:256")
+    ap.add_argument("--static-batch", type=int, default=32)
+    ap.add_argument("--static-prompt", type=int, default=32)
+    ap.add_argument("--static-tokens", type=int, default=16)
+    ap.add_argument("--set", action="append", default=[], help="runtime option KEY=VALUE")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    import dsjax
+    from dsjax.cli import parse_overrides
+    kw = {k: v for k, v in (("gpu_memory", args.gpu_memory), ("host_memory", args.host_memory)) if v}
+    kw.update(parse_overrides(args.set))
+    kw.setdefault("max_batch_size", max(32, args.static_batch))
+    t = time.perf_counter()
+    engine = dsjax.load(args.store, dtype=args.dtype, **kw)
+    log = lambda msg: print(f"[arrivals {time.perf_counter() - t:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    log(f"loaded; {engine.kv.describe()}, max_context {engine.max_context}")
+    vocab = engine.config.vocab_size
+    span = lambda s: tuple(int(v) for v in s.split(":"))
+    rng = np.random.default_rng(args.seed)
+
+    # (1) the static batch, as dsjax bench measures it
+    B, P, T = args.static_batch, args.static_prompt, args.static_tokens
+    prompts = [rng.integers(2, vocab, P).tolist() for _ in range(B)]
+    engine.generate(prompts, max_new_tokens=2, stop_token_ids=())
+    s0 = engine.stats()
+    engine.generate(prompts, max_new_tokens=T, stop_token_ids=())
+    s1 = engine.stats()
+    g = s1.get("generation", s1)
+    static = dict(batch=B, prompt=P, tokens=T, decode_tok_s=g["decode_tok_s"], step_ms=1e3 * g["decode_s"] / (T - 1),
+                  h2d_MB_per_step=(s1["links"].get("host->GPU", {}).get("bytes", 0)
+                                   - s0["links"].get("host->GPU", {}).get("bytes", 0)) / T / 1e6)
+    log(f"static batch {B}: {static['decode_tok_s']:.1f} tok/s, {static['step_ms']:.1f} ms/step")
+
+    # (2) prefill alone per prompt length (the TTFT a request would see with nothing else running)
+    lo, hi = span(args.prompt_len)
+    alone = {}
+    for n in sorted({lo, (lo + hi) // 2, hi}):
+        p = rng.integers(2, vocab, n).tolist()
+        engine.generate(p, max_new_tokens=1, stop_token_ids=())              # compile
+        t0 = time.perf_counter()
+        engine.generate(p, max_new_tokens=1, stop_token_ids=())
+        alone[n] = time.perf_counter() - t0
+    prefill_alone = lambda n: float(np.interp(n, sorted(alone), [alone[k] for k in sorted(alone)]))
+    log(f"prefill alone: {', '.join(f'{k}: {1e3 * v:.0f} ms' for k, v in alone.items())}")
+
+    # (3) arrivals: warm-up pass (short outputs), then the measured pass
+    trace = _trace(args.requests, args.rate, (lo, hi), span(args.output_len), vocab, args.seed + 1)
+    run_trace(engine, trace)            # warm-up: the same trace compiles (nearly) every shape the measured one meets
+    log("warm-up trace done")
+    b0 = engine.stats()
+    recs = run_trace(engine, trace)
+    b1 = engine.stats()
+    total = sum(r["tokens"] for r in recs)
+    start, end = min(r["submit"] for r in recs), max(r["last"] for r in recs)
+    last_arrival, first_finish = max(r["submit"] for r in recs), min(r["last"] for r in recs)
+    steady = None
+    if first_finish > last_arrival:
+        # tokens made in [last arrival, first finish]: every request is in; rates assumed even within each request
+        made = sum(r["tokens"] * max(0.0, min(first_finish, r["last"]) - max(last_arrival, r["first"]))
+                   / max(r["last"] - r["first"], 1e-9) for r in recs)
+        steady = made / (first_finish - last_arrival)
+    ttft = [dict(prompt_len=r["prompt_len"], ttft_s=r["first"] - r["submit"],
+                 bound_s=prefill_alone(r["prompt_len"]) + 2 * static["step_ms"] / 1e3) for r in recs]
+    steps = b1["steps"]["steps"] - b0["steps"]["steps"]
+    h2d = b1["links"].get("host->GPU", {}).get("bytes", 0) - b0["links"].get("host->GPU", {}).get("bytes", 0)
+    result = dict(
+        machine=dict(device=str(__import__("jax").devices()[0]), host=os.uname().nodename),
+        static=static, prefill_alone_s=alone,
+        arrivals=dict(requests=args.requests, rate=args.rate, prompt_len=args.prompt_len, output_len=args.output_len,
+                      tokens=total, wall_s=end - start, tok_s=total / (end - start),
+                      steady_tok_s=steady, steady_window_s=(first_finish - last_arrival) if steady else 0.0,
+                      vs_static=total / (end - start) / static["decode_tok_s"],
+                      steady_vs_static=(steady / static["decode_tok_s"]) if steady else None,
+                      steps=steps, h2d_MB_per_step=h2d / max(steps, 1) / 1e6,
+                      max_running=b1["steps"]["max_running"]),
+        ttft=dict(p50_s=float(np.median([x["ttft_s"] for x in ttft])),
+                  max_ratio=max(x["ttft_s"] / x["bound_s"] for x in ttft),
+                  within_bound=sum(x["ttft_s"] <= x["bound_s"] for x in ttft), of=len(ttft), per_request=ttft),
+        command=" ".join(sys.argv))
+    a = result["arrivals"]
+    print(f"| static b{B} decode tok/s | arrivals tok/s (whole run) | steady window tok/s | vs static | "
+          f"TTFT p50 | TTFT within prefill + 2 steps |")
+    print(f"| {static['decode_tok_s']:.1f} | {a['tok_s']:.1f} | "
+          f"{(a['steady_tok_s'] or 0):.1f} ({a['steady_window_s']:.1f} s) | {a['vs_static']:.2f} / "
+          f"{(a['steady_vs_static'] or 0):.2f} | {result['ttft']['p50_s'] * 1e3:.0f} ms | "
+          f"{result['ttft']['within_bound']}/{result['ttft']['of']} (max {result['ttft']['max_ratio']:.2f}x) |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
