@@ -127,3 +127,40 @@ def test_stats_after_generation(demo_engine):
     demo_engine.generate(["Shall I", "Thou"], max_new_tokens=5, stop_token_ids=())
     s = demo_engine.stats()
     assert s["batch"] == 2 and s["generated_tokens"] <= 10 and s["ttft_s"] > 0 and s["decode_tok_s"] > 0
+
+
+# ---- bad input and the figures every path reports (issue 23) ------------------------------------------------------
+
+def test_zero_budgets_are_budgets_of_zero_bytes(store):
+    """0 is a budget of zero bytes (too small, naming the minimum), as in `dsjax plan`; None is no limit."""
+    from dsjax.runtime.planner import BudgetError
+    with pytest.raises(BudgetError, match="gpu_memory 0 B is too small.*minimum is about"):
+        dsjax.load(store, gpu_memory=0)
+    with pytest.raises(BudgetError, match="host_memory 0 B is too small.*minimum is about"):
+        dsjax.load(store, gpu_memory="1GB", host_memory="0")
+
+
+def test_expert_activations_are_counted_on_every_path(store, demo_engine):
+    """Every routed token-expert pair is counted, whether experts stream (budget), all sit on the GPU (no budget),
+    or the model is one plain pytree (in_memory, a Hugging Face checkpoint): top_k pairs per real token per MoE
+    layer, padding excluded."""
+    prompt = [0, 17, 42, 99, 7, 3, 5]
+    engines = {"no budget": dsjax.load(store, dtype="float32"), "in_memory": dsjax.load(store, dtype="float32",
+               in_memory=True), "hf": demo_engine}
+    cfg = demo_engine.config
+    moe = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    for name, e in engines.items():
+        before = np.asarray(e.stats()["expert_activations"], np.int64)
+        g = e.generate(prompt, max_new_tokens=4, stop_token_ids=())
+        after = np.asarray(e.stats()["expert_activations"], np.int64)
+        tokens = len(prompt) + len(g.token_ids) - 1        # the last generated token is never fed back
+        for i in moe:
+            assert (after[i] - before[i]).sum() == tokens * cfg.num_experts_per_tok, (name, i)
+
+
+def test_stats_exports_work_on_plain_engines(store, demo_engine):
+    for e in (demo_engine, dsjax.load(store, dtype="float32", in_memory=True)):
+        e.generate("Thou", max_new_tokens=3)
+        text = e.stats_prometheus()
+        assert "dsjax_generated_tokens" in text and "dsjax_expert_activations{" in text
+        assert '"requests"' in e.stats_json_line()

@@ -83,6 +83,30 @@ def _take_last(x, last):
     return x[jnp.arange(x.shape[0]), last][:, None]                  # [B, 1, D]
 
 
+@jax.jit
+def count_experts(counts, idx, valid):
+    """counts [E] + how often each expert is routed by the valid tokens of idx [N, K] (on the device: no sync)."""
+    E = counts.shape[0]
+    return counts + jnp.zeros(E, counts.dtype).at[idx.reshape(-1)].add(
+        jnp.repeat(valid.reshape(-1), idx.shape[-1]).astype(counts.dtype))
+
+
+ENGINE_STACK = 64 << 20        # XLA compiles on the engine thread; LLVM recurses deeply (pthread default: 8 MB or less)
+_stack_lock = threading.Lock()
+
+
+def _start_thread(target, name: str) -> threading.Thread:
+    """A daemon thread with ENGINE_STACK bytes of stack (threading.stack_size is process-wide: set, start, restore)."""
+    with _stack_lock:
+        old = threading.stack_size(ENGINE_STACK)
+        try:
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+        finally:
+            threading.stack_size(old)
+    return t
+
+
 class _Call:
     """A function to run on the engine thread between steps, and the future of its result."""
 
@@ -114,6 +138,7 @@ class Engine:
         self.name = name
         self.device = device if device is not None else jax.devices()[0]
         self._stats: dict[str, Any] = {}
+        self._device_activations: dict[int, Any] = {}    # MoE layer -> routed counts per expert, on the device
         # ---- requests (engine thread) ----
         limit = min(cfg.max_position_embeddings, max_context or DEFAULT_CONTEXT)
         if max_context is not None and max_context > cfg.max_position_embeddings:
@@ -167,10 +192,28 @@ class Engine:
             x = self._embed(g.tokens)
             positions = jnp.asarray(g.positions)
             pages = None if g.pages is None else jnp.asarray(g.pages)
+            valid = jnp.asarray(g.valid)
             for i, w in enumerate(self.weights["layers"]):
-                x, caches[i], _ = layer_step(w, x, caches[i], positions, cfg, cfg.layer_kind(i), g.form,
+                x, caches[i], r = layer_step(w, x, caches[i], positions, cfg, cfg.layer_kind(i), g.form,
                                              fusion=self.enable_fusion, pages=pages)
+                if r is not None:
+                    self._count_activations(i, r.idx, valid)
             out.append(self._logits_of(x, g))
+        return out
+
+    def _count_activations(self, i: int, idx: jax.Array, valid) -> None:
+        """Expert activations of layer i counted where the routing is (no host sync); read by stats()."""
+        prev = self._device_activations.get(i)
+        if prev is None:
+            prev = jax.device_put(np.zeros(self.config.n_routed_experts, np.int32), idx.sharding)
+        self._device_activations[i] = count_experts(prev, idx, valid)
+
+    def _activations(self) -> list[list[int]]:
+        """Expert activations per layer (routed token-expert pairs; zeros for dense layers)."""
+        E = self.config.n_routed_experts or 0
+        out = [[0] * E for _ in range(self.config.num_hidden_layers)] if E else []
+        for i, counts in self._device_activations.items():
+            out[i] = np.asarray(counts).tolist()
         return out
 
     def _prepare_decode(self, batch: int) -> None:
@@ -302,8 +345,7 @@ class Engine:
             if self._closing:
                 raise RuntimeError("the engine is closed")
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name=f"dsjax-engine-{self.name}", daemon=True)
-                self._thread.start()
+                self._thread = _start_thread(self._loop, f"dsjax-engine-{self.name}")
             self._inbox.extend(items)
             self._cv.notify()
 
@@ -421,7 +463,8 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Counters and timings of the last generate() (prompt/generated tokens, TTFT, decode tok/s), plus the
         request engine's (requests, steps, KV pool)."""
-        return {**self._stats, "requests": self.requests_status(), "steps": self._step_counters()}
+        return self._call(lambda: {**self._stats, "requests": self.requests_status(), "steps": self._step_counters(),
+                                   "expert_activations": self._activations()})
 
     def _step_counters(self) -> dict[str, Any]:
         c = self.counters

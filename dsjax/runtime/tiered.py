@@ -199,8 +199,6 @@ class TieredEngine(Engine):
             self.disk = DiskReader(store, self.metrics, layout)
         self.sched = LayerPrograms.shared(cfg, use_cuda_graph=cc.use_cuda_graph,
                                           parallel_shared=cc.use_parallel_compute, enable_fusion=cc.enable_fusion)
-        # expert activations of the layers whose experts all sit on the GPU, counted on the device (no host sync)
-        self._device_activations = {i: None for i in self.full_experts}
         # Decide (pure: prefetch.py) apart from move (the movers: self.experts, self.host_cache, self.disk)
         self.policy = PrefetchPolicy(mc.expert_threshold, mc.prefetch_layers, mc.disk_prefetch_layers,
                                      adaptive=cc.adaptive_schedule, overlap=cc.overlap_io)
@@ -273,6 +271,7 @@ class TieredEngine(Engine):
         pages = [None if g.pages is None else jax.device_put(g.pages, s_dev) for g in groups]
         valid = [jax.device_put(g.valid, s_dev) for g in groups]
         valid_flat = np.concatenate([g.valid.reshape(-1) for g in groups])
+        valid_flat_dev = jax.device_put(valid_flat, s_dev) if self.full_experts else None
         shapes = tuple(g.tokens.shape for g in groups)
         for i in range(cfg.num_hidden_layers):
             t0 = time.perf_counter()
@@ -316,7 +315,7 @@ class TieredEngine(Engine):
                     with m.host("dispatch"):
                         rows = self.sched.rows_direct(hn, idx, self.full_experts[i])
                         x = self.sched.moe_out(w, h, hn, rows, weight, shared)
-                        self._count_on_device(i, idx, valid_flat)
+                        self._count_activations(i, idx, valid_flat_dev)
                 else:
                     idx.copy_to_host_async()         # start the routing's device->host copy as soon as it exists,
                     for p_ in preds:                  # so the sync below waits for one copy, not a round trip
@@ -338,14 +337,6 @@ class TieredEngine(Engine):
             self._adapt()
         self.metrics.tokens += 1
         return [self._logits_of(x, g) for x, g in zip(xs, groups)]
-
-    def _count_on_device(self, i: int, idx: jax.Array, valid: np.ndarray) -> None:
-        """Expert activations of a layer whose experts are all on the GPU: counted there, read by stats()."""
-        E = self.config.n_routed_experts
-        prev = self._device_activations.get(i)
-        if prev is None:
-            prev = jnp.zeros(E, jnp.int32, device=shardings(self.device)[0])
-        self._device_activations[i] = _count_experts(prev, idx, jax.device_put(valid, shardings(self.device)[0]))
 
     def _moe_tiered(self, i, w, h, hn, idx, weight, shared, preds, nxt, valid):
         m = self.metrics
@@ -561,9 +552,9 @@ class TieredEngine(Engine):
             "process_memory": process_memory(),
         }
         snap = self.metrics.snapshot(extra)
-        for i, counts in self._device_activations.items():     # layers whose experts all sit on the GPU
-            if counts is not None:
-                snap["expert_activations"][i] = np.asarray(counts).tolist()
+        for i, counts in enumerate(self._activations()):       # layers whose experts all sit on the GPU
+            if any(counts):
+                snap["expert_activations"][i] = counts
         return snap
 
     def stats_prometheus(self) -> str:
@@ -587,14 +578,6 @@ def _zeros(shape: tuple, dtype, device) -> jax.Array:
     """A fresh zero array on the device through one cached executable (an eager jnp.zeros is several dispatches:
     ~170 us against ~8 us on the CPU machine; once per MoE layer per token)."""
     return _zeros_fn(tuple(shape), jnp.dtype(dtype), device)()
-
-
-@jax.jit
-def _count_experts(counts, idx, valid):
-    """counts [E] + how often each expert is routed by the valid tokens of idx [N, K]."""
-    E = counts.shape[0]
-    return counts + jnp.zeros(E, counts.dtype).at[idx.reshape(-1)].add(
-        jnp.repeat(valid.reshape(-1), idx.shape[-1]).astype(counts.dtype))
 
 
 def _merge_predictions(preds: list) -> np.ndarray:

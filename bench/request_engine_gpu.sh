@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The request-level engine on the GPU machine (issue 19), in resumable steps that each fit one 10-minute call:
+#   bash bench/request_engine_gpu.sh setup          # V3 slice (6 MoE layers, ~45 GB) + the GPU tests of the runtime
+#   bash bench/request_engine_gpu.sh bench NEW|OLD BATCHES   # dsjax bench budget,on_demand 16GB/96GB (OLD: the tree in
+#                                                   # .old/, e.g. `git archive 7375483 dsjax kernels configs bench`)
+#   bash bench/request_engine_gpu.sh arrivals       # bench/arrivals.py: 32 Poisson arrivals vs the static batch 32
+#   bash bench/request_engine_gpu.sh serve          # dsjax serve + bench/serve_load.py at 1, 8, 32, 64 streams
+# Results go to $OUT (JSON + logs); the slice and the compile caches stay in /tmp while the machine is warm.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+S=${SLICE:-/tmp/v3-slice-6}
+BUDGET=(--gpu-memory 16GB --host-memory 96GB)
+use_tree() {          # $1: a source tree with dsjax/ and kernels/ (imported as dsjax_kernels)
+  mkdir -p "/tmp/pp-$2" && ln -sfn "$PWD/$1/kernels" "/tmp/pp-$2/dsjax_kernels"
+  export PYTHONPATH="/tmp/pp-$2:$PWD/$1" DSJAX_COMPILE_CACHE="/tmp/xla-$2"
+}
+case "${1:-}" in
+  setup)
+    nvidia-smi -L
+    use_tree . new
+    [ -f "$S/manifest.json" ] || python3 bench/make_v3_slice.py "$S" --moe-layers 6 2>&1 | tail -2
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_runtime.py 2>&1 | tail -3
+    python3 -m pytest -q -p no:cacheprovider tests/test_requests.py -k "not kv_pool" 2>&1 | tail -3
+    ;;
+  bench)
+    if [ "$2" = OLD ]; then use_tree .old old; else use_tree . new; fi
+    python3 -c 'import dsjax, sys; print("dsjax from", dsjax.__file__, file=sys.stderr)'
+    python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --configs budget,on_demand --batches "$3" --tokens 8 \
+      --prompt-len 32 --no-trace --out "$OUT/bench_$2_b${3//,/_}.json" 2>&1 | tail -12
+    ;;
+  arrivals)
+    use_tree . new
+    python3 bench/arrivals.py "$S" "${BUDGET[@]}" --requests 32 --rate 8 --prompt-len 32:512 --output-len 16:256 \
+      --static-batch 32 --static-prompt 32 --static-tokens 8 --out "$OUT/arrivals.json" 2>&1 | tail -8
+    ;;
+  serve)
+    use_tree . new
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH="/tmp/site:$PYTHONPATH" || exit 1
+    python3 -m dsjax.cli serve "$S" "${BUDGET[@]}" --set max_batch_size=64 --max-queue 256 > "$OUT/serve.log" 2>&1 &
+    P=$!
+    until curl -sf localhost:8000/health > /dev/null; do kill -0 $P || { tail "$OUT/serve.log"; exit 1; }; sleep 2; done
+    python3 bench/serve_load.py --concurrency "${2:-1,8,32,64}" --prompt-len 32:512 --output-len 16:256 \
+      --requests-per-stream 2 --out "$OUT/serve_load.json" 2>&1 | tail -12
+    curl -s localhost:8000/metrics > "$OUT/metrics.txt"
+    kill $P
+    ;;
+  *) echo "usage: $0 setup | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY]"; exit 2 ;;
+esac
