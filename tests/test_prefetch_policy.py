@@ -75,3 +75,43 @@ def test_chunks_split_a_layers_experts_by_the_slots():
     assert PrefetchPolicy.chunks(used, 16, True) == [used]
     assert PrefetchPolicy.chunks(used, 8, True) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert PrefetchPolicy.chunks(used, 8, False) == [list(range(8)), [8, 9]]
+
+
+# ---- the CPU path (issue 24): which host-resident misses the CPU computes while the link copies the others ----------
+
+def test_split_cpu_balances_the_two_paths_so_they_finish_together():
+    from dsjax.runtime.prefetch import split_cpu
+    mb = 25 << 20
+    # equal rates: half each; CPU at 18.6 and link at 46.7 GB/s (issue 24): 2 of 8 (k ~ 8 * 18.6 / 65.3 = 2.3)
+    assert split_cpu(list(range(8)), 1, 10e9, 10e9, mb) == ([0, 1, 2, 3], [4, 5, 6, 7])
+    cpu, copy = split_cpu(list(range(8)), 1, 18.6e9, 46.7e9, mb)
+    assert cpu == [0, 1] and copy == [2, 3, 4, 5, 6, 7]
+    # k minimises max(k / cpu, (n - k) / link): a faster CPU takes more, a fast link fewer; all when the link is 0
+    assert len(split_cpu(list(range(8)), 1, 90e9, 46.7e9, mb)[0]) == 5
+    assert split_cpu([4, 7], 1, 1e9, 46.7e9, mb) == ([], [4, 7])        # the copies alone finish first
+    assert split_cpu([4, 7], 1, 1e9, 0.0, mb) == ([4, 7], [])
+    # experts the link moves anyway (read from disk) push more of the host-resident ones to the CPU
+    assert len(split_cpu([1, 2, 3, 4], 1, 18.6e9, 46.7e9, mb, copied_anyway=6)[0]) == 3
+
+
+def test_split_cpu_takes_the_experts_with_the_fewest_rows_first_and_none_past_max_rows_or_without_a_rate():
+    from dsjax.runtime.prefetch import split_cpu
+    mb = 1 << 20
+    counts = {2: 5, 6: 1, 9: 3, 11: 1}
+    cpu, copy = split_cpu([2, 6, 9, 11], 6, 1e9, 1e9, mb, assignments=counts)
+    assert cpu == [6, 11] and copy == [2, 9]                          # 1-row experts, lowest id first; copies in order
+    assert split_cpu([2, 6, 9, 11], 9, 1e9, 1e9, mb) == ([], [2, 6, 9, 11])     # more than 8 rows: the link alone
+    assert split_cpu([2, 6, 9, 11], 9, 1e9, 1e9, mb, max_rows=16)[0] == [2, 6]
+    assert split_cpu([2, 6], 1, 0.0, 1e9, mb) == ([], [2, 6])          # no CPU rate: off
+    assert split_cpu([], 1, 1e9, 1e9, mb) == ([], [])
+
+
+def test_cpu_rates_start_from_a_prior_scaled_by_rows_and_average_the_measured_rates():
+    from dsjax.runtime.prefetch import CpuRates
+    rates = CpuRates(prior_bps=10e9, alpha=0.5)
+    assert rates.rate(1) == 10e9 and rates.rate(4) == 2.5e9
+    rates.observe(1, nbytes=20 << 30, seconds=1.0)                     # one call at ~21.5 GB/s moves it half way
+    assert rates.rate(1) == pytest.approx(0.5 * 10e9 + 0.5 * (20 << 30))
+    rates.observe(1, nbytes=0, seconds=1.0)                            # an empty call says nothing
+    rates.observe(2, nbytes=1, seconds=0.0)
+    assert rates.rate(1) == pytest.approx(0.5 * 10e9 + 0.5 * (20 << 30)) and rates.rate(2) == 5e9

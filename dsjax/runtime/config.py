@@ -17,6 +17,7 @@ import yaml
 from dsjax.runtime.planner import parse_bytes
 
 PRESETS = ("low_latency", "high_throughput", "balanced")
+CPU_EXPERTS = ("auto", "on", "off")
 
 
 class RuntimeConfigError(ValueError):
@@ -48,6 +49,10 @@ class ComputeConfig:
     adaptive_schedule: bool = True   # adapt prefetch depth and expert_threshold from observed hit rates; no
     #                                  predicted host->GPU copies while steps saturate that link (V3 slice run 8 on
     #                                  the H200: 1.08x / 1.18x / 1.10x decode tok/s at batch 1 / 8 / 32, bench/RESULTS.md)
+    cpu_experts: str = "auto"        # decode steps compute some host-resident experts that miss the GPU on the CPU
+    #                                  beside the copies (issue 24): auto (where the planner says it pays: a GPU
+    #                                  backend, an FP4 store), on (wherever the kernel runs, the CPU backend too), off
+    cpu_threads: int = 0             # CPU threads of that path; 0 = every CPU of the process but the engine thread's
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -137,6 +142,12 @@ class RuntimeConfig:
         if m.max_batch_size < m.min_batch_size:
             raise RuntimeConfigError(f"memory_config.max_batch_size={m.max_batch_size} must be >= min_batch_size="
                                      f"{m.min_batch_size}")
+        c = self.compute_config
+        if c.cpu_experts not in CPU_EXPERTS:
+            raise RuntimeConfigError(f"compute_config.cpu_experts={c.cpu_experts!r} must be one of "
+                                     f"{', '.join(CPU_EXPERTS)}")
+        if c.cpu_threads < 0:
+            raise RuntimeConfigError(f"compute_config.cpu_threads={c.cpu_threads} must be >= 0 (0 = automatic)")
 
     def replace(self, **overrides: Any) -> "RuntimeConfig":
         raw = {"memory_config": dataclasses.asdict(self.memory_config),
@@ -164,6 +175,8 @@ def _field(cls, key: str, where: str) -> dataclasses.Field:
 
 def _check(cls, key: str, value: Any, where: str) -> Any:
     typ = typing.get_type_hints(cls)[key]
+    if typ is str and isinstance(value, bool) and key == "cpu_experts":
+        value = "on" if value else "off"           # YAML 1.1 (and so --set cpu_experts=on) reads on/off as booleans
     if typ is bool:
         ok = isinstance(value, bool)
     elif typ is int:
@@ -171,6 +184,8 @@ def _check(cls, key: str, value: Any, where: str) -> Any:
     elif typ is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+    elif typ is str:
+        ok = isinstance(value, str)
     else:
         ok = True
     if not ok:

@@ -6,7 +6,9 @@ FetchPlan: which experts to copy host->GPU for the next MoE layer (likeliest fir
 layers after it, and what it predicted (scored against the routing when the layer runs). `chunks` splits a layer's
 experts into groups the GPU slots can hold. `end_step` adapts the threshold, the look-ahead and the copies ahead
 from what a step observed (adaptive_schedule). The movers (tiers.py: GPU slot pool, host cache, disk reader) execute
-plans; eviction within a cache is the cache's LRFU. Nothing here touches an array, a device or a file.
+plans; eviction within a cache is the cache's LRFU. `split_cpu` decides which of a decode step's host-resident
+misses the CPU computes in place while the link copies the others (issue 24), from the CPU kernel's rates that
+`CpuRates` keeps. Nothing here touches an array, a device or a file.
 """
 
 # E experts of a layer, D look-ahead depth (MoE layers predicted ahead)
@@ -18,6 +20,9 @@ import dataclasses
 import numpy as np
 
 GPU, HOST, DISK, READING = 0, 1, 2, 3          # where an expert sits (READING: a disk read is in flight)
+CPU_MAX_ROWS = 8         # rows of a step past which no expert runs on the CPU: its work grows with rows, a copy's not
+CPU_PRIOR_BPS = 10e9     # the CPU kernel's assumed rate at 1 row before it is measured (issue 24 measured 18.6 GB/s
+#                          untuned on the H100 machine's 16 cores): low, so the first decisions err towards the link
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,3 +123,60 @@ class PrefetchPolicy:
         elif not self.copies_ahead and link_busy < 0.75:
             self.copies_ahead = True
         self.steps_without_copies_ahead += not self.copies_ahead
+
+
+def split_cpu(host_missing: list[int], rows: int, cpu_rate_bps: float, link_rate_bps: float, expert_bytes: int, *,
+              assignments: dict[int, int] | None = None, copied_anyway: int = 0,
+              max_rows: int = CPU_MAX_ROWS) -> tuple[list[int], list[int]]:
+    """Which of a layer's routed experts that miss the GPU but sit in the host cache (`host_missing`) the CPU computes
+    where their bytes are, and which are copied host->GPU: (cpu_experts, copy_experts).
+
+    Both paths run at once, so the layer waits for the slower: k experts on the CPU take k * bytes / cpu_rate, the
+    copies (n - k + copied_anyway) * bytes / link_rate, where `copied_anyway` counts experts the link moves regardless
+    (those read from disk). k minimises the larger of the two (the fewer on ties): about (n + copied_anyway) * cpu /
+    (cpu + link), at most n. The CPU takes the experts it finishes fastest: the fewest assigned rows first
+    (`assignments` {expert: rows routed to it}; a copy's cost does not depend on rows, the CPU's does), then the lowest
+    id. None when the step has more than `max_rows` rows or the CPU rate is 0.
+
+    Example:
+        >>> split_cpu([3, 5, 9, 12], rows=1, cpu_rate_bps=18e9, link_rate_bps=47e9, expert_bytes=25 << 20)
+        ([3], [5, 9, 12])
+    """
+    experts = [int(e) for e in host_missing]
+    n = len(experts)
+    if not n or rows > max_rows or cpu_rate_bps <= 0 or expert_bytes <= 0:
+        return [], experts
+    k = np.arange(n + 1)
+    if link_rate_bps <= 0:
+        best = n
+    else:
+        wait = np.maximum(k * expert_bytes / cpu_rate_bps, (n - k + copied_anyway) * expert_bytes / link_rate_bps)
+        best = int(np.argmin(wait))                                     # the first minimum: the fewest on the CPU
+    counts = assignments or {}
+    cpu = sorted(experts, key=lambda e: (counts.get(e, 1), e))[:best]
+    chosen = set(cpu)
+    return cpu, [e for e in experts if e not in chosen]
+
+
+class CpuRates:
+    """The CPU expert kernel's rate (bytes of experts per second) per row count: an exponential moving average of the
+    engine's timings of its calls, from a prior of `prior_bps` at 1 row divided by the rows (conservative: the kernel's
+    reads do not grow with rows, its arithmetic does). An average that starts at the prior, so one slow call (a cold
+    cache, a busy core) moves it by `alpha` rather than replacing it.
+
+    Example:
+        >>> rates = CpuRates(); rates.observe(rows=1, nbytes=8 * 25 << 20, seconds=0.0106); rates.rate(1)
+    """
+
+    def __init__(self, prior_bps: float = CPU_PRIOR_BPS, alpha: float = 0.2):
+        self.prior_bps = prior_bps
+        self.alpha = alpha
+        self.measured: dict[int, float] = {}
+
+    def rate(self, rows: int) -> float:
+        return self.measured.get(rows, self.prior_bps / max(rows, 1))
+
+    def observe(self, rows: int, nbytes: int, seconds: float) -> None:
+        if nbytes <= 0 or seconds <= 0:
+            return
+        self.measured[rows] = (1 - self.alpha) * self.rate(rows) + self.alpha * nbytes / seconds
