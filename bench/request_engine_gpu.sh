@@ -5,6 +5,8 @@
 #                                                   # .old/, e.g. `git archive 7375483 dsjax kernels configs bench`)
 #   bash bench/request_engine_gpu.sh arrivals       # bench/arrivals.py: 32 Poisson arrivals vs the static batch 32
 #   bash bench/request_engine_gpu.sh serve          # dsjax serve + bench/serve_load.py at 1, 8, 32, 64 streams
+#   OUT=/tmp/res setsid nohup bash bench/request_engine_gpu.sh all > /tmp/res/pipeline.log 2>&1 &
+#                                                   # every step in order, in the background of one warm machine
 # Results go to $OUT (JSON + logs); the slice and the compile caches stay in /tmp while the machine is warm.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,9 +14,10 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 S=${SLICE:-/tmp/v3-slice-6}
 BUDGET=(--gpu-memory 16GB --host-memory 96GB)
-use_tree() {          # $1: a source tree with dsjax/ and kernels/ (imported as dsjax_kernels)
+use_tree() {          # $1: a source tree with dsjax/ and kernels/ (imported as dsjax_kernels); run from inside it
   mkdir -p "/tmp/pp-$2" && ln -sfn "$PWD/$1/kernels" "/tmp/pp-$2/dsjax_kernels"
   export PYTHONPATH="/tmp/pp-$2:$PWD/$1" DSJAX_COMPILE_CACHE="/tmp/xla-$2"
+  cd "$1"
 }
 case "${1:-}" in
   setup)
@@ -41,11 +44,24 @@ case "${1:-}" in
       && export PYTHONPATH="/tmp/site:$PYTHONPATH" || exit 1
     python3 -m dsjax.cli serve "$S" "${BUDGET[@]}" --set max_batch_size=64 --max-queue 256 > "$OUT/serve.log" 2>&1 &
     P=$!
-    until curl -sf localhost:8000/health > /dev/null; do kill -0 $P || { tail "$OUT/serve.log"; exit 1; }; sleep 2; done
-    python3 bench/serve_load.py --concurrency "${2:-1,8,32,64}" --prompt-len 32:512 --output-len 16:256 \
-      --requests-per-stream 2 --out "$OUT/serve_load.json" 2>&1 | tail -12
-    curl -s localhost:8000/metrics > "$OUT/metrics.txt"
+    health='import urllib.request; urllib.request.urlopen("http://127.0.0.1:8000/health", timeout=2)'
+    until python3 -c "$health" 2> /dev/null; do kill -0 $P || { tail "$OUT/serve.log"; exit 1; }; sleep 2; done
+    python3 bench/serve_load.py --concurrency "${2:-1,8,32,64}" --prompt-len 32:512 --output-len 16:128 \
+      --requests-per-stream 1 --out "$OUT/serve_load.json" 2>&1 | tail -12
+    python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:8000/metrics").read().decode())' \
+      > "$OUT/metrics.txt"
     kill $P
     ;;
-  *) echo "usage: $0 setup | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY]"; exit 2 ;;
+  all)
+    for step in "setup" "bench NEW 1,32" "bench OLD 1,32" "arrivals" "serve 1,8,32,64" "cpu" "bench NEW 8" "bench OLD 8"; do
+      echo "=== $step $(date +%T)"; bash "$0" $step
+    done
+    echo "=== done $(date +%T)"
+    ;;
+  cpu)
+    use_tree . new
+    python3 -m pytest -q -p no:cacheprovider tests/test_cpu_experts.py 2>&1 | tail -2
+    python3 bench/cpu_experts_bench.py --out "$OUT/cpu_experts.json" 2>&1 | tail -30
+    ;;
+  *) echo "usage: $0 setup | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY] | cpu | all"; exit 2 ;;
 esac

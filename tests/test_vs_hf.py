@@ -64,11 +64,11 @@ def _decode_logits(engine, prompt, forced):
     caches = engine._new_caches(B, P + forced.shape[1])
     prefill = Group(prompt, np.broadcast_to(np.arange(P, dtype=np.int32), (B, P)), None, np.ones((B, P), bool),
                     np.full(B, P - 1, np.int32), "naive")
-    yield np.asarray(engine._call(lambda: engine._forward([prefill], caches)[0]))
+    yield np.asarray(engine._call(lambda: engine._forward([prefill], caches)[0]))[:, 0]
     for t in range(forced.shape[1] - 1):
         step = Group(forced[:, t:t + 1], np.full((B, 1), P + t, np.int32), None, np.ones((B, 1), bool),
                      np.zeros(B, np.int32), "absorbed")
-        yield np.asarray(engine._call(lambda: engine._forward([step], caches)[0]))
+        yield np.asarray(engine._call(lambda: engine._forward([step], caches)[0]))[:, 0]
 
 
 def test_bf16_logits_near_the_float32_oracle(case):

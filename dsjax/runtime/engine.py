@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import itertools
 import math
 import secrets
@@ -83,12 +84,21 @@ def _take_last(x, last):
     return x[jnp.arange(x.shape[0]), last][:, None]                  # [B, 1, D]
 
 
-@jax.jit
-def count_experts(counts, idx, valid):
-    """counts [E] + how often each expert is routed by the valid tokens of idx [N, K] (on the device: no sync)."""
-    E = counts.shape[0]
-    return counts + jnp.zeros(E, counts.dtype).at[idx.reshape(-1)].add(
-        jnp.repeat(valid.reshape(-1), idx.shape[-1]).astype(counts.dtype))
+@functools.partial(jax.jit, static_argnames=("layers",), donate_argnums=(0,))
+def count_experts(counts, idxs, valid, layers):
+    """counts [L, E] + how often each expert of each layer in `layers` is routed by the valid tokens of that layer's
+    idx [N, K] (one call per step, on the device: no sync, no dispatch per layer)."""
+    w = jnp.repeat(valid.reshape(-1), idxs[0].shape[-1]).astype(counts.dtype)
+    for layer, idx in zip(layers, idxs):
+        counts = counts.at[layer, idx.reshape(-1)].add(w)
+    return counts
+
+
+@functools.partial(jax.jit, static_argnames=("pad",))
+def _select_rows(logits, rows, pad: int):
+    """The rows of a step's groups that sample ([B_g, 1, V] each, rows[g] their indices) as one [N + pad, V]."""
+    out = jnp.concatenate([lg[r, 0] for lg, r in zip(logits, rows)])
+    return jnp.pad(out, ((0, pad), (0, 0))) if pad else out
 
 
 ENGINE_STACK = 64 << 20        # XLA compiles on the engine thread; LLVM recurses deeply (pthread default: 8 MB or less)
@@ -138,7 +148,7 @@ class Engine:
         self.name = name
         self.device = device if device is not None else jax.devices()[0]
         self._stats: dict[str, Any] = {}
-        self._device_activations: dict[int, Any] = {}    # MoE layer -> routed counts per expert, on the device
+        self._act_counts: jax.Array | None = None      # [layers, experts] routed token-expert pairs, on the device
         # ---- requests (engine thread) ----
         limit = min(cfg.max_position_embeddings, max_context or DEFAULT_CONTEXT)
         if max_context is not None and max_context > cfg.max_position_embeddings:
@@ -179,10 +189,10 @@ class Engine:
         return [init_layer_cache(batch, length, self.config, self.dtype) for _ in range(self.config.num_hidden_layers)]
 
     def _logits_of(self, x: jax.Array, g: Group) -> jax.Array:
-        """float32 logits [B, V] of each row's wanted token, or [B, T, V] of every token when g.last is None."""
+        """float32 logits [B, 1, V] of each row's wanted token, or [B, T, V] of every token when g.last is None."""
         if g.last is None:
             return self._head(x)
-        return self._head(_take_last(x, jnp.asarray(g.last, jnp.int32)))[:, 0]
+        return self._head(_take_last(x, g.last))
 
     def _forward(self, groups: list[Group], caches: list[dict]) -> list[jax.Array]:
         """Run the groups through every layer; `caches[i]` is layer i's cache (the KV pool's, or private ones)."""
@@ -192,29 +202,34 @@ class Engine:
             x = self._embed(g.tokens)
             positions = jnp.asarray(g.positions)
             pages = None if g.pages is None else jnp.asarray(g.pages)
-            valid = jnp.asarray(g.valid)
+            routed = {}
             for i, w in enumerate(self.weights["layers"]):
                 x, caches[i], r = layer_step(w, x, caches[i], positions, cfg, cfg.layer_kind(i), g.form,
                                              fusion=self.enable_fusion, pages=pages)
                 if r is not None:
-                    self._count_activations(i, r.idx, valid)
+                    routed[i] = r.idx
+            self._count_activations(routed, g.valid)
             out.append(self._logits_of(x, g))
         return out
 
-    def _count_activations(self, i: int, idx: jax.Array, valid) -> None:
-        """Expert activations of layer i counted where the routing is (no host sync); read by stats()."""
-        prev = self._device_activations.get(i)
-        if prev is None:
-            prev = jax.device_put(np.zeros(self.config.n_routed_experts, np.int32), idx.sharding)
-        self._device_activations[i] = count_experts(prev, idx, valid)
+    def _count_activations(self, routed: dict[int, jax.Array], valid: np.ndarray) -> None:
+        """Expert activations of a forward's MoE layers ({layer: idx [N, K]}), counted where the routing is, in one
+        call (no host sync); read by stats()."""
+        if not routed:
+            return
+        if self._act_counts is None:
+            E = self.config.n_routed_experts
+            first = next(iter(routed.values()))
+            self._act_counts = jax.device_put(np.zeros((self.config.num_hidden_layers, E), np.int32), first.sharding)
+        layers = tuple(routed)
+        self._act_counts = count_experts(self._act_counts, tuple(routed[i] for i in layers), valid, layers=layers)
 
     def _activations(self) -> list[list[int]]:
         """Expert activations per layer (routed token-expert pairs; zeros for dense layers)."""
         E = self.config.n_routed_experts or 0
-        out = [[0] * E for _ in range(self.config.num_hidden_layers)] if E else []
-        for i, counts in self._device_activations.items():
-            out[i] = np.asarray(counts).tolist()
-        return out
+        if self._act_counts is None:
+            return [[0] * E for _ in range(self.config.num_hidden_layers)] if E else []
+        return np.asarray(self._act_counts).tolist()
 
     def _prepare_decode(self, batch: int) -> None:
         """Before the first decode step of a batch size (the tiered engine compiles its expert calls)."""
@@ -621,27 +636,29 @@ class Engine:
 
     def _advance(self, plan: StepPlan, logits: list[jax.Array]) -> None:
         """Move every request of the step forward; sample a token for those that complete one."""
-        rows, parts, k = [], [], 0
+        rows, picks, lgs, k = [], [], [], 0
         if plan.decode:
-            n = len(plan.decode)
-            parts.append(logits[k][:n])
             rows += plan.decode
+            picks.append(np.arange(len(plan.decode), dtype=np.int32))
+            lgs.append(logits[k])
             for r in plan.decode:
                 r.pos += 1
             k += 1
         if plan.prefill:
             done = [b for b, c in enumerate(plan.prefill) if c.completes_prompt]
             if done:
-                parts.append(logits[k][np.asarray(done)])
                 rows += [plan.prefill[b].request for b in done]
+                picks.append(np.asarray(done, np.int32))
+                lgs.append(logits[k])
             for c in plan.prefill:
                 c.request.pos = c.start + c.length
         if not rows:
             return
-        lg = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
         N = pow2_bucket(len(rows))
-        if N > len(rows):
-            lg = jnp.pad(lg, ((0, N - len(rows)), (0, 0)))
+        if len(lgs) == 1 and lgs[0].shape[0] == N and len(picks[0]) == len(rows) and picks[0][-1] == len(rows) - 1:
+            lg = lgs[0]                       # the decode group as it is: its padding rows are the sampler's
+        else:
+            lg = _select_rows(tuple(lgs), tuple(picks), pad=N - len(rows))
         ch = choose(lg, [r.params for r in rows], [r.seed for r in rows], [len(r.generated) for r in rows],
                     [r.logprobs for r in rows])
         for n, r in enumerate(rows):

@@ -39,7 +39,8 @@ def _logprob_bucket(n: int) -> int:
 @functools.partial(jax.jit, static_argnames=("use_top_k", "use_top_p", "n_logprobs"))
 def _choose(logits, key_data, index, temperature, top_p, top_k, greedy, *, use_top_k: bool, use_top_p: bool,
             n_logprobs: int):
-    # logits [N, V] float32; key_data [N, 2] uint32 (a threefry key per row's seed); index [N] int32: the token index
+    # logits [N, V] (or [N, 1, V]) float32; key_data [N, 2] uint32 (a threefry key per row's seed); index [N] int32
+    logits = logits.reshape(logits.shape[0], -1)
     V = logits.shape[-1]
     keys = jax.vmap(lambda k, i: jax.random.fold_in(jax.random.wrap_key_data(k), i))(key_data, index)
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]

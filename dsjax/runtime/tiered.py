@@ -266,12 +266,11 @@ class TieredEngine(Engine):
         overlap = self.runtime.compute_config.overlap_io
         self._step_start = (time.perf_counter(), self.metrics.link_bytes.get("host->GPU", 0))
         s_dev = shardings(self.device)[0]
-        xs = [self._embed(g.tokens) for g in groups]
-        pos = [jax.device_put(g.positions, s_dev) for g in groups]
-        pages = [None if g.pages is None else jax.device_put(g.pages, s_dev) for g in groups]
-        valid = [jax.device_put(g.valid, s_dev) for g in groups]
+        # every group's inputs in one transfer call: embedded tokens, positions, page tables, valid masks
+        host = [(self._embed_table[g.tokens], g.positions, g.pages, g.valid) for g in groups]
+        xs, pos, pages, valid = (list(t) for t in zip(*jax.device_put(host, s_dev)))
         valid_flat = np.concatenate([g.valid.reshape(-1) for g in groups])
-        valid_flat_dev = jax.device_put(valid_flat, s_dev) if self.full_experts else None
+        routed = {}                                      # MoE layers whose experts all sit on the GPU: routing ids
         shapes = tuple(g.tokens.shape for g in groups)
         for i in range(cfg.num_hidden_layers):
             t0 = time.perf_counter()
@@ -315,7 +314,7 @@ class TieredEngine(Engine):
                     with m.host("dispatch"):
                         rows = self.sched.rows_direct(hn, idx, self.full_experts[i])
                         x = self.sched.moe_out(w, h, hn, rows, weight, shared)
-                        self._count_activations(i, idx, valid_flat_dev)
+                        routed[i] = idx
                 else:
                     idx.copy_to_host_async()         # start the routing's device->host copy as soon as it exists,
                     for p_ in preds:                  # so the sync below waits for one copy, not a round trip
@@ -336,6 +335,7 @@ class TieredEngine(Engine):
             self.host_cache.tick()
             self._adapt()
         self.metrics.tokens += 1
+        self._count_activations(routed, valid_flat)
         return [self._logits_of(x, g) for x, g in zip(xs, groups)]
 
     def _moe_tiered(self, i, w, h, hn, idx, weight, shared, preds, nxt, valid):
