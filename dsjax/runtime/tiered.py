@@ -94,22 +94,13 @@ def in_memory_engine(store, dtype, tokenizer=None, *, prefill_form="naive", name
     bookkeeping): the all-in-HBM reference that the tiered runtime with no budget is compared against. FP4 weights
     stay FP4; experts are stacked per projection [E, ...] as the model's layer call takes them."""
     device = device if device is not None else jax.devices()[0]
-    cfg, dt, s_dev = store.config, np.dtype(dtype), shardings(device)[0]
+    cfg, dt = store.config, np.dtype(dtype)
     need, free = model_bytes_from_store(store).total, device_free_bytes(device)
     if free is not None and need > free:
         raise BudgetError(f"in_memory=True puts the whole store on the GPU: about {fmt_bytes(need)}, and the GPU has "
                           f"{fmt_bytes(free)} free; load it tiered instead (dsjax.load(store, gpu_memory=..., "
                           "host_memory=...))")
-    embed = _cast(store.read_core_unit("embed", "device"), dt, s_dev)
-    head = _cast(store.read_core_unit("head", "device"), dt, s_dev)
-    layers = []
-    for i in range(cfg.num_hidden_layers):
-        w = store.read_core_unit(_unit(i), "device")
-        if cfg.is_moe_layer(i):
-            futs = store.read_experts(i, range(cfg.n_routed_experts))
-            w.update({f"experts_{proj}": _expert_tree(store, i, proj, futs[proj].result(), s_dev) for proj in PROJ})
-        layers.append(_cast(w, dt, s_dev))
-    weights = {"embed": embed["embed"], "final_norm": head["final_norm"], "lm_head": head["lm_head"], "layers": layers}
+    weights = store.load_weights(dt, "device", device=device)
     return Engine(cfg, weights, tokenizer, prefill_form=prefill_form, name=name, dtype=dt, enable_fusion=enable_fusion,
                   device=device)
 

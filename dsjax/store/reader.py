@@ -165,21 +165,22 @@ class Store:
         return self.record(f"layers.{layer}.experts_{proj}")
 
     # ---- core --------------------------------------------------------------------------------------
-    def _sharding(self, memory_kind: str | None):
-        dev = jax.devices()[0]
+    def _sharding(self, memory_kind: str | None, device=None):
+        dev = device if device is not None else jax.devices()[0]
         kinds = [m.kind for m in dev.addressable_memories()]
         kind = memory_kind or dev.default_memory().kind
         if kind not in kinds:
             raise ValueError(f"memory_kind {memory_kind!r} is not available on {dev}; choose one of {kinds}")
         return jax.sharding.SingleDeviceSharding(dev, memory_kind=kind)
 
-    def read_core_unit(self, unit: str, memory_kind: str | None = None, *, verify: bool = True) -> dict[str, Any]:
+    def read_core_unit(self, unit: str, memory_kind: str | None = None, *, verify: bool = True,
+                       device=None) -> dict[str, Any]:
         """One core unit ('embed', 'layer_003', 'head') as {key: jax.Array | QTensor}, restored by orbax straight
-        into `memory_kind` ('device', 'pinned_host'; None = the device's default)."""
+        into `memory_kind` ('device', 'pinned_host'; None = the device's default) of `device` (None: the first)."""
         records = [r for r in self.manifest.tensors.values() if r.unit == unit and r.tier == "core"]
         if not records:
             raise StoreError(f"{self.path}: no core unit {unit!r} (units: {', '.join(self.core_units())})")
-        sharding = self._sharding(memory_kind)
+        sharding = self._sharding(memory_kind, device)
         abstract = abstract_tree(records, sharding)
         path = os.path.join(self.path, records[0].path)
         try:
@@ -198,13 +199,13 @@ class Store:
             out[core_key(r)] = QTensor(**leaf, fmt=r.dtype) if r.is_fp4 else leaf
         return out
 
-    def read_core(self, memory_kind: str | None = None, *, verify: bool = True) -> dict:
+    def read_core(self, memory_kind: str | None = None, *, verify: bool = True, device=None) -> dict:
         """The weight pytree without routed experts: {'embed', 'final_norm', 'lm_head', 'layers': [dict, ...]};
-        FP4 tensors are QTensors. Leaves live on the first device in `memory_kind`."""
+        FP4 tensors are QTensors. Leaves live on `device` (None: the first) in `memory_kind`."""
         out: dict[str, Any] = {}
         layers = []
         for unit in self.core_units():
-            part = self.read_core_unit(unit, memory_kind, verify=verify)
+            part = self.read_core_unit(unit, memory_kind, verify=verify, device=device)
             if unit.startswith("layer_"):
                 layers.append(part)
             else:
@@ -301,12 +302,13 @@ class Store:
 
     # ---- everything --------------------------------------------------------------------------------
     def load_weights(self, dtype=jnp.bfloat16, memory_kind: str | None = None, *, verify: bool = True,
-                     progress: bool = False) -> dict:
+                     progress: bool = False, device=None) -> dict:
         """The full weight pytree as dsjax.model uses it: plain tensors cast to `dtype` (routers float32), FP4
-        tensors as QTensor, routed experts stacked [E, N, K] (QTensor, or `dtype` when stored plain)."""
+        tensors as QTensor, routed experts stacked [E, N, K] (QTensor, or `dtype` when stored plain), on `device`
+        (None: the first). The one whole-model loader of a store (dsjax.load(..., in_memory=True) uses it)."""
         from tqdm.auto import tqdm
-        sharding = self._sharding(memory_kind)
-        weights = self.read_core(memory_kind, verify=verify)
+        sharding = self._sharding(memory_kind, device)
+        weights = self.read_core(memory_kind, verify=verify, device=device)
 
         def cast(key, a):
             return a if isinstance(a, QTensor) or key in F32_KEYS else a.astype(dtype)
