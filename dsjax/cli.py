@@ -161,7 +161,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         cfg = ModelConfig.from_json(args.path)
         mb = ModelBytes.from_config(cfg, args.format, args.policy)
-    links = Links(h2d=args.h2d_gbps * GB, disk=args.disk_gbps * GB, hbm=args.hbm_gbps * GB)
+    links = Links(h2d=args.h2d_gbps * GB, disk=args.disk_gbps * GB, hbm=args.hbm_gbps * GB,
+                  cpu_rate=args.cpu_gbps * GB)
     p = plan(mb, args.gpu_memory, args.host_memory, max_gpu_layers=args.max_gpu_layers,
              prefetch_layers=args.prefetch_layers, links=links, overlap_io=not args.no_overlap,
              context_tokens=min(args.context, cfg.max_position_embeddings))
@@ -254,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--disk-gbps", type=float, default=12.0, help="NVMe read GB/s (default 12)")
     pl.add_argument("--hbm-gbps", type=float, default=3000.0, help="GPU memory GB/s (default 3000)")
     pl.add_argument("--no-overlap", action="store_true", help="predict load-on-demand (links not overlapped)")
+    pl.add_argument("--cpu-gbps", type=float, default=0.0, help="GB/s of the CPU expert kernel at batch 1 "
+                    "(compute_config.cpu_experts: host-resident experts that miss the GPU computed on the CPU beside "
+                    "the copies; bench/cpu_experts_bench.py measures it); default 0 = that path off")
     pl.set_defaults(fn=cmd_plan)
 
     b = sub.add_parser("bench", help="measure a store under budgets against the machine's measured ceilings")

@@ -119,6 +119,9 @@ class Links:
     # without overlap (overlap_io false: links and host work summed) the plan is pessimistic: 19.1 against 33.0.
     sync_s: float = 3.8e-3          # per streamed MoE layer: routing sync + copies + prediction
     layer_call_s: float = 1.1e-3    # per layer: host-side dispatch of its jitted calls
+    # The CPU expert kernel's bytes/s at batch 1 where host-resident experts that miss the GPU are computed on the CPU
+    # beside the copies (compute_config.cpu_experts, issue 24); 0 = that path is off.
+    cpu_rate: float = 0.0
     measured: bool = False
 
 
@@ -162,6 +165,8 @@ class Placement:
     t_token: float
     bound: str                            # the term that sets t_token
     overlap_io: bool
+    cpu_bytes_per_token: float = 0.0      # host-resident expert bytes the CPU computes in place (links.cpu_rate)
+    t_cpu: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -191,7 +196,10 @@ class Placement:
             f"decode, batch 1, uniform routing (no locality assumed): per token "
             f"disk->host {fmt_bytes(self.disk_bytes_per_token)} @ {fmt_bytes(links.disk)}/s ({src}) = "
             f"{self.t_disk * 1e3:.1f} ms; host->GPU {fmt_bytes(self.h2d_bytes_per_token)} @ {fmt_bytes(links.h2d)}/s "
-            f"({src}) = {self.t_h2d * 1e3:.1f} ms; GPU reads {fmt_bytes(self.hbm_bytes_per_token)} @ "
+            f"({src}) = {self.t_h2d * 1e3:.1f} ms; "
+            + (f"CPU computes {fmt_bytes(self.cpu_bytes_per_token)} of host-resident experts beside the copies @ "
+               f"{fmt_bytes(links.cpu_rate)}/s = {self.t_cpu * 1e3:.1f} ms; " if links.cpu_rate else "")
+            + f"GPU reads {fmt_bytes(self.hbm_bytes_per_token)} @ "
             f"{fmt_bytes(links.hbm)}/s + host work per layer (dispatch, routing sync, copies) = "
             f"{self.t_compute * 1e3:.1f} ms",
             f"predicted: {self.tokens_per_s:.2f} tok/s ({self.t_token * 1e3:.1f} ms/token, bound by {self.bound}"
@@ -271,10 +279,19 @@ def plan(mb: ModelBytes, gpu_memory: int | str, host_memory: int | str, *, max_g
     h2d = streamed_core + moe * K * (1 - p_gpu) * mb.expert
     disk = disk_core + moe * K * (1 - p_host) * mb.expert
     hbm = mb.head + sum(mb.layer_core) + moe * K * mb.expert
+    # The CPU path computes host-resident misses in place while the link moves the rest, so both finish together:
+    # c / cpu_rate = (h2d - c) / h2d_rate, at most the host-resident misses' bytes; the link keeps the rest.
+    cpu = 0.0
+    if links.cpu_rate > 0:
+        cpu = min(h2d * links.cpu_rate / (links.cpu_rate + links.h2d), moe * K * (p_host - p_gpu) * mb.expert)
+        h2d, hbm = h2d - cpu, hbm - cpu
     syncs = moe * links.sync_s if (gpu_slots < E) else 0.0
     t_h2d, t_disk = h2d / links.h2d, disk / links.disk
+    t_cpu = cpu / links.cpu_rate if cpu else 0.0
     t_compute = hbm / links.hbm + syncs + n * links.layer_call_s
     terms = {"disk->host": t_disk, "host->GPU": t_h2d, "GPU compute": t_compute}
+    if cpu:
+        terms["CPU experts"] = t_cpu
     if overlap_io:
         bound = max(terms, key=terms.get)
         t_token = terms[bound]
@@ -287,7 +304,8 @@ def plan(mb: ModelBytes, gpu_memory: int | str, host_memory: int | str, *, max_g
                      max_kv_tokens=int(pools.compute // max(mb.kv_bytes_per_token, 1)),
                      context_tokens=context_tokens, h2d_bytes_per_token=h2d,
                      disk_bytes_per_token=disk, hbm_bytes_per_token=hbm, t_h2d=t_h2d, t_disk=t_disk,
-                     t_compute=t_compute, t_token=t_token, bound=bound, overlap_io=overlap_io)
+                     t_compute=t_compute, t_token=t_token, bound=bound, overlap_io=overlap_io,
+                     cpu_bytes_per_token=cpu, t_cpu=t_cpu)
 
 
 def minimum_gpu_memory(mb: ModelBytes, *, max_gpu_layers: int = 3, prefetch_layers: int = 2,

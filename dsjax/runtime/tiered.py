@@ -12,6 +12,7 @@ fits on the GPU the sync disappears. Same store, prompt and seed give the same t
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import time
 from typing import Any
@@ -23,13 +24,14 @@ import numpy as np
 from dsjax.model.weights import F32_KEYS
 from dsjax.quant import QTensor
 from dsjax.runtime.config import RuntimeConfig
+from dsjax.runtime.cpu_path import CpuExpertPath, availability, take_cpu_rows
 from dsjax.runtime.engine import DEFAULT_CONTEXT, Engine, Group
 from dsjax.runtime.expert_layout import PROJ, ExpertLayout
 from dsjax.runtime.kv_pool import PAGE_TOKENS, kv_bytes_per_token
 from dsjax.runtime.memory import MemoryManager
 from dsjax.runtime.metrics import Metrics, json_line, process_memory, prometheus_text
 from dsjax.runtime.planner import BudgetError, Links, ModelBytes, Pools, fmt_bytes, plan
-from dsjax.runtime.prefetch import DISK, GPU, HOST, READING, PrefetchPolicy
+from dsjax.runtime.prefetch import CPU_MAX_ROWS, CPU_PRIOR_BPS, DISK, GPU, HOST, READING, PrefetchPolicy
 from dsjax.runtime.programs import LayerPrograms
 from dsjax.runtime.tiers import DiskReader, ExpertCache, HostCache, LayerManager, shardings, tree_nbytes
 
@@ -125,8 +127,20 @@ class TieredEngine(Engine):
         gpu = UNLIMITED if runtime.gpu_memory is None else runtime.gpu_memory
         host = UNLIMITED if runtime.host_memory is None else runtime.host_memory
         context = _context(cfg, mc.max_context, Pools.split(gpu, host).compute, mb.kv_bytes_per_token)
-        self.placement = plan(mb, gpu, host, max_gpu_layers=mc.max_gpu_layers, prefetch_layers=mc.prefetch_layers,
-                              links=self.links, overlap_io=cc.overlap_io, context_tokens=context)
+        plan_kw = dict(max_gpu_layers=mc.max_gpu_layers, prefetch_layers=mc.prefetch_layers,
+                       overlap_io=cc.overlap_io, context_tokens=context)
+        self.placement = plan(mb, gpu, host, links=self.links, **plan_kw)
+        streams = mb.moe_layers and self.placement.gpu_expert_slots < mb.n_experts
+        cpu_on, self.cpu_experts_reason = availability(
+            cc.cpu_experts, ExpertLayout.of_store(store, mb.moe_layers[0]) if streams else None, self.device.platform)
+        cpu_rate = self.links.cpu_rate or CPU_PRIOR_BPS
+        if cpu_on:
+            # The plan (and stats' predicted_tok_s) counts the CPU path at the kernel's rate (the prior until measured)
+            with_cpu = plan(mb, gpu, host, links=dataclasses.replace(self.links, cpu_rate=cpu_rate), **plan_kw)
+            if cc.cpu_experts == "auto" and with_cpu.t_token >= self.placement.t_token:
+                cpu_on, self.cpu_experts_reason = False, "the plan predicts no gain"
+            else:
+                self.placement = with_cpu
         p = self.placement
         moved = p.gpu_expert_pool - p.pools.expert_cache   # active-pool room the planner gave to experts
         self.mm = MemoryManager(p.pools, {"expert_cache": p.gpu_expert_pool,
@@ -194,6 +208,10 @@ class TieredEngine(Engine):
         self.policy = PrefetchPolicy(mc.expert_threshold, mc.prefetch_layers, mc.disk_prefetch_layers,
                                      adaptive=cc.adaptive_schedule, overlap=cc.overlap_io)
         self.disk_waits = self._disk_waits_seen = 0      # expert reads the compute had to wait for
+        # Host-resident experts computed on the CPU (issue 24): the policy's split_cpu picks them per MoE layer of a
+        # decode step; a worker thread runs the kernel on the host cache's buffers while this thread drives the GPU
+        self.cpu_path = CpuExpertPath(self.experts.layout, cfg.num_hidden_layers, cc.cpu_threads, cpu_rate) \
+            if cpu_on else None
         self._step_start = (0.0, 0)                       # (perf_counter, host->GPU bytes) when the step began
         self._pending: dict[tuple[int, int], Any] = {}      # (layer, expert) -> Future of a disk read
         self._predicted: dict[int, set] = {}
@@ -310,6 +328,8 @@ class TieredEngine(Engine):
                     idx.copy_to_host_async()         # start the routing's device->host copy as soon as it exists,
                     for p_ in preds:                  # so the sync below waits for one copy, not a round trip
                         p_.copy_to_host_async()
+                    if self.cpu_path and hn.shape[0] * hn.shape[1] <= CPU_MAX_ROWS:
+                        hn.copy_to_host_async()       # the CPU experts' input, beside the routing
                     x = self._moe_tiered(i, w, h, hn, idx, weight, shared, preds, nxt, valid_flat)
                 if len(groups) == 1:
                     xs = [x]
@@ -341,15 +361,21 @@ class TieredEngine(Engine):
             self.metrics.add_prediction(self._predicted.pop(i), routed)
         self._release_prefetch_pins(i, routed)
         P = self.experts.slots.capacity
+        B, T, D = hn.shape
+        cpu_job = None
+        if self.cpu_path and B * T <= CPU_MAX_ROWS:
+            with m.host("cpu_experts"):
+                cpu_job = self._start_cpu_experts(i, hn, ids, valid, used)
+            if cpu_job is not None:                   # their assignments get slot P: zero rows on the GPU
+                used = [e for e in used if e not in cpu_job.experts]
         overlap_compute = self.runtime.compute_config.overlap_compute
-        chunks = self.policy.chunks(used, P, overlap_compute)
+        chunks = self.policy.chunks(used, P, overlap_compute) or [[]]       # [[]]: every expert on the CPU
         if overlap_compute and len(chunks) > 1:                          # read later chunks while earlier compute
             tiers = self._tiers(i)
             for ch in chunks[1:]:
                 ahead = [e for e in ch if tiers[e] == DISK]
                 self.chunk_reads_ahead += len(ahead)
                 self._start_disk(i, ahead)
-        B, T, D = hn.shape
         acc = _zeros((B * T, ids.shape[1], D), hn.dtype, self.device)    # committed, as later chunks; one dispatch
         lut = np.full(self.config.n_routed_experts, P, np.int32)          # P: not in this chunk
         pred = preds
@@ -368,8 +394,43 @@ class TieredEngine(Engine):
                 pred = None
             self.experts.slots.unpin_all([(i, e) for e in ch])
         self._drop_pending(i)
+        if cpu_job is not None:
+            acc = self._finish_cpu_experts(i, cpu_job, acc)
         with m.host("dispatch"):
             return self.sched.moe_out(w, h, hn, acc, weight, shared)
+
+    def _start_cpu_experts(self, i: int, hn, ids: np.ndarray, valid: np.ndarray, used: list[int]):
+        """The CPU path's job for layer i: the policy's pick of the routed experts that miss the GPU but sit in the
+        host cache, started on the worker thread; None when it picks none."""
+        tiers = self._tiers(i)
+        missing = [e for e in used if tiers[e] != GPU]
+        host_missing = [e for e in missing if tiers[e] == HOST]
+        if not host_missing:
+            return None
+        chosen = self.cpu_path.choose(host_missing, ids, valid, self.links.h2d, len(missing) - len(host_missing))
+        # The pinned buffers, held by the job until the kernel returns: a loader thread that evicts one meanwhile
+        # drops only the cache's reference. One evicted since the tiers were read is copied instead.
+        got = [(e, self.host_cache.get((i, e))) for e in chosen]
+        got = [(e, b) for e, b in got if b is not None]
+        if not got:
+            return None
+        for e, _ in got:
+            self.experts.lookup((i, e))                   # a GPU miss all the same (the GPU tier's hit rate)
+        x = np.asarray(hn).reshape(ids.shape[0], -1)      # its device->host copy started with the routing's
+        return self.cpu_path.start(x, [b for _, b in got], [e for e, _ in got], ids, valid)
+
+    def _finish_cpu_experts(self, i: int, job, acc: jax.Array) -> jax.Array:
+        """The CPU's rows in `acc` where their assignments are (the GPU left zeros there), so the combine that
+        follows is the one every expert path ends in."""
+        m = self.metrics
+        with m.host("cpu_experts_wait"):
+            y, mask = self.cpu_path.finish(i, job)
+        with m.host("dispatch"):
+            s_dev = shardings(self.device)[0]
+            t0 = time.perf_counter()
+            rows = jax.device_put(y, s_dev)
+            m.add_transfer("cpu->GPU", y.nbytes, time.perf_counter() - t0, issued_only=True)
+            return take_cpu_rows(acc, rows, jax.device_put(mask, s_dev))
 
     def _drop_pending(self, i: int) -> None:
         """Forget layer i's disk reads once it has run. A read not consumed (a prediction the routing did not use)
@@ -489,6 +550,9 @@ class TieredEngine(Engine):
             hn = jnp.zeros((B, 1, D), self.dtype, device=s_dev)
             acc = self.sched.moe_rows(self.experts.flush(), np.full((B, K), P, np.int32), hn,
                                       _zeros((B, K, D), self.dtype, self.device))   # also the decode steps' zeros
+            if self.cpu_path and B <= CPU_MAX_ROWS:             # the CPU rows' merge
+                acc = take_cpu_rows(acc, jax.device_put(np.zeros((B, K, D), np.float32), s_dev),
+                                     jax.device_put(np.zeros((B, K), bool), s_dev))
             if not self._warmed:
                 self.experts.compile_writes()
             jax.block_until_ready(acc)
@@ -540,6 +604,9 @@ class TieredEngine(Engine):
             "disk_reads_pending_max": self.max_reads_pending,
             "reads_ahead_by_depth": dict(self.reads_ahead_by_depth),
             "preloaded_experts": self.preloaded,
+            "cpu_experts": {"enabled": int(self.cpu_path is not None), "mode": self.runtime.compute_config.cpu_experts,
+                            "reason": self.cpu_experts_reason, **(self.cpu_path.stats() if self.cpu_path else
+                                                                  {"experts": 0, "bytes": 0, "seconds": 0.0})},
             "process_memory": process_memory(),
         }
         snap = self.metrics.snapshot(extra)
@@ -558,6 +625,8 @@ class TieredEngine(Engine):
         super().close()
         if self.disk is not None:
             self.disk.close()
+        if self.cpu_path is not None:
+            self.cpu_path.close()
 
 
 @functools.lru_cache(maxsize=64)
