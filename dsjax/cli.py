@@ -271,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokens", type=int, default=16, help="tokens generated per sequence (default 16)")
     b.add_argument("--configs", default="budget,resident,on_demand",
                    help="which of budget (the given budgets), resident (no limit), on_demand (overlap_io off), hbm "
-                        "(the whole store on the GPU as a plain in-memory model: the all-in-HBM reference)")
+                        "(the whole store on the GPU as a plain in-memory model: the all-in-HBM reference), cpu (the "
+                        "given budgets with cpu_experts on: host-resident experts computed on the CPU beside the "
+                        "copies; budget and on_demand run with it off unless --set cpu_experts=... is given)")
     b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     b.add_argument("--cold", action="store_true", help="drop the page cache before the disk ceiling (root)")
     b.add_argument("--no-trace", action="store_true", help="skip the profiler trace (GPU busy fraction; on a GPU the "

@@ -251,6 +251,7 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
                                         - s0.get("steps_without_copies_ahead", 0)),
             stall_s=stall, host_ms_per_step={k: 1e3 * (v - h0.get(k, 0.0)) / steps for k, v in h1.items()},
             predicted_tok_s=s.get("predicted_tok_s") if B == 1 else None, trace=None,   # the plan is batch 1
+            cpu_experts=_cpu_per_step(s0.get("cpu_experts", {}), s.get("cpu_experts", {}), steps),
             process_memory=process_memory()))        # resident now / at peak, against the host budget
         if on_row:
             on_row(rows[-1])         # saved before the traced run: a failure there keeps the measured row
@@ -275,12 +276,23 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
     return rows
 
 
+def _cpu_per_step(before: dict[str, Any], after: dict[str, Any], steps: int) -> dict[str, Any] | None:
+    """The CPU expert path during the measured generation: experts per decode step, the kernel's GB/s and ms per
+    step, the engine thread's wait for it per step; None when the path was off."""
+    if not after.get("enabled"):
+        return None
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in ("experts", "bytes", "seconds", "wait_seconds")}
+    return {"experts_per_step": d["experts"] / steps, "GB_s": d["bytes"] / d["seconds"] / GB if d["seconds"] else None,
+            "ms_per_step": 1e3 * d["seconds"] / steps, "wait_ms_per_step": 1e3 * d["wait_seconds"] / steps}
+
+
 def bench(store: str, *, gpu_memory=None, host_memory=None, preset: str | None = None,
           batches=(1, 8, 32), prompt_len: int = 64, tokens: int = 16, dtype: str = "bfloat16",
           configs=("budget", "resident", "on_demand"), cold: bool = False, trace: bool | tuple[str, ...] = True,
           out: str | None = None, trace_dir: str | None = None, **overrides) -> dict[str, Any]:
-    """Measure `store` under the budgets (config 'budget'), with no limit ('resident') and with overlap_io off
-    ('on_demand'); returns {'ceilings', 'rows', 'machine'}. With `out`, every row is written to that JSON file as it
+    """Measure `store` under the budgets (config 'budget'), with no limit ('resident'), with overlap_io off
+    ('on_demand'), under the budgets with cpu_experts on ('cpu'; budget and on_demand run with it off unless an
+    override sets it) or as a plain in-memory model ('hbm'); returns {'ceilings', 'rows', 'machine'}. With `out`, every row is written to that JSON file as it
     is measured and a rerun with the same `out` resumes: rows already there are kept, not measured again (the
     ceilings are those of the first run). `trace`: profile every config (True), none, or the configs named. With
     `trace_dir`, each row's profiler trace is kept there."""
@@ -312,8 +324,12 @@ def bench(store: str, *, gpu_memory=None, host_memory=None, preset: str | None =
               if v is not None}
     # the tiered configs plan with the ceilings just measured, so each row's predicted_tok_s is this machine's
     links = Links(h2d=ceilings.h2d, disk=ceilings.disk, hbm=ceilings.hbm or Links().hbm, measured=True)
-    kws = {"budget": dict(budget, links=links, **overrides), "resident": {"links": links},
-           "on_demand": dict(budget, links=links, **dict(overrides, overlap_io=False)), "hbm": {"in_memory": True}}
+    # budget and on_demand are GPU-only (cpu_experts off, as before that path existed) unless --set says otherwise;
+    # cpu is the budget config with host-resident experts computed on the CPU beside the copies (issue 24)
+    gpu_only = {"cpu_experts": "off", **overrides}
+    kws = {"budget": dict(budget, links=links, **gpu_only), "resident": {"links": links},
+           "on_demand": dict(budget, links=links, **dict(gpu_only, overlap_io=False)), "hbm": {"in_memory": True},
+           "cpu": dict(budget, links=links, **dict(overrides, cpu_experts="on"))}
     save()
     for name in configs:
         done = {r["batch"] for r in result["rows"] if r["config"] == name}
@@ -339,8 +355,9 @@ def markdown(result: dict[str, Any]) -> str:
              "| achieved GB/s (h2d / disk) | I/O roofline ms | of roofline | hit GPU/host "
              "| pred P/R (copied ahead: used/copies) | GPU busy "
              "| copy time under compute | host ms/step: routing sync / expert copies / dispatch "
+             "| CPU experts/step (kernel GB/s, ms/step) "
              "| process RSS GB (peak so far) | planned tok/s (batch 1, these ceilings) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         b, a = r["bytes_per_step"], r["achieved_GB_s"]
         hit = r["hit_rates"]
@@ -359,6 +376,8 @@ def markdown(result: dict[str, Any]) -> str:
             + (f"{t['h2d_overlapped_s'] / t['h2d_s']:.0%}" if (t := r.get("trace")) and t["h2d_s"] else "-") + " | "
             + ("/".join(f"{h.get(k, 0):.1f}" for k in ("routing_sync", "expert_copies", "dispatch"))
                if (h := r.get("host_ms_per_step")) else "-") + " | "
+            + (f"{cp['experts_per_step']:.1f} ({cp['GB_s'] or 0:.1f}, {cp['ms_per_step']:.1f})"
+               if (cp := r.get("cpu_experts")) else "-") + " | "
             + (f"{m['rss'] / GB:.1f} ({m['peak_rss'] / GB:.1f})"
                if (m := r.get("process_memory")) and m.get("rss") and m.get("peak_rss") else "-") + " | "
             + (f"{r['predicted_tok_s']:.2f}" if r.get("predicted_tok_s") else "-") + " |")
