@@ -98,3 +98,18 @@ def test_the_planner_counts_the_cpu_path_at_batch_1():
     huge = plan(mb, gpu, 10**9, links=dataclasses.replace(links, cpu_rate=1e15), **kw)
     streamed = sum(c for i, c in enumerate(mb.layer_core) if i not in huge.resident_layers)
     assert huge.h2d_bytes_per_token == pytest.approx(streamed, abs=1e-5 * base.h2d_bytes_per_token)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fusion", [True, False], ids=["kernels", "references"])
+def test_gpu_bf16_cpu_experts_give_the_tokens_of_the_copy_path(store, tight, fusion):
+    """On the GPU in bf16: the CPU's rows (float32, rounded to bf16 on the GPU) against the FP4 kernels' or the
+    references' rows, the host cache's pinned buffers read in place."""
+    runs = {}
+    for mode in ("off", "on"):
+        e = dsjax.load(store, dtype="bfloat16", enable_fusion=fusion, cpu_experts=mode, links=SLOW_LINK, **tight)
+        runs[mode] = [g.token_ids for g in e.generate(PROMPTS, max_new_tokens=8, stop_token_ids=())]
+        experts = e.stats()["cpu_experts"]["experts"]
+        e.close()
+        assert (experts > 0) == (mode == "on")
+    assert runs["on"] == runs["off"]
