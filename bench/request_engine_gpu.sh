@@ -10,37 +10,40 @@
 # Results go to $OUT (JSON + logs); the slice and the compile caches stay in /tmp while the machine is warm.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 S=${SLICE:-/tmp/v3-slice-6}
 BUDGET=(--gpu-memory 16GB --host-memory 96GB)
 use_tree() {          # $1: a source tree with dsjax/ and kernels/ (imported as dsjax_kernels); run from inside it
-  mkdir -p "/tmp/pp-$2" && ln -sfn "$PWD/$1/kernels" "/tmp/pp-$2/dsjax_kernels"
-  export PYTHONPATH="/tmp/pp-$2:$PWD/$1" DSJAX_COMPILE_CACHE="/tmp/xla-$2"
-  cd "$1"
+  mkdir -p "/tmp/pp-$2" && ln -sfn "$ROOT/$1/kernels" "/tmp/pp-$2/dsjax_kernels"
+  export PYTHONPATH="/tmp/pp-$2:$ROOT/$1" DSJAX_COMPILE_CACHE="/tmp/xla-$2"
+  cd "$ROOT/$1"
 }
 case "${1:-}" in
   setup)
     nvidia-smi -L
-    use_tree . new
+    use_tree "${NEW_TREE:-.}" new
     [ -f "$S/manifest.json" ] || python3 bench/make_v3_slice.py "$S" --moe-layers 6 2>&1 | tail -2
-    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_runtime.py 2>&1 | tail -3
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_runtime.py tests/test_cpu_path.py tests/test_cpu_experts.py \
+      2>&1 | tail -3
     python3 -m pytest -q -p no:cacheprovider tests/test_requests.py -k "not kv_pool" 2>&1 | tail -3
     ;;
   bench)
-    if [ "$2" = OLD ]; then use_tree .old old; else use_tree . new; fi
+    if [ "$2" = OLD ]; then use_tree .old old; else use_tree "${NEW_TREE:-.}" new; fi
     python3 -c 'import dsjax, sys; print("dsjax from", dsjax.__file__, file=sys.stderr)'
-    python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --configs budget,on_demand --batches "$3" --tokens 8 \
+    configs=budget,on_demand; [ "$2" = NEW ] && configs=budget,on_demand,cpu
+    python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --configs $configs --batches "$3" --tokens 8 \
       --prompt-len 32 --no-trace --out "$OUT/bench_$2_b${3//,/_}.json" 2>&1 | tail -12
     ;;
   arrivals)
-    use_tree . new
+    use_tree "${NEW_TREE:-.}" new
     python3 bench/arrivals.py "$S" "${BUDGET[@]}" --requests 32 --rate 8 --prompt-len 32:512 --output-len 16:256 \
       --static-batch 32 --static-prompt 32 --static-tokens 8 --out "$OUT/arrivals.json" 2>&1 | tail -8
     ;;
   serve)
-    use_tree . new
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    use_tree "${NEW_TREE:-.}" new
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$ROOT"/.whl/*.whl \
       && export PYTHONPATH="/tmp/site:$PYTHONPATH" || exit 1
     python3 -m dsjax.cli serve "$S" "${BUDGET[@]}" --set max_batch_size=64 --max-queue 256 > "$OUT/serve.log" 2>&1 &
     P=$!
@@ -54,12 +57,12 @@ case "${1:-}" in
     ;;
   all)
     for step in "setup" "bench NEW 1,32" "bench OLD 1,32" "arrivals" "serve 1,8,32,64" "cpu" "bench NEW 8" "bench OLD 8"; do
-      echo "=== $step $(date +%T)"; bash "$0" $step
+      echo "=== $step $(date +%T)"; bash "$ROOT/bench/request_engine_gpu.sh" $step
     done
     echo "=== done $(date +%T)"
     ;;
   cpu)
-    use_tree . new
+    use_tree "${NEW_TREE:-.}" new
     python3 -m pytest -q -p no:cacheprovider tests/test_cpu_experts.py 2>&1 | tail -2
     python3 bench/cpu_experts_bench.py --out "$OUT/cpu_experts.json" 2>&1 | tail -30
     ;;
