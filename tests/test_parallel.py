@@ -126,7 +126,7 @@ ref_greedy, ref_sampled, logits = run(ref)
 out["ref"] = {"greedy": ref_greedy, "sampled": ref_sampled}
 ref_layers = ref.weights["layers"]
 for n in (2, 4):
-    e = load_parallel(store, n)
+    e = dsjax.load(store, devices=n) if n == 2 else load_parallel(store, n)      # the public entry and the direct one
     g, s, lg = run(e)
     r = out[n] = {"greedy": g, "sampled": s, "logits_max_abs": float(np.abs(lg - logits).max()),
                   "devices": e.stats()["parallel"]["devices"]}

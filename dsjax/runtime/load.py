@@ -34,7 +34,7 @@ def _dtype(dtype) -> np.dtype:
 
 def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None = None,
          gpu_memory: int | str | None = None, host_memory: int | str | None = None, prefill_form: MlaForm = "naive",
-         progress: bool | None = None, in_memory: bool = False, links=None, **overrides) -> Engine:
+         progress: bool | None = None, in_memory: bool = False, links=None, devices=None, **overrides) -> Engine:
     """Load a dsjax store (manifest.json; made by `dsjax convert`) or a Hugging Face DeepSeek checkpoint directory
     (config.json, *.safetensors, tokenizer.json) for inference.
 
@@ -45,7 +45,9 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None
     instead (no tiers: the all-in-HBM reference; FP4 weights through the fused kernels unless enable_fusion=False).
     `links` (planner.Links) are the link ceilings the placement plan and `stats()["predicted_tok_s"]` use (default:
     measured at load when compute_config.auto_tune, else the product's target box). A Hugging Face checkpoint is
-    read tensor by tensor onto the device.
+    read tensor by tensor onto the device. `devices` (N, a list of jax devices, or a Mesh with an `expert` axis):
+    every weight resident, routed experts split over the devices (expert parallelism, runtime/parallel.py); budgets do
+    not combine with it yet.
 
     Example:
         >>> engine = dsjax.load("v3-nvfp4-store", preset="balanced", gpu_memory="16GB", host_memory="96GB")
@@ -63,6 +65,13 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None
     dt = _dtype(dtype)
     if progress is None:
         progress = sys.stderr.isatty()
+    if devices is not None:
+        if preset or gpu_memory is not None or host_memory is not None or links is not None or in_memory:
+            raise NotImplementedError("devices= runs every weight resident with the routed experts split over the "
+                                      "devices; expert parallelism under budgets (tiered) is not built yet (issue 22): "
+                                      "drop the budgets/preset, or load on one device")
+        from dsjax.runtime.parallel import load_parallel
+        return load_parallel(path, devices, dtype, prefill_form=prefill_form, progress=progress, **overrides)
     tok = Tokenizer.from_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
     name = os.path.basename(os.path.normpath(path))
     if os.path.exists(os.path.join(path, "manifest.json")):
