@@ -196,7 +196,6 @@ class Engine:
 
     def _forward(self, groups: list[Group], caches: list[dict]) -> list[jax.Array]:
         """Run the groups through every layer; `caches[i]` is layer i's cache (the KV pool's, or private ones)."""
-        cfg = self.config
         out = []
         for g in groups:
             x = self._embed(g.tokens)
@@ -204,13 +203,17 @@ class Engine:
             pages = None if g.pages is None else jnp.asarray(g.pages)
             routed = {}
             for i, w in enumerate(self.weights["layers"]):
-                x, caches[i], r = layer_step(w, x, caches[i], positions, cfg, cfg.layer_kind(i), g.form,
-                                             fusion=self.enable_fusion, pages=pages)
+                x, caches[i], r = self._layer(i, w, x, caches[i], positions, g.form, pages)
                 if r is not None:
                     routed[i] = r.idx
             self._count_activations(routed, g.valid)
             out.append(self._logits_of(x, g))
         return out
+
+    def _layer(self, i: int, w: dict, x, cache: dict, positions, form: MlaForm, pages):
+        """Decoder layer i on its weights: (x, cache, routing or None). Expert parallelism replaces it."""
+        return layer_step(w, x, cache, positions, self.config, self.config.layer_kind(i), form,
+                          fusion=self.enable_fusion, pages=pages)
 
     def _count_activations(self, routed: dict[int, jax.Array], valid: np.ndarray) -> None:
         """Expert activations of a forward's MoE layers ({layer: idx [N, K]}), counted where the routing is, in one

@@ -38,13 +38,13 @@ from jax.sharding import PartitionSpec as P
 
 from dsjax import ops
 from dsjax.config import ModelConfig
-from dsjax.model import init_layer_cache, layer_step
+from dsjax.model import init_layer_cache
 from dsjax.model.attention import MlaForm
 from dsjax.model.moe import expert_rows
 from dsjax.model.transformer import attn_route, moe_output, shared_experts
 from dsjax.model.weights import F32_KEYS
 from dsjax.quant import QTensor
-from dsjax.runtime.engine import DEFAULT_CONTEXT, Engine, Group
+from dsjax.runtime.engine import DEFAULT_CONTEXT, Engine
 from dsjax.runtime.kv_pool import PAGE_TOKENS, KVPool
 from dsjax.runtime.plan_devices import ACTIVATION_RESERVE, device_weight_bytes
 from dsjax.runtime.planner import BudgetError, fmt_bytes
@@ -345,22 +345,13 @@ class ExpertParallelEngine(Engine):
         return [jax.device_put(init_layer_cache(batch, length, self.config, self.dtype), self._replicated)
                 for _ in range(self.config.num_hidden_layers)]
 
-    def _forward(self, groups: list[Group], caches: list[dict]) -> list[jax.Array]:
-        cfg = self.config
-        out = []
-        for g in groups:
-            x = self._embed(g.tokens)
-            positions = jnp.asarray(g.positions)
-            pages = None if g.pages is None else jnp.asarray(g.pages)
-            for i, w in enumerate(self.weights["layers"]):
-                if SLOTS_KEY in w:
-                    x, caches[i], _ = moe_layer_step(w, x, caches[i], positions, cfg, g.form, self.enable_fusion,
-                                                     pages, mesh=self.mesh, exact=self.exact)
-                else:
-                    x, caches[i], _ = layer_step(w, x, caches[i], positions, cfg, cfg.layer_kind(i), g.form,
-                                                 fusion=self.enable_fusion, pages=pages)
-            out.append(self._logits_of(x, g))
-        return out
+    def _layer(self, i: int, w: dict, x, cache: dict, positions, form, pages):
+        """A MoE layer's experts are split over the mesh (one psum of the rows); other layers as on one device."""
+        if SLOTS_KEY not in w:
+            return super()._layer(i, w, x, cache, positions, form, pages)
+        x, cache, _ = moe_layer_step(w, x, cache, positions, self.config, form, self.enable_fusion, pages,
+                                     mesh=self.mesh, exact=self.exact)
+        return x, cache, None
 
     def placement(self) -> dict[str, Any]:
         """Per device: its routed experts per MoE layer (global ids) and the bytes they take (padding excluded)."""
