@@ -259,3 +259,19 @@ def test_logprobs_are_the_models_log_softmax(demo_engine):
         assert [t for t, _ in top] == list(np.argsort(-ref)[:3])
         assert top[0][0] == tok                                     # greedy: the most likely token
         seq.append(tok)
+
+
+def test_an_engine_dropped_without_close_is_collected_and_its_thread_ends(demo_checkpoint):
+    """The engine thread holds its engine only weakly while idle: a caller that drops an engine frees its device
+    arrays (a test suite that builds dozens of engines would otherwise keep them all)."""
+    import gc
+    import weakref
+    e = dsjax.load(demo_checkpoint, dtype="float32")
+    e.generate("Thou", max_new_tokens=2)
+    ref, thread = weakref.ref(e), e._thread
+    del e
+    deadline = time.time() + 10
+    while (ref() is not None or thread.is_alive()) and time.time() < deadline:
+        gc.collect()
+        time.sleep(0.1)
+    assert ref() is None and not thread.is_alive()

@@ -29,6 +29,7 @@ import math
 import secrets
 import threading
 import time
+import weakref
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -105,16 +106,29 @@ ENGINE_STACK = 64 << 20        # XLA compiles on the engine thread; LLVM recurse
 _stack_lock = threading.Lock()
 
 
-def _start_thread(target, name: str) -> threading.Thread:
+def _start_thread(target, args: tuple, name: str) -> threading.Thread:
     """A daemon thread with ENGINE_STACK bytes of stack (threading.stack_size is process-wide: set, start, restore)."""
     with _stack_lock:
         old = threading.stack_size(ENGINE_STACK)
         try:
-            t = threading.Thread(target=target, name=name, daemon=True)
+            t = threading.Thread(target=target, args=args, name=name, daemon=True)
             t.start()
         finally:
             threading.stack_size(old)
     return t
+
+
+def _engine_thread(ref, cv: threading.Condition, inbox, waiting, running) -> None:
+    """The engine thread's loop. It holds its engine only through a weak reference while idle, so an engine a caller
+    drops without close() is collected (its device arrays freed) and the thread ends within a second."""
+    while True:
+        engine = ref()
+        if engine is None or not engine._turn():
+            return
+        del engine
+        with cv:
+            if not (inbox or waiting or running):
+                cv.wait(timeout=1.0)
 
 
 class _Call:
@@ -363,7 +377,8 @@ class Engine:
             if self._closing:
                 raise RuntimeError("the engine is closed")
             if self._thread is None:
-                self._thread = _start_thread(self._loop, f"dsjax-engine-{self.name}")
+                self._thread = _start_thread(_engine_thread, (weakref.ref(self), self._cv, self._inbox, self._waiting,
+                                                              self._running), f"dsjax-engine-{self.name}")
             self._inbox.extend(items)
             self._cv.notify()
 
@@ -508,34 +523,34 @@ class Engine:
             self._thread.join()
 
     # ---- the engine thread ---------------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not (self._inbox or self._waiting or self._running or self._closing):
-                    self._cv.wait()
-                inbox = list(self._inbox)
-                self._inbox.clear()
-                closing = self._closing
-            for item in inbox:
-                if isinstance(item, _Call):
-                    try:
-                        item.future.set_result(item.fn())
-                    except BaseException as e:          # the caller gets the error; the engine goes on
-                        item.future.set_exception(e)
-                else:
-                    self._waiting.append(item)
-                    self.counters["submitted"] += 1
-            if closing:
-                for r in list(self._waiting) + self._running:
-                    self._finish(r, "cancelled")
-                self._waiting.clear()
-                self._running = []
-                self._publish()
-                return
-            self._drop_cancelled()
-            if self._waiting or self._running:
-                self._step()
+    def _turn(self) -> bool:
+        """One turn of the engine thread: take what callers posted, then one step if any request is in. False once
+        the engine is closed."""
+        with self._cv:
+            inbox = list(self._inbox)
+            self._inbox.clear()
+            closing = self._closing
+        for item in inbox:
+            if isinstance(item, _Call):
+                try:
+                    item.future.set_result(item.fn())
+                except BaseException as e:          # the caller gets the error; the engine goes on
+                    item.future.set_exception(e)
+            else:
+                self._waiting.append(item)
+                self.counters["submitted"] += 1
+        if closing:
+            for r in list(self._waiting) + self._running:
+                self._finish(r, "cancelled")
+            self._waiting.clear()
+            self._running.clear()
             self._publish()
+            return False
+        self._drop_cancelled()
+        if self._waiting or self._running:
+            self._step()
+        self._publish()
+        return True
 
     def _publish(self) -> None:
         self._status = {"running": len(self._running), "waiting": len(self._waiting)}
