@@ -27,7 +27,6 @@ case "${1:-}" in
     [ -f "$S/manifest.json" ] || python3 bench/make_v3_slice.py "$S" --moe-layers 6 2>&1 | tail -2
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_runtime.py tests/test_cpu_path.py tests/test_cpu_experts.py \
       2>&1 | tail -3
-    python3 -m pytest -q -p no:cacheprovider tests/test_requests.py -k "not kv_pool" 2>&1 | tail -3
     ;;
   bench)
     if [ "$2" = OLD ]; then use_tree .old old; else use_tree "${NEW_TREE:-.}" new; fi
@@ -56,7 +55,7 @@ case "${1:-}" in
     kill $P
     ;;
   all)
-    for step in "setup" "bench NEW 1,32" "bench OLD 1,32" "arrivals" "serve 1,8,32,64" "cpu" "bench NEW 8" "bench OLD 8"; do
+    for step in "setup" "arrivals" "bench NEW 1,32" "bench OLD 1,32" "serve 1,8,32,64" "cpu" "bench NEW 8" "bench OLD 8"; do
       echo "=== $step $(date +%T)"; bash "$ROOT/bench/request_engine_gpu.sh" $step
     done
     echo "=== done $(date +%T)"
