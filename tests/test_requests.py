@@ -65,7 +65,7 @@ def _req(prompt_len, budget, pos=0, generated=()):
 
 
 def test_scheduler_admits_in_order_while_pages_last_and_chunks_prompts_within_the_token_budget():
-    sched = Scheduler(max_running=3, step_tokens=10)
+    sched = Scheduler(max_running=3, step_tokens=10)                 # chunks of 10, one per step
     decoding = _req(4, 8, pos=5, generated=[1])                 # past its prompt: decodes one token
     waiting = collections.deque([_req(25, 8), _req(3, 4), _req(2, 2), _req(2, 2)])
     pages = _Pages(6)                                            # 48 tokens: room for the first two waiting requests
@@ -73,7 +73,12 @@ def test_scheduler_admits_in_order_while_pages_last_and_chunks_prompts_within_th
     assert [len(r.prompt) for r in plan.admitted] == [25, 3]     # 25+8-1 = 32 tokens = 4 pages, 3+4-1 = 6 -> 1 page
     assert pages.free_pages == 1 and len(waiting) == 2           # max_running reached: the rest wait, in order
     assert plan.decode == [decoding]
-    assert [(c.start, c.length) for c in plan.prefill] == [(0, 10)]       # one chunk, of the first in its prompt
+    assert [(c.start, c.length) for c in plan.prefill] == [(0, 10)]       # the budget: one chunk, first come first
+    # a budget of several chunks prefills several joining requests in one step, each at most a chunk long
+    wide = Scheduler(max_running=8, step_tokens=512)
+    plan = wide.next_step([_req(4, 8, pos=5, generated=[1])], collections.deque([_req(300, 8), _req(40, 4),
+                                                                                 _req(3, 2)]), _Pages(100))
+    assert wide.chunk_tokens == 256 and [(c.start, c.length) for c in plan.prefill] == [(0, 256), (0, 40)]
     # with nobody decoding, whole prompts go at once
     plan = Scheduler(max_running=4, step_tokens=10).next_step([], collections.deque([_req(25, 8), _req(3, 4)]),
                                                                _Pages(100))

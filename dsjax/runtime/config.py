@@ -34,7 +34,7 @@ class MemoryConfig:
     max_batch_size: int = 32         # requests running at once (more wait for a place)
     dynamic_batch: bool = True       # pad a step's rows to the next power of two (True) or always to max_batch_size
     max_context: int = 0             # prompt + output per request; 0 = min(model, 4096, what the KV pool holds)
-    step_tokens: int = 256           # prompt tokens prefilled per step while other requests decode (chunked prefill)
+    step_tokens: int = 1024          # prompt tokens prefilled per step beside decoding rows (chunks of <= 256)
     preload_experts: bool = True     # fill the host expert cache and GPU expert slots from disk at load
 
 

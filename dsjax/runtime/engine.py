@@ -151,7 +151,7 @@ class Engine:
     def __init__(self, cfg: ModelConfig, weights: dict, tokenizer: Tokenizer | None = None, *,
                  prefill_form: MlaForm = "naive", name: str = "", dtype=None, enable_fusion: bool = False,
                  max_batch_size: int = 32, min_batch_size: int = 1, dynamic_batch: bool = True,
-                 max_context: int | None = None, step_tokens: int = 256, kv_pages: int | None = None,
+                 max_context: int | None = None, step_tokens: int = 1024, kv_pages: int | None = None,
                  device=None, mm=None):
         self.config = cfg
         self.enable_fusion = enable_fusion      # FP4 weights through the fused kernels (GPU); else the references
@@ -599,8 +599,8 @@ class Engine:
         if plan.prefill:
             chunks = plan.prefill
             B = pow2_bucket(len(chunks))
-            # beside decoding rows a chunk is always step_tokens long (one shape); alone, prompts go whole, bucketed
-            T = self.scheduler.step_tokens if plan.decode else _prompt_bucket(max(c.length for c in chunks))
+            # beside decoding rows a chunk is always chunk_tokens long (one shape); alone, prompts go whole, bucketed
+            T = self.scheduler.chunk_tokens if plan.decode else _prompt_bucket(max(c.length for c in chunks))
             W = pow2_bucket(max(len(c.request.pages) for c in chunks))
             tokens = np.zeros((B, T), np.int32)
             positions = np.full((B, T), W * page, np.int32)
