@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     s1 = engine.stats()
     g = s1.get("generation", s1)
     static = dict(batch=B, prompt=P, tokens=T, decode_tok_s=g["decode_tok_s"], step_ms=1e3 * g["decode_s"] / (T - 1),
-                  h2d_MB_per_step=(s1["links"].get("host->GPU", {}).get("bytes", 0)
+                  h2d_MB_per_token_with_prefill=(s1["links"].get("host->GPU", {}).get("bytes", 0)
                                    - s0["links"].get("host->GPU", {}).get("bytes", 0)) / T / 1e6)
     log(f"static batch {B}: {static['decode_tok_s']:.1f} tok/s, {static['step_ms']:.1f} ms/step")
 
