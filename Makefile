@@ -28,8 +28,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/dsjax demo
 
+# The CPU suite runs in three pytest processes (the engine's jitted programs and threads accumulate in one process;
+# a single process of the whole suite crashed in XLA's compiler near its end, see DEVELOPERS.md). Make stops at the
+# first failing part; pytest's exit code 5 (nothing collected) is .ci/run's to judge.
+TEST_PARTS := "tests/kernels $(wildcard tests/test_[a-l]*.py)" "$(wildcard tests/test_[m-r]*.py)" \
+              "$(wildcard tests/test_[s-z]*.py)"
 test: $(STAMP)
-	$(VPY) -m pytest -q -m "not gpu and not slow" --durations=15
+	@for part in $(TEST_PARTS); do \
+	  echo "== pytest $$part"; \
+	  $(VPY) -m pytest -q -m "not gpu and not slow" --durations=10 $$part || exit $$?; \
+	done
 
 test-all: $(STAMP)
 	$(VPY) -m pytest -q
