@@ -164,3 +164,9 @@ def test_stats_exports_work_on_plain_engines(store, demo_engine):
         text = e.stats_prometheus()
         assert "dsjax_generated_tokens" in text and "dsjax_expert_activations{" in text
         assert '"requests"' in e.stats_json_line()
+
+
+def test_stats_after_streaming(demo_engine):
+    n = sum(1 for _ in demo_engine.stream(["Shall I", "Thou"], max_new_tokens=4, stop_token_ids=()))
+    s = demo_engine.stats()
+    assert s["batch"] == 2 and s["generated_tokens"] == n and s["ttft_s"] > 0

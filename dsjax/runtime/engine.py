@@ -412,6 +412,7 @@ class Engine:
         seeds = self._params_for(len(ids), params, seed)
         import queue
         sink: queue.SimpleQueue = queue.SimpleQueue()
+        t0 = time.perf_counter()
         handles = self._submit_all([self._request(p, params, s, on_event=sink.put, seq=i)
                                     for i, (p, s) in enumerate(zip(ids, seeds))])
         open_ = len(handles)
@@ -424,6 +425,7 @@ class Engine:
                         handles[ev.seq].result()             # raises the step's error
                         continue
                 yield ev
+            self._stats = self._batch_stats(handles, [h.result() for h in handles], t0)
         finally:
             for h in handles:
                 h.cancel()
