@@ -390,7 +390,7 @@ class Engine:
         self._post(call)
         return call.future.result()
 
-    def _params_for(self, n: int, params: SamplingParams, seed) -> list[int | None]:
+    def _seeds_for(self, n: int, params: SamplingParams, seed) -> list[int | None]:
         if isinstance(seed, (list, tuple)):
             if len(seed) != n:
                 raise ValueError(f"seed has {len(seed)} values for {n} prompts; give one per prompt, an int or None")
@@ -409,7 +409,7 @@ class Engine:
         seed = kwargs.pop("seed", params.seed if params else 0)
         params = params or SamplingParams(**kwargs)
         ids, _ = self._normalize(prompts, chat)
-        seeds = self._params_for(len(ids), params, seed)
+        seeds = self._seeds_for(len(ids), params, seed)
         import queue
         sink: queue.SimpleQueue = queue.SimpleQueue()
         t0 = time.perf_counter()
@@ -448,7 +448,7 @@ class Engine:
                                 stop=stop, stop_token_ids=tuple(stop_token_ids),
                                 seed=seed if isinstance(seed, int) or seed is None else 0)
         ids, single = self._normalize(prompts, chat)
-        seeds = self._params_for(len(ids), params, seed)
+        seeds = self._seeds_for(len(ids), params, seed)
         t0 = time.perf_counter()
         handles = self._submit_all([self._request(p, params, s, logprobs=logprobs, seq=i)
                                     for i, (p, s) in enumerate(zip(ids, seeds))])
