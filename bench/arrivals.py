@@ -5,7 +5,7 @@ warm-up, then decode tok/s of a T-token generation); (2) each prompt length's pr
 (3) N requests with Poisson arrivals (prompt and output lengths uniform in the given ranges) submitted from a client
 thread at their arrival times, after a warm-up pass over the same trace (so the run measures steps, not compiles). Reports aggregate output tok/s over the whole run and over the steady window (from the last
 arrival to the first finish: every request in), TTFT of each request against its own prefill time alone plus two
-decode steps of the static batch, and bytes per step per link from the engine's counters.
+decode steps of the static batch, one request joining a running batch of B-1 (the same bound), and bytes per step per link from the engine's counters.
 
     python bench/arrivals.py STORE --gpu-memory 16GB --host-memory 96GB --requests 32 --rate 8 \\
         --prompt-len 32:512 --output-len 16:256 --out arrivals.json
@@ -104,9 +104,30 @@ def main(argv=None) -> int:
     prefill_alone = lambda n: float(np.interp(n, sorted(alone), [alone[k] for k in sorted(alone)]))
     log(f"prefill alone: {', '.join(f'{k}: {1e3 * v:.0f} ms' for k, v in alone.items())}")
 
-    # (3) arrivals: warm-up pass (short outputs), then the measured pass
+    # (3) one request joining a running batch (the issue's TTFT bar): B-1 prompts decode, and after their 4th, 10th
+    # and 16th token a prompt of each length joins; its TTFT against its prefill alone + 2 static decode steps
+    joins = []
+    for rnd in range(2):                # round 0 compiles the mixed shapes, round 1 is measured
+        running = [engine.submit(p, max_new_tokens=24, stop_token_ids=()) for p in prompts[:B - 1]]
+        it = running[0].events()
+        made = 0
+        for n, at in zip(sorted(alone), (4, 10, 16)):
+            while made < at:
+                next(it)
+                made += 1
+            h = engine.submit(rng.integers(2, vocab, n).tolist(), max_new_tokens=2, stop_token_ids=())
+            h.result()
+            if rnd:
+                joins.append(dict(prompt_len=n, ttft_s=h.first_token - h.submitted,
+                                  bound_s=alone[n] + 2 * static["step_ms"] / 1e3))
+        for r in running:
+            r.result()
+    log("joins: " + ", ".join(f"{j['prompt_len']}: {1e3 * j['ttft_s']:.0f} ms (bound {1e3 * j['bound_s']:.0f})"
+                              for j in joins))
+
+    # (4) arrivals: warm-up pass (outputs capped), then the measured pass
     trace = _trace(args.requests, args.rate, (lo, hi), span(args.output_len), vocab, args.seed + 1)
-    run_trace(engine, trace)            # warm-up: the same trace compiles (nearly) every shape the measured one meets
+    run_trace(engine, trace, cap=16)    # warm-up: the same trace compiles (nearly) every shape the measured one meets
     log("warm-up trace done")
     b0 = engine.stats()
     recs = run_trace(engine, trace)
@@ -137,14 +158,16 @@ def main(argv=None) -> int:
         ttft=dict(p50_s=float(np.median([x["ttft_s"] for x in ttft])),
                   max_ratio=max(x["ttft_s"] / x["bound_s"] for x in ttft),
                   within_bound=sum(x["ttft_s"] <= x["bound_s"] for x in ttft), of=len(ttft), per_request=ttft),
+        join_running_batch=joins,
         command=" ".join(sys.argv))
     a = result["arrivals"]
     print(f"| static b{B} decode tok/s | arrivals tok/s (whole run) | steady window tok/s | vs static | "
-          f"TTFT p50 | TTFT within prefill + 2 steps |")
+          f"TTFT p50 | TTFT within prefill + 2 steps | joining b{B - 1}: TTFT / bound |")
     print(f"| {static['decode_tok_s']:.1f} | {a['tok_s']:.1f} | "
           f"{(a['steady_tok_s'] or 0):.1f} ({a['steady_window_s']:.1f} s) | {a['vs_static']:.2f} / "
           f"{(a['steady_vs_static'] or 0):.2f} | {result['ttft']['p50_s'] * 1e3:.0f} ms | "
-          f"{result['ttft']['within_bound']}/{result['ttft']['of']} (max {result['ttft']['max_ratio']:.2f}x) |")
+          f"{result['ttft']['within_bound']}/{result['ttft']['of']} (max {result['ttft']['max_ratio']:.2f}x) | "
+          + ", ".join(f"{j['prompt_len']}: {j['ttft_s']:.2f}/{j['bound_s']:.2f} s" for j in joins) + " |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
