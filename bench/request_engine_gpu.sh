@@ -55,7 +55,9 @@ case "${1:-}" in
     kill $P
     ;;
   all)
-    for step in "setup" "arrivals" "bench NEW 1,32" "bench OLD 1,32" "serve 1,8,32,64" "cpu" "bench NEW 8" "bench OLD 8"; do
+    # STEPS: ;-separated steps (default: every one, most wanted first)
+    IFS=';' read -ra steps <<< "${STEPS:-setup;cpu;bench NEW 1,32;bench OLD 1,32;arrivals;serve 1,8,32,64;bench NEW 8;bench OLD 8}"
+    for step in "${steps[@]}"; do
       echo "=== $step $(date +%T)"; bash "$ROOT/bench/request_engine_gpu.sh" $step
     done
     echo "=== done $(date +%T)"
