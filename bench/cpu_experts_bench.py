@@ -94,6 +94,28 @@ def kernel_seconds(x, pool_bufs, n_experts, rows, layout, threads, repeats) -> f
     return statistics.median(times)
 
 
+def gil_ms(x, bufs, layout, threads, busy_s: float = 0.004, repeats: int = 15) -> dict[str, float]:
+    """ms from the start of a layer's host work to the CPU experts' rows, when the engine thread has `busy_s` of
+    Python to do (issuing the GPU half): the kernel on a worker thread started first (it waits for the GIL while the
+    engine thread runs Python: the interpreter's switch interval is 5 ms), or on the engine thread after its work
+    (what cpu_path does). Also the kernel alone."""
+    assign = np.arange(len(bufs), dtype=np.int32)[None]
+    call = lambda: cpu_experts.cpu_expert_rows(x[:1], bufs, assign, layout, threads=threads)
+    def python_work():
+        t = time.perf_counter()
+        while time.perf_counter() - t < busy_s:
+            sum(range(100))
+    out = {"alone": [], "worker_thread": [], "engine_thread": []}
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    for _ in range(repeats):
+        t0 = time.perf_counter(); call(); out["alone"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); f = pool.submit(call); python_work(); f.result()
+        out["worker_thread"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); python_work(); call(); out["engine_thread"].append(time.perf_counter() - t0)
+    pool.shutdown()
+    return {k: 1e3 * statistics.median(v) for k, v in out.items()} | {"busy_ms": 1e3 * busy_s}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small buffers, threads 1-2, rows 1-2, 3 repeats")
@@ -157,7 +179,12 @@ def main(argv=None) -> dict:
     print("\nfixed cost of a call (1 tiny expert, 1 row), us: " +
           ", ".join(f"{t} thr {u:.0f}" for t, u in overhead_us.items()))
 
-    report = dict(
+    g = gil_ms(x, pool_bufs[:a.experts], layout, threads[-1])
+    print(f"\n{a.experts} experts, 1 row, {threads[-1]} threads, beside {g['busy_ms']:.0f} ms of engine-thread Python: "
+          f"kernel alone {g['alone']:.1f} ms; work + kernel on a worker thread {g['worker_thread']:.1f} ms, "
+          f"on the engine thread after its work {g['engine_thread']:.1f} ms")
+
+    report = dict(gil_ms=g, 
         machine=dict(processor=platform.processor(), machine=platform.machine(), cpus=cpus,
                      numba=__import__("numba").__version__, numpy=np.__version__),
         config=dict(fmt=a.fmt, hidden=a.hidden, inter=a.inter, experts=a.experts, pool=pool_n, ram_gb=ram_gb,

@@ -1,24 +1,30 @@
 """CpuExpertPath: the CPU as one more mover of the tiered engine (issue 24). At a decode-sized step, some routed experts
-that miss the GPU but sit in the pinned host cache are computed where their bytes are, on a worker thread, while the
-engine thread copies and computes the others on the GPU; their rows then cross to the GPU and take the places of
-those assignments before the combine, so the result is the same code in the same top-k order.
+that miss the GPU but sit in the pinned host cache are computed where their bytes are while the GPU copies and
+computes the others; their rows then cross to the GPU and take the places of those assignments before the combine,
+so the result is the same code in the same top-k order.
 
-Owns the worker thread, the kernel's measured rates (prefetch.CpuRates, which the policy's split_cpu reads) and the
-path's counters. It does not decide which experts run here (prefetch.split_cpu does), look into the caches or hold a
-device array: the engine hands it host buffers and takes back numpy rows.
+Threads: the kernel runs on the engine thread itself (and the kernel's pool), after the engine thread has issued the
+layer's GPU work (copies and the expert call return at once; the device runs them meanwhile). A worker thread of its
+own, started before the GPU work, lost ~5 ms a call waiting for the GIL while the engine thread ran Python (the
+interpreter's 5 ms switch interval; H100 run of 2026-12-06: 4.7 GB/s in the engine against 34.6 GB/s alone;
+the last line of `bench/cpu_experts_bench.py` measures both orders).
+
+Owns the kernel's measured rates (prefetch.CpuRates, which the policy's split_cpu reads) and the path's counters. It
+does not decide which experts run here (prefetch.split_cpu does), look into the caches or hold a device array: the
+engine hands it host buffers and takes back numpy rows.
 
 Example:
-    >>> path = CpuExpertPath(layout, n_layers=61, threads=15)
+    >>> path = CpuExpertPath(layout, n_layers=61, threads=16)
     >>> experts = path.choose(host_missing, ids, valid, link_bps=46.7e9, copied_anyway=0)
-    >>> job = path.start(x, [host_cache.get((3, e)) for e in experts], experts, ids, valid)   # beside the GPU half
-    >>> y, mask = path.finish(3, job)                                     # [N, K, D] float32, [N, K] bool
+    >>> job = path.start(x, [host_cache.get((3, e)) for e in experts], experts, ids, valid)
+    >>> # ... issue the layer's GPU copies and expert call ...
+    >>> y, mask = path.finish(3, job)          # runs the kernel here: [N, K, D] float32, [N, K] bool
 """
 
 # N rows of a step, K top-k, D hidden
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import importlib.util
@@ -56,20 +62,20 @@ class CpuJob:
     experts: frozenset                    # the layer's experts the CPU computes
     assign: np.ndarray                    # [N, K] index into the job's buffers, -1 where the GPU (or nobody) computes
     rows: int                             # real rows of the step (the rates' key)
-    future: concurrent.futures.Future     # (float32 rows [N, K, D], kernel seconds)
+    x: np.ndarray                         # [N, D] the layer's input rows
+    buffers: tuple                        # the experts' pinned buffers, held by the job until the kernel returns
 
 
 class CpuExpertPath:
     def __init__(self, layout: ExpertLayout, n_layers: int, threads: int = 0, prior_bps: float = CPU_PRIOR_BPS):
-        """threads 0: every CPU of the process but one (the engine thread dispatches the GPU half meanwhile)."""
+        """threads 0: every CPU of the process (the engine thread is one of them; the GPU half is issued before)."""
         cpus = cpu_experts.default_threads()
         self.layout = layout
         self.expert_bytes = cpu_experts.expert_bytes(layout)     # what the kernel reads per expert (its GB/s)
-        self.threads = min(threads or max(1, cpus - 1), cpus)
+        self.threads = min(threads or cpus, cpus)
         self.rates = CpuRates(prior_bps)
         self.counters = {"experts": 0, "bytes": 0, "seconds": 0.0, "wait_seconds": 0.0, "calls": 0}
         self._layer = np.zeros((n_layers, 3))                     # per layer: calls, kernel seconds, experts
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dsjax-cpu-experts-call")
         cpu_experts.warm_up()                                     # compile at load, not in the first decode step
 
     def choose(self, host_missing: list[int], ids: np.ndarray, valid: np.ndarray, link_bps: float,
@@ -83,20 +89,20 @@ class CpuExpertPath:
         return cpu
 
     def start(self, x: np.ndarray, buffers: list, experts: list[int], ids: np.ndarray, valid: np.ndarray) -> CpuJob:
-        """Compute `experts` (their pinned buffers in `buffers`, held by the job until the kernel returns) for the
-        assignments of ids [N, K] that route to them, on the worker thread (the kernel releases the GIL)."""
+        """The job of computing `experts` (their pinned buffers in `buffers`, held by the job until the kernel returns)
+        for the assignments of ids [N, K] that route to them; `finish` runs it."""
         local = np.full(max(int(ids.max()), max(experts)) + 1, -1, np.int32)
         local[experts] = np.arange(len(experts), dtype=np.int32)
         assign = local[ids]
         assign[~valid] = -1                                       # padding rows route nowhere
-        future = self._worker.submit(_timed_rows, x, list(buffers), assign, self.layout, self.threads)
-        return CpuJob(frozenset(experts), assign, int(valid.sum()), future)
+        return CpuJob(frozenset(experts), assign, int(valid.sum()), np.asarray(x), tuple(buffers))
 
     def finish(self, layer: int, job: CpuJob) -> tuple[np.ndarray, np.ndarray]:
-        """Wait for the job; count it and feed its rate to the policy's rates. Returns (float32 rows [N, K, D], mask
-        [N, K] of the assignments they hold)."""
+        """Run the job on this thread (the kernel releases the GIL; its pool threads run beside); count it and feed
+        its rate to the policy's rates. Returns (float32 rows [N, K, D], mask [N, K] of the assignments they hold)."""
         t0 = time.perf_counter()
-        y, seconds = job.future.result()
+        y = cpu_experts.cpu_expert_rows(job.x, list(job.buffers), job.assign, self.layout, self.threads)
+        seconds = time.perf_counter() - t0
         c = self.counters
         nbytes = len(job.experts) * self.expert_bytes
         self.rates.observe(job.rows, nbytes, seconds)
@@ -109,8 +115,8 @@ class CpuExpertPath:
         return y, job.assign >= 0
 
     def stats(self) -> dict[str, Any]:
-        """Experts and bytes computed on the CPU, the kernel's seconds and GB/s, the engine thread's wait for it after
-        the GPU half, per layer the kernel's ms per call and the experts it computed, the rates the policy uses."""
+        """Experts and bytes computed on the CPU, the kernel's seconds and GB/s, the engine thread's time in it
+        (wait_seconds), per layer the kernel's ms per call and the experts it computed, the rates the policy uses."""
         c = self.counters
         calls, seconds, experts = self._layer.T
         return {"threads": self.threads, **c, "GB_per_s": c["bytes"] / c["seconds"] / 1e9 if c["seconds"] else None,
@@ -119,13 +125,7 @@ class CpuExpertPath:
                 "rate_GB_per_s_by_rows": {str(r): v / 1e9 for r, v in sorted(self.rates.measured.items())}}
 
     def close(self) -> None:
-        self._worker.shutdown(wait=True)
-
-
-def _timed_rows(x, buffers, assign, layout, threads) -> tuple[np.ndarray, float]:
-    t0 = time.perf_counter()
-    y = cpu_experts.cpu_expert_rows(x, buffers, assign, layout, threads)
-    return y, time.perf_counter() - t0
+        """Nothing to stop (the kernel's pool threads are the process's, shared)."""
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
