@@ -74,6 +74,9 @@ class ModelConfig:
     num_nextn_predict_layers: int = 0
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
+    # Not an HF field: the model's own num_experts_per_tok when the runtime option active_experts routes each token to
+    # fewer (then num_experts_per_tok is that smaller k); None = num_experts_per_tok is the model's (`with_top_k`).
+    model_experts_per_tok: int | None = None
 
     # ---- derived -------------------------------------------------------------------------------
     @property
@@ -99,6 +102,20 @@ class ModelConfig:
     @property
     def layer_kinds(self) -> tuple[str, ...]:
         return tuple(self.layer_kind(i) for i in range(self.num_hidden_layers))
+
+    @property
+    def model_top_k(self) -> int:
+        """The experts per token the model was trained with (num_experts_per_tok unless `with_top_k` lowered it)."""
+        return self.model_experts_per_tok or self.num_experts_per_tok or 0
+
+    def with_top_k(self, k: int) -> "ModelConfig":
+        """This model routing each token to the top k of its own selection rule (k <= model_top_k), weights
+        renormalised as the model renormalises its own top-k (moe.route): the runtime's active_experts. k equal to the
+        model's gives the model's own config back. The caller checks k (runtime/config.py `active_experts_config`)."""
+        K = self.model_top_k
+        if k == K:
+            return dataclasses.replace(self, num_experts_per_tok=K, model_experts_per_tok=None)
+        return dataclasses.replace(self, num_experts_per_tok=k, model_experts_per_tok=K)
 
     @property
     def shared_intermediate_size(self) -> int:

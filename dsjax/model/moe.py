@@ -43,7 +43,9 @@ def route(x: jax.Array, router: jax.Array, bias: jax.Array | None, cfg: ModelCon
         sel = jnp.where(kept[:, :, None], g, -jnp.inf).reshape(T, E)  # masked groups at -inf, not 0
     _, idx = jax.lax.top_k(sel, K)
     w = jnp.take_along_axis(s, idx, axis=-1)                          # weights from UNBIASED scores
-    if cfg.norm_topk_prob and K > 1:
+    # The model's own K decides (remote code: top_k > 1 and norm_topk_prob); with active_experts = k < K the k weights
+    # are renormalised as the model renormalises its K, k = 1 included (cfg.with_top_k)
+    if cfg.norm_topk_prob and cfg.model_top_k > 1:
         w = w / (w.sum(-1, keepdims=True) + 1e-20)
     return Routing(idx.astype(jnp.int32), w * cfg.routed_scaling_factor, s)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from dsjax.config import ModelConfig
 from dsjax.runtime.planner import parse_bytes
 
 PRESETS = ("low_latency", "high_throughput", "balanced")
@@ -36,6 +37,8 @@ class MemoryConfig:
     max_context: int = 0             # prompt + output per request; 0 = min(model, 4096, what the KV pool holds)
     step_tokens: int = 1024          # prompt tokens prefilled per step beside decoding rows (chunks of <= 256)
     preload_experts: bool = True     # fill the host expert cache and GPU expert slots from disk at load
+    active_experts: int = 0          # route each token to its top k experts, 1..num_experts_per_tok (fewer bytes per
+    #                                  token, at a quality cost: bench/RESULTS.md); 0 = the model's num_experts_per_tok
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -139,6 +142,9 @@ class RuntimeConfig:
             raise RuntimeConfigError(f"memory_config.max_context={m.max_context} must be >= 0 (0 = automatic)")
         if m.step_tokens < 1:
             raise RuntimeConfigError(f"memory_config.step_tokens={m.step_tokens} must be >= 1")
+        if m.active_experts < 0:
+            raise RuntimeConfigError(f"memory_config.active_experts={m.active_experts} must be >= 0 (0 = the model's "
+                                     "num_experts_per_tok, else 1..num_experts_per_tok)")
         if m.max_batch_size < m.min_batch_size:
             raise RuntimeConfigError(f"memory_config.max_batch_size={m.max_batch_size} must be >= min_batch_size="
                                      f"{m.min_batch_size}")
@@ -154,6 +160,41 @@ class RuntimeConfig:
                "compute_config": dataclasses.asdict(self.compute_config),
                "gpu_memory": self.gpu_memory, "host_memory": self.host_memory}
         return RuntimeConfig.from_dict(raw, preset=self.preset, **overrides)
+
+
+def active_experts_config(cfg: ModelConfig, k: int) -> ModelConfig:
+    """The model config an engine runs for memory_config.active_experts = k: the model's own (k = 0 or its
+    num_experts_per_tok), else one routing each token to its top k (ModelConfig.with_top_k). Every engine kind builds
+    its programs, bookkeeping and plan from the config this returns, so all of them see k.
+
+    Example:
+        >>> active_experts_config(cfg, 2).num_experts_per_tok      # a top-4 model routed to its top 2
+        2
+    """
+    where = "memory_config.active_experts"
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise RuntimeConfigError(f"{where}={k!r} has the wrong type; expected int (0 = the model's "
+                                 "num_experts_per_tok)")
+    K = cfg.model_top_k
+    if k == 0:
+        return cfg if cfg.model_experts_per_tok is None else cfg.with_top_k(K)
+    if not cfg.has_moe:
+        raise RuntimeConfigError(f"{where}={k}: this model has no routed experts; leave active_experts at 0")
+    if not 1 <= k <= K:
+        raise RuntimeConfigError(f"{where}={k} is outside 1..{K}: this model routes each token to "
+                                 f"num_experts_per_tok={K} experts; choose k in 1..{K} (0 = all {K})")
+    return cfg.with_top_k(k)
+
+
+def routing_report(cfg: ModelConfig) -> dict[str, Any]:
+    """stats()["routing"]: the experts each token is routed to, the model's own number, and a note when
+    active_experts lowered it."""
+    out: dict[str, Any] = {"active_experts": cfg.num_experts_per_tok or 0, "model_experts_per_tok": cfg.model_top_k}
+    if cfg.has_moe and cfg.num_experts_per_tok < cfg.model_top_k:
+        out["note"] = (f"active_experts={cfg.num_experts_per_tok} is below the model's num_experts_per_tok="
+                       f"{cfg.model_top_k}: fewer routed-expert bytes per token, at a quality cost (bench/RESULTS.md, "
+                       "'Fewer active experts')")
+    return out
 
 
 def preset_path(name: str) -> str:

@@ -68,10 +68,21 @@ class ModelBytes:
     top_k: int
     moe_layers: tuple[int, ...]
     kv_bytes_per_token: int         # compressed MLA cache over all layers
+    model_top_k: int = 0            # the model's own top-k when active_experts routes to fewer (top_k); 0 = top_k
 
     @property
     def total(self) -> int:
         return self.embed + self.head + sum(self.layer_core) + self.expert * self.n_experts * len(self.moe_layers)
+
+    @property
+    def routed_bytes_per_token(self) -> int:
+        """Routed-expert bytes one token reads: top_k experts in every MoE layer."""
+        return self.top_k * self.expert * len(self.moe_layers)
+
+    def with_top_k(self, k: int) -> "ModelBytes":
+        """These bytes with each token routed to k experts (memory_config.active_experts; k = the model's: as is)."""
+        K = self.model_top_k or self.top_k
+        return dataclasses.replace(self, top_k=k, model_top_k=0 if k == K else K)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, fmt: str = "nvfp4", policy: str = "mlp",
@@ -179,6 +190,10 @@ class Placement:
         lines = [
             f"model: {fmt_bytes(mb.total)} ({n_layers} layers, {moe} MoE x {mb.n_experts} experts of "
             f"{fmt_bytes(mb.expert)}, top-{mb.top_k})",
+            *([f"active_experts={mb.top_k} is below the model's top-{mb.model_top_k}: routed experts "
+               f"{fmt_bytes(mb.routed_bytes_per_token)} per token instead of "
+               f"{fmt_bytes(mb.model_top_k * mb.expert * moe)}, at a quality cost (bench/RESULTS.md, 'Fewer active "
+               "experts')"] if mb.model_top_k and mb.model_top_k != mb.top_k else []),
             f"GPU pools: reserve {fmt_bytes(p.reserve)}, active layers {fmt_bytes(p.active_layers)}, expert cache "
             f"{fmt_bytes(p.expert_cache)}, compute {fmt_bytes(p.compute)}",
             f"host pools: model weights {fmt_bytes(p.host_weights)}, layer cache {fmt_bytes(p.host_layer_cache)}, "
