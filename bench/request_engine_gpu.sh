@@ -3,6 +3,7 @@
 #   bash bench/request_engine_gpu.sh setup          # V3 slice (6 MoE layers, ~45 GB) + the GPU tests of the runtime
 #   bash bench/request_engine_gpu.sh bench NEW|OLD BATCHES   # dsjax bench budget,on_demand 16GB/96GB (OLD: the tree in
 #                                                   # .old/, e.g. `git archive 7375483 dsjax kernels configs bench`)
+#   bash bench/request_engine_gpu.sh slice | gputests   # the slice alone | the CPU path's GPU tests
 #   bash bench/request_engine_gpu.sh arrivals       # bench/arrivals.py: 32 Poisson arrivals vs the static batch 32
 #   bash bench/request_engine_gpu.sh serve          # dsjax serve + bench/serve_load.py at 1, 8, 32, 64 streams
 #   OUT=/tmp/res setsid nohup bash bench/request_engine_gpu.sh all > /tmp/res/pipeline.log 2>&1 &
@@ -27,6 +28,14 @@ case "${1:-}" in
     [ -f "$S/manifest.json" ] || python3 bench/make_v3_slice.py "$S" --moe-layers 6 2>&1 | tail -2
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_runtime.py tests/test_cpu_path.py tests/test_cpu_experts.py \
       2>&1 | tail -3
+    ;;
+  slice)               # the slice alone (no tests)
+    use_tree "${NEW_TREE:-.}" new
+    [ -f "$S/manifest.json" ] || python3 bench/make_v3_slice.py "$S" --moe-layers 6 2>&1 | tail -1
+    ;;
+  gputests)            # the GPU tests of the CPU experts' path
+    use_tree "${NEW_TREE:-.}" new
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cpu_path.py 2>&1 | tail -3
     ;;
   bench)
     if [ "$2" = OLD ]; then use_tree .old old; else use_tree "${NEW_TREE:-.}" new; fi
@@ -67,5 +76,5 @@ case "${1:-}" in
     python3 -m pytest -q -p no:cacheprovider tests/test_cpu_experts.py 2>&1 | tail -2
     python3 bench/cpu_experts_bench.py --out "$OUT/cpu_experts.json" 2>&1 | tail -30
     ;;
-  *) echo "usage: $0 setup | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY] | cpu | all"; exit 2 ;;
+  *) echo "usage: $0 setup | slice | gputests | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY] | cpu | all"; exit 2 ;;
 esac

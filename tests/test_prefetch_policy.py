@@ -4,7 +4,7 @@ room, and how a step's observations move its threshold, look-ahead and copies ah
 import numpy as np
 import pytest
 
-from dsjax.runtime.prefetch import DISK, GPU, HOST, READING, PrefetchPolicy
+from dsjax.runtime.prefetch import DISK, GPU, HOST, READING, PrefetchPolicy, StepSample
 
 
 def _where(*tiers):
@@ -46,7 +46,7 @@ def test_a_full_link_stops_copies_ahead_until_it_drops_below_three_quarters():
     pol = PrefetchPolicy(0.4, 2, 1)
     pred, where = np.array([[1.0, 1.0]]), {5: _where(HOST, DISK)}
     pol.end_step(tp=0, fp=0, fn=0, disk_waited=False, link_busy=0.95)
-    assert not pol.copies_ahead and pol.steps_without_copies_ahead == 1
+    assert not pol.copies_ahead and pol.steps_without_copies_ahead == pol.steps_link_full == 1
     plan = pol.plan(pred, [5], where, copy_room=4, read_room=4)
     assert plan.copies == {} and plan.reads == {5: (1,)}                 # disk reads are not gated by the link
     pol.end_step(tp=0, fp=0, fn=0, disk_waited=False, link_busy=0.8)     # hysteresis: still off
@@ -115,3 +115,57 @@ def test_cpu_rates_start_from_a_prior_scaled_by_rows_and_average_the_measured_ra
     rates.observe(1, nbytes=0, seconds=1.0)                            # an empty call says nothing
     rates.observe(2, nbytes=1, seconds=0.0)
     assert rates.rate(1) == pytest.approx(0.5 * 10e9 + 0.5 * (20 << 30)) and rates.rate(2) == 5e9
+
+
+LINK, EXPERT = 40e9, 25_000_000                    # bytes/s and bytes: one expert copy takes 0.625 ms
+
+
+def _run_trial(pol, step_s, steps: int, rows: int = 1, moved: int = 8 * EXPERT):
+    """Feed `steps` decode steps whose time step_s(copies_ahead) gives; returns the copies-ahead flag of each step
+    as it ran."""
+    ran = []
+    for _ in range(steps):
+        ahead = pol.copies_ahead
+        ran.append(ahead)
+        pol.end_step(tp=0, fp=0, fn=0, disk_waited=False, link_busy=0.3,
+                     step=StepSample(rows, step_s(ahead), moved, moe_layers=4))
+    return ran
+
+
+@pytest.mark.parametrize("ahead_wins", [True, False])
+def test_the_copy_ahead_trial_keeps_the_faster_side_and_rechecks_the_other(ahead_wins):
+    pol = PrefetchPolicy(0.4, 1, 1, link_bps=LINK, expert_bytes=EXPERT, probe_every=8)
+    fast, slow = 0.030, 0.040
+    ran = _run_trial(pol, lambda ahead: fast if ahead == ahead_wins else slow, 40)
+    assert ran[:6] == [True, False, True, False, True, False]             # 3 steps of each side first
+    settled = ran[6:]
+    assert settled.count(ahead_wins) >= len(settled) - len(settled) // 8 - 1
+    assert settled.count(not ahead_wins) >= 3                             # the loser is re-checked now and then
+    assert pol.trial()["1"]["copies_ahead_win"] is ahead_wins
+    assert pol.trial_steps[True] + pol.trial_steps[False] == 40
+
+
+def test_a_tie_goes_to_loading_on_demand_and_buckets_are_judged_apart():
+    pol = PrefetchPolicy(0.4, 1, 1, link_bps=LINK, expert_bytes=EXPERT)
+    _run_trial(pol, lambda ahead: 0.030 if ahead else 0.0301, 12, rows=1)   # within the 2% margin: no win
+    assert pol.trial()["1"]["copies_ahead_win"] is False
+    _run_trial(pol, lambda ahead: 0.020 if ahead else 0.040, 12, rows=8)
+    assert pol.trial()["8"]["copies_ahead_win"] is True and pol.trial()["1"]["copies_ahead_win"] is False
+
+
+def test_copies_ahead_per_layer_are_limited_to_the_idle_link_time_of_on_demand_steps():
+    pol = PrefetchPolicy(0.0, 1, 1, link_bps=LINK, expert_bytes=EXPERT)
+    # without copies ahead: 20 ms a step of which 8 experts' copies (5 ms) keep the link busy; 15 ms idle over 4 MoE
+    # layers = 3.75 ms a layer = 6 expert copies (the steps with copies ahead, faster, do not count)
+    _run_trial(pol, lambda ahead: 0.015 if ahead else 0.020, 6)
+    assert pol.copies_ahead
+    assert pol.ahead_limit == 6
+    pred = np.linspace(0.1, 0.9, 9)[None]                                 # expert 8 likeliest, then 7, ...
+    plan = pol.plan(pred, [2], {2: np.full(9, HOST, np.int8)}, copy_room=50, read_room=0)
+    assert plan.copies == {2: (8, 7, 6, 5, 4, 3)}
+
+
+def test_no_trial_without_link_rate_or_prefill_steps():
+    pol = PrefetchPolicy(0.4, 1, 1)                                       # no link rate: the link gate alone
+    _run_trial(pol, lambda ahead: 0.04 if ahead else 0.01, 10)
+    assert pol.copies_ahead and pol.trial() == {} and pol.ahead_limit is None

@@ -249,6 +249,8 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
                       for k in ("copies", "used")},          # experts copied ahead during the measured generation
             steps_without_copies_ahead=(s.get("steps_without_copies_ahead", 0)     # adaptive: link saturated
                                         - s0.get("steps_without_copies_ahead", 0)),
+            copy_ahead_trial=s.get("copy_ahead_trial", {}).get(str(1 << max(B - 1, 0).bit_length())),
+            copy_ahead_limit=s.get("copy_ahead_limit"),
             stall_s=stall, host_ms_per_step={k: 1e3 * (v - h0.get(k, 0.0)) / steps for k, v in h1.items()},
             predicted_tok_s=s.get("predicted_tok_s") if B == 1 else None, trace=None,   # the plan is batch 1
             cpu_experts=_cpu_per_step(s0.get("cpu_experts", {}), s.get("cpu_experts", {}), steps),
@@ -353,7 +355,7 @@ def markdown(result: dict[str, Any]) -> str:
              "",
              "| config | batch | TTFT ms | prefill tok/s | decode tok/s | step ms | host->GPU MB/step | disk MB/step "
              "| achieved GB/s (h2d / disk) | I/O roofline ms | of roofline | hit GPU/host "
-             "| pred P/R (copied ahead: used/copies) | GPU busy "
+             "| pred P/R (copied ahead: used/copies; trial ms/step with/without copies ahead: winner) | GPU busy "
              "| copy time under compute | host ms/step: routing sync / expert copies / dispatch "
              "| CPU experts/step (kernel GB/s, ms/step) "
              "| process RSS GB (peak so far) | planned tok/s (batch 1, these ceilings) |",
@@ -371,6 +373,8 @@ def markdown(result: dict[str, Any]) -> str:
             + (f"{hit.get('gpu', 1):.2f}/{hit.get('host', 1):.2f}" if hit else "all GPU") + " | "
             + (f"{pr['precision']:.2f}/{pr['recall']:.2f}" if pr.get("precision") is not None else "-")
             + (f" ({pf['used']}/{pf['copies']})" if (pf := r.get("prefetch")) and pf.get("copies") else "")
+            + (f"; trial {tr['ms_with']:.1f}/{tr['ms_without']:.1f} ms: {'ahead' if tr['copies_ahead_win'] else 'on demand'}"
+               if (tr := r.get("copy_ahead_trial")) and tr.get("ms_with") and tr.get("ms_without") else "")
             + " | "
             + (f"{r['gpu_busy']:.0%}" if r["gpu_busy"] is not None else "-") + " | "
             + (f"{t['h2d_overlapped_s'] / t['h2d_s']:.0%}" if (t := r.get("trace")) and t["h2d_s"] else "-") + " | "

@@ -5,7 +5,8 @@ where each of their experts sits now, the room the caches have and the load of t
 FetchPlan: which experts to copy host->GPU for the next MoE layer (likeliest first), which to read disk->host for the
 layers after it, and what it predicted (scored against the routing when the layer runs). `chunks` splits a layer's
 experts into groups the GPU slots can hold. `end_step` adapts the threshold, the look-ahead and the copies ahead
-from what a step observed (adaptive_schedule). The movers (tiers.py: GPU slot pool, host cache, disk reader) execute
+from what a step observed (adaptive_schedule),
+including a trial per decode batch size that keeps copies ahead only while they make steps faster. The movers (tiers.py: GPU slot pool, host cache, disk reader) execute
 plans; eviction within a cache is the cache's LRFU. `split_cpu` decides which of a decode step's host-resident
 misses the CPU computes in place while the link copies the others (issue 24), from the CPU kernel's rates that
 `CpuRates` keeps. Nothing here touches an array, a device or a file.
@@ -15,6 +16,7 @@ misses the CPU computes in place while the link copies the others (issue 24), fr
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import numpy as np
@@ -23,6 +25,34 @@ GPU, HOST, DISK, READING = 0, 1, 2, 3          # where an expert sits (READING: 
 CPU_MAX_ROWS = 8         # rows of a step past which no expert runs on the CPU: its work grows with rows, a copy's not
 CPU_PRIOR_BPS = 10e9     # the CPU kernel's assumed rate at 1 row before it is measured (issue 24 measured 18.6 GB/s
 #                          untuned on the H100 machine's 16 cores): low, so the first decisions err towards the link
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSample:
+    """What a decode step measured, for the copy-ahead trial of PrefetchPolicy.end_step."""
+    rows: int                 # decode rows (the trial keeps one record per power-of-two bucket of them)
+    seconds: float            # the step's wall time
+    h2d_bytes: int            # bytes the host->GPU link moved in it
+    moe_layers: int           # MoE layers it ran
+
+
+class _Trial:
+    """Step times of one decode batch bucket with copies ahead on and off: the last `keep` of each."""
+
+    def __init__(self, keep: int = 5):
+        self.times = {True: collections.deque(maxlen=keep), False: collections.deque(maxlen=keep)}
+        self.gap = collections.deque(maxlen=keep)     # idle link time per MoE layer of the steps without, in experts
+        self.steps = 0
+
+    def median(self, ahead: bool) -> float | None:
+        t = self.times[ahead]
+        return float(np.median(t)) if t else None
+
+    def verdict(self, margin: float) -> bool | None:
+        """Copies ahead win (True), lose or tie (False), or not known yet (None: fewer than 3 steps of either)."""
+        if min(len(self.times[True]), len(self.times[False])) < 3:
+            return None
+        return self.median(True) < (1 - margin) * self.median(False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +69,8 @@ class PrefetchPolicy:
     """
 
     def __init__(self, threshold: float, prefetch_layers: int, disk_prefetch_layers: int, *,
-                 adaptive: bool = True, overlap: bool = True):
+                 adaptive: bool = True, overlap: bool = True, link_bps: float = 0.0, expert_bytes: int = 0,
+                 probe_every: int = 8, margin: float = 0.02):
         self.threshold = threshold
         self.depth = prefetch_layers
         # adaptive_schedule may look up to two MoE layers further, but never ahead at all when prefetch_layers is 0
@@ -54,6 +85,23 @@ class PrefetchPolicy:
         # the link)
         self.copies_ahead = True
         self.steps_without_copies_ahead = 0
+        # Prediction that never loses (issue 20): per decode batch bucket, a trial of decode steps with copies ahead
+        # and without (loading on demand) keeps copies ahead only while their median step time beats the other's by
+        # `margin`, re-checking the losing side every `probe_every` steps; copies ahead go out likeliest first, at most
+        # as many per layer as the link's idle time per MoE layer of the steps without them moves (a copy ahead beyond
+        # that queues before the next layer's demand copies: wrong, it delays them by its whole copy).
+        self.link_bps, self.expert_bytes = link_bps, expert_bytes
+        self.probe_every, self.margin = probe_every, margin
+        self._link_ok = True                        # the link gate (hysteresis below)
+        self.steps_link_full = 0                    # steps after which the gate held copies ahead back
+        self._trials: dict[int, _Trial] = {}
+        self._ahead_now = True                      # the trial's choice for the step under way
+        self.ahead_limit: int | None = None         # copies ahead per layer at most (None: no limit measured yet)
+        self.trial_steps = {True: 0, False: 0}      # decode steps run with copies ahead on / off by the trial
+
+    @property
+    def trial_active(self) -> bool:
+        return self.adaptive and self.link_bps > 0 and self.expert_bytes > 0 and self.max_depth > 0
 
     def lookahead(self) -> int:
         """MoE layers whose experts a layer predicts now (at least 1 when predicting at all)."""
@@ -79,6 +127,8 @@ class PrefetchPolicy:
                 if r.size:
                     reads[j] = tuple(r.tolist())
                     read_room -= r.size
+            if self.ahead_limit is not None:
+                copy_room = min(copy_room, self.ahead_limit)
             if depth == 0 and self.copies_ahead and copy_room > 0:
                 c = order[tier == HOST][:copy_room]
                 if c.size:
@@ -92,12 +142,14 @@ class PrefetchPolicy:
         size = max(1, slots // 2) if (overlap_compute and len(used) > slots) else max(slots, 1)
         return [used[c:c + size] for c in range(0, len(used), size)]
 
-    def end_step(self, *, tp: int, fp: int, fn: int, disk_waited: bool, link_busy: float) -> None:
+    def end_step(self, *, tp: int, fp: int, fn: int, disk_waited: bool, link_busy: float,
+                 step: StepSample | None = None) -> None:
         """adaptive_schedule, once per step, from the run's prediction counts so far, whether the step waited on disk
         reads, and the fraction of the step the host->GPU link was busy: lower the threshold when predictions miss
         experts, raise it when they are wasted; look one MoE layer further ahead after a step waited on disk reads
         (so they start earlier), one less when predictions are mostly wasted; no copies ahead while steps fill the
-        link."""
+        link. `step` (a decode step's measurements) feeds the copy-ahead trial, which decides the next step's copies
+        ahead and their limit."""
         if not self.adaptive:
             return
         p, r = tp + fp, tp + fn
@@ -118,11 +170,43 @@ class PrefetchPolicy:
         # the predicted copies unused at batch 32, and load-on-demand 1.11x faster; 1.13-1.17x at batch 1 and 8).
         # Copies ahead stop while a step keeps the link >= 90% busy and resume when it drops below 75%. Disk reads
         # ahead are not gated: disk-bound, they are what keeps the disk busy (run 6: 1.11-1.15x over on-demand).
-        if self.copies_ahead and link_busy >= 0.9:
-            self.copies_ahead = False
-        elif not self.copies_ahead and link_busy < 0.75:
-            self.copies_ahead = True
+        if self._link_ok and link_busy >= 0.9:
+            self._link_ok = False
+        elif not self._link_ok and link_busy < 0.75:
+            self._link_ok = True
+        if step is not None and self.trial_active:
+            self._ahead_now = self._trial_step(step)
+        self.copies_ahead = self._link_ok and self._ahead_now
         self.steps_without_copies_ahead += not self.copies_ahead
+        self.steps_link_full += not self._link_ok
+
+    def _trial_step(self, step: StepSample) -> bool:
+        """Record the step under its mode; the mode of the next step of this bucket: off, on, off, ... until each
+        has 3 steps, then the winner, with one step of the loser every probe_every steps."""
+        t = self._trials.setdefault(1 << max(step.rows - 1, 0).bit_length(), _Trial())
+        ran = self.copies_ahead
+        t.times[ran].append(step.seconds)
+        self.trial_steps[ran] += 1
+        if not ran and step.moe_layers:
+            idle = max(0.0, step.seconds - step.h2d_bytes / self.link_bps) / step.moe_layers
+            t.gap.append(idle * self.link_bps / self.expert_bytes)
+        if t.gap:
+            self.ahead_limit = max(1, int(np.median(t.gap)))
+        t.steps += 1
+        verdict = t.verdict(self.margin)
+        if verdict is None:
+            return not ran if len(t.times[not ran]) < 3 else ran
+        return (not verdict) if t.steps % self.probe_every == 0 else verdict
+
+    def trial(self) -> dict:
+        """The copy-ahead trial per decode batch bucket: median step ms with and without, and the verdict."""
+        out = {}
+        for rows, t in sorted(self._trials.items()):
+            on, off = t.median(True), t.median(False)
+            out[str(rows)] = {"ms_with": 1e3 * on if on else None, "ms_without": 1e3 * off if off else None,
+                              "copies_ahead_win": t.verdict(self.margin),
+                              "idle_experts_per_layer": float(np.median(t.gap)) if t.gap else None}
+        return out
 
 
 def split_cpu(host_missing: list[int], rows: int, cpu_rate_bps: float, link_rate_bps: float, expert_bytes: int, *,

@@ -31,7 +31,7 @@ from dsjax.runtime.kv_pool import PAGE_TOKENS, kv_bytes_per_token
 from dsjax.runtime.memory import MemoryManager
 from dsjax.runtime.metrics import Metrics, json_line, process_memory, prometheus_text
 from dsjax.runtime.planner import BudgetError, Links, ModelBytes, Pools, fmt_bytes, plan
-from dsjax.runtime.prefetch import CPU_MAX_ROWS, CPU_PRIOR_BPS, DISK, GPU, HOST, READING, PrefetchPolicy
+from dsjax.runtime.prefetch import CPU_MAX_ROWS, CPU_PRIOR_BPS, DISK, GPU, HOST, READING, PrefetchPolicy, StepSample
 from dsjax.runtime.programs import LayerPrograms
 from dsjax.runtime.tiers import DiskReader, ExpertCache, HostCache, LayerManager, shardings, tree_nbytes
 
@@ -206,13 +206,15 @@ class TieredEngine(Engine):
                                           parallel_shared=cc.use_parallel_compute, enable_fusion=cc.enable_fusion)
         # Decide (pure: prefetch.py) apart from move (the movers: self.experts, self.host_cache, self.disk)
         self.policy = PrefetchPolicy(mc.expert_threshold, mc.prefetch_layers, mc.disk_prefetch_layers,
-                                     adaptive=cc.adaptive_schedule, overlap=cc.overlap_io)
+                                     adaptive=cc.adaptive_schedule, overlap=cc.overlap_io, link_bps=self.links.h2d,
+                                     expert_bytes=self.host_cache.expert_bytes if self.host_cache else 0)
         self.disk_waits = self._disk_waits_seen = 0      # expert reads the compute had to wait for
         # Host-resident experts computed on the CPU (issue 24): the policy's split_cpu picks them per MoE layer of a
         # decode step; a worker thread runs the kernel on the host cache's buffers while this thread drives the GPU
         self.cpu_path = CpuExpertPath(self.experts.layout, cfg.num_hidden_layers, cc.cpu_threads, cpu_rate) \
             if cpu_on else None
         self._step_start = (0.0, 0)                       # (perf_counter, host->GPU bytes) when the step began
+        self._step_rows = 0                               # decode rows of the step under way (0: not decode-only)
         self._pending: dict[tuple[int, int], Any] = {}      # (layer, expert) -> Future of a disk read
         self._predicted: dict[int, set] = {}
         self._prefetch_pins: dict[int, list] = {}        # layer -> predicted experts copied (and pinned) ahead
@@ -279,6 +281,8 @@ class TieredEngine(Engine):
         host = [(self._embed_table[g.tokens], g.positions, g.pages, g.valid) for g in groups]
         xs, pos, pages, valid = (list(t) for t in zip(*jax.device_put(host, s_dev)))
         valid_flat = np.concatenate([g.valid.reshape(-1) for g in groups])
+        # decode rows of a decode-only step (the policy's copy-ahead trial compares such steps); 0 otherwise
+        self._step_rows = int(valid_flat.sum()) if all(g.tokens.shape[1] == 1 for g in groups) else 0
         routed = {}                                      # MoE layers whose experts all sit on the GPU: routing ids
         shapes = tuple(g.tokens.shape for g in groups)
         for i in range(cfg.num_hidden_layers):
@@ -531,9 +535,12 @@ class TieredEngine(Engine):
         m = self.metrics
         t0, b0 = self._step_start
         seconds = time.perf_counter() - t0
-        busy = (m.link_bytes.get("host->GPU", 0) - b0) / max(self.links.h2d * seconds, 1e-9)
+        moved = m.link_bytes.get("host->GPU", 0) - b0
+        busy = moved / max(self.links.h2d * seconds, 1e-9)
+        rows = self._step_rows
+        sample = StepSample(rows, seconds, moved, len(self.moe_layers)) if rows else None
         self.policy.end_step(tp=m.pred_tp, fp=m.pred_fp, fn=m.pred_fn,
-                             disk_waited=self.disk_waits > self._disk_waits_seen, link_busy=busy)
+                             disk_waited=self.disk_waits > self._disk_waits_seen, link_busy=busy, step=sample)
         self._disk_waits_seen = self.disk_waits
 
     def _prepare_decode(self, B: int) -> None:
@@ -598,7 +605,10 @@ class TieredEngine(Engine):
             "disk_prefetch_depth": self.policy.disk_depth,
             "disk_waits": self.disk_waits,
             "copies_ahead": self.policy.copies_ahead,                # predicted host->GPU copies on (adaptive)
-            "steps_without_copies_ahead": self.policy.steps_without_copies_ahead,
+            "steps_without_copies_ahead": self.policy.steps_without_copies_ahead,   # by the link gate or the trial
+            "steps_link_full": self.policy.steps_link_full,                       # by the link gate
+            "copy_ahead_trial": self.policy.trial(),                  # per decode bucket: ms with / without, verdict
+            "copy_ahead_limit": self.policy.ahead_limit,
             "fetch_plans": self.fetch_plans,
             "disk_reads_pending": len(self._pending),
             "disk_reads_pending_max": self.max_reads_pending,
