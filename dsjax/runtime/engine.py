@@ -39,6 +39,7 @@ import numpy as np
 from dsjax.config import ModelConfig
 from dsjax.model import embed_step, head_step, init_layer_cache, layer_step
 from dsjax.model.attention import MlaForm
+from dsjax.runtime.config import routing_report
 from dsjax.runtime.kv_pool import PAGE_TOKENS, KVPool
 from dsjax.runtime.requests import Generation, PromptError, Request, RequestHandle, TokenEvent
 from dsjax.runtime.sampler import MAX_LOGPROBS, choose
@@ -498,7 +499,8 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Counters and timings of the last generate() (prompt/generated tokens, TTFT, decode tok/s), plus the
         request engine's (requests, steps, KV pool)."""
-        return self._call(lambda: {**self._stats, "requests": self.requests_status(), "steps": self._step_counters(),
+        return self._call(lambda: {**self._stats, "routing": routing_report(self.config),
+                                   "requests": self.requests_status(), "steps": self._step_counters(),
                                    "expert_activations": self._activations()})
 
     def _step_counters(self) -> dict[str, Any]:

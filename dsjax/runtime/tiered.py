@@ -23,7 +23,7 @@ import numpy as np
 
 from dsjax.model.weights import F32_KEYS
 from dsjax.quant import QTensor
-from dsjax.runtime.config import RuntimeConfig
+from dsjax.runtime.config import RuntimeConfig, active_experts_config, routing_report
 from dsjax.runtime.cpu_path import CpuExpertPath, availability, take_cpu_rows
 from dsjax.runtime.engine import DEFAULT_CONTEXT, Engine, Group
 from dsjax.runtime.expert_layout import PROJ, ExpertLayout
@@ -91,12 +91,13 @@ def device_free_bytes(device) -> int | None:
 
 
 def in_memory_engine(store, dtype, tokenizer=None, *, prefill_form="naive", name: str = "",
-                     enable_fusion: bool = True, device=None) -> Engine:
+                     enable_fusion: bool = True, device=None, active_experts: int = 0) -> Engine:
     """The whole store on the GPU as one in-memory model (the plain Engine: no tiers, no caches, no runtime
     bookkeeping): the all-in-HBM reference that the tiered runtime with no budget is compared against. FP4 weights
-    stay FP4; experts are stacked per projection [E, ...] as the model's layer call takes them."""
+    stay FP4; experts are stacked per projection [E, ...] as the model's layer call takes them. `active_experts`:
+    memory_config.active_experts."""
     device = device if device is not None else jax.devices()[0]
-    cfg, dt = store.config, np.dtype(dtype)
+    cfg, dt = active_experts_config(store.config, active_experts), np.dtype(dtype)
     need, free = model_bytes_from_store(store).total, device_free_bytes(device)
     if free is not None and need > free:
         raise BudgetError(f"in_memory=True puts the whole store on the GPU: about {fmt_bytes(need)}, and the GPU has "
@@ -115,13 +116,13 @@ class TieredEngine(Engine):
 
     def __init__(self, store, runtime: RuntimeConfig, dtype, tokenizer=None, *, prefill_form="naive",
                  links: Links | None = None, name: str = "", device=None):
-        cfg = store.config
+        cfg = active_experts_config(store.config, runtime.memory_config.active_experts)   # every program sees its k
         self.store = store
         self.runtime = runtime
         self.device = device if device is not None else jax.devices()[0]
         mc, cc = runtime.memory_config, runtime.compute_config
         self.metrics = Metrics(cfg.num_hidden_layers, cfg.n_routed_experts or 0)
-        self.model_bytes = mb = model_bytes_from_store(store, dtype)
+        self.model_bytes = mb = model_bytes_from_store(store, dtype).with_top_k(cfg.num_experts_per_tok or 0)
         self.links = links or (measure_links(store, self.device) if cc.auto_tune else Links())
         # None is "no limit"; 0 is a budget of zero bytes (the planner says it is too small and names the minimum)
         gpu = UNLIMITED if runtime.gpu_memory is None else runtime.gpu_memory
@@ -591,6 +592,7 @@ class TieredEngine(Engine):
         p = self.placement
         extra = {
             "generation": dict(self._stats),
+            "routing": routing_report(self.config),
             "requests": self.requests_status(),
             "steps": self._step_counters(),
             "pools": self.mm.report(),
