@@ -123,13 +123,15 @@ def run(engine):
 
 ref = dsjax.load(store, in_memory=True)
 ref_greedy, ref_sampled, logits = run(ref)
-out["ref"] = {"greedy": ref_greedy, "sampled": ref_sampled}
+out["ref"] = {"greedy": ref_greedy, "sampled": ref_sampled, "acts": ref.stats()["expert_activations"]}
 ref_layers = ref.weights["layers"]
 for n in (2, 4):
     e = dsjax.load(store, devices=n) if n == 2 else load_parallel(store, n)      # the public entry and the direct one
     g, s, lg = run(e)
+    st = e.stats()
     r = out[n] = {"greedy": g, "sampled": s, "logits_max_abs": float(np.abs(lg - logits).max()),
-                  "devices": e.stats()["parallel"]["devices"]}
+                  "devices": st["parallel"]["devices"], "acts": st["expert_activations"],
+                  "per_device": st["parallel"]["per_device"], "total": st["parallel"]["total"]}
     # what each device holds: its share of every MoE layer's experts, equal to the reference's rows, padding zeros
     held, same = [], True
     for i, sh in e.shards.items():
@@ -204,6 +206,24 @@ def test_each_device_holds_a_disjoint_share_of_the_experts(four_devices, n):
         assert sorted(flat) == list(range(16)) and len(set(flat)) == len(flat), f"not a partition: {layer}"
         assert {len(share) for share in layer} == {16 // n}
     assert got["data_matches"], "a device's expert block is not the reference's rows of its experts (+ zero padding)"
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_stats_per_device_count_each_devices_experts_and_assignments(four_devices, n):
+    """The same workload as the single-device engine: the same expert activations; each device's assignments are
+    those of the experts it holds, and they add up to all of them."""
+    got, ref = four_devices[str(n)], four_devices["ref"]
+    assert got["acts"] == ref["acts"], "routed token-expert pairs per layer differ from the single-device engine's"
+    per, held = got["per_device"], got["held"]         # held: per MoE layer, per device, its experts
+    moe = [i for i, row in enumerate(ref["acts"]) if any(row)]
+    assert len(per) == n and len(moe) == len(held)
+    for d in range(n):
+        want = sum(ref["acts"][i][e] for i, layer in zip(moe, held) for e in layer[d])
+        assert per[d]["assignments"] == want, f"device {d}: {per[d]['assignments']} assignments, expected {want}"
+        assert per[d]["experts"] == sum(len(layer[d]) for layer in held)
+        assert per[d]["weight_bytes"] > per[d]["expert_bytes"] > 0
+    assert got["total"]["assignments"] == sum(map(sum, ref["acts"])) > 0
+    assert got["total"]["experts"] == 16 * len(held)
 
 
 def test_popularity_changes_the_split_not_the_tokens(four_devices):

@@ -46,8 +46,11 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None
     `links` (planner.Links) are the link ceilings the placement plan and `stats()["predicted_tok_s"]` use (default:
     measured at load when compute_config.auto_tune, else the product's target box). A Hugging Face checkpoint is
     read tensor by tensor onto the device. `devices` (N, a list of jax devices, or a Mesh with an `expert` axis):
-    every weight resident, routed experts split over the devices (expert parallelism, runtime/parallel.py); budgets do
-    not combine with it yet.
+    every weight resident, routed experts split over the devices (expert parallelism, runtime/parallel.py);
+    `gpu_memory` then applies to each device (a budget that cannot hold a device's share raises NotImplementedError:
+    tiered expert parallelism is not built yet), presets and tiered runtime options do not combine with it. `active_experts=k` (memory_config.active_experts) routes each token to the top k of the
+    model's num_experts_per_tok experts, renormalised as the model does (fewer expert bytes per token, at a quality
+    cost: bench/RESULTS.md); it applies to every kind of engine, Hugging Face checkpoints and in_memory included.
 
     Example:
         >>> engine = dsjax.load("v3-nvfp4-store", preset="balanced", gpu_memory="16GB", host_memory="96GB")
@@ -66,12 +69,18 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None
     if progress is None:
         progress = sys.stderr.isatty()
     if devices is not None:
-        if preset or gpu_memory is not None or host_memory is not None or links is not None or in_memory:
-            raise NotImplementedError("devices= runs every weight resident with the routed experts split over the "
-                                      "devices; expert parallelism under budgets (tiered) is not built yet (issue 22): "
-                                      "drop the budgets/preset, or load on one device")
-        from dsjax.runtime.parallel import load_parallel
-        return load_parallel(path, devices, dtype, prefill_form=prefill_form, progress=progress, **overrides)
+        from dsjax.runtime.parallel import ENGINE_OPTIONS, load_parallel
+        tiered = [k for k, v in (("preset", preset), ("links", links), ("in_memory", in_memory)) if v]
+        tiered += sorted(set(overrides) - ENGINE_OPTIONS)
+        if tiered:
+            raise NotImplementedError(f"devices= runs every weight resident with the routed experts split over the "
+                                      f"devices; {', '.join(tiered)} belong(s) to the tiered runtime, and expert "
+                                      "parallelism under budgets (tiered) is not built yet (issue 22): drop "
+                                      f"{', '.join(tiered)}, or load on one device")
+        # gpu_memory applies to each device (checked, and it sizes the KV pool); nothing is held in host memory,
+        # so any host_memory is met
+        return load_parallel(path, devices, dtype, prefill_form=prefill_form, progress=progress,
+                             gpu_memory=gpu_memory, **overrides)
     tok = Tokenizer.from_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
     name = os.path.basename(os.path.normpath(path))
     if os.path.exists(os.path.join(path, "manifest.json")):
@@ -80,19 +89,25 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None
         from dsjax.store.reader import Store
         if in_memory:
             fusion = overrides.pop("enable_fusion", True)
+            active = overrides.pop("active_experts", 0)
             if preset or gpu_memory is not None or host_memory is not None or overrides or links is not None:
                 raise ValueError("in_memory=True loads the whole store onto the GPU: presets, budgets, links and "
-                                 "runtime options other than enable_fusion do not apply (drop them, or load without "
-                                 "in_memory)")
-            return in_memory_engine(Store(path), dt, tok, prefill_form=prefill_form, name=name, enable_fusion=fusion)
+                                 "runtime options other than enable_fusion and active_experts do not apply (drop "
+                                 "them, or load without in_memory)")
+            return in_memory_engine(Store(path), dt, tok, prefill_form=prefill_form, name=name, enable_fusion=fusion,
+                                    active_experts=active)
         budgets = {k: v for k, v in (("gpu_memory", gpu_memory), ("host_memory", host_memory)) if v is not None}
         runtime = (RuntimeConfig.from_preset(preset, **budgets, **overrides) if preset
                    else RuntimeConfig.from_dict({}, **budgets, **overrides))
         return TieredEngine(Store(path), runtime, dt, tok, prefill_form=prefill_form, name=name, links=links)
+    active = overrides.pop("active_experts", 0)
     if preset or gpu_memory is not None or host_memory is not None or overrides or links is not None:
-        raise ValueError(f"{path} is a Hugging Face checkpoint: presets, budgets, links and runtime options apply to "
-                         "dsjax stores; convert it first with `dsjax convert SRC DST --format nvfp4`")
+        raise ValueError(f"{path} is a Hugging Face checkpoint: presets, budgets, links and runtime options (but "
+                         "active_experts) apply to dsjax stores; convert it first with `dsjax convert SRC DST "
+                         "--format nvfp4`")
     cfg = ModelConfig.from_json(path)
+    from dsjax.runtime.config import active_experts_config
+    run_cfg = active_experts_config(cfg, active)        # checked before the weights are read
     ck = Checkpoint(path)
     try:
         weights = {k: jax.device_put(read_global(ck, cfg, k, dt)) for k in ("embed", "final_norm", "lm_head")}
@@ -101,4 +116,4 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None
             weights["layers"].append({k: jax.device_put(v) for k, v in read_layer(ck, cfg, i, dt).items()})
     finally:
         ck.close()
-    return Engine(cfg, weights, tok, prefill_form=prefill_form, name=name)
+    return Engine(run_cfg, weights, tok, prefill_form=prefill_form, name=name)

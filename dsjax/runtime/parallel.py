@@ -51,11 +51,14 @@ from dsjax.runtime.planner import BudgetError, fmt_bytes
 from dsjax.runtime.requests import PromptError
 
 AXIS = "expert"
+# keywords load_parallel takes beside its own (the Engine's); the tiered runtime's options do not apply
+ENGINE_OPTIONS = frozenset({"max_batch_size", "min_batch_size", "dynamic_batch", "max_context", "step_tokens",
+                            "kv_pages", "enable_fusion", "popularity", "exact_combine", "active_experts"})
 EXPERT_KEYS = ("experts_gate", "experts_up", "experts_down")
 SLOTS_KEY = "expert_slots"           # a MoE layer's [N, E] table: local slot of each expert on each device
 
-__all__ = ["AXIS", "ExpertParallelEngine", "ExpertShards", "as_mesh", "load_parallel", "partition_experts",
-           "place_layer"]
+__all__ = ["AXIS", "ExpertParallelEngine", "ExpertShards", "as_mesh", "device_stats", "load_parallel",
+           "partition_experts", "place_layer"]
 
 
 # ---- the partition (pure numpy) -----------------------------------------------------------------------------------
@@ -160,14 +163,23 @@ def as_mesh(devices) -> Mesh:
     if isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
         have = jax.devices()
         if not 1 <= devices <= len(have):
-            hint = (" (on the CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts gives N)"
-                    if have[0].platform == "cpu" else "")
-            raise ValueError(f"devices={devices}: this process sees {len(have)} device(s){hint}")
+            names = ", ".join(str(d) for d in have[:8]) + (", ..." if len(have) > 8 else "")
+            fix = "give at least 1" if devices < 1 else device_count_fix(devices, have)
+            raise ValueError(f"devices={devices}: this process sees {len(have)} device(s) ({names}); {fix}")
         return Mesh(np.array(have[:devices]), (AXIS,))
     devs = list(devices)
     if not devs or len(set(devs)) != len(devs):
         raise ValueError("devices: give N, a non-empty list of distinct jax devices, or a Mesh")
     return Mesh(np.array(devs), (AXIS,))
+
+
+def device_count_fix(n: int, have: Sequence) -> str:
+    """What to do when `n` devices are asked for and JAX sees only `have`."""
+    if have[0].platform == "cpu":
+        return (f"on the CPU, set XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX starts (or use "
+                f"at most {len(have)})")
+    return (f"use at most {len(have)}, or make more visible (CUDA_VISIBLE_DEVICES; other hosts join with "
+            "--coordinator/--num-processes/--process-id)")
 
 
 def _replicate(a, mesh: Mesh):
@@ -349,9 +361,9 @@ class ExpertParallelEngine(Engine):
         """A MoE layer's experts are split over the mesh (one psum of the rows); other layers as on one device."""
         if SLOTS_KEY not in w:
             return super()._layer(i, w, x, cache, positions, form, pages)
-        x, cache, _ = moe_layer_step(w, x, cache, positions, self.config, form, self.enable_fusion, pages,
+        x, cache, r = moe_layer_step(w, x, cache, positions, self.config, form, self.enable_fusion, pages,
                                      mesh=self.mesh, exact=self.exact)
-        return x, cache, None
+        return x, cache, r              # the routing (replicated) is counted: stats()' assignments per device
 
     def placement(self) -> dict[str, Any]:
         """Per device: its routed experts per MoE layer (global ids) and the bytes they take (padding excluded)."""
@@ -361,9 +373,53 @@ class ExpertParallelEngine(Engine):
                 "expert_bytes": per, "slots_per_device": {i: sh.size for i, sh in self.shards.items()}}
 
     def stats(self) -> dict[str, Any]:
-        p = self.placement()
-        return {**super().stats(), "parallel": {"devices": self.n_devices, "expert_bytes": p["expert_bytes"],
-                                                "exact_combine": self.exact}}
+        """The Engine's stats, plus under 'parallel': per device ('per_device', see `device_stats`) and the totals
+        ('total': experts, bytes, assignments; 'imbalance': the busiest device's assignments over the mean)."""
+        base = super().stats()
+        per = device_stats(self, np.asarray(base["expert_activations"], np.int64))
+        total = {k: sum(d[k] for d in per) for k in ("experts", "expert_bytes", "weight_bytes", "assignments")}
+        mean = total["assignments"] / len(per)
+        return {**base, "parallel": {"devices": self.n_devices, "processes": jax.process_count(),
+                                     "expert_bytes": [d["expert_bytes"] for d in per], "exact_combine": self.exact,
+                                     "per_device": per, "total": total,
+                                     "imbalance": max(d["assignments"] for d in per) / mean if mean else None}}
+
+
+def _bytes_per_device(tree, devices: Sequence) -> list[int]:
+    """Bytes each device holds of a pytree of global arrays, from their shardings (a padded expert block counts
+    whole; replicated arrays count on every device). Works for devices of other processes too."""
+    where = {dev: d for d, dev in enumerate(devices)}
+    out = [0] * len(devices)
+    for a in jax.tree.leaves(tree):
+        if not isinstance(a, jax.Array):
+            continue
+        item = np.dtype(a.dtype).itemsize
+        for dev, idx in a.sharding.devices_indices_map(a.shape).items():
+            if dev in where:
+                out[where[dev]] += item * math.prod(len(range(*sl.indices(n))) for sl, n in zip(idx, a.shape))
+    return out
+
+
+def device_stats(engine: ExpertParallelEngine, activations: np.ndarray) -> list[dict[str, Any]]:
+    """Per device of the mesh: its routed experts (count over every MoE layer, and their bytes without padding),
+    every weight byte it holds (its expert blocks with padding and its copy of the rest), its copy of the KV pool,
+    the assignments (token-expert pairs of real tokens) it computed since load = the load balance, and the backend's
+    memory figures where this process can read them (its own devices; None on a backend without them, e.g. CPU).
+    `activations`: [n_layers, E] routed pairs per layer (Engine.stats()['expert_activations'])."""
+    devs = list(engine.mesh.devices.flat)
+    expert_bytes = _expert_nbytes_placed(engine.weights, engine.shards)
+    weight_bytes = _bytes_per_device(engine.weights, devs)
+    assigned = activations.sum()
+    out = []
+    for d, dev in enumerate(devs):
+        n = sum(len(sh.experts[d]) for sh in engine.shards.values())
+        a = int(sum(activations[i, sh.experts[d]].sum() for i, sh in engine.shards.items())) if activations.size else 0
+        mem = (dev.memory_stats() or {}) if dev.process_index == jax.process_index() else {}
+        out.append({"device": str(dev), "process": dev.process_index, "experts": n, "expert_bytes": expert_bytes[d],
+                    "weight_bytes": weight_bytes[d], "kv_bytes": engine.kv.nbytes, "assignments": a,
+                    "assignment_share": a / assigned if assigned else None,
+                    "bytes_in_use": mem.get("bytes_in_use"), "peak_bytes_in_use": mem.get("peak_bytes_in_use")})
+    return out
 
 
 def _expert_nbytes_placed(weights: dict, shards: dict[int, ExpertShards]) -> list[int]:
@@ -394,13 +450,14 @@ def _store_layers(store, cfg: ModelConfig, mesh: Mesh, dtype, popularity, progre
     from dsjax.store.manifest import PLAIN_PART
     from dsjax.store.reader import PROJECTIONS
     N = int(mesh.shape[AXIS])
-    # Core units pass through host memory (pinned where the backend has it) on their way to every device.
-    first = jax.devices()[0]
+    # Core units pass through host memory (pinned where the backend has it) of one of this process's devices on
+    # their way to every device.
+    first = jax.local_devices()[0]
     kind = "pinned_host" if "pinned_host" in [m.kind for m in first.addressable_memories()] else None
 
     def core(unit):
         return {k: (jax.tree.map(np.asarray, a) if isinstance(a, QTensor) else np.asarray(a))
-                for k, a in store.read_core_unit(unit, kind).items()}
+                for k, a in store.read_core_unit(unit, kind, device=first).items()}
 
     ends = {**core("embed"), **core("head")}
     out = {k: place_layer({k: ends[k]}, mesh, None, dtype)[k] for k in ("embed", "final_norm", "lm_head")}
@@ -426,9 +483,32 @@ def _store_layers(store, cfg: ModelConfig, mesh: Mesh, dtype, popularity, progre
     return out, shards
 
 
+def _local_devices(mesh: Mesh) -> list:
+    """The mesh's devices this process owns (all of them in a one-process run; memory_stats() works only on these)."""
+    return [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+
+
+def _check_budget(mb, n_devices: int, gpu_memory, cfg: ModelConfig, max_context: int | None) -> int:
+    """gpu_memory per device against an all-resident device's share: what is left of it for the KV pool, or
+    NotImplementedError when the share does not fit (that budget needs tiers)."""
+    from dsjax.runtime.planner import parse_bytes
+    budget = parse_bytes(gpu_memory, "gpu_memory")
+    own = device_weight_bytes(mb, n_devices)
+    context = min(cfg.max_position_embeddings, max_context or DEFAULT_CONTEXT)
+    need = own + context * mb.kv_bytes_per_token + ACTIVATION_RESERVE
+    if need > budget:
+        raise NotImplementedError(
+            f"gpu_memory={fmt_bytes(budget)} per device cannot hold one device's share over {n_devices} devices: "
+            f"about {fmt_bytes(need)} (weights {fmt_bytes(own)}, one request's KV cache of {context} tokens, "
+            f"{fmt_bytes(ACTIVATION_RESERVE)} reserve); streaming experts under budgets on several devices (tiered "
+            "expert parallelism) is not built yet (issue 22): use more devices or a larger gpu_memory, or load on "
+            "one device (tiered)")
+    return budget - own
+
+
 def _check_fits(need_per_device: int, mesh: Mesh) -> None:
     from dsjax.runtime.tiered import device_free_bytes
-    for dev in mesh.devices.flat:
+    for dev in _local_devices(mesh):
         free = device_free_bytes(dev)
         if free is not None and need_per_device > free:
             raise BudgetError(f"expert parallelism over {mesh.devices.size} devices puts about "
@@ -436,30 +516,46 @@ def _check_fits(need_per_device: int, mesh: Mesh) -> None:
                               f"the experts split), and {dev} has {fmt_bytes(free)} free; use more devices")
 
 
-def _kv_pages_that_fit(cfg: ModelConfig, dtype, mesh: Mesh, engine_kwargs: dict) -> int | None:
+def _kv_pages_that_fit(cfg: ModelConfig, dtype, mesh: Mesh, engine_kwargs: dict,
+                       budget_left: int | None = None) -> int | None:
     """Pages for the replicated KV pool: the Engine's default (max_batch_size requests of max_context), fewer where
-    the devices have less free memory after the weights (ACTIVATION_RESERVE left for activations); None to let the
-    Engine decide (a backend that does not report memory, e.g. the CPU)."""
+    the devices have less free memory after the weights, or less of the per-device budget (`budget_left`: gpu_memory
+    less the device's weights), ACTIVATION_RESERVE left for activations; None to let the Engine decide (no budget and
+    a backend that does not report memory, e.g. the CPU)."""
     from dsjax.runtime.kv_pool import kv_bytes_per_token
     from dsjax.runtime.tiered import device_free_bytes
-    free = [device_free_bytes(d) for d in mesh.devices.flat]
-    if any(f is None for f in free):
+    free = [device_free_bytes(d) for d in _local_devices(mesh)]
+    least = -1 if any(f is None for f in free) else min(free)
+    if budget_left is not None:
+        least = budget_left if least < 0 else min(least, budget_left)
+    if jax.process_count() > 1:         # one pool size on every process: the least free memory of any device
+        from jax.experimental import multihost_utils
+        every = np.asarray(multihost_utils.process_allgather(np.int64(least)))
+        least = -1 if (every < 0).any() else int(every.min())
+    if least < 0:
         return None
     limit = min(cfg.max_position_embeddings, engine_kwargs.get("max_context") or DEFAULT_CONTEXT)
     wanted = engine_kwargs.get("max_batch_size", 32) * math.ceil(limit / PAGE_TOKENS)
     page = PAGE_TOKENS * kv_bytes_per_token(cfg, dtype)
-    return max(0, min(wanted, (min(free) - ACTIVATION_RESERVE) // page))
+    return max(0, min(wanted, (least - ACTIVATION_RESERVE) // page))
 
 
 def load_parallel(path: str | os.PathLike, devices, dtype: str = "bfloat16", *, popularity=None,
                   prefill_form: MlaForm = "naive", progress: bool | None = None, enable_fusion: bool | None = None,
-                  exact_combine: bool = True, **engine_kwargs) -> ExpertParallelEngine:
+                  exact_combine: bool = True, active_experts: int = 0, gpu_memory: int | str | None = None,
+                  **engine_kwargs) -> ExpertParallelEngine:
     """Load a dsjax store or a Hugging Face checkpoint with every weight resident, routed experts split over devices.
 
     `devices`: N (the first N of jax.devices()), a list of jax devices, or a Mesh with an `expert` axis.
     `popularity`: measured expert activations to balance the split by (None; [E]; [n_layers, E], e.g. a tiered run's
     Metrics.activations; or {layer: [E]}). Budgets (tiered expert parallelism) are not built: see plan_devices.py.
     `enable_fusion`: FP4 weights through the fused kernels (default: on for a store, as in_memory=True).
+    In a run of several processes (jax.distributed; multihost.initialize) every process calls this with the same
+    arguments and gets a multihost.MultiHostEngine: process 0 takes requests, the others call engine.follow().
+    `active_experts`: memory_config.active_experts (route each token to its top k; 0 = the model's).
+    `gpu_memory` (a store only): each device's budget, "80GB" or bytes. It must hold the device's share of the weights,
+    one request's KV cache of max_context and ACTIVATION_RESERVE (else NotImplementedError: that needs tiered expert
+    parallelism, not built); the KV pool then takes what is left of it.
     Other keywords go to the Engine (max_batch_size, max_context, kv_pages, ...); by default the KV pool (replicated on
     every device) takes what the devices have free after the weights, less ACTIVATION_RESERVE, up to max_batch_size
     requests of max_context.
@@ -470,6 +566,7 @@ def load_parallel(path: str | os.PathLike, devices, dtype: str = "bfloat16", *, 
     """
     import sys
 
+    from dsjax.runtime.config import active_experts_config
     from dsjax.runtime.load import _dtype
     from dsjax.runtime.tokenizer import Tokenizer
     from dsjax.store.manifest import MANIFEST_FILE
@@ -477,9 +574,17 @@ def load_parallel(path: str | os.PathLike, devices, dtype: str = "bfloat16", *, 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory; give a dsjax store or a Hugging Face "
                                 "checkpoint directory")
+    if gpu_memory is not None and not os.path.exists(os.path.join(path, MANIFEST_FILE)):
+        raise ValueError(f"{path} is a Hugging Face checkpoint: budgets apply to dsjax stores; convert it first with "
+                         "`dsjax convert SRC DST --format nvfp4`, or drop gpu_memory")
+    budget_left = None
     dt = _dtype(dtype)
     mesh = as_mesh(devices)
     N = int(mesh.shape[AXIS])
+    idle = sorted(set(range(jax.process_count())) - {d.process_index for d in mesh.devices.flat})
+    if idle:
+        raise ValueError(f"devices={N}: process(es) {idle} of this {jax.process_count()}-process run own no device of "
+                         f"the mesh; every process must take part: give devices={jax.device_count()} (all of them)")
     progress = sys.stderr.isatty() if progress is None else progress
     tok = Tokenizer.from_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
     name = os.path.basename(os.path.normpath(path))
@@ -487,9 +592,12 @@ def load_parallel(path: str | os.PathLike, devices, dtype: str = "bfloat16", *, 
         from dsjax.runtime.tiered import model_bytes_from_store
         from dsjax.store.reader import Store
         store = Store(path)
-        cfg = store.config
+        cfg = active_experts_config(store.config, active_experts)
         mb = model_bytes_from_store(store, dt)
-        _check_fits(device_weight_bytes(mb, N), mesh)
+        own = device_weight_bytes(mb, N)
+        if gpu_memory is not None:
+            budget_left = _check_budget(mb, N, gpu_memory, cfg, engine_kwargs.get("max_context"))
+        _check_fits(own, mesh)
         try:
             weights, shards = _store_layers(store, cfg, mesh, dt, popularity, progress)
         finally:
@@ -500,7 +608,7 @@ def load_parallel(path: str | os.PathLike, devices, dtype: str = "bfloat16", *, 
 
         from dsjax.store.hf_names import read_global, read_layer
         from dsjax.store.safetensors_io import Checkpoint
-        cfg = ModelConfig.from_json(path)
+        cfg = active_experts_config(ModelConfig.from_json(path), active_experts)
         ck = Checkpoint(path)
         try:
             host = {k: read_global(ck, cfg, k, dt) for k in ("embed", "final_norm", "lm_head")}
@@ -516,6 +624,10 @@ def load_parallel(path: str | os.PathLike, devices, dtype: str = "bfloat16", *, 
             ck.close()
         fusion = False if enable_fusion is None else enable_fusion
     if "kv_pages" not in engine_kwargs:
-        engine_kwargs["kv_pages"] = _kv_pages_that_fit(cfg, dt, mesh, engine_kwargs)
-    return ExpertParallelEngine(cfg, weights, tok, mesh=mesh, shards=shards, exact=exact_combine,
-                                prefill_form=prefill_form, name=name, dtype=dt, enable_fusion=fusion, **engine_kwargs)
+        engine_kwargs["kv_pages"] = _kv_pages_that_fit(cfg, dt, mesh, engine_kwargs, budget_left)
+    cls = ExpertParallelEngine
+    if jax.process_count() > 1:
+        from dsjax.runtime.multihost import MultiHostEngine
+        cls = MultiHostEngine
+    return cls(cfg, weights, tok, mesh=mesh, shards=shards, exact=exact_combine, prefill_form=prefill_form, name=name,
+               dtype=dt, enable_fusion=fusion, **engine_kwargs)
