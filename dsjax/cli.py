@@ -20,6 +20,69 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
 
 
+def add_device_args(p: argparse.ArgumentParser, hosts: bool = True) -> None:
+    """--devices (expert parallelism) and, with `hosts`, the flags of a run over several processes (hosts)."""
+    p.add_argument("--devices", type=int, default=None, help="split each MoE layer's routed experts over N devices "
+                   "(expert parallelism, every weight resident; default 1; --gpu-memory then applies to each device; "
+                   "budgets that need tiers on several devices are not built)")
+    if not hosts:
+        return
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="several processes (hosts): address of "
+                   "process 0's coordinator, the same on every process (default: $JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, default=None, help="several processes: how many (default: "
+                   "$JAX_NUM_PROCESSES, else 1); --devices then defaults to every device of every process")
+    p.add_argument("--process-id", type=int, default=None, help="several processes: this one's id, 0..N-1 (default: "
+                   "$JAX_PROCESS_ID); process 0 takes the prompts or requests, the others follow its steps")
+
+
+def start_devices(args: argparse.Namespace) -> int | None:
+    """Join a run of several processes when the flags or environment ask for one, and check --devices against the
+    devices JAX sees: the `devices` argument for dsjax.load (None: one device, the plain runtime)."""
+    several = False
+    if hasattr(args, "coordinator"):
+        from dsjax.runtime.multihost import initialize
+        several = initialize(args.coordinator, args.num_processes, args.process_id)
+    if several:
+        # gloo prints its connection messages on the process's stdout (fd 1), amid the generated text: native
+        # writes go to stderr from here, Python's prints to the real stdout
+        sys.stdout.flush()
+        real = os.dup(1)
+        os.dup2(2, 1)
+        sys.stdout = os.fdopen(real, "w", buffering=1)
+    n = args.devices
+    if n is not None and n < 1:
+        raise ValueError(f"--devices {n}: give a number of devices >= 1")
+    if not several and (n is None or n == 1):
+        return None
+    import jax
+    have = jax.devices()
+    if several:
+        if n is not None and n != len(have):
+            raise ValueError(f"--devices {n}: a run of {jax.process_count()} processes uses every device of every "
+                             f"process ({len(have)}); leave --devices out or give {len(have)}")
+        return len(have)
+    if n > len(have):
+        from dsjax.runtime.parallel import device_count_fix
+        names = ", ".join(str(d) for d in have[:8]) + (", ..." if len(have) > 8 else "")
+        raise ValueError(f"--devices {n}: JAX sees {len(have)} device(s) ({names}); {device_count_fix(n, have)}")
+    return n
+
+
+def _check_budgets_with_devices(args: argparse.Namespace, devices: int | None) -> None:
+    """Several devices run every weight resident: a preset or a tiered option is the not-built tiered expert
+    parallelism (budgets alone are checked per device at load)."""
+    if devices is None:
+        return
+    from dsjax.runtime.parallel import ENGINE_OPTIONS
+    tiered = (["--preset"] if args.preset else []) + [f"--set {k}" for k in parse_overrides(args.set)
+                                                      if k not in ENGINE_OPTIONS]
+    if tiered:
+        raise NotImplementedError(f"--devices {devices} with {', '.join(tiered)}: tiered expert parallelism (the "
+                                  "tiered runtime's budgets and options over several devices) is not built yet "
+                                  f"(issue 22); drop {', '.join(tiered)} to run every weight resident with the "
+                                  "experts split over the devices, or run on one device")
+
+
 def _print_stats(stats: dict, file=None) -> None:
     stats = stats.get("generation", stats)
     print(f"[dsjax] prompt tokens {stats.get('prompt_tokens')}, generated {stats.get('generated_tokens')}, "
@@ -56,24 +119,41 @@ def _readable_stats(stats: dict) -> dict:
 def cmd_generate(args: argparse.Namespace) -> int:
     import contextlib
     import dsjax
-    args.prompt = _read_prompts(args)
+    devices = start_devices(args)
+    follower = _follower()
+    if not follower:
+        args.prompt = _read_prompts(args)
     if args.json:
         args.no_stream = True       # JSON describes whole generations: --json prints them, not a stream
+    _check_budgets_with_devices(args, devices)
     runtime = {k: v for k, v in (("preset", args.preset), ("gpu_memory", args.gpu_memory),
-                                 ("host_memory", args.host_memory)) if v is not None}
+                                 ("host_memory", args.host_memory), ("devices", devices)) if v is not None}
     runtime.update(parse_overrides(args.set))
     engine = dsjax.load(args.path, dtype=args.dtype, progress=True, **runtime)
+    if follower:                    # another process of the run: process 0 has the prompts and prints
+        engine.follow()
+        return 0
     trace = contextlib.nullcontext()
     if args.trace:
         import jax
         trace = jax.profiler.trace(args.trace)
-    with trace:
-        rc = _generate(engine, args)
-    if args.stats and hasattr(engine, "stats_prometheus"):
-        from dsjax.runtime.metrics import json_line, prometheus_text
-        stats = _readable_stats(engine.stats())
-        print(prometheus_text(stats) if args.stats_format == "prometheus" else json_line(stats), file=sys.stderr)
+    try:
+        with trace:
+            rc = _generate(engine, args)
+        if args.stats and hasattr(engine, "stats_prometheus"):
+            from dsjax.runtime.metrics import json_line, prometheus_text
+            stats = _readable_stats(engine.stats())
+            print(prometheus_text(stats) if args.stats_format == "prometheus" else json_line(stats), file=sys.stderr)
+    finally:
+        if devices is not None:
+            engine.close()          # several processes: the others return from follow()
     return rc
+
+
+def _follower() -> bool:
+    """A process other than 0 of a run over several processes (after start_devices)."""
+    import jax
+    return jax.process_count() > 1 and jax.process_index() != 0
 
 
 def _generate(engine, args: argparse.Namespace) -> int:
@@ -161,8 +241,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         cfg = ModelConfig.from_json(args.path)
         mb = ModelBytes.from_config(cfg, args.format, args.policy)
+    from dsjax.runtime.config import active_experts_config
+    mb = mb.with_top_k(active_experts_config(cfg, args.active_experts).num_experts_per_tok or 0)
     links = Links(h2d=args.h2d_gbps * GB, disk=args.disk_gbps * GB, hbm=args.hbm_gbps * GB,
                   cpu_rate=args.cpu_gbps * GB)
+    if args.devices < 1:
+        raise ValueError(f"--devices {args.devices}: give a number of GPUs >= 1")
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch}: give a decode batch >= 1")
+    if args.devices > 1 or args.batch > 1:          # per device, N host links, one shared disk (plan_devices.py)
+        from dsjax.runtime.plan_devices import plan_devices
+        def budgets(v):
+            return v.split(",") if "," in v else v
+        pd = plan_devices(mb, args.devices, budgets(args.gpu_memory), budgets(args.host_memory), links=links,
+                          batch=args.batch, context_tokens=min(args.context, cfg.max_position_embeddings),
+                          max_gpu_layers=args.max_gpu_layers, prefetch_layers=args.prefetch_layers,
+                          overlap_io=not args.no_overlap)
+        print(pd.report(mb, links))
+        if pd.mode == "tiered" and args.devices > 1:
+            print("note: a tiered plan over several GPUs is a prediction only: tiered expert parallelism is not "
+                  "built yet (issue 22); `dsjax generate --devices N` runs plans that are all in HBM")
+        return 0
     p = plan(mb, args.gpu_memory, args.host_memory, max_gpu_layers=args.max_gpu_layers,
              prefetch_layers=args.prefetch_layers, links=links, overlap_io=not args.no_overlap,
              context_tokens=min(args.context, cfg.max_position_embeddings))
@@ -183,9 +282,11 @@ def parse_overrides(items: list[str]) -> dict:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from dsjax.runtime.bench import bench, markdown
+    devices = start_devices(args)
+    configs = args.configs or ("hbm" if devices else "budget,resident,on_demand")
     result = bench(args.path, gpu_memory=args.gpu_memory, host_memory=args.host_memory, preset=args.preset,
                    batches=[int(b) for b in args.batches.split(",")], prompt_len=args.prompt_len,
-                   tokens=args.tokens, dtype=args.dtype, configs=args.configs.split(","), cold=args.cold,
+                   tokens=args.tokens, dtype=args.dtype, configs=configs.split(","), cold=args.cold, devices=devices,
                    trace=False if args.no_trace else tuple(args.trace_configs.split(",")) if args.trace_configs
                    else True, out=args.out, trace_dir=args.trace_dir, **parse_overrides(args.set))
     table = markdown(result)
@@ -226,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host-memory", default=None, help="pinned host budget for a store, e.g. 96GB")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any memory_config / compute_config key for a store, e.g. --set max_gpu_layers=2 (repeatable)")
+    add_device_args(g)
     _add_sampling(g)
     g.set_defaults(fn=cmd_generate)
 
@@ -258,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--cpu-gbps", type=float, default=0.0, help="GB/s of the CPU expert kernel at batch 1 "
                     "(compute_config.cpu_experts: host-resident experts that miss the GPU computed on the CPU beside "
                     "the copies; bench/cpu_experts_bench.py measures it); default 0 = that path off")
+    pl.add_argument("--active-experts", type=int, default=0, help="route each token to its top k experts "
+                    "(memory_config.active_experts; 1..num_experts_per_tok, default 0 = the model's)")
+    pl.add_argument("--devices", type=int, default=1, help="GPUs of one host (default 1): each owns 1/N of every "
+                    "MoE layer's experts, its own host link and a copy of the rest; the disk is shared. Budgets are "
+                    "per GPU (one value for all, or a comma-separated list). Prints each GPU's placement")
+    pl.add_argument("--batch", type=int, default=1, help="decode rows per step to predict for (default 1)")
     pl.set_defaults(fn=cmd_plan)
 
     b = sub.add_parser("bench", help="measure a store under budgets against the machine's measured ceilings")
@@ -269,11 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batches", default="1,8,32", help="decode batch sizes (default 1,8,32)")
     b.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per sequence (default 64)")
     b.add_argument("--tokens", type=int, default=16, help="tokens generated per sequence (default 16)")
-    b.add_argument("--configs", default="budget,resident,on_demand",
+    b.add_argument("--configs", default=None,
                    help="which of budget (the given budgets), resident (no limit), on_demand (overlap_io off), hbm "
-                        "(the whole store on the GPU as a plain in-memory model: the all-in-HBM reference), cpu (the "
+                        "(the whole store on the GPU as a plain in-memory model: the all-in-HBM reference; with "
+                        "--devices N, every weight resident with the experts split over the N devices), cpu (the "
                         "given budgets with cpu_experts on: host-resident experts computed on the CPU beside the "
-                        "copies; budget and on_demand run with it off unless --set cpu_experts=... is given)")
+                        "copies; budget and on_demand run with it off unless --set cpu_experts=... is given). "
+                        "Default budget,resident,on_demand; hbm with --devices N > 1 (the others need tiered "
+                        "expert parallelism, not built)")
     b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     b.add_argument("--cold", action="store_true", help="drop the page cache before the disk ceiling (root)")
     b.add_argument("--no-trace", action="store_true", help="skip the profiler trace (GPU busy fraction; on a GPU the "
@@ -283,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="write the results as JSON, row by row (and a .md table beside it); "
                    "rerunning with the same --out resumes, measuring only the rows not there yet")
     b.add_argument("--trace-dir", default=None, help="keep each row's jax.profiler trace under DIR/<config>_b<batch>")
+    add_device_args(b, hosts=False)
     b.set_defaults(fn=cmd_bench)
 
     i = sub.add_parser("info", help="summarize a checkpoint's or a store's model and tensors",
@@ -313,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, PromptError, TokenizerError, BudgetError, FileNotFoundError,
             ValueError) as e:
         print(f"dsjax: error: {e}", file=sys.stderr)
+        return 2
+    except NotImplementedError as e:        # a combination that is planned but not built: say so, no traceback
+        print(f"dsjax: error: not built: {e}", file=sys.stderr)
         return 2
 
 

@@ -254,7 +254,8 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
             stall_s=stall, host_ms_per_step={k: 1e3 * (v - h0.get(k, 0.0)) / steps for k, v in h1.items()},
             predicted_tok_s=s.get("predicted_tok_s") if B == 1 else None, trace=None,   # the plan is batch 1
             cpu_experts=_cpu_per_step(s0.get("cpu_experts", {}), s.get("cpu_experts", {}), steps),
-            process_memory=process_memory()))        # resident now / at peak, against the host budget
+            process_memory=process_memory(),         # resident now / at peak, against the host budget
+            parallel=_parallel_row(s0.get("parallel"), s.get("parallel"))))
         if on_row:
             on_row(rows[-1])         # saved before the traced run: a failure there keeps the measured row
         if trace:
@@ -278,6 +279,25 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
     return rows
 
 
+def _parallel_row(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Expert parallelism in the measured generation: per device its experts, their bytes, every weight byte it holds
+    and the assignments it computed (with their share: the load balance), and the totals; None on one device."""
+    if not after:
+        return None
+    per = []
+    for b, a in zip(before["per_device"], after["per_device"]):
+        per.append({k: a[k] for k in ("device", "process", "experts", "expert_bytes", "weight_bytes",
+                                      "peak_bytes_in_use")} | {"assignments": a["assignments"] - b["assignments"]})
+    total = sum(d["assignments"] for d in per)
+    for d in per:
+        d["assignment_share"] = d["assignments"] / total if total else None
+    mean = total / len(per)
+    return {"devices": after["devices"], "per_device": per,
+            "total": {"experts": sum(d["experts"] for d in per), "expert_bytes": sum(d["expert_bytes"] for d in per),
+                      "weight_bytes": sum(d["weight_bytes"] for d in per), "assignments": total},
+            "imbalance": max(d["assignments"] for d in per) / mean if mean else None}
+
+
 def _cpu_per_step(before: dict[str, Any], after: dict[str, Any], steps: int) -> dict[str, Any] | None:
     """The CPU expert path during the measured generation: experts per decode step, the kernel's GB/s and ms per
     step, the engine thread's wait for it per step; None when the path was off."""
@@ -291,13 +311,21 @@ def _cpu_per_step(before: dict[str, Any], after: dict[str, Any], steps: int) -> 
 def bench(store: str, *, gpu_memory=None, host_memory=None, preset: str | None = None,
           batches=(1, 8, 32), prompt_len: int = 64, tokens: int = 16, dtype: str = "bfloat16",
           configs=("budget", "resident", "on_demand"), cold: bool = False, trace: bool | tuple[str, ...] = True,
-          out: str | None = None, trace_dir: str | None = None, **overrides) -> dict[str, Any]:
+          out: str | None = None, trace_dir: str | None = None, devices: int | None = None,
+          **overrides) -> dict[str, Any]:
     """Measure `store` under the budgets (config 'budget'), with no limit ('resident'), with overlap_io off
     ('on_demand'), under the budgets with cpu_experts on ('cpu'; budget and on_demand run with it off unless an
     override sets it) or as a plain in-memory model ('hbm'); returns {'ceilings', 'rows', 'machine'}. With `out`, every row is written to that JSON file as it
     is measured and a rerun with the same `out` resumes: rows already there are kept, not measured again (the
     ceilings are those of the first run). `trace`: profile every config (True), none, or the configs named. With
-    `trace_dir`, each row's profiler trace is kept there."""
+    `trace_dir`, each row's profiler trace is kept there. `devices` N > 1: config 'hbm' runs every weight resident
+    with the experts split over N devices and each row adds 'parallel' (per device: experts, bytes, assignments in
+    the measured generation); the other configs need tiered expert parallelism (not built: NotImplementedError)."""
+    tiered = [c for c in configs if c != "hbm"] if devices and devices > 1 else []
+    if tiered:
+        raise NotImplementedError(f"bench over {devices} devices: config(s) {', '.join(tiered)} need tiered expert "
+                                  "parallelism (issue 22); --configs hbm measures every weight resident with the "
+                                  "experts split over the devices")
     dev = jax.devices()[0]
     result: dict[str, Any] = {}
     if out and os.path.exists(out):
@@ -330,7 +358,8 @@ def bench(store: str, *, gpu_memory=None, host_memory=None, preset: str | None =
     # cpu is the budget config with host-resident experts computed on the CPU beside the copies (issue 24)
     gpu_only = {"cpu_experts": "off", **overrides}
     kws = {"budget": dict(budget, links=links, **gpu_only), "resident": {"links": links},
-           "on_demand": dict(budget, links=links, **dict(gpu_only, overlap_io=False)), "hbm": {"in_memory": True},
+           "on_demand": dict(budget, links=links, **dict(gpu_only, overlap_io=False)),
+           "hbm": {"devices": devices} if devices and devices > 1 else {"in_memory": True},
            "cpu": dict(budget, links=links, **dict(overrides, cpu_experts="on"))}
     save()
     for name in configs:
@@ -385,4 +414,19 @@ def markdown(result: dict[str, Any]) -> str:
             + (f"{m['rss'] / GB:.1f} ({m['peak_rss'] / GB:.1f})"
                if (m := r.get("process_memory")) and m.get("rss") and m.get("peak_rss") else "-") + " | "
             + (f"{r['predicted_tok_s']:.2f}" if r.get("predicted_tok_s") else "-") + " |")
+    par = [r for r in result["rows"] if r.get("parallel")]
+    if par:
+        lines += ["", "| config | batch | device | experts | expert MB | weight MB | assignments (share) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in par:
+            p = r["parallel"]
+            for d in p["per_device"]:
+                share = f" ({d['assignment_share']:.1%})" if d["assignment_share"] is not None else ""
+                lines.append(f"| {r['config']} | {r['batch']} | {d['device']} | {d['experts']} | "
+                             f"{d['expert_bytes'] / 1e6:.1f} | {d['weight_bytes'] / 1e6:.1f} | "
+                             f"{d['assignments']}{share} |")
+            t = p["total"]
+            imb = f", busiest / mean {p['imbalance']:.2f}" if p["imbalance"] else ""
+            lines.append(f"| {r['config']} | {r['batch']} | all {p['devices']} | {t['experts']} | "
+                         f"{t['expert_bytes'] / 1e6:.1f} | {t['weight_bytes'] / 1e6:.1f} | {t['assignments']}{imb} |")
     return "\n".join(lines)

@@ -19,15 +19,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "pip install 'dsjax[serve]'", file=sys.stderr)
         return 2
     import dsjax
-    from dsjax.cli import parse_overrides
+    from dsjax.cli import _check_budgets_with_devices, _follower, parse_overrides, start_devices
+    devices = start_devices(args)
+    _check_budgets_with_devices(args, devices)
     path, dtype = args.path, args.dtype
     if path is None:                                  # a fresh install serves the embedded model, as `dsjax demo`
         from dsjax.demo import ensure_demo_store
         path, dtype = ensure_demo_store(), dtype or "float32"
     runtime = {k: v for k, v in (("preset", args.preset), ("gpu_memory", args.gpu_memory),
-                                 ("host_memory", args.host_memory)) if v is not None}
+                                 ("host_memory", args.host_memory), ("devices", devices)) if v is not None}
     runtime.update(parse_overrides(args.set))
     engine = dsjax.load(path, dtype=dtype or "bfloat16", progress=True, **runtime)
+    if _follower():         # another process of a run over several: process 0 serves, this one runs its steps
+        import jax
+        print(f"[dsjax serve] process {jax.process_index()} follows process 0's steps", file=sys.stderr, flush=True)
+        engine.follow()
+        return 0
     name = args.served_model_name or os.path.basename(os.path.normpath(path))
     app = create_app(engine, served_model_name=name, api_key=args.api_key or os.environ.get("DSJAX_API_KEY") or None,
                      max_queue=args.max_queue, request_timeout=args.request_timeout or None)
@@ -69,4 +76,6 @@ def add_parser(subparsers) -> None:
                    "directory's name)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default info: one line per request)")
+    from dsjax.cli import add_device_args
+    add_device_args(s)
     s.set_defaults(fn=cmd_serve)
