@@ -148,7 +148,7 @@ def test_requests_that_join_a_running_batch_and_cancellations_reach_the_follower
 
 
 def test_the_follower_prints_nothing_and_each_process_holds_its_devices_experts(runs):
-    out, err = runs["follower"]
+    out, _ = runs["follower"]
     assert out == "", f"the follower printed {out!r}"          # gloo's connection messages go to stderr
     per = runs["leader"]["per_device"]
     assert [d["process"] for d in per] == [0, 0, 1, 1]

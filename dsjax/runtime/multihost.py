@@ -186,7 +186,7 @@ class MultiHostEngine(ExpertParallelEngine):
         for c in calls:
             try:
                 c.future.set_result(c.fn())
-            except BaseException as e:
+            except BaseException as e:      # the caller gets the error (as Engine._turn)
                 c.future.set_exception(e)
 
     # ---- the turn (both roles) -----------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ class MultiHostEngine(ExpertParallelEngine):
             if isinstance(item, _Call):
                 try:
                     item.future.set_result(item.fn())
-                except BaseException as e:
+                except BaseException as e:      # the caller gets the error (as Engine._turn)
                     item.future.set_exception(e)
             else:
                 new.append(item)
