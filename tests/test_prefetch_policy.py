@@ -137,19 +137,19 @@ def test_the_copy_ahead_trial_keeps_the_faster_side_and_rechecks_the_other(ahead
     pol = PrefetchPolicy(0.4, 1, 1, link_bps=LINK, expert_bytes=EXPERT, probe_every=8)
     fast, slow = 0.030, 0.040
     ran = _run_trial(pol, lambda ahead: fast if ahead == ahead_wins else slow, 40)
-    assert ran[:6] == [True, False, True, False, True, False]             # 3 steps of each side first
-    settled = ran[6:]
+    assert ran[:7] == [True, True, False, True, False, True, False]       # (a first step, untimed) 3 of each side
+    settled = ran[7:]
     assert settled.count(ahead_wins) >= len(settled) - len(settled) // 8 - 1
     assert settled.count(not ahead_wins) >= 3                             # the loser is re-checked now and then
     assert pol.trial()["1"]["copies_ahead_win"] is ahead_wins
-    assert pol.trial_steps[True] + pol.trial_steps[False] == 40
+    assert pol.trial_steps[True] + pol.trial_steps[False] == 39
 
 
 def test_a_tie_goes_to_loading_on_demand_and_buckets_are_judged_apart():
     pol = PrefetchPolicy(0.4, 1, 1, link_bps=LINK, expert_bytes=EXPERT)
-    _run_trial(pol, lambda ahead: 0.030 if ahead else 0.0301, 12, rows=1)   # within the 2% margin: no win
+    _run_trial(pol, lambda ahead: 0.030 if ahead else 0.0301, 13, rows=1)   # within the 2% margin: no win
     assert pol.trial()["1"]["copies_ahead_win"] is False
-    _run_trial(pol, lambda ahead: 0.020 if ahead else 0.040, 12, rows=8)
+    _run_trial(pol, lambda ahead: 0.020 if ahead else 0.040, 13, rows=8)
     assert pol.trial()["8"]["copies_ahead_win"] is True and pol.trial()["1"]["copies_ahead_win"] is False
 
 
@@ -157,7 +157,7 @@ def test_copies_ahead_per_layer_are_limited_to_the_idle_link_time_of_on_demand_s
     pol = PrefetchPolicy(0.0, 1, 1, link_bps=LINK, expert_bytes=EXPERT)
     # without copies ahead: 20 ms a step of which 8 experts' copies (5 ms) keep the link busy; 15 ms idle over 4 MoE
     # layers = 3.75 ms a layer = 6 expert copies (the steps with copies ahead, faster, do not count)
-    _run_trial(pol, lambda ahead: 0.015 if ahead else 0.020, 6)
+    _run_trial(pol, lambda ahead: 0.015 if ahead else 0.020, 7)
     assert pol.copies_ahead
     assert pol.ahead_limit == 6
     pred = np.linspace(0.1, 0.9, 9)[None]                                 # expert 8 likeliest, then 7, ...
@@ -169,3 +169,16 @@ def test_no_trial_without_link_rate_or_prefill_steps():
     pol = PrefetchPolicy(0.4, 1, 1)                                       # no link rate: the link gate alone
     _run_trial(pol, lambda ahead: 0.04 if ahead else 0.01, 10)
     assert pol.copies_ahead and pol.trial() == {} and pol.ahead_limit is None
+
+
+def test_a_buckets_first_step_is_not_timed():
+    """Its programs compile in it: a 9 s first step must not decide the trial."""
+    pol = PrefetchPolicy(0.4, 1, 1, link_bps=LINK, expert_bytes=EXPERT)
+    calls = []
+
+    def step_s(ahead):                  # the first step compiles; after it, copies ahead are 25% faster
+        calls.append(ahead)
+        return 9.0 if len(calls) == 1 else (0.0225 if ahead else 0.030)
+    _run_trial(pol, step_s, 7)
+    assert pol.trial()["1"]["ms_with"] == pytest.approx(22.5)            # the 9 s step is in neither median
+    assert pol.trial()["1"]["copies_ahead_win"] is True

@@ -358,10 +358,12 @@ def test_adaptive_schedule_stops_copies_ahead_while_the_link_is_full(store, budg
         assert out == reference[1]
         s = e.stats()
         copies[name] = s["prefetch"]["copies"]
-        assert s["copies_ahead"] is (name == "idle")
         assert (s["steps_link_full"] > 0) is (name == "full")
         assert s["steps_without_copies_ahead"] >= s["steps_link_full"]      # the trial's steps without come on top
-    # the saturated engine copied ahead only during its first step (prefill), before the first adaptation
+        if name == "full":
+            assert s["copies_ahead"] is False
+    # the saturated engine copied ahead only during its first step (prefill), before the first adaptation; the idle
+    # one on every step its copy-ahead trial ran with copies (on the CPU the trial may end either way)
     assert copies["idle"] > 0 and copies["full"] < copies["idle"] / 2, copies
 
 

@@ -181,10 +181,13 @@ class PrefetchPolicy:
         self.steps_link_full += not self._link_ok
 
     def _trial_step(self, step: StepSample) -> bool:
-        """Record the step under its mode; the mode of the next step of this bucket: off, on, off, ... until each
-        has 3 steps, then the winner, with one step of the loser every probe_every steps."""
+        """Record the step under its mode (but the bucket's first); the mode of the next step of this bucket: off, on,
+        off, ... until each has 3 steps, then the winner, with one step of the loser every probe_every steps."""
         t = self._trials.setdefault(1 << max(step.rows - 1, 0).bit_length(), _Trial())
         ran = self.copies_ahead
+        if t.steps == 0:            # a bucket's first step compiles its programs (H100: 9.4 s at batch 8): not timed
+            t.steps = 1
+            return ran
         t.times[ran].append(step.seconds)
         self.trial_steps[ran] += 1
         if not ran and step.moe_layers:

@@ -216,6 +216,8 @@ class TieredEngine(Engine):
             if cpu_on else None
         self._step_start = (0.0, 0)                       # (perf_counter, host->GPU bytes) when the step began
         self._step_rows = 0                               # decode rows of the step under way (0: not decode-only)
+        self._reads_possible = self.host_cache is not None and \
+            self.host_cache.slots.capacity < cfg.n_routed_experts * len(self.moe_layers)   # some on disk
         self._pending: dict[tuple[int, int], Any] = {}      # (layer, expert) -> Future of a disk read
         self._predicted: dict[int, set] = {}
         self._prefetch_pins: dict[int, list] = {}        # layer -> predicted experts copied (and pinned) ahead
@@ -300,7 +302,9 @@ class TieredEngine(Engine):
             # current depth and however few MoE layers follow (the tuple is padded with repeats whose rows are never
             # read), so attention compiles once per layer kind and form; _prefetch uses the first `depth` rows.
             ahead = self._next_moe(i, self.policy.max_depth) if (overlap and self.experts is not None) else []
-            nxt = ahead[:self.policy.lookahead()]
+            # no plan at all (no prediction read back, no policy call) while the policy copies nothing ahead and no
+            # expert can be on disk: the trial's steps without copies ahead then cost what loading on demand costs
+            nxt = ahead[:self.policy.lookahead()] if (self.policy.copies_ahead or self._reads_possible) else []
             routers = tuple(self.routers[j] for j in ahead)
             if overlap and self.experts is not None:
                 routers += (self.routers[self.moe_layers[-1]],) * (self.policy.max_depth - len(routers))
@@ -331,7 +335,7 @@ class TieredEngine(Engine):
                         routed[i] = idx
                 else:
                     idx.copy_to_host_async()         # start the routing's device->host copy as soon as it exists,
-                    for p_ in preds:                  # so the sync below waits for one copy, not a round trip
+                    for p_ in (preds if nxt else ()):   # so the sync below waits for one copy, not a round trip
                         p_.copy_to_host_async()
                     if self.cpu_path and hn.shape[0] * hn.shape[1] <= CPU_MAX_ROWS:
                         hn.copy_to_host_async()       # the CPU experts' input, beside the routing
