@@ -81,6 +81,7 @@ def main(argv=None) -> int:
         prompts = [rng.integers(2, e.config.vocab_size, 32).tolist() for _ in range(B)]
         e.generate(prompts, max_new_tokens=4, stop_token_ids=())                 # compile
         h0 = dict(e.stats()["host_seconds"].get("decode", {}))
+        c0 = dict(e.stats()["host_cpu_seconds"].get("decode", {}))
         t0 = time.perf_counter()
         e.generate(prompts, max_new_tokens=args.tokens, stop_token_ids=())
         wall = time.perf_counter() - t0
@@ -88,12 +89,18 @@ def main(argv=None) -> int:
         steps = args.tokens - 1
         h1 = s["host_seconds"]["decode"]
         per = {k: 1e3 * (v - h0.get(k, 0.0)) / steps for k, v in h1.items()}
-        rows.append((B, 1e3 * s["generation"]["decode_s"] / steps, per, s["prefetch"], wall))
-    print("| batch | step ms | host ms/step by timer |  prefetch copies / used |")
-    print("|---|---|---|---|")
-    for B, step, per, pf, _ in rows:
+        cpu = {k: 1e3 * (v - c0.get(k, 0.0)) / steps for k, v in s["host_cpu_seconds"]["decode"].items()}
+        rows.append((B, 1e3 * s["generation"]["decode_s"] / steps, per, cpu, s["prefetch"], wall))
+    n_moe = len(e.moe_layers)
+    print("| batch | step ms | host ms/step by timer | engine thread CPU ms/step (per MoE layer), by activity "
+          "| prefetch copies / used |")
+    print("|---|---|---|---|---|")
+    for B, step, per, cpu, pf, _ in rows:
         timers = ", ".join(f"{k} {v:.2f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.01)
-        print(f"| {B} | {step:.2f} | {timers} | {pf['copies']} / {pf['used']} |")
+        work = ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])
+                         if v >= 0.01 and k != "step")
+        print(f"| {B} | {step:.2f} | {timers} | {cpu.get('step', 0):.2f} ({cpu.get('step', 0) / n_moe:.2f}): {work} "
+              f"| {pf['copies']} / {pf['used']} |")
     e.close()
     return 0
 

@@ -91,6 +91,11 @@ def test_bench_on_a_store(demo_checkpoint, tmp_path):
     assert rows[("on_demand", 1)]["predicted_tok_s"] == pytest.approx(planned[measured])
     assert f"| {planned[measured]:.2f} |" in table
     assert rows[("on_demand", 2)]["predicted_tok_s"] is None          # the plan is for batch 1 only
+    # host work: the engine thread's CPU time per step, at most the step's wall time, and the table's cell is it
+    cpu = budget["host_cpu_ms_per_step"]
+    n_moe = sum(Store(store).config.is_moe_layer(i) for i in range(Store(store).config.num_hidden_layers))
+    assert 0 < cpu["step"] <= budget["step_ms"] and budget["moe_layers"] == n_moe
+    assert f"| {cpu['step']:.1f} ({cpu['step'] / n_moe:.2f}) |" in table
     mem = budget["process_memory"]
     assert 0 < mem["rss"] <= mem["peak_rss"] and f"{mem['rss'] / 1e9:.1f} ({mem['peak_rss'] / 1e9:.1f})" in table
     # the all-in-HBM reference: the plain engine, no links, the same model

@@ -507,6 +507,12 @@ def test_stats_exports(store, budgets):
     assert {"routing_sync", "expert_copies", "dispatch", "prefetch"} <= set(host["decode"])
     assert all(v > 0 for v in host["decode"].values())
     assert sum(sum(v.values()) for v in host.values()) <= wall
+    # the same activities in the engine thread's CPU time (waits excluded), inside each step's own CPU time
+    cpu = s["host_cpu_seconds"]
+    assert set(cpu) == {"prefill", "decode"} and set(cpu["decode"]) == set(host["decode"]) | {"step"}
+    for ph in cpu:
+        assert sum(v for k, v in cpu[ph].items() if k != "step") <= cpu[ph]["step"] + 1e-3
+        assert all(cpu[ph][k] <= host[ph][k] + 1e-3 for k in host[ph])
     assert 0 <= s["hit_rates"]["gpu"] <= 1 and 0 <= s["hit_rates"]["host"] <= 1
     acts = np.asarray(s["expert_activations"])
     assert acts[0].sum() == 0 and acts[1:].sum() > 0      # layer 0 is dense

@@ -230,6 +230,7 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
         s = engine.stats()
         stall = s.get("stall_seconds", 0.0) - s0.get("stall_seconds", 0.0)
         h0, h1 = s0.get("host_seconds", {}).get("decode", {}), s.get("host_seconds", {}).get("decode", {})
+        c0, c1 = s0.get("host_cpu_seconds", {}).get("decode", {}), s.get("host_cpu_seconds", {}).get("decode", {})
         g = s.get("generation", s)          # the plain engine's stats are the generation's
         steps = max(tokens - 1, 1)
         after = s.get("phase_bytes", {}).get("decode", {})
@@ -252,6 +253,9 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
             copy_ahead_trial=s.get("copy_ahead_trial", {}).get(str(1 << max(B - 1, 0).bit_length())),
             copy_ahead_limit=s.get("copy_ahead_limit"),
             stall_s=stall, host_ms_per_step={k: 1e3 * (v - h0.get(k, 0.0)) / steps for k, v in h1.items()},
+            # the engine thread's CPU time (waits excluded) per step: "step" is all of it, the rest by activity
+            host_cpu_ms_per_step={k: 1e3 * (v - c0.get(k, 0.0)) / steps for k, v in c1.items()},
+            moe_layers=len(getattr(engine, "moe_layers", ()) or ()),
             predicted_tok_s=s.get("predicted_tok_s") if B == 1 else None, trace=None,   # the plan is batch 1
             cpu_experts=_cpu_per_step(s0.get("cpu_experts", {}), s.get("cpu_experts", {}), steps),
             process_memory=process_memory(),         # resident now / at peak, against the host budget
@@ -296,6 +300,13 @@ def _parallel_row(before: dict[str, Any] | None, after: dict[str, Any] | None) -
             "total": {"experts": sum(d["experts"] for d in per), "expert_bytes": sum(d["expert_bytes"] for d in per),
                       "weight_bytes": sum(d["weight_bytes"] for d in per), "assignments": total},
             "imbalance": max(d["assignments"] for d in per) / mean if mean else None}
+
+
+def _cpu_ms_cell(cpu_ms: dict, moe_layers: int) -> str:
+    """The engine thread's CPU ms per step and per MoE layer, less the CPU experts' kernel (which that thread also
+    runs, in "cpu_experts_wait": compute, not host work)."""
+    work = cpu_ms.get("step", 0.0) - cpu_ms.get("cpu_experts_wait", 0.0)
+    return f"{work:.1f}" + (f" ({work / moe_layers:.2f})" if moe_layers else "")
 
 
 def _cpu_per_step(before: dict[str, Any], after: dict[str, Any], steps: int) -> dict[str, Any] | None:
@@ -386,9 +397,10 @@ def markdown(result: dict[str, Any]) -> str:
              "| achieved GB/s (h2d / disk) | I/O roofline ms | of roofline | hit GPU/host "
              "| pred P/R (copied ahead: used/copies; trial ms/step with/without copies ahead: winner) | GPU busy "
              "| copy time under compute | host ms/step: routing sync / expert copies / dispatch "
+             "| engine thread CPU ms/step (per MoE layer, CPU experts' kernel excluded) "
              "| CPU experts/step (kernel GB/s, ms/step) "
              "| process RSS GB (peak so far) | planned tok/s (batch 1, these ceilings) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         b, a = r["bytes_per_step"], r["achieved_GB_s"]
         hit = r["hit_rates"]
@@ -409,6 +421,7 @@ def markdown(result: dict[str, Any]) -> str:
             + (f"{t['h2d_overlapped_s'] / t['h2d_s']:.0%}" if (t := r.get("trace")) and t["h2d_s"] else "-") + " | "
             + ("/".join(f"{h.get(k, 0):.1f}" for k in ("routing_sync", "expert_copies", "dispatch"))
                if (h := r.get("host_ms_per_step")) else "-") + " | "
+            + (_cpu_ms_cell(c, r.get("moe_layers", 0)) if (c := r.get("host_cpu_ms_per_step")) else "-") + " | "
             + (f"{cp['experts_per_step']:.1f} ({cp['GB_s'] or 0:.1f}, {cp['ms_per_step']:.1f})"
                if (cp := r.get("cpu_experts")) else "-") + " | "
             + (f"{m['rss'] / GB:.1f} ({m['peak_rss'] / GB:.1f})"

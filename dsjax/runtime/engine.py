@@ -622,7 +622,7 @@ class Engine:
         return groups
 
     def _step(self) -> None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         plan = self.scheduler.next_step(self._running, self._waiting, self.kv)
         self._running.extend(plan.admitted)
         self.counters["max_running"] = max(self.counters["max_running"], len(self._running))
@@ -635,6 +635,8 @@ class Engine:
             groups = self._groups(plan)
             logits = self._forward(groups, self.kv.caches)
             self._advance(plan, logits)
+            if (m := getattr(self, "metrics", None)) is not None:    # the engine thread's CPU time for the whole
+                m.host_cpu_seconds[m.phase]["step"] += time.thread_time() - c0      # step: host work, waits excluded
         except Exception as e:           # fail the step's requests only; the engine keeps serving the others
             self._recover()
             involved = plan.requests

@@ -33,16 +33,22 @@ class Metrics:
         self.phase = "prefill"               # set by the engine; transfers are also counted per phase
         self.phase_bytes: dict[str, dict[str, int]] = collections.defaultdict(lambda: collections.defaultdict(int))
         self.host_seconds: dict[str, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
+        # the same activities in CPU time of the thread that ran them (time.thread_time): host *work*, where
+        # host_seconds also holds the waits (a routing sync waits for the GPU, and for the copies before it);
+        # "forward" is a whole pass over the layers, everything the engine thread did for a step
+        self.host_cpu_seconds: dict[str, dict[str, float]] = collections.defaultdict(
+            lambda: collections.defaultdict(float))
 
     @contextlib.contextmanager
     def host(self, activity: str):
         """Time the runtime's host thread spends on `activity` (waiting for routing, issuing copies, bookkeeping):
         where a step's time goes when the GPU is neither copying nor computing. Kept per phase (prefill, decode)."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
             self.host_seconds[self.phase][activity] += time.perf_counter() - t0
+            self.host_cpu_seconds[self.phase][activity] += time.thread_time() - c0
 
     def add_transfer(self, link: str, nbytes: int, seconds: float, issued_only: bool = False) -> None:
         """Bytes moved over a link; `issued_only` marks asynchronous copies whose seconds are issue time only."""
@@ -101,6 +107,7 @@ class Metrics:
             "tokens": self.tokens,
             "phase_bytes": {ph: dict(v) for ph, v in self.phase_bytes.items()},
             "host_seconds": {ph: dict(v) for ph, v in self.host_seconds.items()},
+            "host_cpu_seconds": {ph: dict(v) for ph, v in self.host_cpu_seconds.items()},
         }
         out.update(extra or {})
         return out
@@ -122,7 +129,7 @@ def process_memory() -> dict[str, int | None]:
     return got
 
 
-DICT_LABELS = {"links": "link", "pools": "pool", "hit_rates": "tier", "host_seconds": "phase"}
+DICT_LABELS = {"links": "link", "pools": "pool", "hit_rates": "tier", "host_seconds": "phase", "host_cpu_seconds": "phase"}
 LIST_LABELS = {"layer_ms": ("layer",), "expert_activations": ("layer", "expert")}
 
 
