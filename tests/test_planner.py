@@ -105,3 +105,77 @@ def test_minimum_budgets_are_exact():
         plan(mb, g - 16, h)
     with pytest.raises(BudgetError):
         plan(mb, g, h - 96)
+
+
+# ---- fewer active experts: the options `dsjax plan` prints -------------------------------------------------------
+
+def _quality_file() -> dict:
+    """The packaged table, read here without the planner's loader."""
+    import json
+    import os
+    import dsjax
+    with open(os.path.join(os.path.dirname(dsjax.__file__), "data", "active_experts_quality.json")) as f:
+        return json.load(f)
+
+
+def test_active_experts_options_are_the_plans_of_each_k_on_v3():
+    """V3 (top-8) at 16 GB / 96 GB: the measured fractions 4/3/2/1 of 4 give k = 8, 6, 4, 2; each row is plan() of
+    that k, and fewer experts never plan slower (disk-bound at 8: fewer expert bytes per token is faster)."""
+    from dsjax.runtime.planner import active_experts_options
+    mb = ModelBytes.from_config(ModelConfig.from_dict(MODELS["v3"]), "nvfp4", "mlp")
+    quality = _quality_file()
+    links = Links(h2d=50e9, disk=12e9)
+    rows = active_experts_options(mb, "16GB", "96GB", quality, links=links, context_tokens=4096)
+    assert [r.k for r in rows] == [8, 6, 4, 2] and not any(r.selected for r in rows)
+    for r in rows:
+        # the same model with its config saying k experts per token: the bytes without with_top_k
+        mb_k = ModelBytes.from_config(ModelConfig.from_dict(dict(MODELS["v3"], num_experts_per_tok=r.k)), "nvfp4",
+                                      "mlp")
+        direct = plan(mb_k, "16GB", "96GB", links=links, context_tokens=4096)
+        assert r.placement.tokens_per_s == direct.tokens_per_s, (r.k, r.placement.tokens_per_s, direct.tokens_per_s)
+        assert (r.placement.h2d_bytes_per_token, r.placement.disk_bytes_per_token) == (
+            direct.h2d_bytes_per_token, direct.disk_bytes_per_token)
+        assert r.quality == next(q for q in quality["rows"] if q["k"] * 8 == r.k * quality["top_k"])
+    speeds = [r.placement.tokens_per_s for r in rows]
+    assert speeds == sorted(speeds) and speeds[1] > speeds[0], speeds
+    assert rows[0].k == mb.top_k and rows[0].quality["perplexity_increase"] == 0
+    assert rows[0].quality["top1_agreement"] == 1 and rows[0].quality["kl_nats"] == 0
+
+
+def test_active_experts_options_fractions_selection_and_budgets():
+    from dsjax.runtime.planner import active_experts_options
+    quality = _quality_file()
+    assert [r.k for r in active_experts_options(_toy(K=4), 1600, 9600, quality, max_gpu_layers=1,
+                                                prefetch_layers=1, context_tokens=1)] == [4, 3, 2, 1]
+    # top-6: only 6/6 and 3/6 were measured (as 4/4 and 2/4); an asked-for 5 is planned with no quality figures
+    rows = active_experts_options(_toy(E=16, K=6), 1600, 9600, quality, selected=5, max_gpu_layers=1,
+                                  prefetch_layers=1, context_tokens=1)
+    assert [(r.k, r.selected, r.quality and r.quality["k"]) for r in rows] == [(6, False, 4), (5, True, None),
+                                                                               (3, False, 2)]
+    # the planned mb already routes to 2: the rows still start at the model's own 4, and 2 is the selected one
+    rows = active_experts_options(_toy(K=4).with_top_k(2), 1600, 9600, quality, selected=2, max_gpu_layers=1,
+                                  prefetch_layers=1, context_tokens=1)
+    assert [(r.k, r.selected) for r in rows] == [(4, False), (3, False), (2, True), (1, False)]
+    # a GPU budget whose expert pool holds 2 x (1 + 1) experts in flight but not 4 x 2: k = 4 and 3 do not fit
+    mb = _toy(K=4, expert=100, core=10, head=10)
+    rows = active_experts_options(mb, 16 * 4 * 100 // 4 + 16, 96000, quality, max_gpu_layers=1, prefetch_layers=1,
+                                  context_tokens=1)
+    assert [(r.k, r.placement is None) for r in rows] == [(4, True), (3, True), (2, False), (1, False)]
+    assert active_experts_options(_toy(K=0), 1600, 9600, quality) == []
+
+
+def test_quality_file_agrees_with_results_md():
+    """dsjax/data/active_experts_quality.json and bench/RESULTS.md's table come from one run of
+    bench/active_experts_quality.py: same figures to RESULTS' printed digits."""
+    import os
+    quality = _quality_file()
+    assert quality["model"] == "shakespeare-v3-tiny" and quality["top_k"] == 4
+    assert quality["measured"]["script"] == "bench/active_experts_quality.py"
+    text = open(os.path.join(os.path.dirname(__file__), "..", "bench", "RESULTS.md")).read()
+    section = text.split("## Fewer active experts (issue 20, item 3)")[1]
+    table = re.findall(r"^\| (\d) \([-\d]\) \| ([\d.]+) \| ([+\-\d.]+)% \| ([\d.]+) \| ([\d.]+) \|", section, re.M)
+    assert [int(t[0]) for t in table] == [r["k"] for r in quality["rows"]] == [4, 3, 2, 1]
+    for (_, ppl, inc, top1, kl), r in zip(table, quality["rows"]):
+        assert (ppl, inc, top1, kl) == (f"{r['perplexity']:.2f}", f"{100 * r['perplexity_increase']:+.1f}",
+                                        f"{r['top1_agreement']:.3f}", f"{r['kl_nats']:.4f}"), (table, r)
+        assert r["fraction"] == r["k"] / quality["top_k"]

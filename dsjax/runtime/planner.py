@@ -1,6 +1,7 @@
 """The Planner: from model byte counts, memory budgets and link bandwidths to a Placement and a predicted speed.
 
-Pure bookkeeping, no I/O and no devices: it decides which layers stay resident on the GPU, how many GPU layer slots
+Pure bookkeeping, no devices and no I/O beyond reading one packaged table (the quality fewer active experts cost,
+`measured_active_experts_quality`): it decides which layers stay resident on the GPU, how many GPU layer slots
 stream the rest, how many GPU expert slots each MoE layer gets and how many experts the pinned host tier holds, and
 it predicts decode tokens/s at batch 1 from the bytes each token must move over each link. The movers (layer ring,
 expert cache, disk reader) execute the Placement; they never second-guess it.
@@ -12,7 +13,9 @@ compute) and host 40/32/16/8 of 96 (model weights, layer cache, prefetch, reserv
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import re
 
 from dsjax.config import ModelConfig
@@ -22,6 +25,10 @@ GB = 10**9
 GIB = 2**30
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+# What routing each token to fewer of its experts cost the embedded model, per k (bench/active_experts_quality.py).
+ACTIVE_EXPERTS_QUALITY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+                                      "active_experts_quality.json")
 
 GPU_SPLIT = dict(reserve=2, active_layers=8, expert_cache=4, compute=2)         # of 16 (seed §3.1)
 HOST_SPLIT = dict(model_weights=40, layer_cache=32, prefetch=16, reserve=8)     # of 96 (seed §3.2)
@@ -340,3 +347,52 @@ def minimum_host_memory(mb: ModelBytes) -> int:
     total = sum(HOST_SPLIT.values())
     return max(-(-mb.embed * total // HOST_SPLIT["model_weights"]),
                -(-mb.top_k * mb.expert * total // HOST_SPLIT["prefetch"]))
+
+
+# ---- fewer active experts: what each k would run at, beside what it cost where it was measured ---------------------
+
+def measured_active_experts_quality(path: str = ACTIVE_EXPERTS_QUALITY) -> dict:
+    """The quality cost of `active_experts = k` as bench/active_experts_quality.py measured it on the embedded toy model
+    (dsjax/data/shakespeare-v3-tiny, top-4 of 16 experts): {model, top_k, measured: {command, ...}, rows: [{k,
+    fraction, perplexity, perplexity_increase, top1_agreement, kl_nats}]}. Not a measurement of any other model."""
+    with open(path) as f:
+        return json.load(f)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ActiveExpertsOption:
+    """One row of `dsjax plan`'s options: the plan with each token routed to k experts, and the quality that k / top-k
+    cost the model it was measured on (None: no measurement at that fraction)."""
+
+    k: int
+    fraction: float                       # k / the model's own top-k
+    placement: Placement | None           # None: the budgets cannot hold this k (BudgetError)
+    quality: dict | None                  # a row of measured_active_experts_quality() at the same fraction
+    selected: bool                        # the k that was asked for (active_experts)
+
+
+def active_experts_options(mb: ModelBytes, gpu_memory: int | str, host_memory: int | str, quality: dict, *,
+                           selected: int = 0, **plan_kwargs) -> list[ActiveExpertsOption]:
+    """The model's own top-k and each fewer k at the fractions `quality` was measured at (top-4 measured at 4/3/2/1:
+    V3's top-8 -> 8, 6, 4, 2), plus `selected` if it is another k; largest k first. Each row plans `mb.with_top_k(k)`
+    under the same budgets and plan_kwargs as `plan`.
+
+    >>> mb = ModelBytes.from_config(ModelConfig.from_json("DeepSeek-V3/config.json"), "nvfp4", "mlp")
+    >>> rows = active_experts_options(mb, "16GB", "96GB", measured_active_experts_quality())
+    >>> [(r.k, round(r.placement.tokens_per_s, 2), r.quality["perplexity_increase"]) for r in rows]
+    [(8, 1.2, 0.0), (6, 1.6, 0.01373), (4, 1.85, 0.05885), (2, 2.07, 0.28303)]
+    """
+    K = mb.model_top_k or mb.top_k
+    if not K or not mb.moe_layers:
+        return []
+    Q = quality["top_k"]
+    at = {r["k"] * K // Q: r for r in quality["rows"] if r["k"] * K % Q == 0 and r["k"] * K // Q >= 1}
+    ks = sorted(set(at) | ({selected} if 1 <= selected <= K else set()), reverse=True)
+    rows = []
+    for k in ks:
+        try:
+            p = plan(mb.with_top_k(k), gpu_memory, host_memory, **plan_kwargs)
+        except BudgetError:
+            p = None
+        rows.append(ActiveExpertsOption(k=k, fraction=k / K, placement=p, quality=at.get(k), selected=k == selected))
+    return rows
