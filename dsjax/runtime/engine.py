@@ -503,6 +503,21 @@ class Engine:
                                    "requests": self.requests_status(), "steps": self._step_counters(),
                                    "expert_activations": self._activations()})
 
+    def save_popularity(self, path) -> dict[str, Any]:
+        """Write the expert activations counted since load (stats()["expert_activations"], [n_layers][E]) to `path`
+        as JSON, with the model's name and its store's source fingerprint: the measured popularity that
+        memory_config.hot_experts chooses its GPU-resident experts by, and that devices= balances its split by.
+
+        Example:
+            >>> engine.generate(representative_prompts, max_new_tokens=64)
+            >>> engine.save_popularity("pop.json")
+            >>> hot = dsjax.load(store, gpu_memory="16GB", hot_experts=64, popularity="pop.json")
+        """
+        from dsjax.runtime.popularity import write_popularity
+        store = getattr(self, "store", None)
+        fingerprint = store.manifest.source.get("fingerprint") if store is not None else None
+        return write_popularity(path, self.stats()["expert_activations"], model=self.name, fingerprint=fingerprint)
+
     def _step_counters(self) -> dict[str, Any]:
         c = self.counters
         return {"steps": c["steps"], "decode_rows": c["decode_rows"], "prefill_tokens": c["prefill_tokens"],

@@ -48,6 +48,7 @@ from dsjax.runtime.engine import DEFAULT_CONTEXT, Engine
 from dsjax.runtime.kv_pool import PAGE_TOKENS, KVPool
 from dsjax.runtime.plan_devices import ACTIVATION_RESERVE, device_weight_bytes
 from dsjax.runtime.planner import BudgetError, fmt_bytes
+from dsjax.runtime.popularity import as_popularity, layer_popularity
 from dsjax.runtime.requests import PromptError
 
 AXIS = "expert"
@@ -231,21 +232,6 @@ def place_layer(w: dict, mesh: Mesh, shards: ExpertShards | None, dtype) -> dict
             out[k] = _stack_on_mesh([jax.tree.map(lambda a, ids=ids: a[ids], host) for ids in shards.experts], mesh)
         out[SLOTS_KEY] = _shard_stack(list(shards.slots()[:, None]), mesh)
     return out
-
-
-def layer_popularity(popularity, layer: int, n_experts: int) -> np.ndarray | None:
-    """A layer's popularity row from None, one [E] row for every layer, per-layer rows [n_layers, E] (the layout of
-    the tiered runtime's Metrics.activations) or a {layer: [E]} dict."""
-    if popularity is None:
-        return None
-    if isinstance(popularity, dict):
-        row = popularity.get(layer)
-        return None if row is None else np.asarray(row, np.float64)
-    a = np.asarray(popularity, np.float64)
-    row = a if a.ndim == 1 else a[layer]
-    if row.shape != (n_experts,):
-        raise ValueError(f"popularity of layer {layer} has shape {row.shape}; expected [{n_experts}]")
-    return row if row.sum() > 0 else None
 
 
 def _expert_nbytes(w: dict) -> int:
@@ -548,7 +534,8 @@ def load_parallel(path: str | os.PathLike, devices, dtype: str = "bfloat16", *, 
 
     `devices`: N (the first N of jax.devices()), a list of jax devices, or a Mesh with an `expert` axis.
     `popularity`: measured expert activations to balance the split by (None; [E]; [n_layers, E], e.g. a tiered run's
-    Metrics.activations; or {layer: [E]}). Budgets (tiered expert parallelism) are not built: see plan_devices.py.
+    Metrics.activations; or {layer: [E]}; or the path of a file written by engine.save_popularity). Budgets (tiered
+    expert parallelism) are not built: see plan_devices.py.
     `enable_fusion`: FP4 weights through the fused kernels (default: on for a store, as in_memory=True).
     In a run of several processes (jax.distributed; multihost.initialize) every process calls this with the same
     arguments and gets a multihost.MultiHostEngine: process 0 takes requests, the others call engine.follow().
@@ -579,6 +566,7 @@ def load_parallel(path: str | os.PathLike, devices, dtype: str = "bfloat16", *, 
                          "`dsjax convert SRC DST --format nvfp4`, or drop gpu_memory")
     budget_left = None
     dt = _dtype(dtype)
+    popularity = as_popularity(popularity)
     mesh = as_mesh(devices)
     N = int(mesh.shape[AXIS])
     idle = sorted(set(range(jax.process_count())) - {d.process_index for d in mesh.devices.flat})
