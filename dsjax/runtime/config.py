@@ -39,6 +39,10 @@ class MemoryConfig:
     preload_experts: bool = True     # fill the host expert cache and GPU expert slots from disk at load
     active_experts: int = 0          # route each token to its top k experts, 1..num_experts_per_tok (fewer bytes per
     #                                  token, at a quality cost: bench/RESULTS.md); 0 = the model's num_experts_per_tok
+    hot_experts: int = 0             # experts per MoE layer kept in GPU slots for the engine's life: the most popular
+    #                                  of each layer by `popularity` (fewer host->GPU bytes per token, same tokens)
+    popularity: str = ""             # JSON file of measured expert activations (engine.save_popularity): chooses the
+    #                                  hot experts and the order preload_experts loads in; "" = none
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -145,6 +149,8 @@ class RuntimeConfig:
         if m.active_experts < 0:
             raise RuntimeConfigError(f"memory_config.active_experts={m.active_experts} must be >= 0 (0 = the model's "
                                      "num_experts_per_tok, else 1..num_experts_per_tok)")
+        if m.hot_experts < 0:
+            raise RuntimeConfigError(f"memory_config.hot_experts={m.hot_experts} must be >= 0 (0 = no hot set)")
         if m.max_batch_size < m.min_batch_size:
             raise RuntimeConfigError(f"memory_config.max_batch_size={m.max_batch_size} must be >= min_batch_size="
                                      f"{m.min_batch_size}")

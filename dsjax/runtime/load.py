@@ -51,6 +51,9 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None
     tiered expert parallelism is not built yet), presets and tiered runtime options do not combine with it. `active_experts=k` (memory_config.active_experts) routes each token to the top k of the
     model's num_experts_per_tok experts, renormalised as the model does (fewer expert bytes per token, at a quality
     cost: bench/RESULTS.md); it applies to every kind of engine, Hugging Face checkpoints and in_memory included.
+    `hot_experts=N` (memory_config.hot_experts) keeps the N most popular experts of each MoE layer in GPU slots for the
+    engine's life, chosen by `popularity`: the path of a file written by `engine.save_popularity(path)`, or counts
+    ([n_layers, E], [E] or {layer: [E]}; e.g. another engine's stats()["expert_activations"]).
 
     Example:
         >>> engine = dsjax.load("v3-nvfp4-store", preset="balanced", gpu_memory="16GB", host_memory="96GB")
@@ -97,9 +100,13 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None
             return in_memory_engine(Store(path), dt, tok, prefill_form=prefill_form, name=name, enable_fusion=fusion,
                                     active_experts=active)
         budgets = {k: v for k, v in (("gpu_memory", gpu_memory), ("host_memory", host_memory)) if v is not None}
+        popularity = overrides.pop("popularity", None)     # a file path is a config key; counts go to the engine
+        if isinstance(popularity, (str, os.PathLike)):
+            overrides["popularity"], popularity = os.fspath(popularity), None
         runtime = (RuntimeConfig.from_preset(preset, **budgets, **overrides) if preset
                    else RuntimeConfig.from_dict({}, **budgets, **overrides))
-        return TieredEngine(Store(path), runtime, dt, tok, prefill_form=prefill_form, name=name, links=links)
+        return TieredEngine(Store(path), runtime, dt, tok, prefill_form=prefill_form, name=name, links=links,
+                            popularity=popularity)
     active = overrides.pop("active_experts", 0)
     if preset or gpu_memory is not None or host_memory is not None or overrides or links is not None:
         raise ValueError(f"{path} is a Hugging Face checkpoint: presets, budgets, links and runtime options (but "

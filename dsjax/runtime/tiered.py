@@ -31,6 +31,7 @@ from dsjax.runtime.kv_pool import PAGE_TOKENS, kv_bytes_per_token
 from dsjax.runtime.memory import MemoryManager
 from dsjax.runtime.metrics import Metrics, json_line, process_memory, prometheus_text
 from dsjax.runtime.planner import BudgetError, Links, ModelBytes, Pools, fmt_bytes, plan
+from dsjax.runtime.popularity import check_hot_room, engine_popularity, hot_set, popularity_order
 from dsjax.runtime.prefetch import CPU_MAX_ROWS, CPU_PRIOR_BPS, DISK, GPU, HOST, READING, PrefetchPolicy, StepSample
 from dsjax.runtime.programs import LayerPrograms
 from dsjax.runtime.tiers import DiskReader, ExpertCache, HostCache, LayerManager, shardings, tree_nbytes
@@ -115,8 +116,10 @@ class TieredEngine(Engine):
     """
 
     def __init__(self, store, runtime: RuntimeConfig, dtype, tokenizer=None, *, prefill_form="naive",
-                 links: Links | None = None, name: str = "", device=None):
+                 links: Links | None = None, name: str = "", device=None, popularity=None):
         cfg = active_experts_config(store.config, runtime.memory_config.active_experts)   # every program sees its k
+        # measured expert popularity (memory_config.popularity, or counts given here): the hot set and preload order
+        self.popularity, self.popularity_source = engine_popularity(store, runtime.memory_config, popularity)
         self.store = store
         self.runtime = runtime
         self.device = device if device is not None else jax.devices()[0]
@@ -203,6 +206,16 @@ class TieredEngine(Engine):
             self.host_cache = HostCache(min(p.host_experts * moe, host_room), self.mm, self.metrics, nb,
                                         device=self.device)
             self.disk = DiskReader(store, self.metrics, layout)
+        # memory_config.hot_experts: the most popular experts of each MoE layer, pinned in GPU slots for good
+        self.hot = hot_set(self.popularity, self.moe_layers, E, mc.hot_experts) \
+            if self.experts is not None and mc.hot_experts else {}
+        self._hot_rows = {i: np.isin(np.arange(E), ex) for i, ex in self.hot.items()}
+        self._hot_loaded = False
+        self.hot_counters = {"loads": 0, "seconds": 0.0, "hits": 0, "uses": 0, "assignments": 0,
+                             "assignments_hot": 0}
+        if self.hot:
+            check_hot_room(mc.hot_experts, moe, self.experts.slots.capacity, cfg.num_experts_per_tok,
+                            mc.prefetch_layers)
         self.sched = LayerPrograms.shared(cfg, use_cuda_graph=cc.use_cuda_graph,
                                           parallel_shared=cc.use_parallel_compute, enable_fusion=cc.enable_fusion)
         # Decide (pure: prefetch.py) apart from move (the movers: self.experts, self.host_cache, self.disk)
@@ -238,6 +251,8 @@ class TieredEngine(Engine):
                          min_batch_size=mc.min_batch_size, dynamic_batch=mc.dynamic_batch, max_context=context,
                          step_tokens=mc.step_tokens, kv_pages=int(pages), device=self.device, mm=self.mm)
         self.preloaded = {"host": 0, "gpu": 0, "seconds": 0.0}
+        if self.hot:
+            self._load_hot()
         if mc.preload_experts and self.experts is not None:
             self._preload()
 
@@ -254,23 +269,62 @@ class TieredEngine(Engine):
     def _preload(self, chunk: int = 32) -> None:
         """preload_experts: read the same share of every MoE layer's experts from disk at load (as many as the host
         cache holds, at least as many as the GPU slots hold), in batched reads on the loader threads, and copy the
-        first of them into the GPU expert slots, so the first tokens meet the steady state instead of the disk."""
+        first of them into the GPU expert slots, so the first tokens meet the steady state instead of the disk. With
+        popularity the most popular go first (else the lowest ids); the hot set, already on the GPU, is skipped."""
         t0 = time.perf_counter()
         self._set_phase("load")
         moe, E = len(self.moe_layers), self.config.n_routed_experts
-        per_host = self.host_cache.slots.capacity // moe
-        per_gpu = min(E, self.experts.slots.capacity // moe)
+        n_hot = self.runtime.memory_config.hot_experts if self.hot else 0
+        per_host = min(E - n_hot, self.host_cache.slots.capacity // moe)
+        per_gpu = min(E - n_hot, (self.experts.slots.capacity - n_hot * moe) // moe)
         n = max(per_host, per_gpu)
-        reads = [(i, self.disk.read(i, list(range(c, min(n, c + chunk))), stage=self.host_cache.put))
+        order = {i: [int(e) for e in popularity_order(self.popularity, i, E) if not self.hot or e not in self.hot[i]]
+                 for i in self.moe_layers}
+        reads = [(i, self.disk.read(i, sorted(order[i][c:min(n, c + chunk)]), stage=self.host_cache.put))
                  for i in self.moe_layers for c in range(0, n, chunk)]
+        gpu = {(i, e) for i in self.moe_layers for e in order[i][:per_gpu]}
         rows: dict[tuple[int, int], Any] = {}
         for i, f in reads:
-            rows.update({(i, e): r for e, r in f.result().items() if e < per_gpu})
+            rows.update({(i, e): r for e, r in f.result().items() if (i, e) in gpu})
         for i in self.moe_layers:
-            self.experts.load([((i, e), rows.pop((i, e))) for e in range(per_gpu)])
+            self.experts.load([((i, e), rows.pop((i, e))) for e in order[i][:per_gpu]])
         jax.block_until_ready(self.experts.flush())
         self.preloaded = {"host": per_host * moe, "gpu": per_gpu * moe, "seconds": time.perf_counter() - t0}
         self._set_phase("prefill")
+
+    def _load_hot(self) -> None:
+        """Read the hot set (memory_config.hot_experts) from disk and copy it into GPU slots pinned for the engine's
+        life: at load, and again after a failed step consumed the slot pool. It bypasses the host cache (a pinned
+        expert never needs its host copy again): the host cache's room goes to the experts after it."""
+        t0, phase = time.perf_counter(), self.metrics.phase
+        self._set_phase("load")
+        try:
+            reads = [(i, self.disk.read(i, experts)) for i, experts in self.hot.items()]
+            self.experts.load_hot([((i, e), row) for i, f in reads for e, row in f.result().items()])
+            jax.block_until_ready(self.experts.pool)
+        finally:
+            self._set_phase(phase)
+        self._hot_loaded = True
+        self.hot_counters["loads"] += 1
+        self.hot_counters["seconds"] += time.perf_counter() - t0
+
+    def _hot_report(self) -> dict[str, Any]:
+        """stats()["hot_experts"]: the hot set's size, bytes and how much of the routing it served."""
+        mc, c = self.runtime.memory_config, self.hot_counters
+        out: dict[str, Any] = {"per_layer": mc.hot_experts if self.hot else 0, "popularity": self.popularity_source}
+        if mc.hot_experts and not self.hot:
+            out["note"] = "every routed expert is resident on the GPU: no hot set needed" if self.full_experts \
+                else "no routed experts"
+        if not self.hot:
+            return out
+        keys = [(i, e) for i, ex in self.hot.items() for e in ex]
+        out.update({"experts": len(keys), "bytes": len(keys) * self.experts.expert_bytes,
+                    "resident": int(sum(self.experts.lookup(k, count=False) is not None for k in keys)),
+                    "layers": {str(i): ex for i, ex in self.hot.items()}, **c,
+                    # of the (layer, expert) uses of the MoE layers' steps, those the hot set served (no copy)
+                    "hit_rate": c["hits"] / c["uses"] if c["uses"] else None,
+                    "assignment_share": c["assignments_hot"] / c["assignments"] if c["assignments"] else None})
+        return out
 
     # ---- the layer loop ------------------------------------------------------------------------------------------
     def _forward(self, groups: list[Group], caches: list[dict]) -> list[jax.Array]:
@@ -278,6 +332,8 @@ class TieredEngine(Engine):
         for all their tokens together (merged when there are several), so the experts a step needs move once."""
         cfg = self.config
         overlap = self.runtime.compute_config.overlap_io
+        if self.hot and not self._hot_loaded:             # a failed step consumed the slot pool: load it again
+            self._load_hot()
         self._step_start = (time.perf_counter(), self.metrics.link_bytes.get("host->GPU", 0))
         s_dev = shardings(self.device)[0]
         # every group's inputs in one transfer call: embedded tokens, positions, page tables, valid masks
@@ -378,7 +434,15 @@ class TieredEngine(Engine):
             if cpu_job is not None:                   # their assignments get slot P: zero rows on the GPU
                 used = [e for e in used if e not in cpu_job.experts]
         overlap_compute = self.runtime.compute_config.overlap_compute
-        chunks = self.policy.chunks(used, P, overlap_compute) or [[]]       # [[]]: every expert on the CPU
+        hot_used: list[int] = []
+        if self.hot:                                  # resident and pinned: no slot to find, no copy; first chunk
+            hot = self._hot_rows[i] & self.experts.resident(i, self.config.n_routed_experts)
+            hot_used = [e for e in used if hot[e]]
+            used = [e for e in used if not hot[e]]
+            self._count_hot(i, real, len(hot_used), len(routed))
+        room = P - len(self.experts.hot)                # slots the other experts may take
+        chunks = self.policy.chunks(used, room, overlap_compute) or [[]]    # [[]]: every expert on the CPU / hot
+        chunks[0] = hot_used + chunks[0]
         if overlap_compute and len(chunks) > 1:                          # read later chunks while earlier compute
             tiers = self._tiers(i)
             for ch in chunks[1:]:
@@ -407,6 +471,14 @@ class TieredEngine(Engine):
             acc = self._finish_cpu_experts(i, cpu_job, acc)
         with m.host("dispatch"):
             return self.sched.moe_out(w, h, hn, acc, weight, shared)
+
+    def _count_hot(self, i: int, real: np.ndarray, hits: int, uses: int) -> None:
+        """The hot set's share of layer i's step: experts used (distinct) and token-expert assignments."""
+        c = self.hot_counters
+        c["hits"] += hits
+        c["uses"] += uses
+        c["assignments"] += real.size
+        c["assignments_hot"] += int(self._hot_rows[i][real].sum())
 
     def _start_cpu_experts(self, i: int, hn, ids: np.ndarray, valid: np.ndarray, used: list[int]):
         """The CPU path's job for layer i: the policy's pick of the routed experts that miss the GPU but sit in the
@@ -579,7 +651,8 @@ class TieredEngine(Engine):
             self._prefetch_pins.clear()
             self._predicted.clear()
             self._pending.clear()
-            self.experts.recover()
+            if not self.experts.recover():                # the hot set went with the pool: next step reloads it
+                self._hot_loaded = False
 
     # ---- monitoring -----------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -620,6 +693,7 @@ class TieredEngine(Engine):
             "disk_reads_pending_max": self.max_reads_pending,
             "reads_ahead_by_depth": dict(self.reads_ahead_by_depth),
             "preloaded_experts": self.preloaded,
+            "hot_experts": self._hot_report(),
             "cpu_experts": {"enabled": int(self.cpu_path is not None), "mode": self.runtime.compute_config.cpu_experts,
                             "reason": self.cpu_experts_reason, **(self.cpu_path.stats() if self.cpu_path else
                                                                   {"experts": 0, "bytes": 0, "seconds": 0.0})},

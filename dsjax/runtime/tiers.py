@@ -196,6 +196,7 @@ class ExpertCache:
         self.pool = self._empty_pool()
         self._pending: dict[int, Any] = {}      # slot -> its expert's buffer on the GPU (copy issued), not yet written
         self._resident = Residency()
+        self.hot: set = set()                    # keys pinned for the cache's life (memory_config.hot_experts)
 
     def resident(self, layer: int, n: int) -> np.ndarray:
         """[n] bool: which experts of `layer` have a slot (copied, or copy issued)."""
@@ -204,17 +205,39 @@ class ExpertCache:
     def _empty_pool(self):
         return jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), self._s_dev), self._template)
 
-    def recover(self) -> None:
-        """After a failed step: no expert stays pinned or half-copied; a pool consumed by a failed (donating) call is
-        rebuilt empty and every slot forgotten."""
-        self._pending = {}
+    def recover(self) -> bool:
+        """After a failed step: no expert stays pinned or half-copied but the hot set; a pool consumed by a failed
+        (donating) call is rebuilt empty and every slot forgotten, the hot set's too. True when the hot set is still
+        resident (its pins kept), False when it must be loaded again."""
         self.slots.clear_pins()
-        if any(a.is_deleted() for a in jax.tree.leaves(self.pool)):
+        broken = any(a.is_deleted() for a in jax.tree.leaves(self.pool))
+        if not broken:
+            try:     # copies issued before the failure (ahead of their layer) are written: a slot that names an
+                self.flush()    # expert must hold it, or a later hit computes with the slot's previous expert
+            except Exception:
+                broken = True
+        self._pending = {}
+        if broken:
             self.pool = self._empty_pool()
             counters = self.slots.counters
             self.slots = SlotCache(self.slots.capacity, self._decay)
             self.slots.counters = counters
             self._resident.clear()
+            return not self.hot
+        for key in self.hot:                    # copied by a flush that ran: in the pool, pinned again
+            self.slots.pin(key)
+        return True
+
+    def load_hot(self, items: list[tuple[Any, Any]]) -> None:
+        """Copy the hot set [(key, buffer)] into slots, pinned for the cache's life (the per-step unpins balance their
+        own pins; recover re-pins it), and write them into the pool."""
+        self.hot = {key for key, _ in items}
+        todo = [(k, row) for k, row in items if k not in self.slots]
+        for key, _ in items:
+            if key in self.slots:
+                self.slots.pin(key)
+        self.load(todo, pin=True)
+        self.flush()
 
     def lookup(self, key, count: bool = True) -> int | None:
         return self.slots.lookup(key) if count else self.slots.peek(key)
