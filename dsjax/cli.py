@@ -140,6 +140,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         with trace:
             rc = _generate(engine, args)
+        if args.save_popularity:
+            engine.save_popularity(args.save_popularity)
+            print(f"[dsjax] expert activations of this run written to {args.save_popularity} (load with "
+                  f"--set hot_experts=N --set popularity={args.save_popularity})", file=sys.stderr)
         if args.stats and hasattr(engine, "stats_prometheus"):
             from dsjax.runtime.metrics import json_line, prometheus_text
             stats = _readable_stats(engine.stats())
@@ -358,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host-memory", default=None, help="pinned host budget for a store, e.g. 96GB")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any memory_config / compute_config key for a store, e.g. --set max_gpu_layers=2 (repeatable)")
+    g.add_argument("--save-popularity", default=None, metavar="PATH",
+                   help="after generating, write the expert activations counted since load to PATH (JSON): the "
+                   "popularity that --set hot_experts=N --set popularity=PATH keeps the most used experts on the GPU by")
     add_device_args(g)
     _add_sampling(g)
     g.set_defaults(fn=cmd_generate)

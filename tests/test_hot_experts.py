@@ -246,3 +246,23 @@ def test_popularity_orders_the_preload(skewed):
     top = [(i, x) for i in (1, 2, 3) for x in range(15, 15 - per_gpu, -1)]
     assert _on_gpu(e, top) == top and not _on_gpu(e, [(i, 0) for i in (1, 2, 3)])
     assert [g.token_ids for g in e.generate(PROMPTS, max_new_tokens=6, stop_token_ids=())] == want
+
+
+def test_cli_saves_popularity_and_loads_a_hot_set(store, tmp_path, capsys):
+    """dsjax generate --save-popularity PATH, then --set hot_experts=N --set popularity=PATH: the same text; without
+    popularity the error names the fix (exit 2)."""
+    from dsjax.cli import main
+    kw = _budget(store)
+    args = ["generate", store, "--prompt", "Thou art", "--max-new-tokens", "6", "--dtype", "float32", "--json",
+            "--temperature", "0", "--gpu-memory", str(kw["gpu_memory"]), "--host-memory", str(kw["host_memory"]),
+            "--set", "max_gpu_layers=1", "--set", "prefetch_layers=1", "--set", "max_context=128"]
+    pop = str(tmp_path / "pop.json")
+    assert main(args + ["--save-popularity", pop]) == 0
+    out = capsys.readouterr()
+    assert f"written to {pop}" in out.err
+    counts = read_popularity(pop)["activations"]
+    assert counts[1:].sum() == 3 * 4 * (len(json.loads(out.out)["prompt_ids"]) + 5)
+    assert main(args + ["--set", "hot_experts=2", "--set", f"popularity={pop}"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == json.loads(out.out)["token_ids"]
+    assert main(args + ["--set", "hot_experts=2"]) == 2
+    assert "needs measured popularity" in capsys.readouterr().err
