@@ -6,6 +6,8 @@
 #   bash bench/request_engine_gpu.sh slice | gputests   # the slice alone | the CPU path's GPU tests
 #   bash bench/request_engine_gpu.sh arrivals       # bench/arrivals.py: 32 Poisson arrivals vs the static batch 32
 #   bash bench/request_engine_gpu.sh serve          # dsjax serve + bench/serve_load.py at 1, 8, 32, 64 streams
+#   bash bench/request_engine_gpu.sh hot [N] | options | hbm   # b1 with N hot experts per layer (popularity measured
+#                                                   # first) | with active_experts 6 and 4 | the whole slice in HBM
 #   OUT=/tmp/res setsid nohup bash bench/request_engine_gpu.sh all > /tmp/res/pipeline.log 2>&1 &
 #                                                   # every step in order, in the background of one warm machine
 # Results go to $OUT (JSON + logs); the slice and the compile caches stay in /tmp while the machine is warm.
@@ -71,10 +73,30 @@ case "${1:-}" in
     done
     echo "=== done $(date +%T)"
     ;;
+  hbm)                 # the whole slice in HBM at batch 1 (issue 20, item 4)
+    use_tree "${NEW_TREE:-.}" new
+    python3 -m dsjax.cli bench "$S" --configs hbm --batches 1 --tokens 16 --prompt-len 32 --no-trace \
+      --out "$OUT/bench_hbm_b1.json" 2>&1 | tail -5
+    ;;
+  hot)                 # popularity from 8 x 64 tokens of random prompts, then bench b1 with a GPU-resident hot set
+    use_tree "${NEW_TREE:-.}" new
+    python3 -c "import dsjax, numpy as np; e = dsjax.load('$S', gpu_memory='16GB', host_memory='96GB'); \
+r = np.random.default_rng(0); e.generate([[int(t) for t in r.integers(100, 20000, 32)] for _ in range(8)], \
+max_new_tokens=64); e.save_popularity('$OUT/pop.json'); e.close()" 2>&1 | tail -2
+    python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --configs on_demand,budget --batches 1 --tokens 8 --prompt-len 32 \
+      --no-trace --set hot_experts="${2:-8}" --set popularity="$OUT/pop.json" --out "$OUT/bench_hot_b1.json" 2>&1 | tail -8
+    ;;
+  options)             # fewer active experts at batch 1
+    use_tree "${NEW_TREE:-.}" new
+    for k in 6 4; do
+      python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --configs on_demand,budget --batches 1 --tokens 8 --prompt-len 32 \
+        --no-trace --set active_experts=$k --out "$OUT/bench_k${k}_b1.json" 2>&1 | tail -5
+    done
+    ;;
   cpu)
     use_tree "${NEW_TREE:-.}" new
     python3 -m pytest -q -p no:cacheprovider tests/test_cpu_experts.py 2>&1 | tail -2
     python3 bench/cpu_experts_bench.py --out "$OUT/cpu_experts.json" 2>&1 | tail -30
     ;;
-  *) echo "usage: $0 setup | slice | gputests | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY] | cpu | all"; exit 2 ;;
+  *) echo "usage: $0 setup | slice | gputests | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY] | hot [N] | options | hbm | cpu | all"; exit 2 ;;
 esac
