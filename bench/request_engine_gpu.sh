@@ -6,6 +6,7 @@
 #   bash bench/request_engine_gpu.sh slice | gputests   # the slice alone | the CPU path's GPU tests
 #   bash bench/request_engine_gpu.sh arrivals       # bench/arrivals.py: 32 Poisson arrivals vs the static batch 32
 #   bash bench/request_engine_gpu.sh serve          # dsjax serve + bench/serve_load.py at 1, 8, 32, 64 streams
+#   bash bench/request_engine_gpu.sh copies         # bench/copy_paths.py: issue time of expert copies by path
 #   bash bench/request_engine_gpu.sh hot [N] | options | hbm   # b1 with N hot experts per layer (popularity measured
 #                                                   # first) | with active_experts 6 and 4 | the whole slice in HBM
 #   OUT=/tmp/res setsid nohup bash bench/request_engine_gpu.sh all > /tmp/res/pipeline.log 2>&1 &
@@ -48,8 +49,9 @@ case "${1:-}" in
     ;;
   arrivals)
     use_tree "${NEW_TREE:-.}" new
-    python3 bench/arrivals.py "$S" "${BUDGET[@]}" --requests 32 --rate 8 --prompt-len 32:512 --output-len 16:256 \
-      --static-batch 32 --static-prompt 32 --static-tokens 8 --out "$OUT/arrivals.json" 2>&1 | tail -8
+    # outputs 16-96 (run 4: 16-256 ran past 15 minutes); progress in arrivals.log as it goes
+    python3 bench/arrivals.py "$S" "${BUDGET[@]}" --requests 32 --rate 8 --prompt-len 32:512 --output-len 16:96 \
+      --static-batch 32 --static-prompt 32 --static-tokens 8 --out "$OUT/arrivals.json" 2>&1 | tee "$OUT/arrivals.log" | tail -8
     ;;
   serve)
     use_tree "${NEW_TREE:-.}" new
@@ -72,6 +74,10 @@ case "${1:-}" in
       echo "=== $step $(date +%T)"; bash "$ROOT/bench/request_engine_gpu.sh" $step
     done
     echo "=== done $(date +%T)"
+    ;;
+  copies)              # bench/copy_paths.py: the engine thread's time per expert copy, by path
+    use_tree "${NEW_TREE:-.}" new
+    (cd /tmp && python3 "$ROOT/${NEW_TREE:-.}/bench/copy_paths.py" --experts 1,8,16 --reps 20 --out "$OUT/copy_paths.json" 2>&1 | tail -22)
     ;;
   hbm)                 # the whole slice in HBM at batch 1 (issue 20, item 4)
     use_tree "${NEW_TREE:-.}" new
@@ -98,5 +104,5 @@ max_new_tokens=64); e.save_popularity('$OUT/pop.json'); e.close()" 2>&1 | tail -
     python3 -m pytest -q -p no:cacheprovider tests/test_cpu_experts.py 2>&1 | tail -2
     python3 bench/cpu_experts_bench.py --out "$OUT/cpu_experts.json" 2>&1 | tail -30
     ;;
-  *) echo "usage: $0 setup | slice | gputests | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY] | hot [N] | options | hbm | cpu | all"; exit 2 ;;
+  *) echo "usage: $0 setup | slice | gputests | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY] | hot [N] | options | hbm | copies | cpu | all"; exit 2 ;;
 esac

@@ -133,3 +133,33 @@ def test_disk_ceiling_reads_every_file_whole_concurrently(tmp_path, monkeypatch)
     monkeypatch.setattr("builtins.open", spy_open)
     assert bench_mod.read_rate(files) == sum(sizes) / 2.0
     assert 1 < len(threads) <= bench_mod.DISK_READERS
+
+
+def test_copy_paths_script_writes_the_same_bytes_by_every_path(tmp_path):
+    """bench/copy_paths.py (issue 20, item 1: where the engine thread's time goes per expert copy) on the CPU backend:
+    the copy inside the slot write (path B) must write the bytes today's list put + slot write (path A) writes, and
+    both the experts' own bytes (the script exits non-zero otherwise); every path is timed for every count, and the
+    copying paths report n x the layout's bytes."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "copy_paths.json"
+    r = subprocess.run([sys.executable, str(root / "bench" / "copy_paths.py"), "--experts", "1,3", "--reps", "2",
+                        "--hidden", "256", "--inter", "128", "--slots", "4", "--out", str(out)],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                       env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.read_text())
+    B = d["expert_bytes"]
+    # NVFP4 expert of hidden 256, intermediate 128: each of gate, up, down holds 128 x 256 values (packed two per byte,
+    # one scale per 16) and a float32 global scale, every part starting on a 256-byte boundary
+    packed = 128 * 256 // 2
+    scales = 128 * 256 // 16
+    assert B == 3 * (packed + scales + 256)
+    rows = {(x["path"][0], x["experts"]): x for x in d["rows"]}
+    assert set(rows) == {(p, n) for p in "ABCDEF" for n in (1, 3)}
+    for (p, n), x in rows.items():
+        assert x["bytes"] == (n * B if p in "ABCD" else 0)
+        assert x["total_ms"] > 0 and x["issue_cpu_ms"] >= 0
