@@ -7,6 +7,7 @@
 #   bash bench/request_engine_gpu.sh arrivals       # bench/arrivals.py: 32 Poisson arrivals vs the static batch 32
 #   bash bench/request_engine_gpu.sh serve          # dsjax serve + bench/serve_load.py at 1, 8, 32, 64 streams
 #   bash bench/request_engine_gpu.sh copies         # bench/copy_paths.py: issue time of expert copies by path
+#   bash bench/request_engine_gpu.sh copyjit        # bench b1 with --set expert_copy=jit (beside 'bench NEW 1')
 #   bash bench/request_engine_gpu.sh hot [N] | options | hbm   # b1 with N hot experts per layer (popularity measured
 #                                                   # first) | with active_experts 6 and 4 | the whole slice in HBM
 #   OUT=/tmp/res setsid nohup bash bench/request_engine_gpu.sh all > /tmp/res/pipeline.log 2>&1 &
@@ -79,6 +80,11 @@ case "${1:-}" in
     use_tree "${NEW_TREE:-.}" new
     (cd /tmp && python3 "$ROOT/${NEW_TREE:-.}/bench/copy_paths.py" --experts 1,8,16 --reps 20 --out "$OUT/copy_paths.json" 2>&1 | tail -22)
     ;;
+  copyjit)             # b1 with a layer's misses copied inside the slot write (compute_config.expert_copy=jit)
+    use_tree "${NEW_TREE:-.}" new
+    python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --configs on_demand,budget --batches 1 --tokens 8 --prompt-len 32 \
+      --no-trace --set expert_copy=jit --out "$OUT/bench_copyjit_b1.json" 2>&1 | tail -6
+    ;;
   hbm)                 # the whole slice in HBM at batch 1 (issue 20, item 4)
     use_tree "${NEW_TREE:-.}" new
     python3 -m dsjax.cli bench "$S" --configs hbm --batches 1 --tokens 16 --prompt-len 32 --no-trace \
@@ -104,5 +110,5 @@ max_new_tokens=64); e.save_popularity('$OUT/pop.json'); e.close()" 2>&1 | tail -
     python3 -m pytest -q -p no:cacheprovider tests/test_cpu_experts.py 2>&1 | tail -2
     python3 bench/cpu_experts_bench.py --out "$OUT/cpu_experts.json" 2>&1 | tail -30
     ;;
-  *) echo "usage: $0 setup | slice | gputests | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY] | hot [N] | options | hbm | copies | cpu | all"; exit 2 ;;
+  *) echo "usage: $0 setup | slice | gputests | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY] | hot [N] | options | hbm | copies | copyjit | cpu | all"; exit 2 ;;
 esac

@@ -223,6 +223,35 @@ def test_a_flush_of_more_experts_than_one_write_group_writes_them_all():
     assert not pool[sorted(set(range(n + 3)) - set(slots))].any()
 
 
+def test_write_now_copies_pinned_experts_into_their_slots_at_once_and_beats_an_older_pending_copy():
+    """compute_config.expert_copy = "jit": ExpertCache.write_now copies pinned host buffers inside the slot write
+    (the pool holds them on return, more than one write group included), and a copy issued earlier into a slot that
+    write_now re-fills is not written over it by the next flush."""
+    from dsjax.runtime.expert_layout import ExpertLayout, Part, flatten
+    from dsjax.runtime.metrics import Metrics
+    from dsjax.runtime.tiers import WRITE_GROUP, ExpertCache, shardings
+    layout = ExpertLayout((Part("down", "weight", 0, (4,), "float32"),), (("down", None),), 256)
+    pools = Pools(**{f.name: 1 << 20 for f in dataclasses.fields(Pools)})
+    dev = jax.devices()[0]
+    pinned = lambda row: jax.device_put(row, shardings(dev)[1])  # noqa: E731
+    expert = lambda v: pinned(flatten({"down": {"weight": np.full((1, 4), v, np.float32)}}, layout)[0])  # noqa: E731
+    n = WRITE_GROUP + 3
+    cache = ExpertCache(n + 2, layout, MemoryManager(pools), Metrics(), device=dev)
+    cache.compile_writes(copy_in_write=True)
+    slots = cache.write_now([(("L", e), expert(e + 1.0)) for e in range(n)], pin=True)
+    pool = np.asarray(cache.pool["down"])                    # no flush
+    np.testing.assert_array_equal(pool[slots], np.arange(1, n + 1, dtype=np.float32)[:, None].repeat(4, 1))
+    assert not pool[sorted(set(range(n + 2)) - set(slots))].any()
+    cache.load([(("L", 100), expert(7.0)), (("L", 101), expert(8.0))])    # the two free slots, copies pending
+    old = cache.lookup(("L", 100), count=False)
+    cache.slots.pin(("L", 101))
+    got = cache.write_now([(("L", 200), expert(9.0))])     # evicts expert 100 (the only unpinned one): its slot
+    assert got == [old]
+    pool = np.asarray(cache.flush()["down"])
+    np.testing.assert_array_equal(pool[old], 9.0)
+    np.testing.assert_array_equal(pool[cache.lookup(("L", 101), count=False)], 8.0)
+
+
 def test_process_memory_tracks_resident_pages():
     """process_memory() against the kernel's own accounting: touching 256 MB raises the resident set by about that,
     and the peak is never below the current value nor below getrusage's maximum resident set."""

@@ -19,6 +19,7 @@ from dsjax.runtime.planner import parse_bytes
 
 PRESETS = ("low_latency", "high_throughput", "balanced")
 CPU_EXPERTS = ("auto", "on", "off")
+EXPERT_COPY = ("put", "jit")
 
 
 class RuntimeConfigError(ValueError):
@@ -60,6 +61,9 @@ class ComputeConfig:
     #                                  beside the copies (issue 24): auto (where the planner says it pays: a GPU
     #                                  backend, an FP4 store), on (wherever the kernel runs, the CPU backend too), off
     cpu_threads: int = 0             # CPU threads of that path; 0 = every CPU of the process but the engine thread's
+    expert_copy: str = "put"         # how an expert that misses the GPU is copied in when its layer needs it: put (a
+    #                                  jax.device_put per expert, then one slot write) or jit (the copies inside the
+    #                                  slot write's executable: one dispatch; issue 20 item 1, bench/copy_paths.py)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -158,6 +162,9 @@ class RuntimeConfig:
         if c.cpu_experts not in CPU_EXPERTS:
             raise RuntimeConfigError(f"compute_config.cpu_experts={c.cpu_experts!r} must be one of "
                                      f"{', '.join(CPU_EXPERTS)}")
+        if c.expert_copy not in EXPERT_COPY:
+            raise RuntimeConfigError(f"compute_config.expert_copy={c.expert_copy!r} must be one of "
+                                     f"{', '.join(EXPERT_COPY)}")
         if c.cpu_threads < 0:
             raise RuntimeConfigError(f"compute_config.cpu_threads={c.cpu_threads} must be >= 0 (0 = automatic)")
 

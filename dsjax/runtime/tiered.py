@@ -227,6 +227,7 @@ class TieredEngine(Engine):
         # decode step; a worker thread runs the kernel on the host cache's buffers while this thread drives the GPU
         self.cpu_path = CpuExpertPath(self.experts.layout, cfg.num_hidden_layers, cc.cpu_threads, cpu_rate) \
             if cpu_on else None
+        self._copy_in_write = cc.expert_copy == "jit"    # a layer's misses copied inside the slot write's executable
         self._step_start = (0.0, 0)                       # (perf_counter, host->GPU bytes) when the step began
         self._step_rows = 0                               # decode rows of the step under way (0: not decode-only)
         self._reads_possible = self.host_cache is not None and \
@@ -569,7 +570,8 @@ class TieredEngine(Engine):
                 slots[e] = slot
         self._start_disk(i, [e for e in misses if self.host_cache.get((i, e), count=False) is None])
         self.metrics.add_recopied(sum((i, e) in self._copied_ahead for e in misses))
-        loaded = self.experts.load([((i, e), self._host_row(i, e)) for e in misses], pin=True)
+        rows = [((i, e), self._host_row(i, e)) for e in misses]
+        loaded = (self.experts.write_now if self._copy_in_write else self.experts.load)(rows, pin=True)
         slots.update(zip(misses, loaded))
         return [slots[e] for e in experts]
 
@@ -638,7 +640,7 @@ class TieredEngine(Engine):
                 acc = take_cpu_rows(acc, jax.device_put(np.zeros((B, K, D), np.float32), s_dev),
                                      jax.device_put(np.zeros((B, K), bool), s_dev))
             if not self._warmed:
-                self.experts.compile_writes()
+                self.experts.compile_writes(self._copy_in_write)
             jax.block_until_ready(acc)
         self._warmed.add(B)
         self.batch_sizes.append(B)
@@ -694,6 +696,8 @@ class TieredEngine(Engine):
             "reads_ahead_by_depth": dict(self.reads_ahead_by_depth),
             "preloaded_experts": self.preloaded,
             "hot_experts": self._hot_report(),
+            "expert_copy": {"mode": self.runtime.compute_config.expert_copy,      # demand copies: put or in the write
+                            "in_write": self.experts.copied_in_write if self.experts is not None else 0},
             "cpu_experts": {"enabled": int(self.cpu_path is not None), "mode": self.runtime.compute_config.cpu_experts,
                             "reason": self.cpu_experts_reason, **(self.cpu_path.stats() if self.cpu_path else
                                                                   {"experts": 0, "bytes": 0, "seconds": 0.0})},

@@ -172,6 +172,12 @@ def _write_slots(pool, slots, rows, layout: ExpertLayout):
     return pool
 
 
+@functools.partial(jax.jit, static_argnames=("layout", "s_dev"), donate_argnums=(0,))
+def _copy_write_slots(pool, slots, rows, layout: ExpertLayout, s_dev):
+    """_write_slots with the host->GPU copies inside: `rows` are pinned host buffers, copied by the executable."""
+    return _write_slots(pool, slots, tuple(jax.device_put(r, s_dev) for r in rows), layout)
+
+
 class ExpertCache:
     """GPU expert slots shared by all MoE layers: one device array per projection part with P slots on axis 0 (the
     kernels read the parts in place), LRFU over (layer, expert) keys.
@@ -184,7 +190,7 @@ class ExpertCache:
 
     def __init__(self, capacity: int, layout: ExpertLayout, mm: MemoryManager, metrics: Metrics, decay: float = 0.1, *,
                  device):
-        s_dev, _ = shardings(device)
+        s_dev, self._s_host = shardings(device)
         self.slots = SlotCache(capacity, decay)
         self.metrics = metrics
         self.layout = layout
@@ -197,6 +203,7 @@ class ExpertCache:
         self._pending: dict[int, Any] = {}      # slot -> its expert's buffer on the GPU (copy issued), not yet written
         self._resident = Residency()
         self.hot: set = set()                    # keys pinned for the cache's life (memory_config.hot_experts)
+        self.copied_in_write = 0                 # experts copied by write_now (compute_config.expert_copy = "jit")
 
     def resident(self, layer: int, n: int) -> np.ndarray:
         """[n] bool: which experts of `layer` have a slot (copied, or copy issued)."""
@@ -261,12 +268,45 @@ class ExpertCache:
                                   issued_only=True)
         return slots
 
-    def compile_writes(self) -> None:
-        """Compile (not run) the slot write of every count bucket a flush can use, so none compiles mid-step."""
+    def write_now(self, items: list[tuple[Any, Any]], pin: bool = False) -> list[int]:
+        """Copy experts [(key, pinned-host buffer)] into slots and write them into the pool now, the copies inside the
+        slot write's executable (compute_config.expert_copy = "jit"): one dispatch per WRITE_GROUP experts instead of
+        a put per expert and a write. For copies needed at once (a layer's misses, issued right after its routing
+        read-back, when the GPU has nothing else queued): the executable's copies start only when the stream reaches
+        it, so copies ahead of their layer go through `load`, whose puts run beside the queued compute."""
+        if not items:
+            return []
+        slots = []
+        for key, _ in items:
+            slot, evicted = self.slots.insert(key, pin=pin)
+            if evicted is not None:
+                self._resident.set(evicted, False)
+            self._resident.set(key, True)
+            self._pending.pop(slot, None)          # an older copy into this slot must not overwrite it at the flush
+            slots.append(slot)
+        t0 = time.perf_counter()
+        rows = [row for _, row in items]
+        for g in range(0, len(slots), WRITE_GROUP):
+            s, r = slots[g:g + WRITE_GROUP], rows[g:g + WRITE_GROUP]
+            n = pow2_bucket(len(s))
+            self.pool = _copy_write_slots(self.pool, jnp.asarray(np.asarray(s + [s[-1]] * (n - len(s)), np.int32)),
+                                          tuple(r + [r[-1]] * (n - len(r))), self.layout, self._s_dev)
+        self.copied_in_write += len(items)
+        self.metrics.add_transfer("host->GPU", self.expert_bytes * len(items), time.perf_counter() - t0,
+                                  issued_only=True)
+        return slots
+
+    def compile_writes(self, copy_in_write: bool = False) -> None:
+        """Compile (not run) the slot write of every count bucket a flush can use, so none compiles mid-step (and,
+        with `copy_in_write`, write_now's)."""
         row = jax.device_put(np.zeros(self.layout.nbytes, np.uint8), self._s_dev)
+        host_row = jax.device_put(np.zeros(self.layout.nbytes, np.uint8), self._s_host)
         n = 1
         while n <= min(pow2_bucket(self.slots.capacity), WRITE_GROUP):
             _write_slots.lower(self.pool, jnp.zeros(n, jnp.int32), (row,) * n, self.layout).compile()
+            if copy_in_write:
+                _copy_write_slots.lower(self.pool, jnp.zeros(n, jnp.int32), (host_row,) * n, self.layout,
+                                        self._s_dev).compile()
             n *= 2
 
     def flush(self) -> Any:
