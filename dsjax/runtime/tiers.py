@@ -249,11 +249,8 @@ class ExpertCache:
     def lookup(self, key, count: bool = True) -> int | None:
         return self.slots.lookup(key) if count else self.slots.peek(key)
 
-    def load(self, items: list[tuple[Any, Any]], pin: bool = False) -> list[int]:
-        """Start copying experts [(key, pinned-host or numpy buffer [B])] into slots: one list put (every copy in
-        flight at once, which a lone expert copy cannot fill the link with); asynchronous; written by `flush`."""
-        if not items:
-            return []
+    def _claim(self, items: list[tuple[Any, Any]], pin: bool) -> list[int]:
+        """Slots for the keys of `items` (LRFU evicts where needed), marked resident."""
         slots = []
         for key, _ in items:
             slot, evicted = self.slots.insert(key, pin=pin)
@@ -261,6 +258,14 @@ class ExpertCache:
                 self._resident.set(evicted, False)
             self._resident.set(key, True)
             slots.append(slot)
+        return slots
+
+    def load(self, items: list[tuple[Any, Any]], pin: bool = False) -> list[int]:
+        """Start copying experts [(key, pinned-host or numpy buffer [B])] into slots: one list put (every copy in
+        flight at once, which a lone expert copy cannot fill the link with); asynchronous; written by `flush`."""
+        if not items:
+            return []
+        slots = self._claim(items, pin)
         t0 = time.perf_counter()
         devs = jax.device_put([row for _, row in items], self._s_dev)
         self._pending.update(zip(slots, devs))   # a slot re-filled before a flush keeps only its latest expert
@@ -276,14 +281,9 @@ class ExpertCache:
         it, so copies ahead of their layer go through `load`, whose puts run beside the queued compute."""
         if not items:
             return []
-        slots = []
-        for key, _ in items:
-            slot, evicted = self.slots.insert(key, pin=pin)
-            if evicted is not None:
-                self._resident.set(evicted, False)
-            self._resident.set(key, True)
+        slots = self._claim(items, pin)
+        for slot in slots:
             self._pending.pop(slot, None)          # an older copy into this slot must not overwrite it at the flush
-            slots.append(slot)
         t0 = time.perf_counter()
         rows = [row for _, row in items]
         for g in range(0, len(slots), WRITE_GROUP):
