@@ -645,7 +645,13 @@ class Engine:
             return
         try:
             if plan.decode and not plan.prefill:
+                c1 = time.thread_time()
                 self._prepare_decode(self._batch_rows(len(plan.decode)))
+                if (m := getattr(self, "metrics", None)) is not None:
+                    # the warmup counts in the phase it set (prefill: the generation's start), not in this step
+                    warm = time.thread_time() - c1
+                    m.host_cpu_seconds[m.phase]["step"] += warm
+                    c0 += warm
             self._set_phase("prefill" if plan.prefill else "decode")
             groups = self._groups(plan)
             logits = self._forward(groups, self.kv.caches)
