@@ -23,8 +23,9 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 def add_device_args(p: argparse.ArgumentParser, hosts: bool = True) -> None:
     """--devices (expert parallelism) and, with `hosts`, the flags of a run over several processes (hosts)."""
     p.add_argument("--devices", type=int, default=None, help="split each MoE layer's routed experts over N devices "
-                   "(expert parallelism, every weight resident; default 1; --gpu-memory then applies to each device; "
-                   "budgets that need tiers on several devices are not built)")
+                   "(expert parallelism; default 1). --gpu-memory and --host-memory then apply to each device: every "
+                   "weight resident when each device's share fits, else tiered (each device streams its own experts "
+                   "into its own slots over its own link; one process)")
     if not hosts:
         return
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="several processes (hosts): address of "
@@ -69,18 +70,19 @@ def start_devices(args: argparse.Namespace) -> int | None:
 
 
 def _check_budgets_with_devices(args: argparse.Namespace, devices: int | None) -> None:
-    """Several devices run every weight resident: a preset or a tiered option is the not-built tiered expert
-    parallelism (budgets alone are checked per device at load)."""
-    if devices is None:
+    """Over several processes every weight is resident: a preset or a tiered option there is the not-built tiered
+    expert parallelism across processes (in one process it runs: dsjax.load's devices=)."""
+    import jax
+    if devices is None or jax.process_count() == 1:
         return
     from dsjax.runtime.parallel import ENGINE_OPTIONS
     tiered = (["--preset"] if args.preset else []) + [f"--set {k}" for k in parse_overrides(args.set)
                                                       if k not in ENGINE_OPTIONS]
     if tiered:
-        raise NotImplementedError(f"--devices {devices} with {', '.join(tiered)}: tiered expert parallelism (the "
-                                  "tiered runtime's budgets and options over several devices) is not built yet "
-                                  f"(issue 22); drop {', '.join(tiered)} to run every weight resident with the "
-                                  "experts split over the devices, or run on one device")
+        raise NotImplementedError(f"--devices {devices} over {jax.process_count()} processes with {', '.join(tiered)}:"
+                                  " tiered expert parallelism runs in one process and is not built over several; "
+                                  f"drop {', '.join(tiered)} to run every weight resident with the experts split "
+                                  "over the devices, or run in one process")
 
 
 def _print_stats(stats: dict, file=None) -> None:
@@ -257,14 +259,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from dsjax.runtime.plan_devices import plan_devices
         def budgets(v):
             return v.split(",") if "," in v else v
-        pd = plan_devices(mb, args.devices, budgets(args.gpu_memory), budgets(args.host_memory), links=links,
-                          batch=args.batch, context_tokens=min(args.context, cfg.max_position_embeddings),
-                          max_gpu_layers=args.max_gpu_layers, prefetch_layers=args.prefetch_layers,
-                          overlap_io=not args.no_overlap)
+        kw = dict(links=links, batch=args.batch, context_tokens=min(args.context, cfg.max_position_embeddings),
+                  max_gpu_layers=args.max_gpu_layers, prefetch_layers=args.prefetch_layers,
+                  overlap_io=not args.no_overlap)
+        # the layout that runs: every weight resident (layers replicated) when each GPU's share fits, else tiered
+        # with the layers on the first GPU and the other GPUs holding experts only
+        pd = plan_devices(mb, args.devices, budgets(args.gpu_memory), budgets(args.host_memory), core="first", **kw)
         print(pd.report(mb, links))
-        if pd.mode == "tiered" and args.devices > 1:
-            print("note: a tiered plan over several GPUs is a prediction only: tiered expert parallelism is not "
-                  "built yet (issue 22); `dsjax generate --devices N` runs plans that are all in HBM")
         return 0
     kw = dict(max_gpu_layers=args.max_gpu_layers, prefetch_layers=args.prefetch_layers, links=links,
               overlap_io=not args.no_overlap, context_tokens=min(args.context, cfg.max_position_embeddings))
@@ -421,8 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--devices N, every weight resident with the experts split over the N devices), cpu (the "
                         "given budgets with cpu_experts on: host-resident experts computed on the CPU beside the "
                         "copies; budget and on_demand run with it off unless --set cpu_experts=... is given). "
-                        "Default budget,resident,on_demand; hbm with --devices N > 1 (the others need tiered "
-                        "expert parallelism, not built)")
+                        "Default budget,resident,on_demand; hbm with --devices N > 1 (budget and on_demand then run "
+                        "tiered expert parallelism, resident runs on one device, cpu is one-device only)")
     b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     b.add_argument("--cold", action="store_true", help="drop the page cache before the disk ceiling (root)")
     b.add_argument("--no-trace", action="store_true", help="skip the profiler trace (GPU busy fraction; on a GPU the "

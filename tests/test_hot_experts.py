@@ -220,12 +220,12 @@ def test_copies_issued_before_a_failed_step_are_written_or_forgotten(store, monk
     e = dsjax.load(store, dtype="float32", **kw)
     real, calls = e._ensure, {"n": 0}
 
-    def failing(i, experts):
+    def failing(i, experts, mv=None):
         if e.experts._pending:                           # copies ahead in flight, not yet written
             calls["n"] += 1
             if calls["n"] == 3:
                 raise RuntimeError("injected failure")
-        return real(i, experts)
+        return real(i, experts, mv)
     monkeypatch.setattr(e, "_ensure", failing)
     with pytest.raises(RuntimeError, match="injected failure"):
         e.generate(PROMPTS, max_new_tokens=12, stop_token_ids=())

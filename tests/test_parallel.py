@@ -307,3 +307,28 @@ def test_budgets_per_device_and_expected_experts():
         plan_devices(mb, 2, ["16GB"] * 3, "96GB")
     assert expected_experts(256, 8, 1) == 8
     assert 8 < expected_experts(256, 8, 8) < 64 and 250 < expected_experts(256, 8, 1024) <= 256
+
+
+def test_the_built_tiered_layout_keeps_the_layers_on_the_first_gpu():
+    """core="first" (what tiered.TieredEngine with devices= runs): GPU 0 plans as one GPU holding the layers and its
+    share of the experts; every other GPU holds experts only, with its layer pools given to expert slots, so it keeps
+    more of its share on the GPU than GPU 0 and moves fewer bytes per step; one GPU is the single-GPU plan; all of V3
+    in HBM over 8 x 80 GB plans the replicated layout that runs there."""
+    from dsjax.runtime.plan_devices import plan_devices
+    from dsjax.runtime.planner import Pools, plan
+    mb = _v3()
+    one = plan_devices(mb, 1, "16GB", "96GB", core="first")
+    assert one.tokens_per_s == pytest.approx(plan(mb, "16GB", "96GB").tokens_per_s)
+    for n in (2, 4, 8):
+        p = plan_devices(mb, n, "16GB", "96GB", core="first")
+        d0, rest = p.devices[0], p.devices[1:]
+        assert p.mode == "tiered" and p.core == "first"
+        E_d, moe = -(-mb.n_experts // n), len(mb.moe_layers)
+        pools = Pools.split(16 * 10**9, 96 * 10**9)
+        slots = min(E_d, (pools.expert_cache + pools.active_layers) // (mb.expert * moe))
+        for d in rest:
+            assert d.weight_bytes == d.expert_bytes == E_d * moe * mb.expert and d.kv_tokens == 0
+            assert d.gpu_experts == slots > d0.gpu_experts and d.h2d_bytes < d0.h2d_bytes
+        assert d0.weight_bytes == mb.embed + mb.head + sum(mb.layer_core) + E_d * moe * mb.expert
+        assert p.tokens_per_s > one.tokens_per_s
+    assert plan_devices(mb, 8, "80GB", "96GB", core="first").core == "replicated"

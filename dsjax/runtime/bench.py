@@ -259,7 +259,8 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
             predicted_tok_s=s.get("predicted_tok_s") if B == 1 else None, trace=None,   # the plan is batch 1
             cpu_experts=_cpu_per_step(s0.get("cpu_experts", {}), s.get("cpu_experts", {}), steps),
             process_memory=process_memory(),         # resident now / at peak, against the host budget
-            parallel=_parallel_row(s0.get("parallel"), s.get("parallel"))))
+            parallel=_parallel_row(s0.get("parallel"), s.get("parallel")),
+            expert_devices=_expert_devices_row(s0.get("expert_devices"), s.get("expert_devices"), steps)))
         if on_row:
             on_row(rows[-1])         # saved before the traced run: a failure there keeps the measured row
         if trace:
@@ -302,6 +303,21 @@ def _parallel_row(before: dict[str, Any] | None, after: dict[str, Any] | None) -
             "imbalance": max(d["assignments"] for d in per) / mean if mean else None}
 
 
+def _expert_devices_row(before: dict[str, Any] | None, after: dict[str, Any] | None,
+                        steps: int) -> list[dict[str, Any]] | None:
+    """Tiered expert parallelism in the measured generation: per device its experts, host->GPU MB per step over its
+    own link, GPU slots and hit rate; None on one device."""
+    if not after or after.get("count", 1) < 2:
+        return None
+    out = []
+    for b, a in zip(before["per_device"], after["per_device"]):
+        hits, misses = a["gpu_hits"] - b["gpu_hits"], a["gpu_misses"] - b["gpu_misses"]
+        out.append({"device": a["device"], "experts": a["experts"], "gpu_slots": a["gpu_slots"],
+                    "h2d_MB_per_step": (a["bytes"].get("host->GPU", 0) - b["bytes"].get("host->GPU", 0)) / 1e6 / steps,
+                    "gpu_hit_rate": hits / (hits + misses) if hits + misses else None})
+    return out
+
+
 def _cpu_ms_cell(cpu_ms: dict, moe_layers: int) -> str:
     """The engine thread's CPU ms per step and per MoE layer, less the CPU experts' kernel (which that thread also
     runs, in "cpu_experts_wait": compute, not host work)."""
@@ -331,12 +347,13 @@ def bench(store: str, *, gpu_memory=None, host_memory=None, preset: str | None =
     ceilings are those of the first run). `trace`: profile every config (True), none, or the configs named. With
     `trace_dir`, each row's profiler trace is kept there. `devices` N > 1: config 'hbm' runs every weight resident
     with the experts split over N devices and each row adds 'parallel' (per device: experts, bytes, assignments in
-    the measured generation); the other configs need tiered expert parallelism (not built: NotImplementedError)."""
-    tiered = [c for c in configs if c != "hbm"] if devices and devices > 1 else []
-    if tiered:
-        raise NotImplementedError(f"bench over {devices} devices: config(s) {', '.join(tiered)} need tiered expert "
-                                  "parallelism (issue 22); --configs hbm measures every weight resident with the "
-                                  "experts split over the devices")
+    the measured generation); budget and on_demand run tiered expert parallelism (each device its own expert slots,
+    host cache and link; the budgets apply to each device) and each row adds 'expert_devices' (per device: host->GPU
+    bytes per step, GPU hit rate); 'resident' and 'cpu' run on one device."""
+    several = devices if devices and devices > 1 else None
+    if several and "cpu" in configs:
+        raise ValueError(f"bench over {devices} devices: config cpu (CPU-computed experts) runs on one device; "
+                         "drop it from --configs")
     dev = jax.devices()[0]
     result: dict[str, Any] = {}
     if out and os.path.exists(out):
@@ -368,8 +385,9 @@ def bench(store: str, *, gpu_memory=None, host_memory=None, preset: str | None =
     # budget and on_demand are GPU-only (cpu_experts off, as before that path existed) unless --set says otherwise;
     # cpu is the budget config with host-resident experts computed on the CPU beside the copies (issue 24)
     gpu_only = {"cpu_experts": "off", **overrides}
-    kws = {"budget": dict(budget, links=links, **gpu_only), "resident": {"links": links},
-           "on_demand": dict(budget, links=links, **dict(gpu_only, overlap_io=False)),
+    per_device = {"devices": several} if several else {}
+    kws = {"budget": dict(budget, links=links, **gpu_only, **per_device), "resident": {"links": links},
+           "on_demand": dict(budget, links=links, **dict(gpu_only, overlap_io=False), **per_device),
            "hbm": {"devices": devices} if devices and devices > 1 else {"in_memory": True},
            "cpu": dict(budget, links=links, **dict(overrides, cpu_experts="on"))}
     save()
@@ -427,6 +445,15 @@ def markdown(result: dict[str, Any]) -> str:
             + (f"{m['rss'] / GB:.1f} ({m['peak_rss'] / GB:.1f})"
                if (m := r.get("process_memory")) and m.get("rss") and m.get("peak_rss") else "-") + " | "
             + (f"{r['predicted_tok_s']:.2f}" if r.get("predicted_tok_s") else "-") + " |")
+    tiered = [r for r in result["rows"] if r.get("expert_devices")]
+    if tiered:
+        lines += ["", "| config | batch | device | experts | GPU slots | host->GPU MB/step (own link) | GPU hit rate |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in tiered:
+            for d in r["expert_devices"]:
+                hit = f"{d['gpu_hit_rate']:.2f}" if d["gpu_hit_rate"] is not None else "-"
+                lines.append(f"| {r['config']} | {r['batch']} | {d['device']} | {d['experts']} | {d['gpu_slots']} | "
+                             f"{d['h2d_MB_per_step']:.1f} | {hit} |")
     par = [r for r in result["rows"] if r.get("parallel")]
     if par:
         lines += ["", "| config | batch | device | experts | expert MB | weight MB | assignments (share) |",

@@ -32,6 +32,24 @@ def _dtype(dtype) -> np.dtype:
     return d
 
 
+def _load_tiered(path: str, dt, preset, gpu_memory, host_memory, links, prefill_form, overrides: dict,
+                 devices: list | None = None) -> Engine:
+    """A store on the tiered runtime (one device, or `devices`: tiered expert parallelism)."""
+    from dsjax.runtime.config import RuntimeConfig
+    from dsjax.runtime.tiered import TieredEngine
+    from dsjax.store.reader import Store
+    tok = Tokenizer.from_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
+    name = os.path.basename(os.path.normpath(path))
+    budgets = {k: v for k, v in (("gpu_memory", gpu_memory), ("host_memory", host_memory)) if v is not None}
+    popularity = overrides.pop("popularity", None)     # a file path is a config key; counts go to the engine
+    if isinstance(popularity, (str, os.PathLike)):
+        overrides["popularity"], popularity = os.fspath(popularity), None
+    runtime = (RuntimeConfig.from_preset(preset, **budgets, **overrides) if preset
+               else RuntimeConfig.from_dict({}, **budgets, **overrides))
+    return TieredEngine(Store(path), runtime, dt, tok, prefill_form=prefill_form, name=name, links=links,
+                        popularity=popularity, devices=devices)
+
+
 def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None = None,
          gpu_memory: int | str | None = None, host_memory: int | str | None = None, prefill_form: MlaForm = "naive",
          progress: bool | None = None, in_memory: bool = False, links=None, devices=None, **overrides) -> Engine:
@@ -71,24 +89,34 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None
     dt = _dtype(dtype)
     if progress is None:
         progress = sys.stderr.isatty()
+    is_store = os.path.exists(os.path.join(path, MANIFEST_FILE))
     if devices is not None:
-        from dsjax.runtime.parallel import ENGINE_OPTIONS, load_parallel
-        tiered = [k for k, v in (("preset", preset), ("links", links), ("in_memory", in_memory)) if v]
-        tiered += sorted(set(overrides) - ENGINE_OPTIONS)
+        from dsjax.runtime.parallel import ENGINE_OPTIONS, as_mesh, fits_resident, load_parallel
+        if in_memory:
+            raise ValueError("in_memory=True is the one-device all-in-HBM reference; with devices= every weight is "
+                             "resident already when the budget holds each device's share: drop in_memory")
+        tiered = [k for k, v in (("preset", preset), ("links", links)) if v] + sorted(set(overrides) - ENGINE_OPTIONS)
+        fits = gpu_memory is None or (is_store and fits_resident(path, as_mesh(devices).devices.size, gpu_memory,
+                                                                 dtype, overrides))
+        if is_store and (tiered or not fits):
+            # tiered expert parallelism: each device its own expert slots, host cache and link (tiered.py)
+            if jax.process_count() > 1:
+                raise NotImplementedError("tiered expert parallelism (budgets or tiered options with devices=) runs "
+                                          "in one process; over several processes every weight must be resident: "
+                                          f"drop {', '.join(tiered) or 'the budget'} or give more devices")
+            devs = list(as_mesh(devices).devices.flat)
+            return _load_tiered(path, dt, preset, gpu_memory, host_memory, links, prefill_form, overrides, devs)
         if tiered:
-            raise NotImplementedError(f"devices= runs every weight resident with the routed experts split over the "
-                                      f"devices; {', '.join(tiered)} belong(s) to the tiered runtime, and expert "
-                                      "parallelism under budgets (tiered) is not built yet (issue 22): drop "
-                                      f"{', '.join(tiered)}, or load on one device")
-        # gpu_memory applies to each device (checked, and it sizes the KV pool); nothing is held in host memory,
-        # so any host_memory is met
+            raise ValueError(f"{path} is a Hugging Face checkpoint: {', '.join(tiered)} belong(s) to the tiered "
+                             "runtime of dsjax stores; convert it first with `dsjax convert SRC DST --format nvfp4`")
+        # every weight resident, the experts split: gpu_memory applies to each device (checked, and it sizes the KV
+        # pool); nothing is held in host memory, so any host_memory is met
         return load_parallel(path, devices, dtype, prefill_form=prefill_form, progress=progress,
                              gpu_memory=gpu_memory, **overrides)
     tok = Tokenizer.from_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
     name = os.path.basename(os.path.normpath(path))
-    if os.path.exists(os.path.join(path, "manifest.json")):
-        from dsjax.runtime.config import RuntimeConfig
-        from dsjax.runtime.tiered import TieredEngine, in_memory_engine
+    if is_store:
+        from dsjax.runtime.tiered import in_memory_engine
         from dsjax.store.reader import Store
         if in_memory:
             fusion = overrides.pop("enable_fusion", True)
@@ -99,14 +127,7 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None
                                  "them, or load without in_memory)")
             return in_memory_engine(Store(path), dt, tok, prefill_form=prefill_form, name=name, enable_fusion=fusion,
                                     active_experts=active)
-        budgets = {k: v for k, v in (("gpu_memory", gpu_memory), ("host_memory", host_memory)) if v is not None}
-        popularity = overrides.pop("popularity", None)     # a file path is a config key; counts go to the engine
-        if isinstance(popularity, (str, os.PathLike)):
-            overrides["popularity"], popularity = os.fspath(popularity), None
-        runtime = (RuntimeConfig.from_preset(preset, **budgets, **overrides) if preset
-                   else RuntimeConfig.from_dict({}, **budgets, **overrides))
-        return TieredEngine(Store(path), runtime, dt, tok, prefill_form=prefill_form, name=name, links=links,
-                            popularity=popularity)
+        return _load_tiered(path, dt, preset, gpu_memory, host_memory, links, prefill_form, overrides)
     active = overrides.pop("active_experts", 0)
     if preset or gpu_memory is not None or host_memory is not None or overrides or links is not None:
         raise ValueError(f"{path} is a Hugging Face checkpoint: presets, budgets, links and runtime options (but "

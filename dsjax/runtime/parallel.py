@@ -486,10 +486,29 @@ def _check_budget(mb, n_devices: int, gpu_memory, cfg: ModelConfig, max_context:
         raise NotImplementedError(
             f"gpu_memory={fmt_bytes(budget)} per device cannot hold one device's share over {n_devices} devices: "
             f"about {fmt_bytes(need)} (weights {fmt_bytes(own)}, one request's KV cache of {context} tokens, "
-            f"{fmt_bytes(ACTIVATION_RESERVE)} reserve); streaming experts under budgets on several devices (tiered "
-            "expert parallelism) is not built yet (issue 22): use more devices or a larger gpu_memory, or load on "
-            "one device (tiered)")
+            f"{fmt_bytes(ACTIVATION_RESERVE)} reserve): load it with dsjax.load(path, devices=..., gpu_memory=...) "
+            "(tiered expert parallelism streams the experts), use more devices or a larger gpu_memory")
     return budget - own
+
+
+def fits_resident(path: str, n_devices: int, gpu_memory, dtype, options: dict) -> bool:
+    """Whether gpu_memory per device holds an all-resident device's share of the store at `path` over n_devices
+    (load_parallel's check); when not, dsjax.load runs tiered expert parallelism instead."""
+    from dsjax.runtime.config import active_experts_config
+    from dsjax.runtime.load import _dtype
+    from dsjax.runtime.tiered import model_bytes_from_store
+    from dsjax.store.reader import Store
+    store = Store(path)
+    try:
+        cfg = active_experts_config(store.config, options.get("active_experts", 0))
+        mb = model_bytes_from_store(store, _dtype(dtype))
+    finally:
+        store.close()
+    try:
+        _check_budget(mb, n_devices, gpu_memory, cfg, options.get("max_context"))
+    except NotImplementedError:
+        return False
+    return True
 
 
 def _check_fits(need_per_device: int, mesh: Mesh) -> None:

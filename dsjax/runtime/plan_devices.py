@@ -12,7 +12,10 @@ per layer (planner.Links: dispatch per layer, routing sync per streamed MoE laye
 routing, replicated) plus one all-reduce per MoE layer (the psum of the expert rows; ALLREDUCE_S, assumed). With the
 links overlapped a step takes the largest term. When every device can hold its whole share in HBM (weights + the KV
 cache of `context_tokens` + ACTIVATION_RESERVE) the plan is "all in HBM": no links, no syncs (what
-parallel.ExpertParallelEngine runs); otherwise "tiered" (tiered expert parallelism: not built yet).
+parallel.ExpertParallelEngine runs); otherwise "tiered". `core="first"` plans the tiered layout that runs
+(tiered.TieredEngine with devices=): the layer cores, head and KV on the first GPU only, each other GPU routed experts
+only, its budgets' layer pools given to expert slots and host cache, and one Python thread dispatching for all (each
+other GPU adds about one layer call of host work per MoE layer); with every share resident it plans "replicated".
 
 Routing is assumed uniform and independent over tokens: a layer selects E(1 - (1 - K/E)^B) distinct experts in a
 step of B decode rows (K at batch 1, where this is the planner's own arithmetic: one device gives plan()'s figure),
@@ -31,6 +34,7 @@ from dsjax.runtime.planner import BudgetError, Links, ModelBytes, Placement, fmt
 ALLREDUCE_S = 30e-6              # one psum of a decode step's expert rows over NVLink (NCCL small-message latency)
 DEFAULT_LINKS = Links()          # the product's target box: PCIe 5 per GPU, one 12 GB/s NVMe, HBM-class GPUs
 ACTIVATION_RESERVE = 2 * 10**9   # bytes an all-in-HBM device keeps free beside weights and KV (activations, XLA)
+CORES = ("replicated", "first", "sharded")
 
 __all__ = ["ACTIVATION_RESERVE", "ALLREDUCE_S", "DevicePlan", "DevicesPlan", "device_model_bytes",
            "device_weight_bytes", "expected_experts", "fits_all_in_hbm", "plan_devices", "table", "v3_model_bytes"]
@@ -47,8 +51,9 @@ def device_model_bytes(mb: ModelBytes, n_devices: int, core: str = "replicated")
     """The model one device of N holds: ceil(E/N) routed experts per MoE layer (the largest share); the layer cores
     and head whole ("replicated") or 1/N of them ("sharded"); the embedding stays whole (a row lookup). `top_k` is what
     may land on one device at once (min(K, E_d): the staging the planner reserves)."""
-    if core not in ("replicated", "sharded"):
-        raise ValueError(f"core={core!r}: 'replicated' (built) or 'sharded' (tensor-parallel, a what-if)")
+    if core not in CORES:
+        raise ValueError(f"core={core!r}: 'replicated' (built all in HBM), 'first' (built tiered: the layers on the "
+                         "first GPU only) or 'sharded' (tensor-parallel, a what-if)")
     E_d = -(-mb.n_experts // n_devices) if mb.n_experts else 0
     split = n_devices if core == "sharded" else 1
     return dataclasses.replace(mb, n_experts=E_d, top_k=min(mb.top_k, E_d),
@@ -100,7 +105,8 @@ class DevicesPlan:
 
     def report(self, mb: ModelBytes, links: Links) -> str:
         d0 = max(self.devices, key=lambda d: d.t_h2d + d.t_compute)
-        lines = [(f"{self.n_devices} GPU(s), {self.mode}, layer cores {self.core}, decode batch {self.batch}: "
+        cores = "on GPU 0 only" if self.core == "first" else self.core
+        lines = [(f"{self.n_devices} GPU(s), {self.mode}, layer cores {cores}, decode batch {self.batch}: "
                   f"model {fmt_bytes(mb.total)}, each GPU owns {d0.experts_per_layer} of {mb.n_experts} experts per "
                   "MoE layer")]
         for d in self.devices:
@@ -157,6 +163,9 @@ def plan_devices(mb: ModelBytes, n_devices: int, gpu_memory, host_memory, *, lin
     own = device_weight_bytes(mb, n_devices, core)
     kv_need = context_tokens * mb.kv_bytes_per_token
     resident = all(own + kv_need + reserve <= g for g in gpus)
+    if core == "first" and resident:       # the all-in-HBM engine replicates the layers: plan what runs
+        core = "replicated"
+        mb_d, own = device_model_bytes(mb, n_devices, core), device_weight_bytes(mb, n_devices, core)
     # distinct experts a step selects per layer, the device with the largest share receives E_d/E of them
     per_step = expected_experts(E, K, batch) * (E_d / E if E else 0.0)
     kv_reads = batch * attended_tokens * mb.kv_bytes_per_token
@@ -164,6 +173,9 @@ def plan_devices(mb: ModelBytes, n_devices: int, gpu_memory, host_memory, *, lin
     devices = []
     for i, (g, h) in enumerate(zip(gpus, hosts)):
         hbm = mb_d.head + sum(mb_d.layer_core) + moe * per_step * mb.expert + kv_reads
+        if core == "first" and i > 0:
+            devices.append(_experts_only_device(i, g, h, mb, E_d, per_step, links, overlap_io))
+            continue
         if resident:
             p, gpu_x, host_x, h2d, disk = None, E_d, 0, 0.0, 0.0
             kv_tokens = (g - own - reserve) // max(mb.kv_bytes_per_token, 1)
@@ -182,9 +194,15 @@ def plan_devices(mb: ModelBytes, n_devices: int, gpu_memory, host_memory, *, lin
             disk = (sum(mb_d.layer_core[j] for j in streamed if j not in p.host_layers)
                     + moe * per_step * (1 - p_host) * mb.expert)
             syncs = moe * links.sync_s if gpu_x < E_d else 0.0
+        if core == "first":
+            # one Python thread drives every device: per MoE layer each other device adds its expert dispatches
+            # (about one layer call: input copy, rows, copy back, merge) to the first device's host work
+            collectives = (n_devices - 1) * moe * links.layer_call_s
+            own_weights = mb.embed + mb.head + sum(mb.layer_core) + E_d * moe * mb.expert
         t_compute = hbm / links.hbm + syncs + n_layers * links.layer_call_s + collectives
         devices.append(DevicePlan(index=i, gpu_memory=g, host_memory=h, experts_per_layer=E_d,
-                                  expert_bytes=E_d * moe * mb.expert, weight_bytes=own, resident=resident,
+                                  expert_bytes=E_d * moe * mb.expert,
+                                  weight_bytes=own_weights if core == "first" else own, resident=resident,
                                   placement=p, gpu_experts=int(gpu_x), host_experts=int(host_x),
                                   kv_tokens=int(kv_tokens), experts_per_step=per_step, h2d_bytes=h2d,
                                   disk_bytes=disk, hbm_bytes=hbm, t_h2d=h2d / links.h2d, t_compute=t_compute))
@@ -201,6 +219,30 @@ def plan_devices(mb: ModelBytes, n_devices: int, gpu_memory, host_memory, *, lin
     return DevicesPlan(n_devices=n_devices, mode="all in HBM" if resident else "tiered", core=core, batch=batch,
                        devices=tuple(devices), disk_bytes=disk_all, t_disk=t_disk, t_h2d=t_h2d, t_compute=t_compute,
                        t_step=t_step, bound=bound, overlap_io=overlap_io)
+
+
+def _experts_only_device(i: int, g: int, h: int, mb: ModelBytes, E_d: int, per_step: float, links: Links,
+                         overlap_io: bool) -> DevicePlan:
+    """A GPU beyond the first in the built tiered layout (tiered.TieredEngine with devices=): routed experts only, its
+    budgets split into the seed's pools as on the first GPU, the pools of the layers it does not hold given to expert
+    slots (expert_cache + active_layers) and to its pinned host cache (host_weights + host_layer_cache)."""
+    from dsjax.runtime.planner import Pools
+    moe = len(mb.moe_layers)
+    pools = Pools.split(g, h)
+    gpu_x = min(E_d, (pools.expert_cache + pools.active_layers) // max(mb.expert * moe, 1))
+    host_x = min(E_d, (pools.host_weights + pools.host_layer_cache) // max(mb.expert * moe, 1))
+    if gpu_x < 1 and E_d:
+        raise BudgetError(f"GPU {i}: gpu_memory={fmt_bytes(g)} holds no expert slot per MoE layer ({moe} layers of "
+                          f"{fmt_bytes(mb.expert)} experts); raise gpu_memory")
+    p_gpu = gpu_x / E_d if E_d else 1.0
+    p_host = max(gpu_x, host_x) / E_d if E_d else 1.0
+    h2d = moe * per_step * (1 - p_gpu) * mb.expert
+    disk = moe * per_step * (1 - p_host) * mb.expert
+    hbm = moe * per_step * mb.expert
+    return DevicePlan(index=i, gpu_memory=g, host_memory=h, experts_per_layer=E_d, expert_bytes=E_d * moe * mb.expert,
+                      weight_bytes=E_d * moe * mb.expert, resident=False, placement=None, gpu_experts=int(gpu_x),
+                      host_experts=int(host_x), kv_tokens=0, experts_per_step=per_step, h2d_bytes=h2d,
+                      disk_bytes=disk, hbm_bytes=hbm, t_h2d=h2d / links.h2d, t_compute=hbm / links.hbm)
 
 
 def v3_model_bytes(fmt: str = "nvfp4", policy: str = "mlp") -> ModelBytes:

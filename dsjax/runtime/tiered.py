@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import threading
 import time
 from typing import Any
 
@@ -31,7 +32,7 @@ from dsjax.runtime.kv_pool import PAGE_TOKENS, kv_bytes_per_token
 from dsjax.runtime.memory import MemoryManager
 from dsjax.runtime.metrics import Metrics, json_line, process_memory, prometheus_text
 from dsjax.runtime.planner import BudgetError, Links, ModelBytes, Pools, fmt_bytes, plan
-from dsjax.runtime.popularity import check_hot_room, engine_popularity, hot_set, popularity_order
+from dsjax.runtime.popularity import check_hot_room, engine_popularity, hot_set, layer_popularity, popularity_order
 from dsjax.runtime.prefetch import CPU_MAX_ROWS, CPU_PRIOR_BPS, DISK, GPU, HOST, READING, PrefetchPolicy, StepSample
 from dsjax.runtime.programs import LayerPrograms
 from dsjax.runtime.tiers import DiskReader, ExpertCache, HostCache, LayerManager, shardings, tree_nbytes
@@ -116,13 +117,19 @@ class TieredEngine(Engine):
     """
 
     def __init__(self, store, runtime: RuntimeConfig, dtype, tokenizer=None, *, prefill_form="naive",
-                 links: Links | None = None, name: str = "", device=None, popularity=None):
+                 links: Links | None = None, name: str = "", device=None, popularity=None, devices=None):
         cfg = active_experts_config(store.config, runtime.memory_config.active_experts)   # every program sees its k
         # measured expert popularity (memory_config.popularity, or counts given here): the hot set and preload order
         self.popularity, self.popularity_source = engine_popularity(store, runtime.memory_config, popularity)
         self.store = store
         self.runtime = runtime
-        self.device = device if device is not None else jax.devices()[0]
+        # devices: tiered expert parallelism (issue 22). The first device runs everything but the routed experts of
+        # the others: each device owns a share of every MoE layer's experts, in its own GPU slots and pinned host
+        # cache, copied over its own link; its rows of a layer are merged into the first device's.
+        devs = list(devices) if devices is not None else [device if device is not None else jax.devices()[0]]
+        if len({d.id for d in devs}) != len(devs):
+            raise ValueError(f"devices={devs}: a device is named twice")
+        self.device = devs[0]
         mc, cc = runtime.memory_config, runtime.compute_config
         self.metrics = Metrics(cfg.num_hidden_layers, cfg.n_routed_experts or 0)
         self.model_bytes = mb = model_bytes_from_store(store, dtype).with_top_k(cfg.num_experts_per_tok or 0)
@@ -130,6 +137,7 @@ class TieredEngine(Engine):
         # None is "no limit"; 0 is a budget of zero bytes (the planner says it is too small and names the minimum)
         gpu = UNLIMITED if runtime.gpu_memory is None else runtime.gpu_memory
         host = UNLIMITED if runtime.host_memory is None else runtime.host_memory
+        budget_per_device = (gpu, host)                  # gpu_memory and host_memory apply to each device
         context = _context(cfg, mc.max_context, Pools.split(gpu, host).compute, mb.kv_bytes_per_token)
         plan_kw = dict(max_gpu_layers=mc.max_gpu_layers, prefetch_layers=mc.prefetch_layers,
                        overlap_io=cc.overlap_io, context_tokens=context)
@@ -137,6 +145,11 @@ class TieredEngine(Engine):
         streams = mb.moe_layers and self.placement.gpu_expert_slots < mb.n_experts
         cpu_on, self.cpu_experts_reason = availability(
             cc.cpu_experts, ExpertLayout.of_store(store, mb.moe_layers[0]) if streams else None, self.device.platform)
+        if cpu_on and len(devs) > 1:
+            if cc.cpu_experts == "on":
+                raise ValueError("compute_config.cpu_experts='on' with several devices: the CPU path is built for one "
+                                 "device's host cache; set cpu_experts to auto or off, or load on one device")
+            cpu_on, self.cpu_experts_reason = False, "several devices (the CPU path serves one device's host cache)"
         cpu_rate = self.links.cpu_rate or CPU_PRIOR_BPS
         if cpu_on:
             # The plan (and stats' predicted_tok_s) counts the CPU path at the kernel's rate (the prior until measured)
@@ -189,22 +202,33 @@ class TieredEngine(Engine):
         E, moe = mb.n_experts, len(self.moe_layers)
         self.full_experts: dict[int, tuple] = {}
         self.experts = self.host_cache = self.disk = None
+        self.movers: list[ExpertMovers] = []             # per device: its expert slots, host cache and link
+        self.owner: dict[int, np.ndarray] = {}           # MoE layer -> [E] index (in self.movers) of each expert's device
+        self.devices_reason = None                       # why devices beyond the first are left unused
         if moe and p.gpu_expert_slots >= E:
             for i in self.moe_layers:
                 futs = store.read_experts(i, range(E))
                 self.full_experts[i] = tuple(_expert_tree(store, i, proj, futs[proj].result(), s_dev)
                                              for proj in PROJ)
                 self.mm.reserve("expert_cache", ("experts", i), E * mb.expert)
+            if len(devs) > 1:
+                self.devices_reason = "every routed expert fits the first device's budget"
         elif moe:
             # Both caches hold flat expert buffers, padded a little beyond the planner's stored bytes: size them from
             # their pools in the buffer's bytes (the host cache fills the layer cache first, then the weights pool).
             layout = ExpertLayout.of_store(store, self.moe_layers[0])
             nb = layout.nbytes
+            self.owner = {i: _owners(self.popularity, i, E, nb, len(devs)) for i in self.moe_layers}
+            share = [max(int((o == d).sum()) for o in self.owner.values()) for d in range(len(devs))]
             host_room = self.mm.free("host_layer_cache") // nb + self.mm.free("host_weights") // nb
-            self.experts = ExpertCache(min(E * moe, p.gpu_expert_pool // nb), layout, self.mm, self.metrics,
+            link = DeviceLink(self.metrics)
+            self.experts = ExpertCache(min(share[0] * moe, p.gpu_expert_pool // nb), layout, self.mm, link,
                                        device=self.device)
-            self.host_cache = HostCache(min(p.host_experts * moe, host_room), self.mm, self.metrics, nb,
+            self.host_cache = HostCache(min(min(p.host_experts, share[0]) * moe, host_room), self.mm, link, nb,
                                         device=self.device)
+            self.movers.append(ExpertMovers(self.device, self.experts, self.host_cache, self.mm, link))
+            for d, dev in enumerate(devs[1:], 1):
+                self.movers.append(_expert_device(dev, share[d] * moe, *budget_per_device, layout, self.metrics))
             self.disk = DiskReader(store, self.metrics, layout)
         # memory_config.hot_experts: the most popular experts of each MoE layer, pinned in GPU slots for good
         self.hot = hot_set(self.popularity, self.moe_layers, E, mc.hot_experts) \
@@ -275,22 +299,27 @@ class TieredEngine(Engine):
         t0 = time.perf_counter()
         self._set_phase("load")
         moe, E = len(self.moe_layers), self.config.n_routed_experts
-        n_hot = self.runtime.memory_config.hot_experts if self.hot else 0
-        per_host = min(E - n_hot, self.host_cache.slots.capacity // moe)
-        per_gpu = min(E - n_hot, (self.experts.slots.capacity - n_hot * moe) // moe)
-        n = max(per_host, per_gpu)
         order = {i: [int(e) for e in popularity_order(self.popularity, i, E) if not self.hot or e not in self.hot[i]]
                  for i in self.moe_layers}
-        reads = [(i, self.disk.read(i, sorted(order[i][c:min(n, c + chunk)]), stage=self.host_cache.put))
-                 for i in self.moe_layers for c in range(0, n, chunk)]
-        gpu = {(i, e) for i in self.moe_layers for e in order[i][:per_gpu]}
-        rows: dict[tuple[int, int], Any] = {}
-        for i, f in reads:
-            rows.update({(i, e): r for e, r in f.result().items() if (i, e) in gpu})
-        for i in self.moe_layers:
-            self.experts.load([((i, e), rows.pop((i, e))) for e in order[i][:per_gpu]])
-        jax.block_until_ready(self.experts.flush())
-        self.preloaded = {"host": per_host * moe, "gpu": per_gpu * moe, "seconds": time.perf_counter() - t0}
+        hosted = gpu_loaded = 0
+        for d, mv in enumerate(self.movers):               # each device fills its own caches with its own experts
+            mine = {i: [e for e in order[i] if self.owner[i][e] == d] for i in self.moe_layers}
+            share = max(len(v) for v in mine.values())
+            per_host = min(share, mv.host_cache.slots.capacity // moe)
+            per_gpu = min(share, (mv.experts.slots.capacity - len(mv.experts.hot)) // moe)
+            n = max(per_host, per_gpu)
+            reads = [(i, self.disk.read(i, sorted(mine[i][c:min(n, c + chunk)]), stage=mv.host_cache.put))
+                     for i in self.moe_layers for c in range(0, n, chunk) if mine[i][c:min(n, c + chunk)]]
+            gpu = {(i, e) for i in self.moe_layers for e in mine[i][:per_gpu]}
+            rows: dict[tuple[int, int], Any] = {}
+            for i, f in reads:
+                rows.update({(i, e): r for e, r in f.result().items() if (i, e) in gpu})
+            for i in self.moe_layers:
+                mv.experts.load([((i, e), rows.pop((i, e))) for e in mine[i][:per_gpu]])
+            jax.block_until_ready(mv.experts.flush())
+            hosted += sum(min(per_host, len(v)) for v in mine.values())
+            gpu_loaded += sum(min(per_gpu, len(v)) for v in mine.values())
+        self.preloaded = {"host": hosted, "gpu": gpu_loaded, "seconds": time.perf_counter() - t0}
         self._set_phase("prefill")
 
     def _load_hot(self) -> None:
@@ -300,9 +329,11 @@ class TieredEngine(Engine):
         t0, phase = time.perf_counter(), self.metrics.phase
         self._set_phase("load")
         try:
-            reads = [(i, self.disk.read(i, experts)) for i, experts in self.hot.items()]
-            self.experts.load_hot([((i, e), row) for i, f in reads for e, row in f.result().items()])
-            jax.block_until_ready(self.experts.pool)
+            reads = [(mv, i, self.disk.read(i, mine)) for i, experts in self.hot.items()
+                     for mv, mine in self._by_device(i, experts)]
+            for mv in self.movers:                          # each device's share of the hot set, in its own slots
+                mv.experts.load_hot([((i, e), row) for m_, i, f in reads if m_ is mv for e, row in f.result().items()])
+            jax.block_until_ready([mv.experts.pool for mv in self.movers])
         finally:
             self._set_phase(phase)
         self._hot_loaded = True
@@ -320,7 +351,7 @@ class TieredEngine(Engine):
             return out
         keys = [(i, e) for i, ex in self.hot.items() for e in ex]
         out.update({"experts": len(keys), "bytes": len(keys) * self.experts.expert_bytes,
-                    "resident": int(sum(self.experts.lookup(k, count=False) is not None for k in keys)),
+                    "resident": int(sum(self._mover(*k).experts.lookup(k, count=False) is not None for k in keys)),
                     "layers": {str(i): ex for i, ex in self.hot.items()}, **c,
                     # of the (layer, expert) uses of the MoE layers' steps, those the hot set served (no copy)
                     "hit_rate": c["hits"] / c["uses"] if c["uses"] else None,
@@ -408,8 +439,9 @@ class TieredEngine(Engine):
             self._release_prefetch_pins()                 # a step's predictions never outlive it
             self._pending.clear()                         # nor its disk reads (each layer dropped its own)
             self._copied_ahead.clear()
-            self.experts.tick()
-            self.host_cache.tick()
+            for mv in self.movers:
+                mv.experts.tick()
+                mv.host_cache.tick()
             self._adapt()
         self.metrics.tokens += 1
         self._count_activations(routed, valid_flat)
@@ -426,7 +458,6 @@ class TieredEngine(Engine):
         if i in self._predicted:
             self.metrics.add_prediction(self._predicted.pop(i), routed)
         self._release_prefetch_pins(i, routed)
-        P = self.experts.slots.capacity
         B, T, D = hn.shape
         cpu_job = None
         if self.cpu_path and B * T <= CPU_MAX_ROWS:
@@ -434,14 +465,54 @@ class TieredEngine(Engine):
                 cpu_job = self._start_cpu_experts(i, hn, ids, valid, used)
             if cpu_job is not None:                   # their assignments get slot P: zero rows on the GPU
                 used = [e for e in used if e not in cpu_job.experts]
-        overlap_compute = self.runtime.compute_config.overlap_compute
         hot_used: list[int] = []
         if self.hot:                                  # resident and pinned: no slot to find, no copy; first chunk
-            hot = self._hot_rows[i] & self.experts.resident(i, self.config.n_routed_experts)
+            hot = self._hot_rows[i] & self._gpu_resident(i)
             hot_used = [e for e in used if hot[e]]
             used = [e for e in used if not hot[e]]
             self._count_hot(i, real, len(hot_used), len(routed))
-        room = P - len(self.experts.hot)                # slots the other experts may take
+        pred = preds if (preds and len(nxt)) else None
+        if len(self.movers) == 1:
+            acc = _zeros((B * T, ids.shape[1], D), hn.dtype, self.device)  # committed, as later chunks; one dispatch
+            acc, _ = self._rows_on(self.movers[0], i, hn, ids, valid, used, hot_used, acc, pred, nxt)
+        else:
+            # Every device computes the rows of the experts it owns (its copies over its own link); the others' rows
+            # are merged into the first device's by assignment mask: each assignment's row comes from exactly one
+            # device, bit for bit. Every device's disk reads start first, so no device's reads wait behind another
+            # device's copies and compute being issued.
+            owner = self.owner[i]
+            tiers = self._tiers(i)
+            self._start_disk(i, [e for e in used if tiers[e] == DISK])
+            parts = []
+            for d, mv in enumerate(self.movers):
+                mine, hot_mine = [e for e in used if owner[e] == d], [e for e in hot_used if owner[e] == d]
+                if d and not (mine or hot_mine):
+                    continue
+                with m.host("dispatch"):
+                    x = hn if d == 0 else jax.device_put(hn, mv.s_dev)
+                    acc_d = _zeros((B * T, ids.shape[1], D), hn.dtype, mv.device)
+                acc_d, pred = self._rows_on(mv, i, x, ids, valid, mine, hot_mine, acc_d, pred, nxt)
+                parts.append((d, acc_d))
+            acc = parts[0][1]
+            s_dev = shardings(self.device)[0]
+            for d, rows in parts[1:]:
+                with m.host("dispatch"):
+                    acc = _take_rows(acc, jax.device_put(rows, s_dev), jax.device_put(owner[ids] == d, s_dev))
+        self._drop_pending(i)
+        if cpu_job is not None:
+            acc = self._finish_cpu_experts(i, cpu_job, acc)
+        with m.host("dispatch"):
+            return self.sched.moe_out(w, h, hn, acc, weight, shared)
+
+    def _rows_on(self, mv: ExpertMovers, i: int, hn, ids: np.ndarray, valid: np.ndarray, used: list[int],
+                 hot_used: list[int], acc, pred, nxt: list[int]):
+        """Rows of layer i's assignments to `used` (and the resident hot experts `hot_used`) on one device's slots, in
+        chunks of the slots free there; the first chunk's experts secured, the predictions `pred` (None: none) go to
+        _prefetch. Returns (acc, pred left)."""
+        m = self.metrics
+        P = mv.experts.slots.capacity
+        overlap_compute = self.runtime.compute_config.overlap_compute
+        room = P - len(mv.experts.hot)                  # slots the other experts may take
         chunks = self.policy.chunks(used, room, overlap_compute) or [[]]    # [[]]: every expert on the CPU / hot
         chunks[0] = hot_used + chunks[0]
         if overlap_compute and len(chunks) > 1:                          # read later chunks while earlier compute
@@ -450,28 +521,22 @@ class TieredEngine(Engine):
                 ahead = [e for e in ch if tiers[e] == DISK]
                 self.chunk_reads_ahead += len(ahead)
                 self._start_disk(i, ahead)
-        acc = _zeros((B * T, ids.shape[1], D), hn.dtype, self.device)    # committed, as later chunks; one dispatch
         lut = np.full(self.config.n_routed_experts, P, np.int32)          # P: not in this chunk
-        pred = preds
         for ch in chunks:
             with m.host("expert_copies"):                                # includes waits for disk (stall_seconds)
-                lut[ch] = self._ensure(i, ch)
-                pool = self.experts.flush()
+                lut[ch] = self._ensure(i, ch, mv)
+                pool = mv.experts.flush()
             slot_ids = lut[ids]
             slot_ids[~valid] = P
             with m.host("dispatch"):
                 acc = self.sched.moe_rows(pool, slot_ids, hn, acc)
             lut[ch] = P
-            if pred and len(nxt):                               # after this layer's experts are secured
+            if pred is not None:                                # after this layer's experts are secured
                 with m.host("prefetch"):
                     self._prefetch(_merge_predictions(pred), nxt)
                 pred = None
-            self.experts.slots.unpin_all([(i, e) for e in ch])
-        self._drop_pending(i)
-        if cpu_job is not None:
-            acc = self._finish_cpu_experts(i, cpu_job, acc)
-        with m.host("dispatch"):
-            return self.sched.moe_out(w, h, hn, acc, weight, shared)
+            mv.experts.slots.unpin_all([(i, e) for e in ch])
+        return acc, pred
 
     def _count_hot(self, i: int, real: np.ndarray, hits: int, uses: int) -> None:
         """The hot set's share of layer i's step: experts used (distinct) and token-expert assignments."""
@@ -527,24 +592,48 @@ class TieredEngine(Engine):
         (vectorised: no per-expert lookups)."""
         E = self.config.n_routed_experts
         t = np.full(E, DISK, np.int8)
-        t[self.host_cache.resident(i, E)] = HOST
+        t[self._resident_on(i, "host_cache")] = HOST
         reading = [e for (j, e) in self._pending if j == i]
         t[reading] = READING
-        t[self.experts.resident(i, E)] = GPU
+        t[self._gpu_resident(i)] = GPU
         return t
+
+    def _resident_on(self, i: int, cache: str) -> np.ndarray:
+        """[E] bool: experts of layer i that their own device's `cache` ("experts" or "host_cache") holds."""
+        E = self.config.n_routed_experts
+        if len(self.movers) == 1:
+            return getattr(self.movers[0], cache).resident(i, E)
+        out = np.zeros(E, bool)
+        for d, mv in enumerate(self.movers):
+            out |= getattr(mv, cache).resident(i, E) & (self.owner[i] == d)
+        return out
+
+    def _gpu_resident(self, i: int) -> np.ndarray:
+        return self._resident_on(i, "experts")
+
+    def _mover(self, i: int, e: int) -> ExpertMovers:
+        """The movers of the device that owns expert e of layer i."""
+        return self.movers[int(self.owner[i][e])]
+
+    def _by_device(self, i: int, experts) -> list[tuple[ExpertMovers, list[int]]]:
+        """`experts` of layer i grouped by the device that owns them (devices with none left out), order kept."""
+        if len(self.movers) == 1:
+            return [(self.movers[0], list(experts))] if len(experts) else []
+        owner = self.owner[i]
+        groups = [(mv, [e for e in experts if owner[e] == d]) for d, mv in enumerate(self.movers)]
+        return [(mv, g) for mv, g in groups if g]
 
     def _start_disk(self, i: int, experts: list[int]) -> None:
         """Read `experts` of layer i from disk on a loader thread (staged into pinned memory), in order."""
         todo = [e for e in experts if (i, e) not in self._pending]
-        if not todo:
-            return
-        fut = self.disk.read(i, todo, stage=self.host_cache.put)
-        for e in todo:
-            self._pending[(i, e)] = fut
+        for mv, mine in self._by_device(i, todo):       # staged into the pinned memory of the expert's device
+            fut = self.disk.read(i, mine, stage=mv.host_cache.put)
+            for e in mine:
+                self._pending[(i, e)] = fut
 
     def _host_row(self, i: int, e: int):
         """Expert (i, e)'s buffer in pinned host memory (waiting for its disk read if needed)."""
-        got = self.host_cache.get((i, e))
+        got = self._mover(i, e).host_cache.get((i, e))
         if got is not None:
             return got
         if (i, e) not in self._pending:
@@ -557,21 +646,23 @@ class TieredEngine(Engine):
         self.metrics.add_stall(time.perf_counter() - t0)
         return row
 
-    def _ensure(self, i: int, experts: list[int]) -> list[int]:
-        """GPU slots of `experts` of layer i, loading misses in one batch; they stay pinned until unpinned."""
+    def _ensure(self, i: int, experts: list[int], mv: ExpertMovers | None = None) -> list[int]:
+        """GPU slots of `experts` of layer i (all owned by `mv`'s device; default the first), loading misses in one
+        batch; they stay pinned until unpinned."""
+        mv = mv or self.movers[0]
         slots: dict[int, int] = {}
         misses = []
         for e in experts:
-            slot = self.experts.lookup((i, e))
+            slot = mv.experts.lookup((i, e))
             if slot is None:
                 misses.append(e)
             else:
-                self.experts.slots.pin((i, e))
+                mv.experts.slots.pin((i, e))
                 slots[e] = slot
-        self._start_disk(i, [e for e in misses if self.host_cache.get((i, e), count=False) is None])
+        self._start_disk(i, [e for e in misses if mv.host_cache.get((i, e), count=False) is None])
         self.metrics.add_recopied(sum((i, e) in self._copied_ahead for e in misses))
         rows = [((i, e), self._host_row(i, e)) for e in misses]
-        loaded = (self.experts.write_now if self._copy_in_write else self.experts.load)(rows, pin=True)
+        loaded = (mv.experts.write_now if self._copy_in_write else mv.experts.load)(rows, pin=True)
         slots.update(zip(misses, loaded))
         return [slots[e] for e in experts]
 
@@ -581,7 +672,8 @@ class TieredEngine(Engine):
         (unpinned, a just-copied expert is LRFU's first victim: a CPU probe lost 54% of the predicted copies at batch
         8 to the next copies while precision was 0.92)."""
         where = {j: self._tiers(j) for j in nxt}
-        copy_room = self.experts.slots.capacity - self.experts.slots.pinned_count()
+        rooms = [mv.experts.slots.capacity - mv.experts.slots.pinned_count() for mv in self.movers]
+        copy_room = sum(rooms)
         read_room = self.placement.pools.host_prefetch // max(self.host_cache.expert_bytes, 1) - len(self._pending)
         plan = self.policy.plan(pred, nxt, where, copy_room=copy_room, read_room=read_room)
         self._predicted.update(plan.predicted)
@@ -592,11 +684,14 @@ class TieredEngine(Engine):
         ahead = sum(k[0] >= nxt[0] for k in self._pending)               # speculative reads in flight
         self.max_reads_pending = max(self.max_reads_pending, ahead)
         for j, experts in plan.copies.items():
-            up = [((j, e), self.host_cache.get((j, e), count=False)) for e in experts]
-            up = [(k, t) for k, t in up if t is not None]     # a loader thread may have evicted it since
-            self.experts.load(up, pin=True)
-            self._prefetch_pins.setdefault(j, []).extend(k for k, _ in up)
-            self._copied_ahead.update(k for k, _ in up)
+            for mv, mine in self._by_device(j, experts):   # each device's copies over its own link, within its room
+                d = self.movers.index(mv)
+                up = [((j, e), mv.host_cache.get((j, e), count=False)) for e in mine]
+                up = [(k, t) for k, t in up if t is not None][:max(rooms[d], 0)]   # evicted since by a loader thread
+                rooms[d] -= len(up)
+                mv.experts.load(up, pin=True)
+                self._prefetch_pins.setdefault(j, []).extend(k for k, _ in up)
+                self._copied_ahead.update(k for k, _ in up)
 
     def _release_prefetch_pins(self, layer: int | None = None, used: set | None = None) -> None:
         """Unpin the experts prefetched for `layer` (every layer's when None) as it starts; with `used`, count which
@@ -606,7 +701,8 @@ class TieredEngine(Engine):
             if used is not None:
                 hit = sum(e in used for _, e in keys)
                 self.metrics.add_prefetch(hit, len(keys) - hit)
-            self.experts.slots.unpin_all(keys)
+            for mv, mine in self._by_device(j, [e for _, e in keys]):
+                mv.experts.slots.unpin_all([(j, e) for e in mine])
 
     def _adapt(self) -> None:
         """Once per step: tell the policy what the step saw (prediction counts, disk waits, how busy the host->GPU
@@ -629,18 +725,23 @@ class TieredEngine(Engine):
         if self.experts is None or B in self._warmed:
             return
         self._set_phase("prefill")                           # counted with the generation's start, not a decode
-        cfg, P = self.config, self.experts.slots.capacity
+        cfg = self.config
         K, D = cfg.num_experts_per_tok, cfg.hidden_size
         with self.metrics.host("warmup"):
             s_dev = shardings(self.device)[0]   # committed inputs, like attention's outputs: the same executable
-            hn = jnp.zeros((B, 1, D), self.dtype, device=s_dev)
-            acc = self.sched.moe_rows(self.experts.flush(), np.full((B, K), P, np.int32), hn,
-                                      _zeros((B, K, D), self.dtype, self.device))   # also the decode steps' zeros
+            for d, mv in enumerate(self.movers):    # each device's executables (its pool's slot count)
+                hn = jnp.zeros((B, 1, D), self.dtype, device=mv.s_dev)
+                rows = self.sched.moe_rows(mv.experts.flush(), np.full((B, K), mv.experts.slots.capacity, np.int32),
+                                           hn, _zeros((B, K, D), self.dtype, mv.device))  # also the steps' zeros
+                if d == 0:
+                    acc = rows
+                else:                                           # the merge of its rows into the first device's
+                    acc = _take_rows(acc, jax.device_put(rows, s_dev), jax.device_put(np.zeros((B, K), bool), s_dev))
+                if not self._warmed:
+                    mv.experts.compile_writes(self._copy_in_write)
             if self.cpu_path and B <= CPU_MAX_ROWS:             # the CPU rows' merge
                 acc = take_cpu_rows(acc, jax.device_put(np.zeros((B, K, D), np.float32), s_dev),
                                      jax.device_put(np.zeros((B, K), bool), s_dev))
-            if not self._warmed:
-                self.experts.compile_writes(self._copy_in_write)
             jax.block_until_ready(acc)
         self._warmed.add(B)
         self.batch_sizes.append(B)
@@ -653,7 +754,8 @@ class TieredEngine(Engine):
             self._prefetch_pins.clear()
             self._predicted.clear()
             self._pending.clear()
-            if not self.experts.recover():                # the hot set went with the pool: next step reloads it
+            kept = [mv.experts.recover() for mv in self.movers]
+            if not all(kept):                             # the hot set went with a pool: next step reloads it
                 self._hot_loaded = False
 
     # ---- monitoring -----------------------------------------------------------------------------------------------
@@ -665,9 +767,11 @@ class TieredEngine(Engine):
 
     def _stats_now(self) -> dict[str, Any]:
         hit = {}
-        if self.experts is not None:
-            hit["gpu"] = self.experts.slots.counters.hit_rate
-            hit["host"] = self.host_cache.slots.counters.hit_rate
+        if self.experts is not None:                     # over every device's caches
+            for tier, cache in (("gpu", "experts"), ("host", "host_cache")):
+                c = [getattr(mv, cache).slots.counters for mv in self.movers]
+                hits, n = sum(x.hits for x in c), sum(x.hits + x.misses for x in c)
+                hit[tier] = hits / n if n else 0.0
         p = self.placement
         extra = {
             "generation": dict(self._stats),
@@ -702,12 +806,31 @@ class TieredEngine(Engine):
                             "reason": self.cpu_experts_reason, **(self.cpu_path.stats() if self.cpu_path else
                                                                   {"experts": 0, "bytes": 0, "seconds": 0.0})},
             "process_memory": process_memory(),
+            "expert_devices": self._devices_report(),
         }
         snap = self.metrics.snapshot(extra)
         for i, counts in enumerate(self._activations()):       # layers whose experts all sit on the GPU
             if any(counts):
                 snap["expert_activations"][i] = counts
         return snap
+
+    def _devices_report(self) -> dict[str, Any]:
+        """stats()["expert_devices"]: per device (tiered expert parallelism) its experts, caches, hit rates, pools and
+        bytes over its own host->GPU link; the first device also runs everything else."""
+        per = []
+        for d, mv in enumerate(self.movers):
+            g, h = mv.experts.slots.counters, mv.host_cache.slots.counters
+            per.append({"device": str(mv.device),
+                        "experts": int(sum(int((o == d).sum()) for o in self.owner.values())),
+                        "gpu_slots": mv.experts.slots.capacity, "host_slots": mv.host_cache.slots.capacity,
+                        "gpu_hit_rate": g.hit_rate, "host_hit_rate": h.hit_rate,
+                        "gpu_hits": g.hits, "gpu_misses": g.misses,
+                        "bytes": dict(mv.link.bytes), "copies": dict(mv.link.count),
+                        "pools": {k: v for k, v in mv.mm.report().items() if v["capacity"]}})
+        out: dict[str, Any] = {"count": max(len(self.movers), 1), "per_device": per}
+        if self.devices_reason:
+            out["note"] = self.devices_reason
+        return out
 
     def stats_prometheus(self) -> str:
         return prometheus_text(self.stats())
@@ -769,3 +892,80 @@ def measure_links(store, device=None, nbytes: int = 64 << 20) -> Links:
         got = sum(tree_nbytes(f.result()) for f in futs.values())
         disk = got / max(time.perf_counter() - t0, 1e-9)
     return Links(h2d=h2d, disk=disk, measured=True)
+
+
+# ---- tiered expert parallelism (issue 22): one set of expert movers per device ----------------------------------------
+
+class DeviceLink:
+    """The engine's Metrics as one device's movers see them: every transfer counts in the engine's totals and in this
+    device's own bytes per link (its host->GPU link is its own PCIe link). Loader threads stage through it too."""
+
+    def __init__(self, metrics: Metrics):
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self.bytes: collections.Counter = collections.Counter()
+        self.count: collections.Counter = collections.Counter()
+
+    def add_transfer(self, link: str, nbytes: int, seconds: float, issued_only: bool = False) -> None:
+        with self._lock:
+            self.bytes[link] += int(nbytes)
+            self.count[link] += 1
+        self._metrics.add_transfer(link, nbytes, seconds, issued_only)
+
+    def __getattr__(self, name: str):
+        return getattr(self._metrics, name)
+
+
+@dataclasses.dataclass(eq=False)
+class ExpertMovers:
+    """One device's expert tiers: its GPU slot pool, its pinned host cache (pinned memory of that device), the ledger of
+    its budgets and the accounts of its link. The first device's are the engine's experts / host_cache / mm."""
+
+    device: Any
+    experts: ExpertCache
+    host_cache: HostCache
+    mm: MemoryManager
+    link: DeviceLink
+
+    @property
+    def s_dev(self):
+        return shardings(self.device)[0]
+
+
+def _owners(popularity, layer: int, n_experts: int, expert_bytes: int, n_devices: int) -> np.ndarray:
+    """[E] device index of each expert of `layer`: parallel.partition_experts (equal bytes per device, measured
+    popularity balanced when given)."""
+    owner = np.zeros(n_experts, np.int32)
+    if n_devices > 1:
+        from dsjax.runtime.parallel import partition_experts
+        for d, ids in enumerate(partition_experts(layer_popularity(popularity, layer, n_experts),
+                                                  [expert_bytes] * n_experts, n_devices)):
+            owner[ids] = d
+    return owner
+
+
+def _expert_device(device, experts: int, gpu: int, host: int, layout: ExpertLayout, metrics: Metrics) -> ExpertMovers:
+    """The movers of a device beyond the first, which holds routed experts only. gpu_memory and host_memory apply to
+    each device, split into the seed's pools as on the first: this device keeps the reserve and the compute pool (its
+    expert rows' activations) and gives the pools of the layers it does not hold to experts (GPU slots: expert_cache
+    + active_layers; pinned host cache: host_weights + host_layer_cache), each at most the `experts` (layer, expert)
+    pairs it owns."""
+    nb = layout.nbytes
+    pools = Pools.split(gpu, host)
+    slots = min(experts, (pools.expert_cache + pools.active_layers) // nb)
+    cached = min(experts, (pools.host_weights + pools.host_layer_cache) // nb)
+    if slots < 1:
+        raise BudgetError(f"gpu_memory={fmt_bytes(gpu)} per device leaves no GPU expert slot on {device} (one expert "
+                          f"is {fmt_bytes(nb)}; its expert_cache + active_layers pools hold "
+                          f"{fmt_bytes(pools.expert_cache + pools.active_layers)}): raise gpu_memory")
+    mm = MemoryManager(dataclasses.replace(pools, expert_cache=slots * nb, active_layers=0, host_weights=cached * nb,
+                                           host_layer_cache=0))
+    link = DeviceLink(metrics)
+    return ExpertMovers(device, ExpertCache(slots, layout, mm, link, device=device),
+                        HostCache(cached, mm, link, nb, device=device), mm, link)
+
+
+@jax.jit
+def _take_rows(acc: jax.Array, rows: jax.Array, mask: jax.Array) -> jax.Array:
+    """acc with `rows` where mask [A, K] is set: another device's expert rows merged into the first device's."""
+    return jnp.where(mask[..., None], rows.astype(acc.dtype), acc)
