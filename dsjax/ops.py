@@ -65,10 +65,24 @@ def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=precision(a, b))
 
 
+# Rows above which a dense FP4 linear runs dequantize-then-XLA-dot instead of the fused kernel. Measured on the H100
+# (bench/RESULTS.md, kernels run 9, V3 shapes K=7168 N=2048 and K=2048 N=7168): the kernel wins at M <= 256 (38 vs
+# 51 us, 45 vs 49 us), the reference at M = 4096 (206 vs 296 us, 208 vs 308 us); the fitted crossovers are ~730 and
+# ~390 rows. Grouped expert matmuls keep the kernel at every size (5-14x the reference there).
+DENSE_KERNEL_MAX_ROWS = 512
+
+
+def dense_path(rows: int) -> str:
+    """'kernel' or 'reference' for a dense FP4 linear of `rows` rows on the kernel path (prefill's large M goes to
+    XLA's dot of the dequantized weight, which runs tensor cores faster than the kernel there)."""
+    return "kernel" if rows <= DENSE_KERNEL_MAX_ROWS else "reference"
+
+
 def linear(x: jax.Array, w) -> jax.Array:
     """y = x @ w.T for w [O, D]; float32 accumulation, result in x.dtype."""
     if _is_quant(w):
-        if w.packed.ndim == 2 and fp4_path(x, w) == "kernel":
+        rows = x.size // x.shape[-1] if x.shape[-1] else 0
+        if w.packed.ndim == 2 and fp4_path(x, w) == "kernel" and dense_path(rows) == "kernel":
             from dsjax_kernels.fp4_matmul import fp4_matmul
             try:
                 y = fp4_matmul(x.reshape(-1, x.shape[-1]), w.packed, w.scales, w.global_scale, fmt=w.fmt)

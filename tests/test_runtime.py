@@ -555,6 +555,32 @@ def test_enable_fusion_selects_kernels_on_gpu_only(monkeypatch, store):
     assert _load(store).sched.enable_fusion is True
 
 
+def test_dense_fp4_linear_sends_prefill_sized_inputs_to_xla(monkeypatch):
+    """On the kernel path a dense FP4 linear of at most DENSE_KERNEL_MAX_ROWS rows calls the fused kernel; a larger
+    one (prefill) runs dequantize-then-dot, which the H100 runs faster there. A spy stands in for the kernel (this CPU
+    has none): it records the call and declines (ValueError), so the reference computes the result either way."""
+    import jax.numpy as jnp
+    import dsjax_kernels.fp4_matmul as fk
+    from dsjax import ops
+    from dsjax.quant import qlinear_reference, quantize
+    calls = []
+
+    def spy(x, *a, **k):
+        calls.append(x.shape[0])
+        raise ValueError("spy")
+    monkeypatch.setattr(fk, "fp4_matmul", spy)
+    monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
+    w = quantize(np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32), "nvfp4")
+    n = ops.DENSE_KERNEL_MAX_ROWS
+    for rows in (1, n, n + 1, 4 * n):
+        x = jnp.asarray(np.random.default_rng(rows).standard_normal((rows, 64)), jnp.bfloat16)
+        with ops.fusion(True):
+            y = ops.linear(x, w)
+        np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(qlinear_reference(x, w), np.float32))
+    assert calls == [1, n], f"kernel called for rows {calls}"
+    assert [ops.dense_path(r) for r in (1, n, n + 1)] == ["kernel", "kernel", "reference"]
+
+
 def test_prediction_scale_does_not_depend_on_top_k():
     """_predict against a numpy re-implementation of V3's routing (256 experts, top-8 of 8 groups): an expert in a
     token's predicted top-k gets min(1, top_k x its share), maximized over tokens. With random routers the top-8
