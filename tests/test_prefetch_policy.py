@@ -143,6 +143,10 @@ def test_the_copy_ahead_trial_keeps_the_faster_side_and_rechecks_the_other(ahead
     assert settled.count(not ahead_wins) >= 3                             # the loser is re-checked now and then
     assert pol.trial()["1"]["copies_ahead_win"] is ahead_wins
     assert pol.trial_steps[True] + pol.trial_steps[False] == 39
+    log = pol.trial_samples()                      # the last 32 steps as run: mode, time, bytes, timed
+    assert len(log) == 32 and [x["ahead"] for x in log] == ran[-32:] and all(x["timed"] for x in log)
+    assert all(x["ms"] == 1e3 * (fast if x["ahead"] == ahead_wins else slow) for x in log)
+    assert all(x["h2d_MB"] == 8 * EXPERT / 1e6 and x["rows"] == 1 for x in log)
 
 
 def test_a_tie_goes_to_loading_on_demand_and_buckets_are_judged_apart():

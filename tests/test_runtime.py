@@ -522,6 +522,7 @@ def test_stats_exports(store, budgets):
     assert f'dsjax_expert_activations{{layer="2",expert="5"}} {s["expert_activations"][2][5]}' in text
     assert f'dsjax_host_seconds_routing_sync{{phase="decode"}} {host["decode"]["routing_sync"]}' in text
     assert json.loads(e.stats_json_line())["tokens"] == s["tokens"]
+    assert "copy_ahead_samples" in s and "copy_ahead_samples" not in text       # a log, not gauges
 
 
 def test_corrupt_expert_found_at_run_time_names_the_tensor(store, budgets, tmp_path):

@@ -252,6 +252,7 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
                                         - s0.get("steps_without_copies_ahead", 0)),
             copy_ahead_trial=s.get("copy_ahead_trial", {}).get(str(1 << max(B - 1, 0).bit_length())),
             copy_ahead_limit=s.get("copy_ahead_limit"),
+            copy_ahead_samples=[x for x in s.get("copy_ahead_samples", []) if x["rows"] <= B],   # last steps logged
             stall_s=stall, host_ms_per_step={k: 1e3 * (v - h0.get(k, 0.0)) / steps for k, v in h1.items()},
             # the engine thread's CPU time (waits excluded) per step: "step" is all of it, the rest by activity
             host_cpu_ms_per_step={k: 1e3 * (v - c0.get(k, 0.0)) / steps for k, v in c1.items()},

@@ -133,6 +133,9 @@ DICT_LABELS = {"links": "link", "pools": "pool", "hit_rates": "tier", "host_seco
 LIST_LABELS = {"layer_ms": ("layer",), "expert_activations": ("layer", "expert")}
 
 
+NOT_GAUGES = frozenset({"copy_ahead_samples"})    # stats keys that are logs, not gauges (kept out of /metrics)
+
+
 def prometheus_text(snapshot: dict[str, Any], prefix: str = "dsjax") -> str:
     """Prometheus exposition text of a stats snapshot: numeric leaves become gauges; the keys of `links`, `pools`
     and `hit_rates` and the indices of per-layer lists become labels."""
@@ -145,6 +148,8 @@ def prometheus_text(snapshot: dict[str, Any], prefix: str = "dsjax") -> str:
         lines.append(f"{prefix}_{name}{{{lab}}} {value}" if lab else f"{prefix}_{name} {value}")
 
     def walk(name: str, v, labels: dict[str, str], list_labels: tuple[str, ...] = ()):
+        if name in NOT_GAUGES:
+            return
         if isinstance(v, dict):
             label = DICT_LABELS.get(name)
             for k, x in v.items():

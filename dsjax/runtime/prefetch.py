@@ -98,6 +98,9 @@ class PrefetchPolicy:
         self._ahead_now = True                      # the trial's choice for the step under way
         self.ahead_limit: int | None = None         # copies ahead per layer at most (None: no limit measured yet)
         self.trial_steps = {True: 0, False: 0}      # decode steps run with copies ahead on / off by the trial
+        # the trial's last decode steps as measured: (rows, copies ahead, ms, host->GPU MB, timed), to explain a
+        # verdict that contradicts another config's steps (GPU run 4: 'without' 73.6 ms vs on_demand's 35.1 ms)
+        self.samples: collections.deque = collections.deque(maxlen=32)
 
     @property
     def trial_active(self) -> bool:
@@ -185,6 +188,8 @@ class PrefetchPolicy:
         off, ... until each has 3 steps, then the winner, with one step of the loser every probe_every steps."""
         t = self._trials.setdefault(1 << max(step.rows - 1, 0).bit_length(), _Trial())
         ran = self.copies_ahead
+        self.samples.append((step.rows, ran, round(1e3 * step.seconds, 3), round(step.h2d_bytes / 1e6, 3),
+                             t.steps > 0))
         if t.steps == 0:            # a bucket's first step compiles its programs (H100: 9.4 s at batch 8): not timed
             t.steps = 1
             return ran
@@ -210,6 +215,11 @@ class PrefetchPolicy:
                               "copies_ahead_win": t.verdict(self.margin),
                               "idle_experts_per_layer": float(np.median(t.gap)) if t.gap else None}
         return out
+
+    def trial_samples(self) -> list[dict]:
+        """The trial's last decode steps, oldest first: rows, copies ahead, ms, host->GPU MB, timed (False: the
+        bucket's first step, which compiles and is left out)."""
+        return [dict(zip(("rows", "ahead", "ms", "h2d_MB", "timed"), x)) for x in self.samples]
 
 
 def split_cpu(host_missing: list[int], rows: int, cpu_rate_bps: float, link_rate_bps: float, expert_bytes: int, *,

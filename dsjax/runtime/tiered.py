@@ -793,6 +793,7 @@ class TieredEngine(Engine):
             "steps_without_copies_ahead": self.policy.steps_without_copies_ahead,   # by the link gate or the trial
             "steps_link_full": self.policy.steps_link_full,                       # by the link gate
             "copy_ahead_trial": self.policy.trial(),                  # per decode bucket: ms with / without, verdict
+            "copy_ahead_samples": self.policy.trial_samples(),        # the trial's last steps (not a gauge)
             "copy_ahead_limit": self.policy.ahead_limit,
             "fetch_plans": self.fetch_plans,
             "disk_reads_pending": len(self._pending),
