@@ -25,6 +25,7 @@ def main() -> None:
     links = Links(h2d=args.h2d_gbps * GB, disk=args.disk_gbps * GB, hbm=args.hbm_gbps * GB)
     v3 = v3_model_bytes()
     rows = ([(n, "16GB", "96GB", "replicated") for n in (1, 2, 4, 8)]
+            + [(n, "16GB", "96GB", "first") for n in (2, 4, 8)]
             + [(n, "16GB", "96GB", "sharded") for n in (2, 4, 8)]
             + [(n, "80GB", "96GB", "replicated") for n in (1, 2, 4, 8)])
     print(f"DeepSeek-V3, NVFP4, policy mlp: {v3.total / 1e9:.1f} GB (routed experts "
@@ -35,7 +36,7 @@ def main() -> None:
     sl = ModelBytes.from_config(ModelConfig.from_dict(v3_slice_config(6)), "nvfp4", "mlp")
     print(f"\nThe V3 slice of issue 5 (1 dense + 6 MoE layers at V3 width, {sl.total / 1e9:.1f} GB), the issue's "
           "2-GPU measurement:\n")
-    print(table([(1, "16GB", "96GB", "replicated"), (2, "16GB", "96GB", "replicated"),
+    print(table([(1, "16GB", "96GB", "replicated"), (2, "16GB", "96GB", "replicated"), (2, "16GB", "96GB", "first"),
                  (2, "16GB", "96GB", "sharded"), (1, "80GB", "96GB", "replicated"), (2, "80GB", "96GB", "replicated")],
                 sl, links, batches=(1, 8, 32), attended_tokens=args.attended))
 
