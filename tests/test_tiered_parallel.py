@@ -30,7 +30,6 @@ g = minimum_gpu_memory(mb, context_tokens=512, **tight)
 h = minimum_host_memory(mb)
 budgets = {"tight": dict(gpu_memory=g, host_memory=2 * h, **tight),   # GPU slots < experts, host cache < experts
            "minimal": dict(gpu_memory=g, host_memory=h, **tight),
-           "no_overlap": dict(gpu_memory=g, host_memory=2 * h, overlap_io=False, **tight),
            # measured popularity: it orders each device's share and the preload; each device pins its hot share
            "hot": dict(gpu_memory=g, host_memory=2 * h, hot_experts=1,
                        popularity=np.tile(np.arange(16)[::-1], (Store(store).config.num_hidden_layers, 1)), **tight)}
@@ -91,7 +90,7 @@ def four_devices(store):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-BUDGETS = ["tight", "minimal", "no_overlap", "hot"]
+BUDGETS = ["tight", "minimal", "hot"]
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
