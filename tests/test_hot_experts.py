@@ -6,6 +6,7 @@ Oracles: the tokens of the same engine without a hot set, the activation counts 
 the counts, the caches' slot tables.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -175,11 +176,11 @@ def test_a_failed_step_keeps_the_hot_set_or_loads_it_again(skewed, monkeypatch):
     e = dsjax.load(skewed, dtype="float32", hot_experts=3, popularity=counts, **kw)
     keys = _hot_keys(e)
     assert keys == [(i, x) for i in (1, 2, 3) for x in (0, 1, 2)]
-    real = e.sched.moe_rows
+    reals = {name: getattr(e.sched, name) for name in ("moe_rows", "moe_rows_out")}   # the calls that read the pool
     for consume in (False, True):
         calls = {"n": 0}
 
-        def failing(pool, *a, consume=consume, calls=calls):
+        def failing(real, pool, *a, consume=consume, calls=calls):
             calls["n"] += 1
             if calls["n"] == 5:                                  # mid-generation, mid-step
                 if consume:                                      # as a failed donating call leaves it
@@ -187,10 +188,12 @@ def test_a_failed_step_keeps_the_hot_set_or_loads_it_again(skewed, monkeypatch):
                         leaf.delete()
                 raise RuntimeError("injected failure")
             return real(pool, *a)
-        monkeypatch.setattr(e.sched, "moe_rows", failing)
+        for name, real in reals.items():
+            monkeypatch.setattr(e.sched, name, functools.partial(failing, real))
         with pytest.raises(RuntimeError, match="injected failure"):
             e.generate(PROMPTS, max_new_tokens=12, stop_token_ids=())
-        monkeypatch.setattr(e.sched, "moe_rows", real)
+        for name, real in reals.items():
+            monkeypatch.setattr(e.sched, name, real)
         loads = e.stats()["hot_experts"]["loads"]
         if consume:
             assert loads == 1 and _on_gpu(e, keys) == []           # the pool went, and the hot set with it

@@ -111,6 +111,7 @@ class LayerPrograms:
         self.dense = jit(_dense)
         self.rows_direct = jit(self._rows_direct)
         self.moe_rows = jit(self._moe_rows, donate_argnames=("acc",))
+        self.moe_rows_out = jit(self._moe_rows_out)
         self.moe_out = jit(moe_output)
         self.merge = jit(_merge)
         self.split = jit(_split, static_argnames=("shapes",))
@@ -130,6 +131,15 @@ class LayerPrograms:
     def _rows_direct(hn, idx, experts):
         B, T, D = hn.shape
         return expert_rows(hn.reshape(B * T, D), idx, *experts)
+
+    @staticmethod
+    def _moe_rows_out(pool, slot_idx, hn, w, h, weight, shared):
+        """A MoE layer whose routed experts all sit in the GPU slots at once (a decode step's usual case): the rows
+        from zeros and the combine (moe_output) in one executable, one dispatch where zeros + moe_rows + moe_out are
+        three."""
+        B, T, D = hn.shape
+        acc = jnp.zeros((B * T, slot_idx.shape[1], D), hn.dtype)
+        return moe_output(w, h, hn, LayerPrograms._moe_rows(pool, slot_idx, hn, acc), weight, shared)
 
     @staticmethod
     def _moe_rows(pool, slot_idx, hn, acc):

@@ -473,8 +473,13 @@ class TieredEngine(Engine):
             self._count_hot(i, real, len(hot_used), len(routed))
         pred = preds if (preds and len(nxt)) else None
         if len(self.movers) == 1:
-            acc = _zeros((B * T, ids.shape[1], D), hn.dtype, self.device)  # committed, as later chunks; one dispatch
-            acc, _ = self._rows_on(self.movers[0], i, hn, ids, valid, used, hot_used, acc, pred, nxt)
+            # with no CPU rows to add, a layer whose experts fit the slots at once runs rows + combine in one call
+            finish = (w, h, weight, shared) if cpu_job is None else None
+            out, _ = self._rows_on(self.movers[0], i, hn, ids, valid, used, hot_used, None, pred, nxt, finish)
+            if finish is not None and out[1]:
+                self._drop_pending(i)
+                return out[0]
+            acc = out[0]
         else:
             # Every device computes the rows of the experts it owns (its copies over its own link); the others' rows
             # are merged into the first device's by assignment mask: each assignment's row comes from exactly one
@@ -490,8 +495,7 @@ class TieredEngine(Engine):
                     continue
                 with m.host("dispatch"):
                     x = hn if d == 0 else jax.device_put(hn, mv.s_dev)
-                    acc_d = _zeros((B * T, ids.shape[1], D), hn.dtype, mv.device)
-                acc_d, pred = self._rows_on(mv, i, x, ids, valid, mine, hot_mine, acc_d, pred, nxt)
+                (acc_d, _), pred = self._rows_on(mv, i, x, ids, valid, mine, hot_mine, None, pred, nxt)
                 parts.append((d, acc_d))
             acc = parts[0][1]
             s_dev = shardings(self.device)[0]
@@ -505,10 +509,11 @@ class TieredEngine(Engine):
             return self.sched.moe_out(w, h, hn, acc, weight, shared)
 
     def _rows_on(self, mv: ExpertMovers, i: int, hn, ids: np.ndarray, valid: np.ndarray, used: list[int],
-                 hot_used: list[int], acc, pred, nxt: list[int]):
+                 hot_used: list[int], acc, pred, nxt: list[int], finish: tuple | None = None):
         """Rows of layer i's assignments to `used` (and the resident hot experts `hot_used`) on one device's slots, in
-        chunks of the slots free there; the first chunk's experts secured, the predictions `pred` (None: none) go to
-        _prefetch. Returns (acc, pred left)."""
+        chunks of the slots free there, added to `acc` (None: from zeros); the first chunk's experts secured, the
+        predictions `pred` (None: none) go to _prefetch. With `finish` (w, h, weight, shared) and one chunk, the
+        combine runs in the same call. Returns ((acc, or the layer's output when combined; combined?), pred left)."""
         m = self.metrics
         P = mv.experts.slots.capacity
         overlap_compute = self.runtime.compute_config.overlap_compute
@@ -522,6 +527,10 @@ class TieredEngine(Engine):
                 self.chunk_reads_ahead += len(ahead)
                 self._start_disk(i, ahead)
         lut = np.full(self.config.n_routed_experts, P, np.int32)          # P: not in this chunk
+        combined = finish is not None and acc is None and len(chunks) == 1
+        if acc is None and not combined:                                 # committed, as later chunks; one dispatch
+            B, T, D = hn.shape
+            acc = _zeros((B * T, ids.shape[1], D), hn.dtype, mv.device)
         for ch in chunks:
             with m.host("expert_copies"):                                # includes waits for disk (stall_seconds)
                 lut[ch] = self._ensure(i, ch, mv)
@@ -529,14 +538,15 @@ class TieredEngine(Engine):
             slot_ids = lut[ids]
             slot_ids[~valid] = P
             with m.host("dispatch"):
-                acc = self.sched.moe_rows(pool, slot_ids, hn, acc)
+                acc = self.sched.moe_rows_out(pool, slot_ids, hn, *finish) if combined else \
+                    self.sched.moe_rows(pool, slot_ids, hn, acc)
             lut[ch] = P
             if pred is not None:                                # after this layer's experts are secured
                 with m.host("prefetch"):
                     self._prefetch(_merge_predictions(pred), nxt)
                 pred = None
             mv.experts.slots.unpin_all([(i, e) for e in ch])
-        return acc, pred
+        return (acc, combined), pred
 
     def _count_hot(self, i: int, real: np.ndarray, hits: int, uses: int) -> None:
         """The hot set's share of layer i's step: experts used (distinct) and token-expert assignments."""
