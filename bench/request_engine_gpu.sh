@@ -45,7 +45,7 @@ case "${1:-}" in
   bench)
     if [ "$2" = OLD ]; then use_tree .old old; else use_tree "${NEW_TREE:-.}" new; fi
     python3 -c 'import dsjax, sys; print("dsjax from", dsjax.__file__, file=sys.stderr)'
-    configs=budget,on_demand; [ "$2" = NEW ] && configs=${CONFIGS:-budget,on_demand,cpu}
+    configs=budget,on_demand; [ "$2" = NEW ] && configs=budget,on_demand,cpu; configs=${CONFIGS:-$configs}
     python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --configs $configs --batches "$3" --tokens 8 \
       --prompt-len 32 --no-trace --out "$OUT/bench_$2_b${3//,/_}.json" 2>&1 | tail -12
     ;;
