@@ -636,6 +636,10 @@ class Engine:
             groups.append(Group(tokens, positions, pages, valid, last, self.prefill_form))
         return groups
 
+    def _after_step(self) -> None:
+        """Once a step's tokens are known (its sampling read them back, so its device work has finished): subclasses
+        time the whole step here (the tiered runtime's copy-ahead trial and link gate)."""
+
     def _step(self) -> None:
         t0, c0 = time.perf_counter(), time.thread_time()
         plan = self.scheduler.next_step(self._running, self._waiting, self.kv)
@@ -656,6 +660,7 @@ class Engine:
             groups = self._groups(plan)
             logits = self._forward(groups, self.kv.caches)
             self._advance(plan, logits)
+            self._after_step()
             if (m := getattr(self, "metrics", None)) is not None:    # the engine thread's CPU time for the whole
                 m.host_cpu_seconds[m.phase]["step"] += time.thread_time() - c0      # step: host work, waits excluded
         except Exception as e:           # fail the step's requests only; the engine keeps serving the others

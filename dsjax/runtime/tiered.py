@@ -442,7 +442,6 @@ class TieredEngine(Engine):
             for mv in self.movers:
                 mv.experts.tick()
                 mv.host_cache.tick()
-            self._adapt()
         self.metrics.tokens += 1
         self._count_activations(routed, valid_flat)
         return [self._logits_of(x, g) for x, g in zip(xs, groups)]
@@ -714,9 +713,16 @@ class TieredEngine(Engine):
             for mv, mine in self._by_device(j, [e for _, e in keys]):
                 mv.experts.slots.unpin_all([(j, e) for e in mine])
 
+    def _after_step(self) -> None:
+        if self.experts is not None:
+            self._adapt()
+
     def _adapt(self) -> None:
-        """Once per step: tell the policy what the step saw (prediction counts, disk waits, how busy the host->GPU
-        link was against the engine's link ceiling, measured at load under auto_tune)."""
+        """Once per step, after its tokens were read back: tell the policy what the step saw (prediction counts, disk
+        waits, how busy the host->GPU link was against the engine's link ceiling, measured at load under auto_tune).
+        The step's time runs to that read-back, so it includes the device work: timed at the end of the layer loop
+        (session 12) it was the host's dispatch time only, and on the H200 the trial's steps (28-31 ms, one of 49) did
+        not match the generation's 34 ms per token (bench/RESULTS.md, run 5)."""
         m = self.metrics
         t0, b0 = self._step_start
         seconds = time.perf_counter() - t0
