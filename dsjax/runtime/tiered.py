@@ -720,9 +720,10 @@ class TieredEngine(Engine):
     def _adapt(self) -> None:
         """Once per step, after its tokens were read back: tell the policy what the step saw (prediction counts, disk
         waits, how busy the host->GPU link was against the engine's link ceiling, measured at load under auto_tune).
-        The step's time runs to that read-back, so it includes the device work: timed at the end of the layer loop
-        (session 12) it was the host's dispatch time only, and on the H200 the trial's steps (28-31 ms, one of 49) did
-        not match the generation's 34 ms per token (bench/RESULTS.md, run 5)."""
+        The step's time runs to that read-back, so it includes all its device work: timed at the end of the layer loop
+        (session 12) it left out what runs after the last routing sync (the last experts, the head, sampling), and on
+        the H200 the trial's steps (27-31 ms, one of 49) did not match the generation's 34 ms per token
+        (bench/RESULTS.md, run 5)."""
         m = self.metrics
         t0, b0 = self._step_start
         seconds = time.perf_counter() - t0
