@@ -937,7 +937,9 @@ class DeviceLink:
 @dataclasses.dataclass(eq=False)
 class ExpertMovers:
     """One device's expert tiers: its GPU slot pool, its pinned host cache (pinned memory of that device), the ledger of
-    its budgets and the accounts of its link. The first device's are the engine's experts / host_cache / mm."""
+    its budgets and the accounts of its link. The first device's are the engine's experts / host_cache / mm.
+    Threads: the engine thread owns all of it; the disk loader threads only stage into `host_cache` (HostCache.put,
+    under its lock) and count bytes through `link` (DeviceLink, under its lock)."""
 
     device: Any
     experts: ExpertCache
