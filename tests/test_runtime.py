@@ -624,3 +624,21 @@ def test_no_compile_inside_decode_steps(store, budgets):
     e.generate(PROMPTS[:1], max_new_tokens=2, stop_token_ids=())
     _, compiled = _compiles(lambda: e.generate(PROMPTS[:1], max_new_tokens=12, stop_token_ids=()))
     assert not [m for m in compiled if any(f"jit({f})" in m for f in ("_moe_rows", "_moe_rows_out", "_write_slots", "_attn"))]
+
+
+def test_the_copy_ahead_trial_times_a_step_up_to_its_tokens(store, budgets, monkeypatch):
+    """A decode step's time, for the copy-ahead trial and the link gate, runs until its tokens are sampled and read
+    back: work after the layer loop (here a 50 ms delay injected into the token step) is part of every sample. GPU run
+    5 (bench/RESULTS.md) found the samples ending at the layer loop's end, short of the generation's time per token."""
+    import time as _time
+    e = _load(store, **budgets["tight"])
+    assert e.policy.trial_active
+    real = e._advance
+
+    def slow(plan, logits):
+        real(plan, logits)
+        _time.sleep(0.05)
+    monkeypatch.setattr(e, "_advance", slow)
+    e.generate(PROMPTS[:1], max_new_tokens=6, stop_token_ids=())
+    timed = [x["ms"] for x in e.stats()["copy_ahead_samples"] if x["timed"]]
+    assert len(timed) >= 3 and min(timed) >= 50, timed

@@ -76,6 +76,10 @@ for name, kw in budgets.items():
                        "h2d_total": link(st, "host->GPU"), "disk_bytes": link(st, "disk->host")}
         e.close()
     out["runs"][name] = res
+try:                                   # the CPU experts' path serves one device's host cache
+    dsjax.load(store, dtype="float32", devices=2, cpu_experts="on", **budgets["tight"])
+except ValueError as err:
+    out["cpu_on_error"] = str(err)
 print(json.dumps(out))
 """
 
@@ -126,3 +130,14 @@ def test_each_device_holds_and_copies_only_its_own_disjoint_share(four_devices, 
     # whole expert buffers only; the engine's host->GPU total also counts the streamed layer cores
     assert all(p["h2d"] % got["expert_bytes"] == 0 for p in per), (per, got["expert_bytes"])
     assert sum(p["h2d"] for p in per) < got["h2d_total"]
+
+
+def test_bad_device_requests_say_what_to_do(four_devices, store):
+    assert "cpu_experts='on' with several devices" in four_devices["cpu_on_error"]
+    assert "set cpu_experts to auto or off" in four_devices["cpu_on_error"]
+    import jax
+
+    import dsjax
+    d = jax.devices()[0]
+    with pytest.raises(ValueError, match="distinct jax devices"):
+        dsjax.load(store, devices=[d, d], gpu_memory="1MB")
