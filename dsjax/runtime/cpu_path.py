@@ -129,6 +129,7 @@ class CpuExpertPath:
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def take_cpu_rows(acc: jax.Array, cpu_rows: jax.Array, cpu_mask: jax.Array) -> jax.Array:
-    """acc [N, K, D] with the CPU's rows where cpu_mask [N, K] is set, in acc's dtype (as the GPU's rows are)."""
-    return jnp.where(cpu_mask[..., None], cpu_rows.astype(acc.dtype), acc)
+def take_rows(acc: jax.Array, rows: jax.Array, mask: jax.Array) -> jax.Array:
+    """acc [N, K, D] with `rows` where mask [N, K] is set, in acc's dtype: the rows another path computed (the CPU
+    experts', or another device's under tiered expert parallelism) merged into the first device's."""
+    return jnp.where(mask[..., None], rows.astype(acc.dtype), acc)

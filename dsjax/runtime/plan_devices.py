@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from dsjax.runtime.planner import BudgetError, Links, ModelBytes, Placement, fmt_bytes, parse_bytes, plan
+from dsjax.runtime.planner import BudgetError, Links, ModelBytes, Placement, Pools, fmt_bytes, parse_bytes, plan
 
 ALLREDUCE_S = 30e-6              # one psum of a decode step's expert rows over NVLink (NCCL small-message latency)
 DEFAULT_LINKS = Links()          # the product's target box: PCIe 5 per GPU, one 12 GB/s NVMe, HBM-class GPUs
@@ -37,7 +37,8 @@ ACTIVATION_RESERVE = 2 * 10**9   # bytes an all-in-HBM device keeps free beside 
 CORES = ("replicated", "first", "sharded")
 
 __all__ = ["ACTIVATION_RESERVE", "ALLREDUCE_S", "DevicePlan", "DevicesPlan", "device_model_bytes",
-           "device_weight_bytes", "expected_experts", "fits_all_in_hbm", "plan_devices", "table", "v3_model_bytes"]
+           "device_weight_bytes", "expected_experts", "experts_only_room", "fits_all_in_hbm", "plan_devices", "table",
+           "v3_model_bytes"]
 
 
 def expected_experts(n_experts: int, top_k: int, batch: int) -> float:
@@ -221,16 +222,24 @@ def plan_devices(mb: ModelBytes, n_devices: int, gpu_memory, host_memory, *, lin
                        t_step=t_step, bound=bound, overlap_io=overlap_io)
 
 
+def experts_only_room(gpu: int, host: int) -> tuple[Pools, int, int]:
+    """A GPU that holds routed experts only (the built tiered layout's GPUs beyond the first): gpu_memory and
+    host_memory split into the seed's pools as on the first GPU; it keeps the reserve and the compute pool (its expert
+    rows' activations) and gives the pools of the layers it does not hold to experts. (pools, bytes for GPU expert
+    slots = expert_cache + active_layers, bytes for its pinned host cache = host_weights + host_layer_cache)."""
+    pools = Pools.split(gpu, host)
+    return pools, pools.expert_cache + pools.active_layers, pools.host_weights + pools.host_layer_cache
+
+
 def _experts_only_device(i: int, g: int, h: int, mb: ModelBytes, E_d: int, per_step: float, links: Links,
                          overlap_io: bool) -> DevicePlan:
     """A GPU beyond the first in the built tiered layout (tiered.TieredEngine with devices=): routed experts only, its
     budgets split into the seed's pools as on the first GPU, the pools of the layers it does not hold given to expert
     slots (expert_cache + active_layers) and to its pinned host cache (host_weights + host_layer_cache)."""
-    from dsjax.runtime.planner import Pools
     moe = len(mb.moe_layers)
-    pools = Pools.split(g, h)
-    gpu_x = min(E_d, (pools.expert_cache + pools.active_layers) // max(mb.expert * moe, 1))
-    host_x = min(E_d, (pools.host_weights + pools.host_layer_cache) // max(mb.expert * moe, 1))
+    _, gpu_room, host_room = experts_only_room(g, h)
+    gpu_x = min(E_d, gpu_room // max(mb.expert * moe, 1))
+    host_x = min(E_d, host_room // max(mb.expert * moe, 1))
     if gpu_x < 1 and E_d:
         raise BudgetError(f"GPU {i}: gpu_memory={fmt_bytes(g)} holds no expert slot per MoE layer ({moe} layers of "
                           f"{fmt_bytes(mb.expert)} experts); raise gpu_memory")

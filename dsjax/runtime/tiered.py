@@ -25,7 +25,7 @@ import numpy as np
 from dsjax.model.weights import F32_KEYS
 from dsjax.quant import QTensor
 from dsjax.runtime.config import RuntimeConfig, active_experts_config, routing_report
-from dsjax.runtime.cpu_path import CpuExpertPath, availability, take_cpu_rows
+from dsjax.runtime.cpu_path import CpuExpertPath, availability, take_rows
 from dsjax.runtime.engine import DEFAULT_CONTEXT, Engine, Group
 from dsjax.runtime.expert_layout import PROJ, ExpertLayout
 from dsjax.runtime.kv_pool import PAGE_TOKENS, kv_bytes_per_token
@@ -329,10 +329,10 @@ class TieredEngine(Engine):
         t0, phase = time.perf_counter(), self.metrics.phase
         self._set_phase("load")
         try:
-            reads = [(mv, i, self.disk.read(i, mine)) for i, experts in self.hot.items()
-                     for mv, mine in self._by_device(i, experts)]
-            for mv in self.movers:                          # each device's share of the hot set, in its own slots
-                mv.experts.load_hot([((i, e), row) for m_, i, f in reads if m_ is mv for e, row in f.result().items()])
+            reads = [(d, i, self.disk.read(i, mine)) for i, experts in self.hot.items()
+                     for d, mine in self._by_device(i, experts)]
+            for d, mv in enumerate(self.movers):            # each device's share of the hot set, in its own slots
+                mv.experts.load_hot([((i, e), row) for d_, i, f in reads if d_ == d for e, row in f.result().items()])
             jax.block_until_ready([mv.experts.pool for mv in self.movers])
         finally:
             self._set_phase(phase)
@@ -474,11 +474,11 @@ class TieredEngine(Engine):
         if len(self.movers) == 1:
             # with no CPU rows to add, a layer whose experts fit the slots at once runs rows + combine in one call
             finish = (w, h, weight, shared) if cpu_job is None else None
-            out, _ = self._rows_on(self.movers[0], i, hn, ids, valid, used, hot_used, None, pred, nxt, finish)
-            if finish is not None and out[1]:
+            (acc, combined), _ = self._rows_on(self.movers[0], i, hn, ids, valid, used, hot_used, None, pred, nxt,
+                                               finish)
+            if combined:                          # acc is the layer's output
                 self._drop_pending(i)
-                return out[0]
-            acc = out[0]
+                return acc
         else:
             # Every device computes the rows of the experts it owns (its copies over its own link); the others' rows
             # are merged into the first device's by assignment mask: each assignment's row comes from exactly one
@@ -500,7 +500,7 @@ class TieredEngine(Engine):
             s_dev = shardings(self.device)[0]
             for d, rows in parts[1:]:
                 with m.host("dispatch"):
-                    acc = _take_rows(acc, jax.device_put(rows, s_dev), jax.device_put(owner[ids] == d, s_dev))
+                    acc = take_rows(acc, jax.device_put(rows, s_dev), jax.device_put(owner[ids] == d, s_dev))
         self._drop_pending(i)
         if cpu_job is not None:
             acc = self._finish_cpu_experts(i, cpu_job, acc)
@@ -586,7 +586,7 @@ class TieredEngine(Engine):
             t0 = time.perf_counter()
             rows = jax.device_put(y, s_dev)
             m.add_transfer("cpu->GPU", y.nbytes, time.perf_counter() - t0, issued_only=True)
-            return take_cpu_rows(acc, rows, jax.device_put(mask, s_dev))
+            return take_rows(acc, rows, jax.device_put(mask, s_dev))
 
     def _drop_pending(self, i: int) -> None:
         """Forget layer i's disk reads once it has run. A read not consumed (a prediction the routing did not use)
@@ -624,19 +624,20 @@ class TieredEngine(Engine):
         """The movers of the device that owns expert e of layer i."""
         return self.movers[int(self.owner[i][e])]
 
-    def _by_device(self, i: int, experts) -> list[tuple[ExpertMovers, list[int]]]:
-        """`experts` of layer i grouped by the device that owns them (devices with none left out), order kept."""
+    def _by_device(self, i: int, experts) -> list[tuple[int, list[int]]]:
+        """`experts` of layer i grouped by the index (in self.movers) of the device that owns them (devices with none
+        left out), order kept."""
         if len(self.movers) == 1:
-            return [(self.movers[0], list(experts))] if len(experts) else []
+            return [(0, list(experts))] if len(experts) else []
         owner = self.owner[i]
-        groups = [(mv, [e for e in experts if owner[e] == d]) for d, mv in enumerate(self.movers)]
-        return [(mv, g) for mv, g in groups if g]
+        groups = [(d, [e for e in experts if owner[e] == d]) for d in range(len(self.movers))]
+        return [(d, g) for d, g in groups if g]
 
     def _start_disk(self, i: int, experts: list[int]) -> None:
         """Read `experts` of layer i from disk on a loader thread (staged into pinned memory), in order."""
         todo = [e for e in experts if (i, e) not in self._pending]
-        for mv, mine in self._by_device(i, todo):       # staged into the pinned memory of the expert's device
-            fut = self.disk.read(i, mine, stage=mv.host_cache.put)
+        for d, mine in self._by_device(i, todo):        # staged into the pinned memory of the expert's device
+            fut = self.disk.read(i, mine, stage=self.movers[d].host_cache.put)
             for e in mine:
                 self._pending[(i, e)] = fut
 
@@ -655,10 +656,9 @@ class TieredEngine(Engine):
         self.metrics.add_stall(time.perf_counter() - t0)
         return row
 
-    def _ensure(self, i: int, experts: list[int], mv: ExpertMovers | None = None) -> list[int]:
-        """GPU slots of `experts` of layer i (all owned by `mv`'s device; default the first), loading misses in one
-        batch; they stay pinned until unpinned."""
-        mv = mv or self.movers[0]
+    def _ensure(self, i: int, experts: list[int], mv: ExpertMovers) -> list[int]:
+        """GPU slots of `experts` of layer i (all owned by `mv`'s device), loading misses in one batch; they stay
+        pinned until unpinned."""
         slots: dict[int, int] = {}
         misses = []
         for e in experts:
@@ -693,8 +693,8 @@ class TieredEngine(Engine):
         ahead = sum(k[0] >= nxt[0] for k in self._pending)               # speculative reads in flight
         self.max_reads_pending = max(self.max_reads_pending, ahead)
         for j, experts in plan.copies.items():
-            for mv, mine in self._by_device(j, experts):   # each device's copies over its own link, within its room
-                d = self.movers.index(mv)
+            for d, mine in self._by_device(j, experts):    # each device's copies over its own link, within its room
+                mv = self.movers[d]
                 up = [((j, e), mv.host_cache.get((j, e), count=False)) for e in mine]
                 up = [(k, t) for k, t in up if t is not None][:max(rooms[d], 0)]   # evicted since by a loader thread
                 rooms[d] -= len(up)
@@ -710,8 +710,8 @@ class TieredEngine(Engine):
             if used is not None:
                 hit = sum(e in used for _, e in keys)
                 self.metrics.add_prefetch(hit, len(keys) - hit)
-            for mv, mine in self._by_device(j, [e for _, e in keys]):
-                mv.experts.slots.unpin_all([(j, e) for e in mine])
+            for d, mine in self._by_device(j, [e for _, e in keys]):
+                self.movers[d].experts.slots.unpin_all([(j, e) for e in mine])
 
     def _after_step(self) -> None:
         if self.experts is not None:
@@ -753,11 +753,11 @@ class TieredEngine(Engine):
                 if d == 0:
                     acc = rows
                 else:                                           # the merge of its rows into the first device's
-                    acc = _take_rows(acc, jax.device_put(rows, s_dev), jax.device_put(np.zeros((B, K), bool), s_dev))
+                    acc = take_rows(acc, jax.device_put(rows, s_dev), jax.device_put(np.zeros((B, K), bool), s_dev))
                 if not self._warmed:
                     mv.experts.compile_writes(self._copy_in_write)
             if self.cpu_path and B <= CPU_MAX_ROWS:             # the CPU rows' merge
-                acc = take_cpu_rows(acc, jax.device_put(np.zeros((B, K, D), np.float32), s_dev),
+                acc = take_rows(acc, jax.device_put(np.zeros((B, K, D), np.float32), s_dev),
                                      jax.device_put(np.zeros((B, K), bool), s_dev))
             jax.block_until_ready(acc)
         self._warmed.add(B)
@@ -965,27 +965,19 @@ def _owners(popularity, layer: int, n_experts: int, expert_bytes: int, n_devices
 
 
 def _expert_device(device, experts: int, gpu: int, host: int, layout: ExpertLayout, metrics: Metrics) -> ExpertMovers:
-    """The movers of a device beyond the first, which holds routed experts only. gpu_memory and host_memory apply to
-    each device, split into the seed's pools as on the first: this device keeps the reserve and the compute pool (its
-    expert rows' activations) and gives the pools of the layers it does not hold to experts (GPU slots: expert_cache
-    + active_layers; pinned host cache: host_weights + host_layer_cache), each at most the `experts` (layer, expert)
-    pairs it owns."""
+    """The movers of a device beyond the first, which holds routed experts only: its budgets (gpu_memory and
+    host_memory apply to each device) as plan_devices.experts_only_room splits them, each at most the `experts`
+    (layer, expert) pairs it owns."""
+    from dsjax.runtime.plan_devices import experts_only_room
     nb = layout.nbytes
-    pools = Pools.split(gpu, host)
-    slots = min(experts, (pools.expert_cache + pools.active_layers) // nb)
-    cached = min(experts, (pools.host_weights + pools.host_layer_cache) // nb)
+    pools, gpu_room, host_room = experts_only_room(gpu, host)
+    slots, cached = min(experts, gpu_room // nb), min(experts, host_room // nb)
     if slots < 1:
         raise BudgetError(f"gpu_memory={fmt_bytes(gpu)} per device leaves no GPU expert slot on {device} (one expert "
-                          f"is {fmt_bytes(nb)}; its expert_cache + active_layers pools hold "
-                          f"{fmt_bytes(pools.expert_cache + pools.active_layers)}): raise gpu_memory")
+                          f"is {fmt_bytes(nb)}; its expert_cache + active_layers pools hold {fmt_bytes(gpu_room)}): "
+                          "raise gpu_memory")
     mm = MemoryManager(dataclasses.replace(pools, expert_cache=slots * nb, active_layers=0, host_weights=cached * nb,
                                            host_layer_cache=0))
     link = DeviceLink(metrics)
     return ExpertMovers(device, ExpertCache(slots, layout, mm, link, device=device),
                         HostCache(cached, mm, link, nb, device=device), mm, link)
-
-
-@jax.jit
-def _take_rows(acc: jax.Array, rows: jax.Array, mask: jax.Array) -> jax.Array:
-    """acc with `rows` where mask [A, K] is set: another device's expert rows merged into the first device's."""
-    return jnp.where(mask[..., None], rows.astype(acc.dtype), acc)
