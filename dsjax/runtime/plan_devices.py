@@ -194,7 +194,7 @@ def plan_devices(mb: ModelBytes, n_devices: int, gpu_memory, host_memory, *, lin
             h2d = sum(mb_d.layer_core[j] for j in streamed) + moe * per_step * (1 - p_gpu) * mb.expert
             disk = (sum(mb_d.layer_core[j] for j in streamed if j not in p.host_layers)
                     + moe * per_step * (1 - p_host) * mb.expert)
-            syncs = moe * links.sync_s if gpu_x < E_d else 0.0
+            syncs = moe * (links.sync_s if overlap_io else links.readback_s) if gpu_x < E_d else 0.0
         if core == "first":
             # one Python thread drives every device: per MoE layer each other device adds its expert dispatches
             # (about one layer call: input copy, rows, copy back, merge) to the first device's host work

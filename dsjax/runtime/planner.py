@@ -133,10 +133,14 @@ class Links:
     # config, batch 1: 30.5 ms of host time per decode step over 1 dense + 6 MoE layers): dispatching a layer's jitted
     # calls, and for an MoE layer whose experts stream, the routing sync, the slot bookkeeping and copies, and the
     # prediction's prefetch. With them the plan said 31.1 / 106.8 tok/s for run 5's budget / no-budget rows (measured
-    # 29.1 / 125.6; run 3's terms, 5.2 and 2.0 ms, said 21.3 / 63.9). The routing sync also waits for copies, so
-    # without overlap (overlap_io false: links and host work summed) the plan is pessimistic: 19.1 against 33.0.
+    # 29.1 / 125.6; run 3's terms, 5.2 and 2.0 ms, said 21.3 / 63.9).
+    # Loading on demand (overlap_io false) adds the links to the host work, but a layer's expert copies are issued
+    # while the link moves the ones issued before them, so that layer's syncing costs only the routing read-back
+    # itself (readback_s: its CPU time in run 5, 0.28 ms over 6 MoE layers): run 5's on_demand row, predicted 18.7
+    # tok/s when sync_s was summed with the link, is 32.4 this way (measured 32.6).
     sync_s: float = 3.8e-3          # per streamed MoE layer: routing sync + copies + prediction
     layer_call_s: float = 1.1e-3    # per layer: host-side dispatch of its jitted calls
+    readback_s: float = 5e-5        # per streamed MoE layer, loading on demand: the routing read-back alone
     # The CPU expert kernel's bytes/s at batch 1 where host-resident experts that miss the GPU are computed on the CPU
     # beside the copies (compute_config.cpu_experts, issue 24); 0 = that path is off.
     cpu_rate: float = 0.0
@@ -307,7 +311,7 @@ def plan(mb: ModelBytes, gpu_memory: int | str, host_memory: int | str, *, max_g
     if links.cpu_rate > 0:
         cpu = min(h2d * links.cpu_rate / (links.cpu_rate + links.h2d), moe * K * (p_host - p_gpu) * mb.expert)
         h2d, hbm = h2d - cpu, hbm - cpu
-    syncs = moe * links.sync_s if (gpu_slots < E) else 0.0
+    syncs = moe * (links.sync_s if overlap_io else links.readback_s) if (gpu_slots < E) else 0.0
     t_h2d, t_disk = h2d / links.h2d, disk / links.disk
     t_cpu = cpu / links.cpu_rate if cpu else 0.0
     t_compute = hbm / links.hbm + syncs + n * links.layer_call_s
