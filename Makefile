@@ -29,15 +29,13 @@ demo: $(STAMP)
 	$(VENV)/bin/dsjax demo
 
 # The CPU suite runs in three pytest processes (the engine's jitted programs and threads accumulate in one process;
-# a single process of the whole suite crashed in XLA's compiler near its end, see DEVELOPERS.md). Make stops at the
-# first failing part; pytest's exit code 5 (nothing collected) is .ci/run's to judge.
+# a single process of the whole suite crashed in XLA's compiler near its end, see DEVELOPERS.md), side by side:
+# tests/run_parts.sh prints each part's output whole as it ends and exits with the first failing part's code
+# (TEST_JOBS=1: one after another). pytest's exit code 5 (nothing collected) is .ci/run's to judge.
 TEST_PARTS := "tests/kernels $(wildcard tests/test_[a-l]*.py)" "$(wildcard tests/test_[m-r]*.py)" \
               "$(wildcard tests/test_[s-z]*.py)"
 test: $(STAMP)
-	@for part in $(TEST_PARTS); do \
-	  echo "== pytest $$part"; \
-	  $(VPY) -m pytest -q -m "not gpu and not slow" --durations=10 $$part || exit $$?; \
-	done
+	@bash tests/run_parts.sh $(VPY) $(TEST_PARTS)
 
 test-all: $(STAMP)
 	$(VPY) -m pytest -q
