@@ -7,6 +7,9 @@ Thread model (the contract):
   `close`: they hand work to the engine thread through a queue and wait on futures or the handle's event queue.
   Four threads calling `generate` at once get their results as if they had called one after another.
 - Callbacks (`on_event`) run on the engine thread and must not block.
+- A compile thread (compile_ahead.py) lowers and compiles programs the engine thread hands it (the decode shape
+  admitted requests lead to); it runs no device work and touches no engine state. The engine thread waits for a
+  compile in progress there rather than compiling the same program again.
 
 A step (`_step`): the Scheduler admits waiting requests while the KV pool has pages for them, decode rows and prompt
 chunks become groups, one forward runs the groups through every layer (`_forward`; the tiered engine shares each
@@ -39,6 +42,7 @@ import numpy as np
 from dsjax.config import ModelConfig
 from dsjax.model import embed_step, head_step, init_layer_cache, layer_step
 from dsjax.model.attention import MlaForm
+from dsjax.runtime.compile_ahead import CompileAhead, abstract, with_shape
 from dsjax.runtime.config import routing_report
 from dsjax.runtime.kv_pool import PAGE_TOKENS, KVPool
 from dsjax.runtime.requests import Generation, PromptError, Request, RequestHandle, TokenEvent
@@ -153,7 +157,7 @@ class Engine:
                  prefill_form: MlaForm = "naive", name: str = "", dtype=None, enable_fusion: bool = False,
                  max_batch_size: int = 32, min_batch_size: int = 1, dynamic_batch: bool = True,
                  max_context: int | None = None, step_tokens: int = 1024, kv_pages: int | None = None,
-                 device=None, mm=None):
+                 device=None, mm=None, compile_ahead: bool = True):
         self.config = cfg
         self.enable_fusion = enable_fusion      # FP4 weights through the fused kernels (GPU); else the references
         self.weights = weights
@@ -178,6 +182,10 @@ class Engine:
             raise PromptError(f"the KV pool holds {self.kv.capacity_tokens} tokens, less than one request of "
                               f"max_context={limit}; lower max_context or give the pool more memory")
         self.scheduler = Scheduler(max_batch_size, step_tokens)
+        # decode programs of the next page-table width, compiled on a thread of their own (compile_ahead.py)
+        self.compile_ahead = CompileAhead() if compile_ahead else None
+        self._decode_sites: dict[tuple, tuple] = {}     # call site -> (lower, abstract args, batch args, pages)
+        self._sharding = jax.sharding.SingleDeviceSharding(self.device)
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Request] = []
         self._inbox: collections.deque = collections.deque()
@@ -212,18 +220,58 @@ class Engine:
     def _forward(self, groups: list[Group], caches: list[dict]) -> list[jax.Array]:
         """Run the groups through every layer; `caches[i]` is layer i's cache (the KV pool's, or private ones)."""
         out = []
+        plain = type(self)._layer is Engine._layer
         for g in groups:
             x = self._embed(g.tokens)
-            positions = jnp.asarray(g.positions)
-            pages = None if g.pages is None else jnp.asarray(g.pages)
+            noted = set() if g.tokens.shape[1] == 1 and plain else None     # decode call sites noted this step
+            if plain:
+                # committed to the engine's device, as the compile thread's abstract arguments are (one executable)
+                positions, pages = jax.device_put((g.positions, g.pages), self._sharding)
+            else:                                   # placed by the subclass's programs (expert parallel: a mesh)
+                positions = jnp.asarray(g.positions)
+                pages = None if g.pages is None else jnp.asarray(g.pages)
             routed = {}
             for i, w in enumerate(self.weights["layers"]):
+                if noted is not None and (kind := self.config.layer_kind(i)) not in noted:
+                    noted.add(kind)
+                    cfg, fusion = self.config, self.enable_fusion
+                    self._note_decode_call(("layer", kind, g.form), lambda *a, pages, kind=kind, form=g.form:
+                                           layer_step.lower(*a, cfg, kind, form, fusion=fusion, pages=pages),
+                                           (w, x, caches[i], positions), (1, 3), pages)
                 x, caches[i], r = self._layer(i, w, x, caches[i], positions, g.form, pages)
                 if r is not None:
                     routed[i] = r.idx
             self._count_activations(routed, g.valid)
             out.append(self._logits_of(x, g))
         return out
+
+    def _note_decode_call(self, key: tuple, lower: Callable, args: tuple, rows: tuple[int, ...], pages) -> None:
+        """Engine thread, before a decode call with page tables `pages` [B, W]: (B, W) is compiled for this call
+        site by the call itself; the site's abstract arguments are kept once, so `_compile_decode_ahead` can lower it
+        for other batch rows and widths (`rows`: the arguments whose leading axis is the batch)."""
+        ahead = self.compile_ahead
+        if ahead is None or pages is None:
+            return
+        ahead.wait_for(key + tuple(pages.shape))
+        ahead.submitted.add(key + tuple(pages.shape))
+        if key not in self._decode_sites:
+            self._decode_sites[key] = (lower, abstract(args), rows, abstract(pages))
+
+    def _compile_decode_ahead(self) -> None:
+        """Requests were admitted: the decode steps after their prefill run with the running set's rows and widest
+        page table, a shape the batch may not have met. Have the compile thread build every decode call site for it
+        while the prefill runs (compile_ahead.py), instead of the first such decode step compiling while every
+        stream waits."""
+        if self.compile_ahead is None or not self._decode_sites or not self._running:
+            return
+        B = self._batch_rows(len(self._running))
+        W = pow2_bucket(max(len(r.pages) for r in self._running))
+        for key, (lower, args, rows, pages) in self._decode_sites.items():
+            if key + (B, W) in self.compile_ahead.submitted:
+                continue
+            a = tuple(with_shape(x, (B,) + x.shape[1:]) if j in rows else x for j, x in enumerate(args))
+            p = with_shape(pages, (B, W))
+            self.compile_ahead.submit(key + (B, W), lambda a=a, p=p, lower=lower: lower(*a, pages=p))
 
     def _layer(self, i: int, w: dict, x, cache: dict, positions, form: MlaForm, pages):
         """Decoder layer i on its weights: (x, cache, routing or None). Expert parallelism replaces it."""
@@ -522,7 +570,8 @@ class Engine:
         c = self.counters
         return {"steps": c["steps"], "decode_rows": c["decode_rows"], "prefill_tokens": c["prefill_tokens"],
                 "step_seconds": c["step_seconds"], "last_batch": c["last_batch"], "max_running": c["max_running"],
-                "decode_batches": sorted(self.decode_batches)}
+                "decode_batches": sorted(self.decode_batches),
+                **({"compile_ahead": self.compile_ahead.stats()} if self.compile_ahead is not None else {})}
 
     def stats_prometheus(self) -> str:
         from dsjax.runtime.metrics import prometheus_text
@@ -540,6 +589,8 @@ class Engine:
             self._cv.notify()
         if self._thread is not None and threading.current_thread() is not self._thread:
             self._thread.join()
+        if self.compile_ahead is not None:
+            self.compile_ahead.close()
 
     # ---- the engine thread ---------------------------------------------------------------------------------------
     def _turn(self) -> bool:
@@ -644,6 +695,8 @@ class Engine:
         t0, c0 = time.perf_counter(), time.thread_time()
         plan = self.scheduler.next_step(self._running, self._waiting, self.kv)
         self._running.extend(plan.admitted)
+        if plan.admitted:
+            self._compile_decode_ahead()
         self.counters["max_running"] = max(self.counters["max_running"], len(self._running))
         if plan.empty:          # nothing fits (cannot happen: submit refuses requests larger than the pool)
             return

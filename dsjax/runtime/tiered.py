@@ -274,7 +274,8 @@ class TieredEngine(Engine):
         super().__init__(cfg, weights, tokenizer, prefill_form=prefill_form, name=name, dtype=dt,
                          enable_fusion=cc.enable_fusion, max_batch_size=mc.max_batch_size,
                          min_batch_size=mc.min_batch_size, dynamic_batch=mc.dynamic_batch, max_context=context,
-                         step_tokens=mc.step_tokens, kv_pages=int(pages), device=self.device, mm=self.mm)
+                         step_tokens=mc.step_tokens, kv_pages=int(pages), device=self.device, mm=self.mm,
+                         compile_ahead=cc.compile_ahead)
         self.preloaded = {"host": 0, "gpu": 0, "seconds": 0.0}
         if self.hot:
             self._load_hot()
@@ -376,6 +377,7 @@ class TieredEngine(Engine):
         self._step_rows = int(valid_flat.sum()) if all(g.tokens.shape[1] == 1 for g in groups) else 0
         routed = {}                                      # MoE layers whose experts all sit on the GPU: routing ids
         shapes = tuple(g.tokens.shape for g in groups)
+        noted: set = set()                               # decode call sites noted this step (compile ahead)
         for i in range(cfg.num_hidden_layers):
             t0 = time.perf_counter()
             kind = cfg.layer_kind(i)
@@ -399,6 +401,13 @@ class TieredEngine(Engine):
             outs = []
             with m.host("dispatch"):
                 for k, g in enumerate(groups):
+                    if g.tokens.shape[1] == 1 and (kind, k) not in noted:   # decode: once per kind and step
+                        noted.add((kind, k))
+                        self._note_decode_call(
+                            ("attn", kind, g.form, len(routers)),
+                            lambda w_, x_, c_, p_, v_, r_, pages, kind=kind, form=g.form: self.sched.attn.lower(
+                                w_, x_, c_, p_, pages, v_, r_, kind=kind, form=form),
+                            (w, xs[k], caches[i], pos[k], valid[k], routers), (1, 3, 4), pages[k])
                     h, hn, caches[i], idx, weight, pred, shared = self.sched.attn(
                         w, xs[k], caches[i], pos[k], pages[k], valid[k], routers, kind=kind, form=g.form)
                     outs.append((h, hn, idx, weight, pred, shared))

@@ -1,0 +1,105 @@
+"""Compiling a program before a step needs it, on a thread of its own.
+
+A decode row's page table grows by one page every `page_tokens` tokens, and its width is bucketed to a power of two,
+so a running batch meets a new attention shape at 64, 128, 256, ... tokens of context. Compiled when the step needs
+it, that shape stops every stream for the compile (seconds on a GPU; measured as 2-13 s inter-token gaps at the
+server's p99 in bench/RESULTS.md run 6). The engine thread therefore asks for the next width's executable as soon as
+it runs a width: `CompileAhead.submit(key, lower)` hands a lowering (`jit.lower(...)` on ShapeDtypeStructs made on the
+engine thread) to this module's thread, which compiles it. JAX keeps the compiled executable in its lowering and
+compilation caches (and the persistent cache when it is on), so the later call with real arrays of those shapes runs
+without compiling (tests/test_compile_ahead.py checks where each compile happens).
+
+Threads: the engine thread calls `submit` and `close`; the compile thread only traces, lowers and compiles the
+callables it is given: it never runs device work and never reads or writes engine state. A failed compile is
+counted and logged, never raised: the step that needs the shape then compiles it as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+
+log = logging.getLogger(__name__)
+
+
+def abstract(tree: Any) -> Any:
+    """ShapeDtypeStructs of a pytree of arrays, with their shardings and weak types (what a call with them would
+    compile for)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding,
+                                                       weak_type=getattr(a, "weak_type", False)), tree)
+
+
+def with_shape(a: jax.Array, shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+    """`a`'s abstract value with another shape (the next bucket's page table)."""
+    return jax.ShapeDtypeStruct(shape, a.dtype, sharding=a.sharding, weak_type=getattr(a, "weak_type", False))
+
+
+class CompileAhead:
+    """One background thread compiling lowerings handed to it, each key once."""
+
+    def __init__(self, name: str = "dsjax-compile-ahead"):
+        self._name = name
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.submitted: set = set()          # engine thread only: keys asked for, or compiled by the calls themselves
+        self._pending: dict = {}             # key -> Event set once the compile thread is done with it
+        self.waited = 0.0                    # engine thread: seconds it waited for a compile in progress
+        self.done = 0                        # written by the compile thread; read for stats
+        self.failed = 0
+        self.seconds = 0.0
+
+    def submit(self, key, lower: Callable[[], Any]) -> bool:
+        """Compile `lower()` (a jax Lowered) in the background unless `key` was submitted before. Engine thread."""
+        if key in self.submitted:
+            return False
+        self.submitted.add(key)
+        self._pending[key] = threading.Event()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+        self._queue.put((key, lower))
+        return True
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            key, lower = item
+            t0 = time.perf_counter()
+            try:
+                lower().compile()
+                self.done += 1
+            except Exception as e:            # the step that needs it compiles it itself
+                self.failed += 1
+                log.warning("compile ahead of %s failed: %s", key, e)
+            self.seconds += time.perf_counter() - t0
+            self._pending[key].set()
+
+    def wait_for(self, key) -> None:
+        """Engine thread, about to run `key`'s shape: if the compile thread is compiling it, wait for that compile
+        (it started earlier, so it ends sooner than a second compile of the same program on this thread)."""
+        ev = self._pending.get(key)
+        if ev is None:
+            return
+        if not ev.is_set():
+            t0 = time.perf_counter()
+            ev.wait()
+            self.waited += time.perf_counter() - t0
+        del self._pending[key]
+
+    def stats(self) -> dict[str, Any]:
+        return {"compiled": self.done, "failed": self.failed, "seconds": round(self.seconds, 3),
+                "waited_s": round(self.waited, 3)}
+
+    def close(self) -> None:
+        """Stop the thread after the compile in progress (not joined: a compile can take seconds and nothing
+        waits for its result)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread = None
