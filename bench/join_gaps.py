@@ -3,7 +3,8 @@
 A stream A decodes; after it has produced --after tokens, request B joins with a longer max_new_tokens, so the batch
 meets a new decode shape (2 rows, a wider page table) once B has prefilled. Each setting runs in a fresh process with
 the persistent compilation cache off (every compile is real), after a warm-up that compiles A's own shapes. Prints
-A's largest inter-token gap after B joined, A's median gap, and what the compile thread did.
+A's largest inter-token gap after B joined, A's median gap, and what the compile thread did. compile ahead is
+forced on and off here (compute_config.compile_ahead's auto turns it off on hosts of fewer than 4 CPUs).
 
     python bench/join_gaps.py [STORE] [--gpu-memory 16GB --host-memory 96GB] [--out gaps.json]
 
@@ -30,7 +31,7 @@ def child(store: str, on: bool, gpu: str | None, host: str | None, after: int, a
         from dsjax.demo import demo_budgets
         b = demo_budgets(store)
         gpu, host = int(b["gpu_memory"] * 1.5), "2GB"
-    e = dsjax.load(store, gpu_memory=gpu, host_memory=host, compile_ahead=on, cpu_experts="off")
+    e = dsjax.load(store, gpu_memory=gpu, host_memory=host, compile_ahead="on" if on else "off", cpu_experts="off")
     pa, pb = [5, 17, 33, 2, 9], [7, 7, 100, 4]
     e.generate([pa], max_new_tokens=a_tokens)        # A's shapes, compiled
     times: list[float] = []
@@ -53,7 +54,7 @@ def child(store: str, on: bool, gpu: str | None, host: str | None, after: int, a
     e.close()
     return {"compile_ahead": on, "a_tokens": len(times), "median_gap_ms": float(np.median(gaps) * 1e3),
             "max_gap_after_join_ms": float(after_join.max() * 1e3) if len(after_join) else None,
-            "compile_thread": stats}
+            "compile_thread": stats, "gaps_after_join_ms": [round(float(g) * 1e3) for g in after_join[:12]]}
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import threading
 
 import jax
 import numpy as np
+import pytest
 
 import dsjax
 from dsjax.runtime.compile_ahead import CompileAhead
@@ -92,7 +93,7 @@ def _check(engine: Engine, fun: str, decode_shapes: tuple):
 def test_in_memory_engine_decodes_a_new_shape_compiled_ahead(store):
     st = Store(store)
     weights = st.load_weights(np.float32, "device")
-    engine = Engine(st.config, weights, max_batch_size=3, max_context=320, name="shakespeare")
+    engine = Engine(st.config, weights, max_batch_size=3, max_context=320, name="shakespeare", compile_ahead="on")
     try:
         out = _check(engine, "layer_step", ((1, 1), (1, 4)))       # positions [1, 1], page table [1, 4]
         ref = Engine(st.config, weights, max_batch_size=3, max_context=320, compile_ahead=False)
@@ -109,11 +110,26 @@ def test_tiered_engine_decodes_a_new_shape_compiled_ahead(store):
     from dsjax.demo import demo_budgets
     b = demo_budgets(store)
     engine = dsjax.load(store, gpu_memory=int(b["gpu_memory"] * 1.5), host_memory="2GB", cpu_experts="off",
-                        max_batch_size=3, max_context=320)
+                        max_batch_size=3, max_context=320, compile_ahead="on")
     try:
         _check(engine, "_attn", ((1, 1), (1, 4)))
     finally:
         engine.close()
+
+
+def test_auto_is_on_with_enough_cpus_and_a_wrong_value_is_an_error(monkeypatch):
+    import os
+
+    from dsjax.runtime import compile_ahead
+    from dsjax.runtime.config import RuntimeConfig, RuntimeConfigError
+    assert compile_ahead.enabled("on") and not compile_ahead.enabled("off") and compile_ahead.enabled(True)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(compile_ahead.MIN_CPUS)))
+    assert compile_ahead.enabled("auto")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert not compile_ahead.enabled("auto")
+    with pytest.raises(RuntimeConfigError, match="compile_ahead='sometimes' must be one of auto, on, off"):
+        RuntimeConfig.from_preset("balanced", compile_ahead="sometimes")
+    assert RuntimeConfig.from_preset("balanced", compile_ahead=False).compute_config.compile_ahead == "off"
 
 
 def test_a_failed_compile_is_counted_not_raised_and_waiting_for_it_returns():
@@ -135,7 +151,7 @@ def test_a_failed_compile_is_counted_not_raised_and_waiting_for_it_returns():
 
 
 def test_compile_ahead_off_in_compute_config(store):
-    engine = dsjax.load(store, gpu_memory="64MB", host_memory="2GB", compile_ahead=False, cpu_experts="off")
+    engine = dsjax.load(store, gpu_memory="64MB", host_memory="2GB", compile_ahead="off", cpu_experts="off")
     try:
         assert engine.compile_ahead is None
         assert len(engine.generate([PROMPT], max_new_tokens=4)[0].token_ids) == 4

@@ -61,8 +61,9 @@ class ComputeConfig:
     #                                  beside the copies (issue 24): auto (where the planner says it pays: a GPU
     #                                  backend, an FP4 store), on (wherever the kernel runs, the CPU backend too), off
     cpu_threads: int = 0             # CPU threads of that path; 0 = every CPU of the process but the engine thread's
-    compile_ahead: bool = True       # when requests join, compile the decode shape they lead to (rows, page-table
-    #                                  width) on a thread of its own while they prefill (runtime/compile_ahead.py)
+    compile_ahead: str = "auto"      # when requests join, compile the decode shape they lead to (rows, page-table
+    #                                  width) on a thread of its own while they prefill (runtime/compile_ahead.py):
+    #                                  auto (on where the process has >= 4 CPUs), on, off
     expert_copy: str = "put"         # how an expert that misses the GPU is copied in when its layer needs it: put (a
     #                                  jax.device_put per expert, then one slot write) or jit (the copies inside the
     #                                  slot write's executable: one dispatch; issue 20 item 1, bench/copy_paths.py)
@@ -164,6 +165,9 @@ class RuntimeConfig:
         if c.cpu_experts not in CPU_EXPERTS:
             raise RuntimeConfigError(f"compute_config.cpu_experts={c.cpu_experts!r} must be one of "
                                      f"{', '.join(CPU_EXPERTS)}")
+        if c.compile_ahead not in CPU_EXPERTS:
+            raise RuntimeConfigError(f"compute_config.compile_ahead={c.compile_ahead!r} must be one of "
+                                     f"{', '.join(CPU_EXPERTS)}")
         if c.expert_copy not in EXPERT_COPY:
             raise RuntimeConfigError(f"compute_config.expert_copy={c.expert_copy!r} must be one of "
                                      f"{', '.join(EXPERT_COPY)}")
@@ -231,7 +235,7 @@ def _field(cls, key: str, where: str) -> dataclasses.Field:
 
 def _check(cls, key: str, value: Any, where: str) -> Any:
     typ = typing.get_type_hints(cls)[key]
-    if typ is str and isinstance(value, bool) and key == "cpu_experts":
+    if typ is str and isinstance(value, bool) and key in ("cpu_experts", "compile_ahead"):
         value = "on" if value else "off"           # YAML 1.1 (and so --set cpu_experts=on) reads on/off as booleans
     if typ is bool:
         ok = isinstance(value, bool)

@@ -42,7 +42,7 @@ import numpy as np
 from dsjax.config import ModelConfig
 from dsjax.model import embed_step, head_step, init_layer_cache, layer_step
 from dsjax.model.attention import MlaForm
-from dsjax.runtime.compile_ahead import CompileAhead, abstract, with_shape
+from dsjax.runtime.compile_ahead import CompileAhead, abstract, enabled, with_shape
 from dsjax.runtime.config import routing_report
 from dsjax.runtime.kv_pool import PAGE_TOKENS, KVPool
 from dsjax.runtime.requests import Generation, PromptError, Request, RequestHandle, TokenEvent
@@ -157,7 +157,7 @@ class Engine:
                  prefill_form: MlaForm = "naive", name: str = "", dtype=None, enable_fusion: bool = False,
                  max_batch_size: int = 32, min_batch_size: int = 1, dynamic_batch: bool = True,
                  max_context: int | None = None, step_tokens: int = 1024, kv_pages: int | None = None,
-                 device=None, mm=None, compile_ahead: bool = True):
+                 device=None, mm=None, compile_ahead: bool | str = "auto"):
         self.config = cfg
         self.enable_fusion = enable_fusion      # FP4 weights through the fused kernels (GPU); else the references
         self.weights = weights
@@ -183,7 +183,7 @@ class Engine:
                               f"max_context={limit}; lower max_context or give the pool more memory")
         self.scheduler = Scheduler(max_batch_size, step_tokens)
         # decode programs of the next page-table width, compiled on a thread of their own (compile_ahead.py)
-        self.compile_ahead = CompileAhead() if compile_ahead else None
+        self.compile_ahead = CompileAhead() if enabled(compile_ahead) else None
         self._decode_sites: dict[tuple, tuple] = {}     # call site -> (lower, abstract args, batch args, pages)
         self._sharding = jax.sharding.SingleDeviceSharding(self.device)
         self._waiting: collections.deque[Request] = collections.deque()
