@@ -8,6 +8,7 @@
 #   bash bench/request_engine_gpu.sh serve          # dsjax serve + bench/serve_load.py at 1, 8, 32, 64 streams
 #   bash bench/request_engine_gpu.sh copies         # bench/copy_paths.py: issue time of expert copies by path
 #   bash bench/request_engine_gpu.sh copyjit        # bench b1 with --set expert_copy=jit (beside 'bench NEW 1')
+#   bash bench/request_engine_gpu.sh gaps           # bench/join_gaps.py: a joining request's stall, compile ahead on/off
 #   bash bench/request_engine_gpu.sh multi [N]      # on N GPUs (nvidia-h100-x2 ...): tiered expert parallelism vs one GPU
 #   bash bench/request_engine_gpu.sh hot [N] | options | hbm   # b1 with N hot experts per layer (popularity measured
 #                                                   # first) | with active_experts 6 and 4 | the whole slice in HBM
@@ -114,10 +115,14 @@ max_new_tokens=64); e.save_popularity('$OUT/pop.json'); e.close()" 2>&1 | tail -
     python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --devices "$n" --configs budget,on_demand --batches 8,32 --tokens 8 \
       --prompt-len 32 --no-trace --out "$OUT/bench_${n}gpu_b8_32.json" 2>&1 | tail -16
     ;;
+  gaps)                # a running stream's stall when a request joins, compile ahead on and off (session 14)
+    use_tree "${NEW_TREE:-.}" new
+    python3 bench/join_gaps.py "$S" "${BUDGET[@]}" --out "$OUT/join_gaps.json" 2>&1 | tail -4
+    ;;
   cpu)
     use_tree "${NEW_TREE:-.}" new
     python3 -m pytest -q -p no:cacheprovider tests/test_cpu_experts.py 2>&1 | tail -2
     python3 bench/cpu_experts_bench.py --out "$OUT/cpu_experts.json" 2>&1 | tail -30
     ;;
-  *) echo "usage: $0 setup | slice | gputests | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY] | hot [N] | options | hbm | copies | copyjit | multi [N] | cpu | all"; exit 2 ;;
+  *) echo "usage: $0 setup | slice | gputests | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY] | hot [N] | options | hbm | copies | copyjit | gaps | multi [N] | cpu | all"; exit 2 ;;
 esac
