@@ -150,6 +150,29 @@ def test_a_failed_compile_is_counted_not_raised_and_waiting_for_it_returns():
     ahead.close()
 
 
+def test_close_drops_what_is_queued_and_joins_the_thread():
+    ahead = CompileAhead()
+    gate, ran = threading.Event(), []
+
+    class Slow:
+        def __init__(self, i):
+            self.i = i
+
+        def compile(self):
+            ran.append(self.i)
+            gate.wait(10)
+
+    for i in range(3):
+        ahead.submit(("slow", i), lambda i=i: Slow(i))
+    while not ran:                                  # the first one is compiling, two are queued
+        threading.Event().wait(0.01)
+    thread = ahead._thread
+    threading.Timer(0.2, gate.set).start()
+    ahead.close()
+    assert not thread.is_alive() and ran == [0]     # waited for the one in progress, dropped the other two
+    ahead.wait_for(("slow", 2))                     # a dropped key does not block the engine thread
+
+
 def test_compile_ahead_off_in_compute_config(store):
     engine = dsjax.load(store, gpu_memory="64MB", host_memory="2GB", compile_ahead="off", cpu_experts="off")
     try:

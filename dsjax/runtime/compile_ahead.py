@@ -69,6 +69,7 @@ class CompileAhead:
         self.submitted: set = set()          # engine thread only: keys asked for, or compiled by the calls themselves
         self._pending: dict = {}             # key -> Event set once the compile thread is done with it
         self.waited = 0.0                    # engine thread: seconds it waited for a compile in progress
+        self._closing = False
         self.done = 0                        # written by the compile thread; read for stats
         self.failed = 0
         self.seconds = 0.0
@@ -91,6 +92,9 @@ class CompileAhead:
             if item is None:
                 return
             key, lower = item
+            if self._closing:                 # closed: what is still queued is dropped
+                self._pending[key].set()
+                continue
             t0 = time.perf_counter()
             try:
                 lower().compile()
@@ -117,9 +121,11 @@ class CompileAhead:
         return {"compiled": self.done, "failed": self.failed, "seconds": round(self.seconds, 3),
                 "waited_s": round(self.waited, 3)}
 
-    def close(self) -> None:
-        """Stop the thread after the compile in progress (not joined: a compile can take seconds and nothing
-        waits for its result)."""
+    def close(self, timeout: float = 120.0) -> None:
+        """Drop what is queued and wait for the compile in progress to end (a thread left inside XLA's compiler
+        while the interpreter shuts down is not safe)."""
         if self._thread is not None:
+            self._closing = True
             self._queue.put(None)
+            self._thread.join(timeout)
             self._thread = None
