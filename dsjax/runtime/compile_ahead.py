@@ -1,17 +1,19 @@
 """Compiling a program before a step needs it, on a thread of its own.
 
-A decode row's page table grows by one page every `page_tokens` tokens, and its width is bucketed to a power of two,
-so a running batch meets a new attention shape at 64, 128, 256, ... tokens of context. Compiled when the step needs
-it, that shape stops every stream for the compile (seconds on a GPU; measured as 2-13 s inter-token gaps at the
-server's p99 in bench/RESULTS.md run 6). The engine thread therefore asks for the next width's executable as soon as
-it runs a width: `CompileAhead.submit(key, lower)` hands a lowering (`jit.lower(...)` on ShapeDtypeStructs made on the
-engine thread) to this module's thread, which compiles it. JAX keeps the compiled executable in its lowering and
-compilation caches (and the persistent cache when it is on), so the later call with real arrays of those shapes runs
-without compiling (tests/test_compile_ahead.py checks where each compile happens).
+A decode step's shape is its padded row count and the width of its page tables (the widest reservation among the
+running requests: pages are reserved for prompt + max_new_tokens at admission), both bucketed to powers of two. A
+request that joins can lead the batch to a shape it has not met, and compiled when the first such step needs it, that
+shape stops every stream for the compile. So when requests are admitted the engine thread hands the lowerings of that
+shape (`jit.lower(...)` on ShapeDtypeStructs made on the engine thread) to this module's thread, which compiles them
+while the joining requests prefill. JAX keeps the compiled executable in its lowering and compilation caches (and the
+persistent cache when it is on), so the later call with real arrays of those shapes runs without compiling
+(tests/test_compile_ahead.py checks where each compile happens). Off by default (compute_config.compile_ahead): on a
+2-core box the two threads' compiles only take turns, and on a GPU host it is not measured yet (bench/join_gaps.py).
 
-Threads: the engine thread calls `submit` and `close`; the compile thread only traces, lowers and compiles the
-callables it is given: it never runs device work and never reads or writes engine state. A failed compile is
-counted and logged, never raised: the step that needs the shape then compiles it as before.
+Threads: the engine thread calls `submit`, `wait_for` and `close`; the compile thread only traces, lowers and compiles
+the callables it is given: it never reads or writes engine state and runs none of its computations (on a GPU, XLA's
+autotuner may time candidate kernels while compiling, as it does for the engine thread's own compiles). A failed
+compile is counted and logged, never raised: the step that needs the shape then compiles it as before.
 """
 
 from __future__ import annotations

@@ -61,9 +61,9 @@ class ComputeConfig:
     #                                  beside the copies (issue 24): auto (where the planner says it pays: a GPU
     #                                  backend, an FP4 store), on (wherever the kernel runs, the CPU backend too), off
     cpu_threads: int = 0             # CPU threads of that path; 0 = every CPU of the process but the engine thread's
-    compile_ahead: str = "auto"      # when requests join, compile the decode shape they lead to (rows, page-table
+    compile_ahead: str = "off"       # when requests join, compile the decode shape they lead to (rows, page-table
     #                                  width) on a thread of its own while they prefill (runtime/compile_ahead.py):
-    #                                  auto (on where the process has >= 4 CPUs), on, off
+    #                                  off (until measured on a GPU host), on, auto (on with >= 4 CPUs)
     expert_copy: str = "put"         # how an expert that misses the GPU is copied in when its layer needs it: put (a
     #                                  jax.device_put per expert, then one slot write) or jit (the copies inside the
     #                                  slot write's executable: one dispatch; issue 20 item 1, bench/copy_paths.py)

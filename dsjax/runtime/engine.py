@@ -7,8 +7,9 @@ Thread model (the contract):
   `close`: they hand work to the engine thread through a queue and wait on futures or the handle's event queue.
   Four threads calling `generate` at once get their results as if they had called one after another.
 - Callbacks (`on_event`) run on the engine thread and must not block.
-- A compile thread (compile_ahead.py) lowers and compiles programs the engine thread hands it (the decode shape
-  admitted requests lead to); it runs no device work and touches no engine state. The engine thread waits for a
+- With compute_config.compile_ahead on, a compile thread (compile_ahead.py) lowers and compiles programs the engine
+  thread hands it (the decode shape admitted requests lead to); it runs none of the engine's computations and touches
+  no engine state. The engine thread waits for a
   compile in progress there rather than compiling the same program again.
 
 A step (`_step`): the Scheduler admits waiting requests while the KV pool has pages for them, decode rows and prompt
@@ -157,7 +158,7 @@ class Engine:
                  prefill_form: MlaForm = "naive", name: str = "", dtype=None, enable_fusion: bool = False,
                  max_batch_size: int = 32, min_batch_size: int = 1, dynamic_batch: bool = True,
                  max_context: int | None = None, step_tokens: int = 1024, kv_pages: int | None = None,
-                 device=None, mm=None, compile_ahead: bool | str = "auto"):
+                 device=None, mm=None, compile_ahead: bool | str = "off"):
         self.config = cfg
         self.enable_fusion = enable_fusion      # FP4 weights through the fused kernels (GPU); else the references
         self.weights = weights
