@@ -180,3 +180,35 @@ def test_compile_ahead_off_in_compute_config(store):
         assert len(engine.generate([PROMPT], max_new_tokens=4)[0].token_ids) == 4
     finally:
         engine.close()
+
+
+def test_requests_from_several_threads_joining_a_batch_get_the_tokens_of_compile_ahead_off(store):
+    """Three threads submit requests of different lengths (each joining leads the batch to another shape, compiled on
+    the compile thread while the engine thread steps): every result equals the same request on an engine without
+    compile ahead, run one at a time."""
+    from dsjax.demo import demo_budgets
+    b = demo_budgets(store)
+    kw = dict(gpu_memory=int(b["gpu_memory"] * 1.5), host_memory="2GB", cpu_experts="off", max_batch_size=4,
+              max_context=384, dtype="float32")     # float32: a row's tokens do not depend on its batch's others
+    jobs = [([5, 17, 33, 2, 9], 30), ([7, 7, 100, 4], 120), ([11, 3, 250], 200)]
+    engine = dsjax.load(store, compile_ahead="on", **kw)
+    try:
+        engine.generate([jobs[0][0]], max_new_tokens=2)          # a first decode shape: the call sites are known
+        got: dict[int, list[int]] = {}
+
+        def run(i):
+            got[i] = engine.generate([jobs[i][0]], max_new_tokens=jobs[i][1])[0].token_ids
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert engine.stats()["steps"]["compile_ahead"]["compiled"] >= 1
+    finally:
+        engine.close()
+    ref = dsjax.load(store, compile_ahead="off", **kw)
+    try:
+        for i, (prompt, n) in enumerate(jobs):
+            assert got[i] == ref.generate([prompt], max_new_tokens=n)[0].token_ids, i
+    finally:
+        ref.close()
