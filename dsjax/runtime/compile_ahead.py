@@ -49,16 +49,14 @@ def enabled(setting: bool | str) -> bool:
     return setting == "on"
 
 
-def abstract(tree: Any) -> Any:
-    """ShapeDtypeStructs of a pytree of arrays, with their shardings and weak types (what a call with them would
-    compile for)."""
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding,
-                                                       weak_type=getattr(a, "weak_type", False)), tree)
-
-
-def with_shape(a: jax.Array, shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
-    """`a`'s abstract value with another shape (the next bucket's page table)."""
+def with_shape(a, shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+    """`a`'s abstract value (dtype, sharding, weak type) with `shape` (another batch's rows, a wider page table)."""
     return jax.ShapeDtypeStruct(shape, a.dtype, sharding=a.sharding, weak_type=getattr(a, "weak_type", False))
+
+
+def abstract(tree: Any) -> Any:
+    """ShapeDtypeStructs of a pytree of arrays: what a call with them would compile for."""
+    return jax.tree.map(lambda a: with_shape(a, a.shape), tree)
 
 
 class CompileAhead:

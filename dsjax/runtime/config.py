@@ -19,6 +19,7 @@ from dsjax.runtime.planner import parse_bytes
 
 PRESETS = ("low_latency", "high_throughput", "balanced")
 CPU_EXPERTS = ("auto", "on", "off")
+AUTO_ON_OFF_KEYS = ("cpu_experts", "compile_ahead")     # compute_config keys taking CPU_EXPERTS' values
 EXPERT_COPY = ("put", "jit")
 
 
@@ -162,12 +163,10 @@ class RuntimeConfig:
             raise RuntimeConfigError(f"memory_config.max_batch_size={m.max_batch_size} must be >= min_batch_size="
                                      f"{m.min_batch_size}")
         c = self.compute_config
-        if c.cpu_experts not in CPU_EXPERTS:
-            raise RuntimeConfigError(f"compute_config.cpu_experts={c.cpu_experts!r} must be one of "
-                                     f"{', '.join(CPU_EXPERTS)}")
-        if c.compile_ahead not in CPU_EXPERTS:
-            raise RuntimeConfigError(f"compute_config.compile_ahead={c.compile_ahead!r} must be one of "
-                                     f"{', '.join(CPU_EXPERTS)}")
+        for key in AUTO_ON_OFF_KEYS:
+            if getattr(c, key) not in CPU_EXPERTS:
+                raise RuntimeConfigError(f"compute_config.{key}={getattr(c, key)!r} must be one of "
+                                         f"{', '.join(CPU_EXPERTS)}")
         if c.expert_copy not in EXPERT_COPY:
             raise RuntimeConfigError(f"compute_config.expert_copy={c.expert_copy!r} must be one of "
                                      f"{', '.join(EXPERT_COPY)}")
@@ -235,7 +234,7 @@ def _field(cls, key: str, where: str) -> dataclasses.Field:
 
 def _check(cls, key: str, value: Any, where: str) -> Any:
     typ = typing.get_type_hints(cls)[key]
-    if typ is str and isinstance(value, bool) and key in ("cpu_experts", "compile_ahead"):
+    if typ is str and isinstance(value, bool) and key in AUTO_ON_OFF_KEYS:
         value = "on" if value else "off"           # YAML 1.1 (and so --set cpu_experts=on) reads on/off as booleans
     if typ is bool:
         ok = isinstance(value, bool)

@@ -9,8 +9,7 @@ Thread model (the contract):
 - Callbacks (`on_event`) run on the engine thread and must not block.
 - With compute_config.compile_ahead on, a compile thread (compile_ahead.py) lowers and compiles programs the engine
   thread hands it (the decode shape admitted requests lead to); it runs none of the engine's computations and touches
-  no engine state. The engine thread waits for a
-  compile in progress there rather than compiling the same program again.
+  no engine state. The engine thread waits for a compile in progress there rather than compiling it again.
 
 A step (`_step`): the Scheduler admits waiting requests while the KV pool has pages for them, decode rows and prompt
 chunks become groups, one forward runs the groups through every layer (`_forward`; the tiered engine shares each
@@ -183,7 +182,7 @@ class Engine:
             raise PromptError(f"the KV pool holds {self.kv.capacity_tokens} tokens, less than one request of "
                               f"max_context={limit}; lower max_context or give the pool more memory")
         self.scheduler = Scheduler(max_batch_size, step_tokens)
-        # decode programs of the next page-table width, compiled on a thread of their own (compile_ahead.py)
+        # the decode shape admitted requests lead to, compiled on a thread of its own (compile_ahead.py; None: off)
         self.compile_ahead = CompileAhead() if enabled(compile_ahead) else None
         self._decode_sites: dict[tuple, tuple] = {}     # call site -> (lower, abstract args, batch args, pages)
         self._sharding = jax.sharding.SingleDeviceSharding(self.device)
@@ -224,7 +223,8 @@ class Engine:
         plain = type(self)._layer is Engine._layer
         for g in groups:
             x = self._embed(g.tokens)
-            noted = set() if g.tokens.shape[1] == 1 and plain else None     # decode call sites noted this step
+            # decode call sites noted this step (compile ahead)
+            noted = set() if self.compile_ahead is not None and g.tokens.shape[1] == 1 and plain else None
             if plain:
                 # committed to the engine's device, as the compile thread's abstract arguments are (one executable)
                 positions, pages = jax.device_put((g.positions, g.pages), self._sharding)

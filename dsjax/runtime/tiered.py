@@ -377,7 +377,8 @@ class TieredEngine(Engine):
         self._step_rows = int(valid_flat.sum()) if all(g.tokens.shape[1] == 1 for g in groups) else 0
         routed = {}                                      # MoE layers whose experts all sit on the GPU: routing ids
         shapes = tuple(g.tokens.shape for g in groups)
-        noted: set = set()                               # decode call sites noted this step (compile ahead)
+        # decode call sites noted this step (compile ahead; None: off)
+        noted: set | None = set() if self.compile_ahead is not None else None
         for i in range(cfg.num_hidden_layers):
             t0 = time.perf_counter()
             kind = cfg.layer_kind(i)
@@ -401,7 +402,7 @@ class TieredEngine(Engine):
             outs = []
             with m.host("dispatch"):
                 for k, g in enumerate(groups):
-                    if g.tokens.shape[1] == 1 and (kind, k) not in noted:   # decode: once per kind and step
+                    if noted is not None and g.tokens.shape[1] == 1 and (kind, k) not in noted:   # once per kind
                         noted.add((kind, k))
                         self._note_decode_call(
                             ("attn", kind, g.form, len(routers)),
