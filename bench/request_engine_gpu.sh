@@ -6,6 +6,7 @@
 #   bash bench/request_engine_gpu.sh slice | gputests   # the slice alone | the CPU path's GPU tests
 #   bash bench/request_engine_gpu.sh arrivals       # bench/arrivals.py: 32 Poisson arrivals vs the static batch 32
 #   bash bench/request_engine_gpu.sh serve          # dsjax serve + bench/serve_load.py at 1, 8, 32, 64 streams
+#                                                   # (SERVE_ARGS: more `dsjax serve` options, e.g. --set compile_ahead=on)
 #   bash bench/request_engine_gpu.sh copies         # bench/copy_paths.py: issue time of expert copies by path
 #   bash bench/request_engine_gpu.sh copyjit        # bench b1 with --set expert_copy=jit (beside 'bench NEW 1')
 #   bash bench/request_engine_gpu.sh gaps           # bench/join_gaps.py: a joining request's stall, compile ahead on/off
@@ -60,7 +61,7 @@ case "${1:-}" in
     use_tree "${NEW_TREE:-.}" new
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$ROOT"/.whl/*.whl \
       && export PYTHONPATH="/tmp/site:$PYTHONPATH" || exit 1
-    python3 -m dsjax.cli serve "$S" "${BUDGET[@]}" --set max_batch_size=64 --max-queue 256 > "$OUT/serve.log" 2>&1 &
+    python3 -m dsjax.cli serve "$S" "${BUDGET[@]}" --set max_batch_size=64 --max-queue 256 ${SERVE_ARGS:-} > "$OUT/serve.log" 2>&1 &
     P=$!
     health='import urllib.request; urllib.request.urlopen("http://127.0.0.1:8000/health", timeout=2)'
     until python3 -c "$health" 2> /dev/null; do kill -0 $P || { tail "$OUT/serve.log"; exit 1; }; sleep 2; done
