@@ -114,6 +114,17 @@ async def one_request(client, args, model: str, prompt, prompt_len: int, max_tok
     return res
 
 
+async def engine_compiles(client) -> tuple[float, float] | None:
+    """(programs, seconds) the dsjax engine thread has lowered/compiled so far (its /metrics), None elsewhere."""
+    try:
+        r = await client.get("/metrics")
+        vals = {ln.split()[0]: float(ln.split()[1]) for ln in r.text.splitlines()
+                if ln.startswith("dsjax_steps_compiles_") and len(ln.split()) == 2}
+        return vals["dsjax_steps_compiles_programs"], vals["dsjax_steps_compiles_seconds"]
+    except (httpx.HTTPError, OSError, KeyError, ValueError, IndexError):
+        return None
+
+
 async def run_level(args, model: str, concurrency: int, n_requests: int, rng: random.Random) -> dict:
     """n_requests arriving as a Poisson process at args.rate (inf: all at once), at most `concurrency` in flight."""
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
@@ -132,6 +143,7 @@ async def run_level(args, model: str, concurrency: int, n_requests: int, rng: ra
         if args.warmup:             # compile this concurrency's batch shapes before measuring
             await asyncio.gather(*(gated((make_prompt(rng, args.prompt_len[0], args), args.prompt_len[0], 4, 0))
                                    for _ in range(concurrency)))
+        c0 = await engine_compiles(client)
         t0 = time.perf_counter()
         tasks = []
         for spec in specs:
@@ -140,6 +152,9 @@ async def run_level(args, model: str, concurrency: int, n_requests: int, rng: ra
                 await asyncio.sleep(rng.expovariate(args.rate))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
+        c1 = await engine_compiles(client)
+    # the engine thread's compiles during the level: every running stream waits while one runs
+    compiles = {"programs": c1[0] - c0[0], "seconds": c1[1] - c0[1]} if (c0 and c1) else None
     done = [r for r in results if r.ok]
     # While every stream is busy: from the start until the first stream goes idle for good (the first request to
     # finish after the last one was sent). Without the ramp-down tail this compares with a static batch of that size.
@@ -160,7 +175,7 @@ async def run_level(args, model: str, concurrency: int, n_requests: int, rng: ra
         "statuses": statuses, "errors": sorted({r.error for r in results if r.error})[:5],
         "duration_s": duration, "output_tokens": out_tokens, "prompt_tokens": in_tokens,
         "output_tok_s": out_tokens / duration, "total_tok_s": (out_tokens + in_tokens) / duration,
-        "requests_per_s": len(done) / duration, "all_streams_busy": busy,
+        "requests_per_s": len(done) / duration, "all_streams_busy": busy, "engine_compiles": compiles,
         "ttft_s": percentiles([r.ttft for r in done]),
         "itl_s": percentiles([x for r in done for x in r.itl]),
         "e2e_s": percentiles([r.e2e for r in done]),
@@ -186,8 +201,8 @@ async def main_async(args) -> dict:
     print(f"# {args.url} model {model}: prompts {args.prompt_len[0]}-{args.prompt_len[1]} tokens, outputs "
           f"{args.output_len[0]}-{args.output_len[1]}, rate {args.rate}/s", file=sys.stderr)
     print("| streams | requests | ok | output tok/s | busy output tok/s | TTFT p50 / p90 / p99 ms | "
-          "ITL p50 / p90 / p99 ms |")
-    print("| ---: | ---: | ---: | ---: | ---: | --- | --- |")
+          "ITL p50 / p90 / p99 ms | engine compiles (s) |")
+    print("| ---: | ---: | ---: | ---: | ---: | --- | --- | --- |")
     for c in args.concurrency:
         lv = await run_level(args, model, c, args.num_requests or args.requests_per_stream * c, rng)
         levels.append(lv)
@@ -195,7 +210,9 @@ async def main_async(args) -> dict:
         busy = f"{lv['all_streams_busy']['output_tok_s']:.1f}" if lv["all_streams_busy"] else "-"
         print(f"| {c} | {lv['requests']} | {lv['completed']} | {lv['output_tok_s']:.1f} | {busy} | "
               f"{fmt_ms(t['p50'])} / {fmt_ms(t['p90'])} / {fmt_ms(t['p99'])} | "
-              f"{fmt_ms(i['p50'])} / {fmt_ms(i['p90'])} / {fmt_ms(i['p99'])} |", flush=True)
+              f"{fmt_ms(i['p50'])} / {fmt_ms(i['p90'])} / {fmt_ms(i['p99'])} | "
+              + (f"{lv['engine_compiles']['programs']:.0f} ({lv['engine_compiles']['seconds']:.1f}) |"
+                 if lv["engine_compiles"] else "- |"), flush=True)
     return {"url": args.url, "model": model, "command": " ".join(sys.argv),
             "config": {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in vars(args).items()
                        if k != "api_key"}, "levels": levels}

@@ -100,11 +100,12 @@ def count_experts(counts, idxs, valid, layers):
     return counts
 
 
-@functools.partial(jax.jit, static_argnames=("pad",))
-def _select_rows(logits, rows, pad: int):
-    """The rows of a step's groups that sample ([B_g, 1, V] each, rows[g] their indices) as one [N + pad, V]."""
-    out = jnp.concatenate([lg[r, 0] for lg, r in zip(logits, rows)])
-    return jnp.pad(out, ((0, pad), (0, 0))) if pad else out
+@jax.jit
+def _select_rows(logits, idx):
+    """Rows `idx` [N] of a step's groups ([B_g, 1, V] each, their rows numbered in group order) as one [N, V]. N is
+    a power of two (padding repeats row 0): the program depends on the groups' shapes and N, not on how many rows of
+    each group sample (one compile per such count was a stall on the engine thread whenever the running set changed)."""
+    return jnp.concatenate([lg[:, 0] for lg in logits])[idx]
 
 
 ENGINE_STACK = 64 << 20        # XLA compiles on the engine thread; LLVM recurses deeply (pthread default: 8 MB or less)
@@ -123,9 +124,37 @@ def _start_thread(target, args: tuple, name: str) -> threading.Thread:
     return t
 
 
-def _engine_thread(ref, cv: threading.Condition, inbox, waiting, running) -> None:
+# Programs JAX lowers (and compiles, or loads from the persistent cache) on a thread, for the threads registered here:
+# the engine thread's compiles stall every running request, so the engine reports them (stats()["steps"]["compiles"]).
+_COMPILE_EVENTS = {"/jax/core/compile/jaxpr_to_mlir_module_duration": "programs",
+                   "/jax/core/compile/backend_compile_duration": None}
+_compile_logs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()      # thread -> its counters (a dict)
+_compile_listener_lock = threading.Lock()
+_compile_listener_on = False
+
+
+def _compile_listener(event: str, seconds: float, **_) -> None:
+    if event in _COMPILE_EVENTS and (log := _compile_logs.get(threading.current_thread())) is not None:
+        if _COMPILE_EVENTS[event]:
+            log["programs"] += 1          # one lowering per new program (shape or static argument) met
+        log["seconds"] += seconds         # lowering + XLA compile (or its persistent-cache lookup)
+
+
+def log_compiles(thread: threading.Thread, log: dict) -> None:
+    """Count the programs `thread` lowers and the seconds it spends lowering and compiling into `log`
+    ({"programs": 0, "seconds": 0.0}), from JAX's monitoring events, for as long as the thread lives."""
+    global _compile_listener_on
+    with _compile_listener_lock:
+        if not _compile_listener_on:
+            jax.monitoring.register_event_duration_secs_listener(_compile_listener)
+            _compile_listener_on = True
+        _compile_logs[thread] = log
+
+
+def _engine_thread(ref, cv: threading.Condition, inbox, waiting, running, compiles: dict) -> None:
     """The engine thread's loop. It holds its engine only through a weak reference while idle, so an engine a caller
     drops without close() is collected (its device arrays freed) and the thread ends within a second."""
+    log_compiles(threading.current_thread(), compiles)
     while True:
         engine = ref()
         if engine is None or not engine._turn():
@@ -196,6 +225,7 @@ class Engine:
         self.counters = {"steps": 0, "decode_rows": 0, "prefill_tokens": 0, "step_seconds": 0.0,
                          "finished": collections.Counter(), "submitted": 0, "last_batch": 0, "max_running": 0}
         self.decode_batches: set[int] = set()     # padded decode row counts met (min/max_batch_size, dynamic_batch)
+        self.compiles = {"programs": 0, "seconds": 0.0}     # lowered / compiled on the engine thread (log_compiles)
         self._status = {"running": 0, "waiting": 0}
 
     # ---- model steps (engine thread) ------------------------------------------------------------------------------
@@ -428,7 +458,7 @@ class Engine:
                 raise RuntimeError("the engine is closed")
             if self._thread is None:
                 self._thread = _start_thread(_engine_thread, (weakref.ref(self), self._cv, self._inbox, self._waiting,
-                                                              self._running), f"dsjax-engine-{self.name}")
+                                                              self._running, self.compiles), f"dsjax-engine-{self.name}")
             self._inbox.extend(items)
             self._cv.notify()
 
@@ -538,6 +568,102 @@ class Engine:
             return np.asarray(self._forward([g], self._new_caches(B, T))[0])
         return self._call(run)
 
+    def warmup(self, max_prompt: int | None = None, max_new_tokens: int = 256,
+               progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Compile now what requests of up to `max_prompt` prompt tokens (default: the context, at most 1024) and
+        `max_new_tokens` output tokens will meet, so that no compile lands in their steps: on the engine thread a
+        compile stalls every running request (run 6, V3 slice on an H200: 36-73 s to a server's first tokens).
+
+        Runs steps of padding rows only (they write no cache and route to no expert) of every step shape such
+        requests lead to: decode rows (each batch bucket x each page-table width of their reservations), decode rows
+        beside prompt chunks (chunk rows x widths, and each batch bucket beside each chunk-row count), a prompt
+        alone (each prompt bucket), then the sampler's programs for each row count. Not covered: a burst of several
+        prompts reaching an idle engine together (prefilled whole, one shape per count and length) and sampling
+        with top_k / top_p / logprobs (their own programs). Safe while requests run (its steps go between theirs).
+        Returns {"steps", "programs" (compiled or loaded from the persistent cache), "seconds" (spent on them), "wall_s"}.
+
+        Example:
+            >>> engine.warmup(max_prompt=512, max_new_tokens=128)
+            {'steps': 61, 'programs': 140, 'seconds': 48.2, 'wall_s': 55.0}
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        limit = self.max_context
+        max_prompt = min(max_prompt or min(limit, 1024), limit)
+        if max_prompt < 1:
+            raise ValueError(f"max_prompt={max_prompt} must be >= 1")
+        return self._call(lambda: self._warmup(max_prompt, max_new_tokens, progress))
+
+    def _warm_shapes(self, max_prompt: int, max_new_tokens: int) -> list[tuple[tuple, bool, frozenset[int]]]:
+        """The step shapes of `warmup`: ((rows, tokens, page width) per group, decode first; whether _advance samples
+        the first group's logits as they are; the row counts it gathers with _select_rows)."""
+        page, sched = self.kv.page_tokens, self.scheduler
+        pages = lambda n: -(-n // page)                                                    # noqa: E731
+        upto = lambda n: [1 << k for k in range(pow2_bucket(n).bit_length())]             # noqa: E731
+        widths = upto(pages(min(max_prompt + max_new_tokens - 1, self.max_context)))     # a reservation's table
+        chunk_widths = upto(pages(max_prompt))                                             # a chunk's, to its end
+        running = {}                                           # decode rows B -> the running counts padded to B
+        for n in range(1, sched.max_running + 1):
+            running.setdefault(self._batch_rows(n), []).append(n)
+        batches = sorted(running)
+        chunk_rows = upto(min(max(1, sched.step_tokens // sched.chunk_tokens), sched.max_running))
+        C = sched.chunk_tokens
+        shapes = []
+        for B in batches:                                      # decode alone
+            gathered = frozenset(pow2_bucket(n) for n in running[B] if pow2_bucket(n) != B)
+            as_is = any(pow2_bucket(n) == B for n in running[B])
+            shapes += [(((B, 1, W),), as_is, gathered) for W in widths]
+
+        def mixed(B, Bc, W):                                   # decode rows + the prompts a chunk completes
+            return (((B, 1, 1), (Bc, C, W)), False, frozenset(pow2_bucket(n + d) for n in running[B]
+                                                               for d in range(1, Bc + 1)))
+        for Bc in chunk_rows:                                  # decode beside prompt chunks
+            shapes += [mixed(batches[0], Bc, W) for W in chunk_widths]
+            shapes += [mixed(B, Bc, 1) for B in batches[1:]]
+        T, prev = 16, 0                                        # a prompt alone (whole), each bucket
+        while True:
+            ws = sorted({pow2_bucket(pages(n)) for n in range(prev + 1, min(T, max_prompt) + 1)})
+            shapes += [(((1, T, W),), True, frozenset()) for W in ws]
+            if T >= max_prompt:
+                break
+            prev, T = T, _prompt_bucket(T + 1)
+        return shapes
+
+    def _warmup(self, max_prompt: int, max_new_tokens: int, progress) -> dict[str, Any]:
+        t0, c0 = time.perf_counter(), dict(self.compiles)
+        shapes = self._warm_shapes(max_prompt, max_new_tokens)
+        page, params = self.kv.page_tokens, [SamplingParams()]
+        prepared, sampled = set(), set()
+        for n, (groups, as_is, gathered) in enumerate(shapes):
+            if groups[0][1] == 1 and len(groups) == 1 and groups[0][0] not in prepared:
+                self._prepare_decode(groups[0][0])             # as _step does before a decode-only step
+                prepared.add(groups[0][0])
+            self._set_phase("warmup")
+            gs = []
+            for k, (B, T, W) in enumerate(groups):            # padding rows: pages past the pool, nothing valid
+                form = "absorbed" if (T == 1 and k == 0) else self.prefill_form
+                gs.append(Group(np.zeros((B, T), np.int32), np.full((B, T), W * page, np.int32),
+                                np.full((B, W), self.kv.pages, np.int32), np.zeros((B, T), bool),
+                                np.zeros(B, np.int32), form))
+            for logits in self._warm_forward(gs):
+                lgs = tuple(logits)                            # the sampler's programs, as _advance calls them
+                key = tuple(x.shape for x in lgs)
+                if as_is and (key, 0) not in sampled:
+                    sampled.add((key, 0))
+                    choose(lgs[0], params, [0], [0])
+                for M in sorted(gathered):
+                    if (key, M) not in sampled:
+                        sampled.add((key, M))
+                        choose(_select_rows(lgs, np.zeros(M, np.int32)), params, [0], [0])
+            if progress is not None:
+                progress(n + 1, len(shapes))
+        return {"steps": len(shapes), "programs": self.compiles["programs"] - c0["programs"],
+                "seconds": self.compiles["seconds"] - c0["seconds"], "wall_s": time.perf_counter() - t0}
+
+    def _warm_forward(self, groups: list[Group]) -> list[list[jax.Array]]:
+        """The forward(s) of a warm-up step: each path a step of these shapes may take (here: the one)."""
+        return [self._forward(groups, self.kv.caches)]
+
     def requests_status(self) -> dict[str, Any]:
         """Running and waiting requests, finished ones by reason, and the KV pool's use (any thread, no wait)."""
         return {"running": self._status["running"], "waiting": self._status["waiting"],
@@ -571,7 +697,7 @@ class Engine:
         c = self.counters
         return {"steps": c["steps"], "decode_rows": c["decode_rows"], "prefill_tokens": c["prefill_tokens"],
                 "step_seconds": c["step_seconds"], "last_batch": c["last_batch"], "max_running": c["max_running"],
-                "decode_batches": sorted(self.decode_batches),
+                "decode_batches": sorted(self.decode_batches), "compiles": dict(self.compiles),
                 **({"compile_ahead": self.compile_ahead.stats()} if self.compile_ahead is not None else {})}
 
     def stats_prometheus(self) -> str:
@@ -672,7 +798,10 @@ class Engine:
             B = pow2_bucket(len(chunks))
             # beside decoding rows a chunk is always chunk_tokens long (one shape); alone, prompts go whole, bucketed
             T = self.scheduler.chunk_tokens if plan.decode else _prompt_bucket(max(c.length for c in chunks))
-            W = pow2_bucket(max(len(c.request.pages) for c in chunks))
+            # a chunk reads and writes positions before its end only: the pages through its end, not the request's
+            # whole reservation (the width then follows the prompt, not max_tokens: fewer shapes to compile)
+            need = [-(-(c.start + c.length) // page) for c in chunks]
+            W = pow2_bucket(max(need))
             tokens = np.zeros((B, T), np.int32)
             positions = np.full((B, T), W * page, np.int32)
             pages = np.full((B, W), self.kv.pages, np.int32)
@@ -683,7 +812,7 @@ class Engine:
                 tokens[b, :c.length] = r.prompt[c.start:c.start + c.length]
                 positions[b, :c.length] = np.arange(c.start, c.start + c.length)
                 valid[b, :c.length] = True
-                pages[b, :len(r.pages)] = r.pages
+                pages[b, :need[b]] = r.pages[:need[b]]
                 last[b] = c.length - 1
             groups.append(Group(tokens, positions, pages, valid, last, self.prefill_form))
         return groups
@@ -762,7 +891,10 @@ class Engine:
         if len(lgs) == 1 and lgs[0].shape[0] == N and len(picks[0]) == len(rows) and picks[0][-1] == len(rows) - 1:
             lg = lgs[0]                       # the decode group as it is: its padding rows are the sampler's
         else:
-            lg = _select_rows(tuple(lgs), tuple(picks), pad=N - len(rows))
+            offsets = np.cumsum([0] + [x.shape[0] for x in lgs[:-1]])
+            idx = np.zeros(N, np.int32)
+            idx[:len(rows)] = np.concatenate([o + p for o, p in zip(offsets, picks)])
+            lg = _select_rows(tuple(lgs), idx)
         ch = choose(lg, [r.params for r in rows], [r.seed for r in rows], [len(r.generated) for r in rows],
                     [r.logprobs for r in rows])
         for n, r in enumerate(rows):

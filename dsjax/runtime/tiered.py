@@ -266,6 +266,8 @@ class TieredEngine(Engine):
         self.max_reads_pending = 0                           # most speculative disk reads in flight after a plan
         self.batch_sizes: list[int] = []                     # padded rows of each decode batch size met (dynamic)
         self._warmed: set[int] = set()                       # decode batch sizes whose executables are compiled
+        self._warming = self._warm_split = False            # in warmup(): no predictions; force chunked experts
+        self._warm_split_done: set[tuple] = set()           # step shapes whose chunked expert path warmup compiled
         weights = {"embed": None, "final_norm": head["final_norm"], "lm_head": head["lm_head"], "layers": []}
         # The KV pool takes what the compute pool holds, up to max_batch_size requests of the full context
         page_bytes = PAGE_TOKENS * mb.kv_bytes_per_token
@@ -396,6 +398,8 @@ class TieredEngine(Engine):
             # no plan at all (no prediction read back, no policy call) while the policy copies nothing ahead and no
             # expert can be on disk: the trial's steps without copies ahead then cost what loading on demand costs
             nxt = ahead[:self.policy.lookahead()] if (self.policy.copies_ahead or self._reads_possible) else []
+            if self._warming:                                # padding rows: their predictions mean nothing
+                nxt = []
             routers = tuple(self.routers[j] for j in ahead)
             if overlap and self.experts is not None:
                 routers += (self.routers[self.moe_layers[-1]],) * (self.policy.max_depth - len(routers))
@@ -528,6 +532,8 @@ class TieredEngine(Engine):
         overlap_compute = self.runtime.compute_config.overlap_compute
         room = P - len(mv.experts.hot)                  # slots the other experts may take
         chunks = self.policy.chunks(used, room, overlap_compute) or [[]]    # [[]]: every expert on the CPU / hot
+        if self._warm_split and len(chunks) == 1:       # warmup: the path of experts that do not fit at once
+            chunks.append([])
         chunks[0] = hot_used + chunks[0]
         if overlap_compute and len(chunks) > 1:                          # read later chunks while earlier compute
             tiers = self._tiers(i)
@@ -744,6 +750,21 @@ class TieredEngine(Engine):
         self.policy.end_step(tp=m.pred_tp, fp=m.pred_fp, fn=m.pred_fn,
                              disk_waited=self.disk_waits > self._disk_waits_seen, link_busy=busy, step=sample)
         self._disk_waits_seen = self.disk_waits
+
+    def _warm_forward(self, groups: list[Group]) -> list[list[jax.Array]]:
+        """A warm-up step both ways a tiered step may run a layer's experts: in one call with the combine (they fit
+        the free slots at once), then in chunks and the combine apart (they do not: prompt chunks, large batches)."""
+        outs = []
+        rows = tuple(g.tokens.shape for g in groups)         # the expert programs' shapes (not the page widths)
+        self._warming = True
+        try:
+            for split in (False, True) if rows not in self._warm_split_done else (False,):
+                self._warm_split = split
+                outs.append(self._forward(groups, self.kv.caches))
+            self._warm_split_done.add(rows)
+        finally:
+            self._warming = self._warm_split = False
+        return outs
 
     def _prepare_decode(self, B: int) -> None:
         """Compile, once per decode batch size, the expert-rows call (run on dummy inputs), and once every bucket of

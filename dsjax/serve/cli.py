@@ -35,6 +35,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"[dsjax serve] process {jax.process_index()} follows process 0's steps", file=sys.stderr, flush=True)
         engine.follow()
         return 0
+    warm = args.warmup_prompt
+    if warm is None:                                  # auto: on an accelerator (compiles there take seconds each)
+        import jax
+        warm = 0 if jax.default_backend() == "cpu" else 1024
+    if warm > 0:
+        _warmup(engine, warm, args.warmup_tokens)
     name = args.served_model_name or os.path.basename(os.path.normpath(path))
     app = create_app(engine, served_model_name=name, api_key=args.api_key or os.environ.get("DSJAX_API_KEY") or None,
                      max_queue=args.max_queue, request_timeout=args.request_timeout or None)
@@ -45,6 +51,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     return 0
+
+
+def _warmup(engine, max_prompt: int, max_new_tokens: int) -> None:
+    """Compile the step shapes of requests up to these lengths before the server answers (Engine.warmup)."""
+    import time
+    t0, last = time.perf_counter(), [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if time.perf_counter() - last[0] > 10 or done == total:
+            last[0] = time.perf_counter()
+            print(f"[dsjax serve] warm-up: {done}/{total} step shapes compiled ({last[0] - t0:.0f} s)", file=sys.stderr,
+                  flush=True)
+    r = engine.warmup(max_prompt=max_prompt, max_new_tokens=max_new_tokens, progress=progress)
+    print(f"[dsjax serve] warm-up done: prompts up to {min(max_prompt, engine.max_context)} tokens, outputs up to "
+          f"{max_new_tokens}: {r['steps']} step shapes, {r['programs']} programs, {r['seconds']:.1f} s compiling, "
+          f"{r['wall_s']:.1f} s in all (longer requests, and bursts of prompts to an idle server, still compile on "
+          "first use)", file=sys.stderr, flush=True)
 
 
 def add_parser(subparsers) -> None:
@@ -74,6 +97,11 @@ def add_parser(subparsers) -> None:
                    "a request is cancelled with 504 (default: no limit)")
     s.add_argument("--served-model-name", default=None, help="the model name clients send (default: the store "
                    "directory's name)")
+    s.add_argument("--warmup-prompt", type=int, default=None, metavar="N",
+                   help="before answering, compile the step shapes of prompts up to N tokens (0: none; default 1024 "
+                   "on a GPU, 0 on the CPU backend): a compile mid-run stalls every running request")
+    s.add_argument("--warmup-tokens", type=int, default=256, metavar="N",
+                   help="... and of outputs up to N tokens (default 256)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default info: one line per request)")
     from dsjax.cli import add_device_args
