@@ -66,8 +66,8 @@ def _warmup(engine, max_prompt: int, max_new_tokens: int) -> None:
     r = engine.warmup(max_prompt=max_prompt, max_new_tokens=max_new_tokens, progress=progress)
     print(f"[dsjax serve] warm-up done: prompts up to {min(max_prompt, engine.max_context)} tokens, outputs up to "
           f"{max_new_tokens}: {r['steps']} step shapes, {r['programs']} programs, {r['seconds']:.1f} s compiling, "
-          f"{r['wall_s']:.1f} s in all (longer requests, and bursts of prompts to an idle server, still compile on "
-          "first use)", file=sys.stderr, flush=True)
+          f"{r['wall_s']:.1f} s in all (longer requests, and top_k / top_p / logprobs sampling, compile on first "
+          "use)", file=sys.stderr, flush=True)
 
 
 def add_parser(subparsers) -> None:
