@@ -3,7 +3,8 @@
 One engine, one process: (1) the static batch row as `dsjax bench` measures it (B prompts of P tokens together,
 warm-up, then decode tok/s of a T-token generation); (2) each prompt length's prefill alone (one request, one token);
 (3) N requests with Poisson arrivals (prompt and output lengths uniform in the given ranges) submitted from a client
-thread at their arrival times, after a warm-up pass over the same trace (so the run measures steps, not compiles). Reports aggregate output tok/s over the whole run and over the steady window (from the last
+thread at their arrival times, after Engine.warmup for their lengths (--warmup trace: a pass over the same trace), so
+the run measures steps, not compiles (the engine thread's compiles during it are reported). Reports aggregate output tok/s over the whole run and over the steady window (from the last
 arrival to the first finish: every request in), TTFT of each request against its own prefill time alone plus two
 decode steps of the static batch, one request joining a running batch of B-1 (the same bound), and bytes per step per link from the engine's counters.
 
@@ -64,6 +65,9 @@ def main(argv=None) -> int:
     ap.add_argument("--static-tokens", type=int, default=16)
     ap.add_argument("--set", action="append", default=[], help="runtime option KEY=VALUE")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warmup", choices=["engine", "trace"], default="engine",
+                    help="before the measured arrivals: engine = Engine.warmup for the trace's lengths (what "
+                    "`dsjax serve` does); trace = a pass over the same trace with outputs capped at 16")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     import dsjax
@@ -127,11 +131,20 @@ def main(argv=None) -> int:
 
     # (4) arrivals: warm-up pass (outputs capped), then the measured pass
     trace = _trace(args.requests, args.rate, (lo, hi), span(args.output_len), vocab, args.seed + 1)
-    run_trace(engine, trace, cap=16)    # warm-up: the same trace compiles (nearly) every shape the measured one meets
-    log("warm-up trace done")
+    t0 = time.perf_counter()
+    if args.warmup == "trace":
+        run_trace(engine, trace, cap=16)    # the same trace compiles (nearly) every shape the measured one meets
+    else:                                   # every step shape of requests up to these lengths
+        w = engine.warmup(max_prompt=hi, max_new_tokens=span(args.output_len)[1])
+        log(f"warm-up: {w['steps']} step shapes, {w['programs']} programs, {w['seconds']:.1f} s compiling")
+    log(f"warm-up ({args.warmup}) done in {time.perf_counter() - t0:.1f} s")
+    c0 = engine.stats()["steps"]["compiles"]
     b0 = engine.stats()
     recs = run_trace(engine, trace)
     b1 = engine.stats()
+    c1 = b1["steps"]["compiles"]
+    log(f"engine-thread compiles during the arrivals: {c1['programs'] - c0['programs']} programs, "
+        f"{c1['seconds'] - c0['seconds']:.1f} s")
     total = sum(r["tokens"] for r in recs)
     start, end = min(r["submit"] for r in recs), max(r["last"] for r in recs)
     last_arrival, first_finish = max(r["submit"] for r in recs), min(r["last"] for r in recs)
@@ -154,7 +167,8 @@ def main(argv=None) -> int:
                       vs_static=total / (end - start) / static["decode_tok_s"],
                       steady_vs_static=(steady / static["decode_tok_s"]) if steady else None,
                       steps=steps, h2d_MB_per_step=h2d / max(steps, 1) / 1e6,
-                      max_running=b1["steps"]["max_running"]),
+                      max_running=b1["steps"]["max_running"], warmup=args.warmup,
+                      engine_compiles={k: c1[k] - c0[k] for k in c1}),
         ttft=dict(p50_s=float(np.median([x["ttft_s"] for x in ttft])),
                   max_ratio=max(x["ttft_s"] / x["bound_s"] for x in ttft),
                   within_bound=sum(x["ttft_s"] <= x["bound_s"] for x in ttft), of=len(ttft), per_request=ttft),
