@@ -311,6 +311,9 @@ def test_cli_has_serve():
     from dsjax.cli import build_parser
     a = build_parser().parse_args(["serve", "--port", "9", "--max-queue", "3", "--set", "max_batch_size=8"])
     assert (a.path, a.port, a.max_queue, a.set) == (None, 9, 3, ["max_batch_size=8"])
+    assert (a.warmup_prompt, a.warmup_tokens) == (None, 256)          # None: 512 on a GPU, none on the CPU backend
+    a = build_parser().parse_args(["serve", "--warmup-prompt", "0", "--warmup-tokens", "64"])
+    assert (a.warmup_prompt, a.warmup_tokens) == (0, 64)
 
 
 # ---- the text filters, over every way of cutting a text into tokens ----------------------------------------------

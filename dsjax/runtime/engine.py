@@ -570,7 +570,7 @@ class Engine:
 
     def warmup(self, max_prompt: int | None = None, max_new_tokens: int = 256,
                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-        """Compile now what requests of up to `max_prompt` prompt tokens (default: the context, at most 1024) and
+        """Compile now what requests of up to `max_prompt` prompt tokens (default: the context, at most 512) and
         `max_new_tokens` output tokens will meet, so that no compile lands in their steps: on the engine thread a
         compile stalls every running request (run 6, V3 slice on an H200: 36-73 s to a server's first tokens).
 
@@ -589,7 +589,7 @@ class Engine:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
         limit = self.max_context
-        max_prompt = min(max_prompt or min(limit, 1024), limit)
+        max_prompt = min(max_prompt or min(limit, 512), limit)
         if max_prompt < 1:
             raise ValueError(f"max_prompt={max_prompt} must be >= 1")
         return self._call(lambda: self._warmup(max_prompt, max_new_tokens, progress))

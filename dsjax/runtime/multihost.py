@@ -148,6 +148,10 @@ class MultiHostEngine(ExpertParallelEngine):
         raise NotImplementedError("engine.logits() over several processes is not built (each forward would need its "
                                   "own broadcast); use generate(), or load on the devices of one process")
 
+    def warmup(self, *args, **kwargs):
+        raise NotImplementedError("engine.warmup() over several processes is not built (its steps would need their "
+                                  "own broadcast); the programs compile on first use")
+
     def close(self) -> None:
         """Process 0: finish the engine and tell the followers to return from follow(). Elsewhere: stop following
         (process 0's next step then waits for this process in its collectives: close process 0 first)."""

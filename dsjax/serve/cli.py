@@ -35,11 +35,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"[dsjax serve] process {jax.process_index()} follows process 0's steps", file=sys.stderr, flush=True)
         engine.follow()
         return 0
+    import jax
     warm = args.warmup_prompt
     if warm is None:                                  # auto: on an accelerator (compiles there take seconds each)
-        import jax
-        warm = 0 if jax.default_backend() == "cpu" else 1024
-    if warm > 0:
+        warm = 0 if jax.default_backend() == "cpu" else 512
+    if warm > 0 and jax.process_count() > 1:
+        print("[dsjax serve] no warm-up over several processes (not built): programs compile on first use",
+              file=sys.stderr, flush=True)
+    elif warm > 0:
         _warmup(engine, warm, args.warmup_tokens)
     name = args.served_model_name or os.path.basename(os.path.normpath(path))
     app = create_app(engine, served_model_name=name, api_key=args.api_key or os.environ.get("DSJAX_API_KEY") or None,
@@ -98,7 +101,7 @@ def add_parser(subparsers) -> None:
     s.add_argument("--served-model-name", default=None, help="the model name clients send (default: the store "
                    "directory's name)")
     s.add_argument("--warmup-prompt", type=int, default=None, metavar="N",
-                   help="before answering, compile the step shapes of prompts up to N tokens (0: none; default 1024 "
+                   help="before answering, compile the step shapes of prompts up to N tokens (0: none; default 512 "
                    "on a GPU, 0 on the CPU backend): a compile mid-run stalls every running request")
     s.add_argument("--warmup-tokens", type=int, default=256, metavar="N",
                    help="... and of outputs up to N tokens (default 256)")
