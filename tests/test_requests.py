@@ -80,12 +80,10 @@ def test_scheduler_admits_in_order_while_pages_last_and_chunks_prompts_within_th
     plan = wide.next_step([_req(4, 8, pos=5, generated=[1])], collections.deque([_req(300, 8), _req(40, 4),
                                                                                  _req(3, 2)]), _Pages(100))
     assert wide.chunk_tokens == 256 and [(c.start, c.length) for c in plan.prefill] == [(0, 256), (0, 40)]
-    # with nobody decoding, a prompt alone goes whole; several go in chunks within the budget
-    plan = Scheduler(max_running=4, step_tokens=10).next_step([], collections.deque([_req(25, 8)]), _Pages(100))
-    assert [(c.start, c.length, c.completes_prompt) for c in plan.prefill] == [(0, 25, True)]
-    plan = Scheduler(max_running=4, step_tokens=512).next_step([], collections.deque([_req(300, 8), _req(3, 4),
-                                                                                    _req(2, 2)]), _Pages(100))
-    assert [(c.start, c.length, c.completes_prompt) for c in plan.prefill] == [(0, 256, False), (0, 3, True)]
+    # with nobody decoding, whole prompts go at once
+    plan = Scheduler(max_running=4, step_tokens=10).next_step([], collections.deque([_req(25, 8), _req(3, 4)]),
+                                                               _Pages(100))
+    assert [(c.start, c.length, c.completes_prompt) for c in plan.prefill] == [(0, 25, True), (0, 3, True)]
 
 
 def test_scheduler_head_of_line_waits_for_pages():

@@ -576,10 +576,12 @@ class Engine:
 
         Runs steps of padding rows only (they write no cache and route to no expert) of every step shape such
         requests lead to: decode rows (each batch bucket x each page-table width of their reservations), decode rows
-        beside prompt chunks (chunk rows x widths, and each batch bucket beside each chunk-row count), prompt chunks
-        alone, a prompt alone (each prompt bucket x width), then the sampler's programs for each row count. Not
-        covered: sampling with top_k / top_p / logprobs (programs of their own, compiled on first use). Safe while
-        requests run (its steps go between theirs).
+        beside prompt chunks (chunk rows x widths, and each batch bucket beside each chunk-row count), a prompt alone
+        (each prompt bucket x width: a new one, or the rest of one whose first chunks ran beside decoding rows), then
+        the sampler's programs for each row count. Not covered: several prompts prefilled together with nobody
+        decoding (a burst at an idle engine, or prompts left when the running streams end: one shape per count and
+        length) and sampling with top_k / top_p / logprobs; those compile on first use. Safe while requests run (its
+        steps go between theirs).
         Returns {"steps", "programs" (compiled or loaded from the persistent cache), "seconds" (spent on them), "wall_s"}.
 
         Example:
@@ -617,11 +619,9 @@ class Engine:
         def mixed(B, Bc, W):                                   # decode rows + the prompts a chunk completes
             return (((B, 1, 1), (Bc, C, W)), False, frozenset(pow2_bucket(n + d) for n in running[B]
                                                                for d in range(1, Bc + 1)))
-        for Bc in chunk_rows:                                  # decode beside prompt chunks; prompt chunks alone
+        for Bc in chunk_rows:                                  # decode beside prompt chunks
             shapes += [mixed(batches[0], Bc, W) for W in chunk_widths]
             shapes += [mixed(B, Bc, 1) for B in batches[1:]]
-            shapes += [(((Bc, C, W),), True, frozenset(pow2_bucket(d) for d in range(1, Bc + 1)))
-                       for W in chunk_widths]
         T, prev = 16, 0                      # a prompt alone, whole (or its rest, after chunks): each bucket and width
         while True:
             ws = [W for W in chunk_widths if W >= pow2_bucket(pages(min(prev + 1, max_prompt)))]
@@ -798,8 +798,8 @@ class Engine:
         if plan.prefill:
             chunks = plan.prefill
             B = pow2_bucket(len(chunks))
-            # beside decoding rows, or several, a chunk is chunk_tokens long (one shape); a prompt alone goes whole
-            T = self.scheduler.chunk_tokens if (plan.decode or len(chunks) > 1) else _prompt_bucket(chunks[0].length)
+            # beside decoding rows a chunk is always chunk_tokens long (one shape); alone, prompts go whole, bucketed
+            T = self.scheduler.chunk_tokens if plan.decode else _prompt_bucket(max(c.length for c in chunks))
             # a chunk reads and writes positions before its end only: the pages through its end, not the request's
             # whole reservation (the width then follows the prompt, not max_tokens: fewer shapes to compile)
             need = [-(-(c.start + c.length) // page) for c in chunks]

@@ -103,7 +103,7 @@ class Metrics:
                          "recopied": self.prefetch_recopied,
                          "hit_rate": self.prefetch_used / (self.prefetch_used + self.prefetch_unused)
                          if self.prefetch_used + self.prefetch_unused else None},
-            "expert_activations": self.activations,
+            "expert_activations": [list(row) for row in self.activations],     # a copy: the rows keep counting
             "tokens": self.tokens,
             "phase_bytes": {ph: dict(v) for ph, v in self.phase_bytes.items()},
             "host_seconds": {ph: dict(v) for ph, v in self.host_seconds.items()},

@@ -7,10 +7,9 @@ in their prompt prefill chunks of `chunk_tokens` (min(step_tokens, 256)) from a 
 per step, first come first served, so a joining prompt never stalls the running streams for its whole length, and a
 burst of arrivals is prefilled several at a time (V3 slice on an H100, 32 Poisson arrivals: with one chunk of one
 request per step the median time to first token was 20 s, every arrival waiting its turn). With no request decoding
-and one prompt to prefill there is nobody to stall: it goes whole. Several prompts with nobody decoding (a burst at
-an idle engine, or what is left when the running streams end) go in chunks within the same budget: the step stays
-within step_tokens, and its shape is one of the few that Engine.warmup compiles (whole prompts side by side were a
-new shape per count and length). Fixed-length chunks keep the shapes a mixed step compiles to a handful (decode rows
+there is nobody to stall: whole prompts go at once (as many tokens in one step as there are: in a step bound by the
+experts' bytes, the more tokens the cheaper each; one shape per count and length, which Engine.warmup compiles for
+one prompt alone, not for several). Fixed-length chunks keep the shapes a mixed step compiles to a handful (decode rows
 x chunk rows, both powers of two) however requests arrive.
 """
 
@@ -81,7 +80,7 @@ class Scheduler:
         active = list(running) + admitted
         decode = [r for r in active if not r.prefilling]
         prefilling = [r for r in active if r.prefilling]
-        if decode or len(prefilling) > 1:
+        if decode:
             rows = max(1, self.step_tokens // self.chunk_tokens)
             prefill = [Chunk(r, r.pos, min(len(r.prompt) - r.pos, self.chunk_tokens)) for r in prefilling[:rows]]
         else:

@@ -289,7 +289,7 @@ class ExpertCache:
         for g in range(0, len(slots), WRITE_GROUP):
             s, r = slots[g:g + WRITE_GROUP], rows[g:g + WRITE_GROUP]
             n = pow2_bucket(len(s))
-            self.pool = _copy_write_slots(self.pool, jnp.asarray(np.asarray(s + [s[-1]] * (n - len(s)), np.int32)),
+            self.pool = _copy_write_slots(self.pool, np.asarray(s + [s[-1]] * (n - len(s)), np.int32),
                                           tuple(r + [r[-1]] * (n - len(r))), self.layout, self._s_dev)
         self.copied_in_write += len(items)
         self.metrics.add_transfer("host->GPU", self.expert_bytes * len(items), time.perf_counter() - t0,
@@ -319,7 +319,8 @@ class ExpertCache:
             slots, devs = (list(t) for t in zip(*items[g:g + WRITE_GROUP]))
             n = pow2_bucket(len(slots))                       # bucket the count: few executables
             idx = slots + [slots[-1]] * (n - len(slots))        # padding rewrites the last slot with the same value
-            self.pool = _write_slots(self.pool, jnp.asarray(np.asarray(idx, np.int32)),
+            # the indices as numpy: the call converts them (jnp.asarray would be an eager program per count)
+            self.pool = _write_slots(self.pool, np.asarray(idx, np.int32),
                                      tuple(devs + [devs[-1]] * (n - len(slots))), self.layout)
         return self.pool
 
