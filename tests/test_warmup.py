@@ -24,7 +24,11 @@ class Lowerings:
     """Names of the programs lowered on threads whose name starts with `prefix`, while inside the block."""
 
     def __init__(self, prefix: str):
-        self.prefix, self.names = prefix, []
+        self.prefix, self.lowered = prefix, []          # (program, argument shapes)
+
+    @property
+    def names(self) -> list[str]:
+        return [f"{name} {shapes}" for name, shapes in self.lowered]
 
     def __enter__(self):
         log = self
@@ -33,7 +37,7 @@ class Lowerings:
             def emit(self, record):
                 if record.msg.startswith("Compiling %s with global shapes") and \
                         threading.current_thread().name.startswith(log.prefix):
-                    log.names.append(f"{record.args[0]} {[tuple(getattr(a, 'shape', ())) for a in record.args[1]]}")
+                    log.lowered.append((str(record.args[0]), [tuple(getattr(a, "shape", ())) for a in record.args[1]]))
         self._logger = logging.getLogger("jax._src.interpreters.pxla")
         self._level, self._handler = self._logger.level, Handler(logging.DEBUG)
         self._logger.addHandler(self._handler)
@@ -85,6 +89,13 @@ def test_warmed_engine_compiles_nothing_for_requests_within_its_lengths_and_give
         with Lowerings("dsjax-engine") as wlog:
             r = warm.warmup(max_prompt=MAX_PROMPT, max_new_tokens=MAX_NEW)
         assert r["programs"] == len(wlog.names) > 0 and r["steps"] > 0 and r["seconds"] > 0
+        # both ways a tiered step runs a layer's experts, for every rows shape: in one call with the combine
+        # (_moe_rows_out: slot ids are its 5th argument from the end) and in chunks (_moe_rows: 3rd from the end).
+        # The traffic below only meets the first (this model's 16 experts always fit the slots), so this checks the
+        # second from the log.
+        one_call = {shapes[-5] for name, shapes in wlog.lowered if name == "jit(_moe_rows_out)"}
+        chunked = {shapes[-3] for name, shapes in wlog.lowered if name == "jit(_moe_rows)"}
+        assert one_call and one_call <= chunked, (one_call, chunked)
         before = warm.stats()["steps"]["compiles"]["programs"]
         with Lowerings("dsjax-engine") as log:
             got = _traffic(warm)
