@@ -316,6 +316,13 @@ def test_cli_has_serve():
     assert (a.warmup_prompt, a.warmup_tokens) == (0, 64)
 
 
+def test_serve_refuses_a_bad_warmup_length_before_loading(capsys, tmp_path):
+    from dsjax.cli import main
+    # the path does not exist: the refusal comes before anything is loaded
+    assert main(["serve", str(tmp_path / "absent"), "--warmup-tokens", "0"]) == 2
+    assert "--warmup-tokens 0 must be >= 1" in capsys.readouterr().err
+
+
 # ---- the text filters, over every way of cutting a text into tokens ----------------------------------------------
 def _pieces(text, rng):
     cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 8)))) if len(text) > 1 else []

@@ -129,6 +129,8 @@ def test_warmup_of_the_in_memory_engine_and_bad_arguments(store):
     try:
         with pytest.raises(ValueError, match="max_new_tokens=0 must be >= 1"):
             e.warmup(max_prompt=8, max_new_tokens=0)
+        with pytest.raises(ValueError, match="max_prompt=0 must be >= 1"):
+            e.warmup(max_prompt=0)
         e.warmup(max_prompt=24, max_new_tokens=4)
         with Lowerings("dsjax-engine") as log:
             got = [e.generate([p[:24]], max_new_tokens=4)[0].token_ids for p, _ in PROMPTS[:2]]

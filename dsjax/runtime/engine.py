@@ -590,10 +590,10 @@ class Engine:
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        if max_prompt is not None and max_prompt < 1:
+            raise ValueError(f"max_prompt={max_prompt} must be >= 1 (None: the context, at most 512)")
         limit = self.max_context
-        max_prompt = min(max_prompt or min(limit, 512), limit)
-        if max_prompt < 1:
-            raise ValueError(f"max_prompt={max_prompt} must be >= 1")
+        max_prompt = min(limit, 512 if max_prompt is None else max_prompt)
         return self._call(lambda: self._warmup(max_prompt, max_new_tokens, progress))
 
     def _warm_shapes(self, max_prompt: int, max_new_tokens: int) -> list[tuple[tuple, bool, frozenset[int]]]:

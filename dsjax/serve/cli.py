@@ -18,6 +18,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"dsjax: error: `dsjax serve` needs FastAPI, uvicorn and pydantic ({e.name} is missing): "
               "pip install 'dsjax[serve]'", file=sys.stderr)
         return 2
+    if args.warmup_tokens < 1 and args.warmup_prompt != 0:     # before loading anything
+        print(f"dsjax: error: --warmup-tokens {args.warmup_tokens} must be >= 1 (or --warmup-prompt 0: no warm-up)",
+              file=sys.stderr)
+        return 2
     import dsjax
     from dsjax.cli import _check_budgets_with_devices, _follower, parse_overrides, start_devices
     devices = start_devices(args)
