@@ -153,13 +153,11 @@ def compile_seconds():
     """Seconds JAX spends lowering and compiling (or loading from the persistent cache) inside the block, from JAX's
     monitoring events: yields a one-element list that holds the running total."""
     import jax
-    # Lowering and XLA compilation are recorded once per top-level jitted call; tracing is left out because a jit
-    # traced inside another records its own duration inside its caller's (it would count twice).
-    events = ("/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core/compile/backend_compile_duration")
+    from dsjax.runtime.engine import COMPILE_EVENTS
     total = [0.0]
 
     def listener(event: str, seconds: float, **_) -> None:
-        if event in events:
+        if event in COMPILE_EVENTS:
             total[0] += seconds
 
     jax.monitoring.register_event_duration_secs_listener(listener)

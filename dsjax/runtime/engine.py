@@ -126,21 +126,23 @@ def _start_thread(target, args: tuple, name: str) -> threading.Thread:
 
 # Programs JAX lowers (and compiles, or loads from the persistent cache) on a thread, for the threads registered here:
 # the engine thread's compiles stall every running request, so the engine reports them (stats()["steps"]["compiles"]).
-_COMPILE_EVENTS = {"/jax/core/compile/jaxpr_to_mlir_module_duration": "programs",
-                   "/jax/core/compile/backend_compile_duration": None}
+# Lowering to MLIR (once per new program: a new shape or static argument) and the XLA compile (or its persistent-cache
+# lookup): each recorded once per top-level jitted call (tracing is not counted: a jit traced inside another records
+# its time inside its caller's). demo.compile_seconds sums the same two.
+LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+COMPILE_EVENTS = (LOWER_EVENT, "/jax/core/compile/backend_compile_duration")
 _compile_logs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()      # thread -> its counters (a dict)
 _compile_listener_lock = threading.Lock()
 _compile_listener_on = False
 
 
 def _compile_listener(event: str, seconds: float, **_) -> None:
-    if event in _COMPILE_EVENTS and (log := _compile_logs.get(threading.current_thread())) is not None:
-        if _COMPILE_EVENTS[event]:
-            log["programs"] += 1          # one lowering per new program (shape or static argument) met
-        log["seconds"] += seconds         # lowering + XLA compile (or its persistent-cache lookup)
+    if event in COMPILE_EVENTS and (log := _compile_logs.get(threading.current_thread())) is not None:
+        log["programs"] += event == LOWER_EVENT
+        log["seconds"] += seconds
 
 
-def log_compiles(thread: threading.Thread, log: dict) -> None:
+def _log_compiles(thread: threading.Thread, log: dict) -> None:
     """Count the programs `thread` lowers and the seconds it spends lowering and compiling into `log`
     ({"programs": 0, "seconds": 0.0}), from JAX's monitoring events, for as long as the thread lives."""
     global _compile_listener_on
@@ -154,7 +156,7 @@ def log_compiles(thread: threading.Thread, log: dict) -> None:
 def _engine_thread(ref, cv: threading.Condition, inbox, waiting, running, compiles: dict) -> None:
     """The engine thread's loop. It holds its engine only through a weak reference while idle, so an engine a caller
     drops without close() is collected (its device arrays freed) and the thread ends within a second."""
-    log_compiles(threading.current_thread(), compiles)
+    _log_compiles(threading.current_thread(), compiles)
     while True:
         engine = ref()
         if engine is None or not engine._turn():
@@ -225,7 +227,7 @@ class Engine:
         self.counters = {"steps": 0, "decode_rows": 0, "prefill_tokens": 0, "step_seconds": 0.0,
                          "finished": collections.Counter(), "submitted": 0, "last_batch": 0, "max_running": 0}
         self.decode_batches: set[int] = set()     # padded decode row counts met (min/max_batch_size, dynamic_batch)
-        self.compiles = {"programs": 0, "seconds": 0.0}     # lowered / compiled on the engine thread (log_compiles)
+        self.compiles = {"programs": 0, "seconds": 0.0}     # lowered / compiled on the engine thread (_log_compiles)
         self._status = {"running": 0, "waiting": 0}
 
     # ---- model steps (engine thread) ------------------------------------------------------------------------------

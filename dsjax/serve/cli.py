@@ -22,6 +22,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"dsjax: error: --warmup-tokens {args.warmup_tokens} must be >= 1 (or --warmup-prompt 0: no warm-up)",
               file=sys.stderr)
         return 2
+    import jax
+
     import dsjax
     from dsjax.cli import _check_budgets_with_devices, _follower, parse_overrides, start_devices
     devices = start_devices(args)
@@ -35,11 +37,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     runtime.update(parse_overrides(args.set))
     engine = dsjax.load(path, dtype=dtype or "bfloat16", progress=True, **runtime)
     if _follower():         # another process of a run over several: process 0 serves, this one runs its steps
-        import jax
         print(f"[dsjax serve] process {jax.process_index()} follows process 0's steps", file=sys.stderr, flush=True)
         engine.follow()
         return 0
-    import jax
     warm = args.warmup_prompt
     if warm is None:                                  # auto: on an accelerator (compiles there take seconds each)
         warm = 0 if jax.default_backend() == "cpu" else 512
