@@ -13,7 +13,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # the suite writes ~460 entries (18 MB) and every code change keys new ones, so a persistent directory would grow run
 # after run (JAX never evicts by default) on CI and on developers' machines, and a test's compiles would depend on
 # what earlier runs left there. The cache stays on, as users get it, and subprocesses (CLI, notebooks)
-# inherit the directory. A DSJAX_COMPILE_CACHE set by the developer wins (e.g. a fixed one to reuse across runs).
+# inherit the directory. A DSJAX_COMPILE_CACHE set by the developer wins (e.g. a fixed one to reuse across runs);
+# `make test` (tests/run_parts.sh) sets one directory for its parallel pytest processes, removed when they end.
 _COMPILE_CACHE = None
 if "DSJAX_COMPILE_CACHE" not in os.environ:
     _COMPILE_CACHE = tempfile.mkdtemp(prefix="dsjax-test-xla-")
