@@ -88,6 +88,16 @@ case "${1:-}" in
     python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --configs on_demand,budget --batches 1 --tokens 8 --prompt-len 32 \
       --no-trace --set expert_copy=jit --out "$OUT/bench_copyjit_b1.json" 2>&1 | tail -6
     ;;
+  nopred)              # b1: budget with no predictions at all (prefetch_layers 0: attention without the next layers'
+    use_tree "${NEW_TREE:-.}" new    # routers) beside on_demand, one process: is the budget engine's no-copy-ahead step
+    python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --configs budget,on_demand --batches 1 --tokens 8 --prompt-len 32 \
+      --no-trace --set prefetch_layers=0 --set disk_prefetch_layers=0 --out "$OUT/bench_nopred_b1.json" 2>&1 | tail -6   # slower than on_demand's?
+    ;;
+  cpuod)               # b1: loading on demand with and without host-resident experts computed on the CPU (issue 24:
+    use_tree "${NEW_TREE:-.}" new    # the cpu config is built on budget; on_demand is the best GPU-only config)
+    python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --configs on_demand,cpu --batches 1,8 --tokens 8 --prompt-len 32 \
+      --no-trace --set overlap_io=false --out "$OUT/bench_cpu_on_demand_b1_8.json" 2>&1 | tail -6
+    ;;
   hbm)                 # the whole slice in HBM at batch 1 (issue 20, item 4)
     use_tree "${NEW_TREE:-.}" new
     python3 -m dsjax.cli bench "$S" --configs hbm --batches 1 --tokens 16 --prompt-len 32 --no-trace \
@@ -125,5 +135,5 @@ max_new_tokens=64); e.save_popularity('$OUT/pop.json'); e.close()" 2>&1 | tail -
     python3 -m pytest -q -p no:cacheprovider tests/test_cpu_experts.py 2>&1 | tail -2
     python3 bench/cpu_experts_bench.py --out "$OUT/cpu_experts.json" 2>&1 | tail -30
     ;;
-  *) echo "usage: $0 setup | slice | gputests | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY] | hot [N] | options | hbm | copies | copyjit | gaps | multi [N] | cpu | all"; exit 2 ;;
+  *) echo "usage: $0 setup | slice | gputests | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY] | hot [N] | options | nopred | cpuod | hbm | copies | copyjit | gaps | multi [N] | cpu | all"; exit 2 ;;
 esac
