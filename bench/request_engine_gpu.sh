@@ -6,7 +6,8 @@
 #   bash bench/request_engine_gpu.sh slice | gputests   # the slice alone | the CPU path's GPU tests
 #   bash bench/request_engine_gpu.sh arrivals       # bench/arrivals.py: 32 Poisson arrivals vs the static batch 32
 #   bash bench/request_engine_gpu.sh serve          # dsjax serve + bench/serve_load.py at 1, 8, 32, 64 streams
-#                                                   # (SERVE_ARGS: more `dsjax serve` options, e.g. --set compile_ahead=on)
+#                                                   # (SERVE_ARGS: more `dsjax serve` options, e.g. --set compile_ahead=on;
+#                                                   # LOAD_LENS: serve_load's lengths, default --prompt-len 32:512 --output-len 16:128)
 #   bash bench/request_engine_gpu.sh copies         # bench/copy_paths.py: issue time of expert copies by path
 #   bash bench/request_engine_gpu.sh copyjit        # bench b1 with --set expert_copy=jit (beside 'bench NEW 1')
 #   bash bench/request_engine_gpu.sh gaps           # bench/join_gaps.py: a joining request's stall, compile ahead on/off
@@ -65,7 +66,7 @@ case "${1:-}" in
     P=$!
     health='import urllib.request; urllib.request.urlopen("http://127.0.0.1:8000/health", timeout=2)'
     until python3 -c "$health" 2> /dev/null; do kill -0 $P || { tail "$OUT/serve.log"; exit 1; }; sleep 2; done
-    python3 bench/serve_load.py --concurrency "${2:-1,8,32,64}" --prompt-len 32:512 --output-len 16:128 \
+    python3 bench/serve_load.py --concurrency "${2:-1,8,32,64}" ${LOAD_LENS:---prompt-len 32:512 --output-len 16:128} \
       --requests-per-stream 1 --out "$OUT/serve_load.json" 2>&1 | tail -12
     python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:8000/metrics").read().decode())' \
       > "$OUT/metrics.txt"
