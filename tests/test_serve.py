@@ -16,6 +16,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
@@ -321,6 +322,24 @@ def test_serve_refuses_a_bad_warmup_length_before_loading(capsys, tmp_path):
     # the path does not exist: the refusal comes before anything is loaded
     assert main(["serve", str(tmp_path / "absent"), "--warmup-tokens", "0"]) == 2
     assert "--warmup-tokens 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_serve_warmup_reports_progress_and_what_it_compiled(store, capsys):
+    """The warm-up `dsjax serve` runs before answering prints its progress (shapes done of all, seconds, the time left
+    at the rate so far) and a summary with the engine's own counts."""
+    from dsjax.runtime.engine import Engine
+    from dsjax.serve.cli import _warmup
+    from dsjax.store.reader import Store
+    st = Store(store)
+    e = Engine(st.config, st.load_weights(np.float32, "device"), max_batch_size=1, max_context=40, step_tokens=64)
+    try:
+        shapes = len(e._warm_shapes(16, 2))
+        _warmup(e, 16, 2)
+    finally:
+        e.close()
+    err = capsys.readouterr().err
+    assert f"warm-up: {shapes}/{shapes} step shapes compiled" in err       # the last progress line, with no time left
+    assert f"warm-up done: prompts up to 16 tokens, outputs up to 2: {shapes} step shapes" in err
 
 
 # ---- the text filters, over every way of cutting a text into tokens ----------------------------------------------

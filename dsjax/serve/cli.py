@@ -68,7 +68,10 @@ def _warmup(engine, max_prompt: int, max_new_tokens: int) -> None:
     def progress(done: int, total: int) -> None:
         if time.perf_counter() - last[0] > 10 or done == total:
             last[0] = time.perf_counter()
-            print(f"[dsjax serve] warm-up: {done}/{total} step shapes compiled ({last[0] - t0:.0f} s)", file=sys.stderr,
+            spent = last[0] - t0
+            # shapes differ in cost (a prompt's are larger than a decode step's): the rate so far is a rough guide
+            left = f", ~{spent / done * (total - done):.0f} s left at this rate" if done < total else ""
+            print(f"[dsjax serve] warm-up: {done}/{total} step shapes compiled ({spent:.0f} s{left})", file=sys.stderr,
                   flush=True)
     r = engine.warmup(max_prompt=max_prompt, max_new_tokens=max_new_tokens, progress=progress)
     print(f"[dsjax serve] warm-up done: prompts up to {min(max_prompt, engine.max_context)} tokens, outputs up to "
