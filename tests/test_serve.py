@@ -312,9 +312,9 @@ def test_cli_has_serve():
     from dsjax.cli import build_parser
     a = build_parser().parse_args(["serve", "--port", "9", "--max-queue", "3", "--set", "max_batch_size=8"])
     assert (a.path, a.port, a.max_queue, a.set) == (None, 9, 3, ["max_batch_size=8"])
-    assert (a.warmup_prompt, a.warmup_tokens) == (None, 256)          # None: 512 on a GPU, none on the CPU backend
-    a = build_parser().parse_args(["serve", "--warmup-prompt", "0", "--warmup-tokens", "64"])
-    assert (a.warmup_prompt, a.warmup_tokens) == (0, 64)
+    assert (a.warmup_prompt, a.warmup_tokens, a.warmup_bursts) == (None, 256, 1)   # None: 512 on a GPU, 0 on a CPU
+    a = build_parser().parse_args(["serve", "--warmup-prompt", "0", "--warmup-tokens", "64", "--warmup-bursts", "8"])
+    assert (a.warmup_prompt, a.warmup_tokens, a.warmup_bursts) == (0, 64, 8)
 
 
 def test_serve_refuses_a_bad_warmup_length_before_loading(capsys, tmp_path):
@@ -322,6 +322,8 @@ def test_serve_refuses_a_bad_warmup_length_before_loading(capsys, tmp_path):
     # the path does not exist: the refusal comes before anything is loaded
     assert main(["serve", str(tmp_path / "absent"), "--warmup-tokens", "0"]) == 2
     assert "--warmup-tokens 0 must be >= 1" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "absent"), "--warmup-bursts", "0"]) == 2
+    assert "--warmup-bursts 0 must be >= 1" in capsys.readouterr().err
 
 
 def test_serve_warmup_reports_progress_and_what_it_compiled(store, capsys):

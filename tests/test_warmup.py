@@ -11,6 +11,7 @@ import logging
 import threading
 
 import numpy as np
+import pytest
 
 import dsjax
 
@@ -136,5 +137,30 @@ def test_warmup_of_the_in_memory_engine_and_bad_arguments(store):
             got = [e.generate([p[:24]], max_new_tokens=4)[0].token_ids for p, _ in PROMPTS[:2]]
         assert log.names == [], f"compiled on the engine thread after warmup: {log.names}"
         assert all(got)
+    finally:
+        e.close()
+
+
+def test_warmup_covers_prompts_arriving_together_up_to_its_bursts(store):
+    """A list of prompts given at once to an idle engine is prefilled in one step, whole and side by side (one shape
+    per count bucket and prompt bucket): warmup(bursts=2) covers two such prompts (nothing lowered, the tokens of each
+    prompt alone), not three (a 4-row step: lowered on first use, so the check can fail)."""
+    from dsjax.runtime.engine import Engine
+    from dsjax.store.reader import Store
+    st = Store(store)
+    e = Engine(st.config, st.load_weights(np.float32, "device"), max_batch_size=4, max_context=56, step_tokens=64)
+    try:
+        e.warmup(max_prompt=24, max_new_tokens=4, bursts=2)
+        pair = [PROMPTS[0][0][:24], PROMPTS[1][0][:13]]
+        with Lowerings("dsjax-engine") as log:
+            together = [g.token_ids for g in e.generate(pair, max_new_tokens=4, stop_token_ids=())]
+        assert log.names == [], f"compiled on the engine thread after warmup: {log.names}"
+        alone = [e.generate([p], max_new_tokens=4, stop_token_ids=())[0].token_ids for p in pair]
+        assert together == alone and all(len(t) == 4 for t in together)
+        with Lowerings("dsjax-engine") as log:
+            e.generate(pair + [PROMPTS[3][0]], max_new_tokens=4, stop_token_ids=())
+        assert log.names, "three prompts at once (4 rows) were not warmed, yet nothing was lowered"
+        with pytest.raises(ValueError, match="bursts=0 must be >= 1"):
+            e.warmup(max_prompt=8, bursts=0)
     finally:
         e.close()

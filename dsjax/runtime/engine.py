@@ -571,7 +571,7 @@ class Engine:
         return self._call(run)
 
     def warmup(self, max_prompt: int | None = None, max_new_tokens: int = 256,
-               progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+               progress: Callable[[int, int], None] | None = None, *, bursts: int = 1) -> dict[str, Any]:
         """Compile now what requests of up to `max_prompt` prompt tokens (default: the context, at most 512) and
         `max_new_tokens` output tokens will meet, so that no compile lands in their steps: on the engine thread a
         compile stalls every running request (run 6, V3 slice on an H200: 36-73 s to a server's first tokens).
@@ -580,10 +580,11 @@ class Engine:
         requests lead to: decode rows (each batch bucket x each page-table width of their reservations), decode rows
         beside prompt chunks (chunk rows x widths, and each batch bucket beside each chunk-row count), a prompt alone
         (each prompt bucket x width: a new one, or the rest of one whose first chunks ran beside decoding rows), then
-        the sampler's programs for each row count. Not covered: several prompts prefilled together with nobody
-        decoding (a burst at an idle engine, or prompts left when the running streams end: one shape per count and
-        length) and sampling with top_k / top_p / logprobs; those compile on first use. Safe while requests run (its
-        steps go between theirs).
+        the sampler's programs for each row count. `bursts` > 1 also covers up to that many new prompts prefilled
+        together with nobody decoding (requests arriving at once at an idle engine, a list given to generate(): each
+        count bucket up to `bursts` x prompt bucket; one prompt alone is always covered). Not covered: the rests of
+        several prompts prefilled together after the running streams ended, and sampling with top_k / top_p /
+        logprobs; those compile on first use. Safe while requests run (its steps go between theirs).
         Returns {"steps", "programs" (compiled or loaded from the persistent cache), "seconds" (spent on them), "wall_s"}.
 
         Example:
@@ -594,11 +595,14 @@ class Engine:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
         if max_prompt is not None and max_prompt < 1:
             raise ValueError(f"max_prompt={max_prompt} must be >= 1 (None: the context, at most 512)")
+        if bursts < 1:
+            raise ValueError(f"bursts={bursts} must be >= 1 (1: a prompt alone)")
         limit = self.max_context
         max_prompt = min(limit, 512 if max_prompt is None else max_prompt)
-        return self._call(lambda: self._warmup(max_prompt, max_new_tokens, progress))
+        return self._call(lambda: self._warmup(max_prompt, max_new_tokens, progress, bursts))
 
-    def _warm_shapes(self, max_prompt: int, max_new_tokens: int) -> list[tuple[tuple, bool, frozenset[int]]]:
+    def _warm_shapes(self, max_prompt: int, max_new_tokens: int,
+                     bursts: int = 1) -> list[tuple[tuple, bool, frozenset[int]]]:
         """The step shapes of `warmup`: ((rows, tokens, page width) per group, decode first; whether _advance samples
         the first group's logits as they are; the row counts it gathers with _select_rows)."""
         page, sched = self.kv.page_tokens, self.scheduler
@@ -628,14 +632,22 @@ class Engine:
         while True:
             ws = [W for W in chunk_widths if W >= pow2_bucket(pages(min(prev + 1, max_prompt)))]
             shapes += [(((1, T, W),), True, frozenset()) for W in ws]
+            # several new prompts at once, nobody decoding (_groups: count padded to a power of two, whole prompts from
+            # position 0, so the width follows the longest one's length, which lies in (prev, T]); _advance samples
+            # all their rows as they are (every prompt completes)
+            firsts = sorted({pow2_bucket(pages(min(n, max_prompt))) for n in range(prev + 1, T + 1)})
+            B = 2
+            while B <= pow2_bucket(min(bursts, sched.max_running)):
+                shapes += [(((B, T, W),), True, frozenset()) for W in firsts]
+                B *= 2
             if T >= max_prompt:
                 break
             prev, T = T, _prompt_bucket(T + 1)
         return shapes
 
-    def _warmup(self, max_prompt: int, max_new_tokens: int, progress) -> dict[str, Any]:
+    def _warmup(self, max_prompt: int, max_new_tokens: int, progress, bursts: int = 1) -> dict[str, Any]:
         t0, c0 = time.perf_counter(), dict(self.compiles)
-        shapes = self._warm_shapes(max_prompt, max_new_tokens)
+        shapes = self._warm_shapes(max_prompt, max_new_tokens, bursts)
         page, params = self.kv.page_tokens, [SamplingParams()]
         prepared, sampled = set(), set()
         for n, (groups, as_is, gathered) in enumerate(shapes):

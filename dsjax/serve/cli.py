@@ -22,6 +22,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"dsjax: error: --warmup-tokens {args.warmup_tokens} must be >= 1 (or --warmup-prompt 0: no warm-up)",
               file=sys.stderr)
         return 2
+    if args.warmup_bursts < 1:
+        print(f"dsjax: error: --warmup-bursts {args.warmup_bursts} must be >= 1 (1: a prompt alone)", file=sys.stderr)
+        return 2
     import jax
 
     import dsjax
@@ -47,7 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("[dsjax serve] no warm-up over several processes (not built): programs compile on first use",
               file=sys.stderr, flush=True)
     elif warm > 0:
-        _warmup(engine, warm, args.warmup_tokens)
+        _warmup(engine, warm, args.warmup_tokens, args.warmup_bursts)
     name = args.served_model_name or os.path.basename(os.path.normpath(path))
     app = create_app(engine, served_model_name=name, api_key=args.api_key or os.environ.get("DSJAX_API_KEY") or None,
                      max_queue=args.max_queue, request_timeout=args.request_timeout or None)
@@ -60,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warmup(engine, max_prompt: int, max_new_tokens: int) -> None:
+def _warmup(engine, max_prompt: int, max_new_tokens: int, bursts: int = 1) -> None:
     """Compile the step shapes of requests up to these lengths before the server answers (Engine.warmup)."""
     import time
     t0, last = time.perf_counter(), [0.0]
@@ -73,11 +76,12 @@ def _warmup(engine, max_prompt: int, max_new_tokens: int) -> None:
             left = f", ~{spent / done * (total - done):.0f} s left at this rate" if done < total else ""
             print(f"[dsjax serve] warm-up: {done}/{total} step shapes compiled ({spent:.0f} s{left})", file=sys.stderr,
                   flush=True)
-    r = engine.warmup(max_prompt=max_prompt, max_new_tokens=max_new_tokens, progress=progress)
+    r = engine.warmup(max_prompt=max_prompt, max_new_tokens=max_new_tokens, progress=progress, bursts=bursts)
     print(f"[dsjax serve] warm-up done: prompts up to {min(max_prompt, engine.max_context)} tokens, outputs up to "
-          f"{max_new_tokens}: {r['steps']} step shapes, {r['programs']} programs, {r['seconds']:.1f} s compiling, "
-          f"{r['wall_s']:.1f} s in all (longer requests, and top_k / top_p / logprobs sampling, compile on first "
-          "use)", file=sys.stderr, flush=True)
+          f"{max_new_tokens}{f', up to {bursts} prompts arriving at once' if bursts > 1 else ''}: {r['steps']} step "
+          f"shapes, {r['programs']} programs, {r['seconds']:.1f} s compiling, {r['wall_s']:.1f} s in all (longer "
+          "requests, larger bursts, and top_k / top_p / logprobs sampling, compile on first use)", file=sys.stderr,
+          flush=True)
 
 
 def add_parser(subparsers) -> None:
@@ -112,6 +116,9 @@ def add_parser(subparsers) -> None:
                    "on a GPU, 0 on the CPU backend): a compile mid-run stalls every running request")
     s.add_argument("--warmup-tokens", type=int, default=256, metavar="N",
                    help="... and of outputs up to N tokens (default 256)")
+    s.add_argument("--warmup-bursts", type=int, default=1, metavar="N",
+                   help="... and of up to N prompts arriving at once at an idle server, prefilled in one step (default "
+                   "1: a prompt alone; each count bucket up to N adds a shape per prompt bucket to the warm-up)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default info: one line per request)")
     from dsjax.cli import add_device_args
