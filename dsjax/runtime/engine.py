@@ -636,10 +636,8 @@ class Engine:
             # position 0, so the width follows the longest one's length, which lies in (prev, T]); _advance samples
             # all their rows as they are (every prompt completes)
             firsts = sorted({pow2_bucket(pages(min(n, max_prompt))) for n in range(prev + 1, T + 1)})
-            B = 2
-            while B <= pow2_bucket(min(bursts, sched.max_running)):
+            for B in upto(min(bursts, sched.max_running))[1:]:      # 2, 4, ... (one prompt is the shapes above)
                 shapes += [(((B, T, W),), True, frozenset()) for W in firsts]
-                B *= 2
             if T >= max_prompt:
                 break
             prev, T = T, _prompt_bucket(T + 1)
