@@ -10,6 +10,7 @@
 #                                                   # LOAD_LENS: serve_load's lengths, default --prompt-len 32:512 --output-len 16:128)
 #   bash bench/request_engine_gpu.sh copies         # bench/copy_paths.py: issue time of expert copies by path
 #   bash bench/request_engine_gpu.sh copyjit        # bench b1 with --set expert_copy=jit (beside 'bench NEW 1')
+#   bash bench/request_engine_gpu.sh warmthreads [0,8]  # bench/warmup_threads.py: warm-up wall by compile threads
 #   bash bench/request_engine_gpu.sh gaps           # bench/join_gaps.py: a joining request's stall, compile ahead on/off
 #   bash bench/request_engine_gpu.sh multi [N]      # on N GPUs (nvidia-h100-x2 ...): tiered expert parallelism vs one GPU
 #   bash bench/request_engine_gpu.sh hot [N] | options | hbm   # b1 with N hot experts per layer (popularity measured
@@ -99,6 +100,10 @@ case "${1:-}" in
     python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --configs on_demand,cpu --batches 1,8 --tokens 8 --prompt-len 32 \
       --no-trace --set overlap_io=false --out "$OUT/bench_cpu_on_demand_b1_8.json" 2>&1 | tail -6
     ;;
+  warmthreads)         # Engine.warmup with 0 and 8 compile threads (fresh processes, no compile cache), then b1 decode
+    use_tree "${NEW_TREE:-.}" new
+    python3 bench/warmup_threads.py "$S" "${BUDGET[@]}" --threads "${2:-0,8}" --out "$OUT/warmup_threads.json" 2>&1 | tail -7
+    ;;
   hbm)                 # the whole slice in HBM at batch 1 (issue 20, item 4)
     use_tree "${NEW_TREE:-.}" new
     python3 -m dsjax.cli bench "$S" --configs hbm --batches 1 --tokens 16 --prompt-len 32 --no-trace \
@@ -136,5 +141,5 @@ max_new_tokens=64); e.save_popularity('$OUT/pop.json'); e.close()" 2>&1 | tail -
     python3 -m pytest -q -p no:cacheprovider tests/test_cpu_experts.py 2>&1 | tail -2
     python3 bench/cpu_experts_bench.py --out "$OUT/cpu_experts.json" 2>&1 | tail -30
     ;;
-  *) echo "usage: $0 setup | slice | gputests | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY] | hot [N] | options | nopred | cpuod | hbm | copies | copyjit | gaps | multi [N] | cpu | all"; exit 2 ;;
+  *) echo "usage: $0 setup | slice | gputests | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY] | hot [N] | options | nopred | cpuod | warmthreads [T,T] | hbm | copies | copyjit | gaps | multi [N] | cpu | all"; exit 2 ;;
 esac

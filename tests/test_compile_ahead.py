@@ -166,7 +166,7 @@ def test_close_drops_what_is_queued_and_joins_the_thread():
         ahead.submit(("slow", i), lambda i=i: Slow(i))
     while not ran:                                  # the first one is compiling, two are queued
         threading.Event().wait(0.01)
-    thread = ahead._thread
+    thread = ahead._threads[0]
     threading.Timer(0.2, gate.set).start()
     ahead.close()
     assert not thread.is_alive() and ran == [0]     # waited for the one in progress, dropped the other two
@@ -212,3 +212,28 @@ def test_requests_from_several_threads_joining_a_batch_get_the_tokens_of_compile
             assert got[i] == ref.generate([prompt], max_new_tokens=n)[0].token_ids, i
     finally:
         ref.close()
+
+
+def test_a_pool_of_threads_compiles_side_by_side_each_key_once():
+    ahead = CompileAhead("test-pool", threads=2)
+    both = threading.Barrier(2, timeout=10)         # passes only while two compiles are in progress at once
+    calls = []
+
+    class Meets:
+        def __init__(self, i):
+            self.i = i
+
+        def compile(self):
+            calls.append(self.i)
+            both.wait()
+
+    assert ahead.submit(("a",), lambda: Meets(0)) and ahead.submit(("b",), lambda: Meets(1))
+    assert not ahead.submit(("a",), lambda: Meets(2))
+    ahead.wait_for(("a",))
+    ahead.wait_for(("b",))
+    assert ahead.stats() | {"seconds": 0, "waited_s": 0} == {"compiled": 2, "failed": 0, "seconds": 0, "waited_s": 0,
+                                                             "threads": 2}
+    assert sorted(calls) == [0, 1]
+    ahead.close()
+    with pytest.raises(ValueError, match="threads=0 must be >= 1"):
+        CompileAhead(threads=0)

@@ -87,9 +87,14 @@ def _load(store, scale: float):
 def test_warmed_engine_compiles_nothing_for_requests_within_its_lengths_and_gives_the_same_tokens(store):
     warm = _load(store, 1.7)
     try:
-        with Lowerings("dsjax-engine") as wlog:
-            r = warm.warmup(max_prompt=MAX_PROMPT, max_new_tokens=MAX_NEW)
-        assert r["programs"] == len(wlog.names) > 0 and r["steps"] > 0 and r["seconds"] > 0
+        with Lowerings("dsjax-engine") as wlog, Lowerings("dsjax-warmup-compile") as plog:
+            r = warm.warmup(max_prompt=MAX_PROMPT, max_new_tokens=MAX_NEW, compile_threads=2)
+        assert r["engine_thread"]["programs"] == len(wlog.names) > 0 and r["steps"] > 0 and r["seconds"] > 0
+        # the compile threads took the attention programs of the later steps; each program was lowered once
+        assert r["threads"] == 2 and r["compile_threads"]["programs"] == len(plog.names) > 0
+        assert {n.split(" ")[0] for n in plog.names} == {"jit(_attn)"}, plog.names
+        assert r["programs"] == len(wlog.names) + len(plog.names)
+        assert not set(wlog.names) & set(plog.names), set(wlog.names) & set(plog.names)
         # both ways a tiered step runs a layer's experts, for every rows shape: in one call with the combine
         # (_moe_rows_out: slot ids are its 5th argument from the end) and in chunks (_moe_rows: 3rd from the end).
         # The traffic below only meets the first (this model's 16 experts always fit the slots), so this checks the
@@ -150,7 +155,8 @@ def test_warmup_covers_prompts_arriving_together_up_to_its_bursts(store):
     st = Store(store)
     e = Engine(st.config, st.load_weights(np.float32, "device"), max_batch_size=4, max_context=56, step_tokens=64)
     try:
-        e.warmup(max_prompt=24, max_new_tokens=4, bursts=2)
+        r = e.warmup(max_prompt=24, max_new_tokens=4, bursts=2, compile_threads=0)    # every program on this thread
+        assert r["threads"] == 0 and r["programs"] == r["engine_thread"]["programs"] > 0
         pair = [PROMPTS[0][0][:24], PROMPTS[1][0][:13]]
         with Lowerings("dsjax-engine") as log:
             together = [g.token_ids for g in e.generate(pair, max_new_tokens=4, stop_token_ids=())]
@@ -162,5 +168,7 @@ def test_warmup_covers_prompts_arriving_together_up_to_its_bursts(store):
         assert log.names, "three prompts at once (4 rows) were not warmed, yet nothing was lowered"
         with pytest.raises(ValueError, match="bursts=0 must be >= 1"):
             e.warmup(max_prompt=8, bursts=0)
+        with pytest.raises(ValueError, match="compile_threads=-1 must be >= 0"):
+            e.warmup(max_prompt=8, compile_threads=-1)
     finally:
         e.close()

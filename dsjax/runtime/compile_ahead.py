@@ -10,7 +10,10 @@ persistent cache when it is on), so the later call with real arrays of those sha
 (tests/test_compile_ahead.py checks where each compile happens). Off by default (compute_config.compile_ahead): on a
 2-core box the two threads' compiles only take turns, and on a GPU host it is not measured yet (bench/join_gaps.py).
 
-Threads: the engine thread calls `submit`, `wait_for` and `close`; the compile thread only traces, lowers and compiles
+The same pool, with `threads` compile threads, serves `Engine.warmup`: the call sites a warm-up step notes (attention)
+are lowered for every later step's shape and compiled there while the engine thread runs the steps (compile_threads).
+
+Threads: the engine thread calls `submit`, `wait_for` and `close`; a compile thread only traces, lowers and compiles
 the callables it is given: it never reads or writes engine state and runs none of its computations (on a GPU, XLA's
 autotuner may time candidate kernels while compiling, as it does for the engine thread's own compiles). A failed
 compile is counted and logged, never raised: the step that needs the shape then compiles it as before.
@@ -59,18 +62,57 @@ def abstract(tree: Any) -> Any:
     return jax.tree.map(lambda a: with_shape(a, a.shape), tree)
 
 
-class CompileAhead:
-    """One background thread compiling lowerings handed to it, each key once."""
+COMPILE_STACK = 64 << 20       # XLA compiles on these threads; LLVM recurses deeply (pthread default: 8 MB or less)
+_stack_lock = threading.Lock()
 
-    def __init__(self, name: str = "dsjax-compile-ahead"):
+
+def start_thread(target, args: tuple, name: str) -> threading.Thread:
+    """A daemon thread with COMPILE_STACK bytes of stack (threading.stack_size is process-wide: set, start, restore)."""
+    with _stack_lock:
+        old = threading.stack_size(COMPILE_STACK)
+        try:
+            t = threading.Thread(target=target, args=args, name=name, daemon=True)
+            t.start()
+        finally:
+            threading.stack_size(old)
+    return t
+
+
+def compile_threads(setting: int | None = None, platform: str | None = None) -> int:
+    """Threads of the warm-up's compile pool: `setting`, or by default on the CPU backend one per CPU of the process
+    but the engine thread's, at most 8 (1 on a 2-core box), and 0 on a GPU until measured there: XLA's GPU compiler
+    times candidate kernels on the device while it compiles (autotuning), and compiles side by side could time them
+    against each other and keep slower kernels (in the persistent cache too)."""
+    if setting is not None:
+        if setting < 0:
+            raise ValueError(f"compile_threads={setting} must be >= 0 (0: every program on the engine thread)")
+        return setting
+    if (platform or jax.default_backend()) != "cpu":
+        return 0
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:                  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus - 1))
+
+
+class CompileAhead:
+    """Background threads (`threads` of them, started at the first submit) compiling lowerings handed to them, each
+    key once, in the order submitted."""
+
+    def __init__(self, name: str = "dsjax-compile-ahead", threads: int = 1):
+        if threads < 1:
+            raise ValueError(f"threads={threads} must be >= 1")
         self._name = name
+        self._n = threads
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self.submitted: set = set()          # engine thread only: keys asked for, or compiled by the calls themselves
-        self._pending: dict = {}             # key -> Event set once the compile thread is done with it
+        self._pending: dict = {}             # engine thread only: key -> Event set once a compile thread is done
         self.waited = 0.0                    # engine thread: seconds it waited for a compile in progress
         self._closing = False
-        self.done = 0                        # written by the compile thread; read for stats
+        self._lock = threading.Lock()        # the counters below, written by the compile threads
+        self.done = 0
         self.failed = 0
         self.seconds = 0.0
 
@@ -79,11 +121,10 @@ class CompileAhead:
         if key in self.submitted:
             return False
         self.submitted.add(key)
-        self._pending[key] = threading.Event()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-            self._thread.start()
-        self._queue.put((key, lower))
+        ev = self._pending[key] = threading.Event()
+        if not self._threads:
+            self._threads = [start_thread(self._run, (), f"{self._name}-{k}") for k in range(self._n)]
+        self._queue.put((key, lower, ev))
         return True
 
     def _run(self) -> None:
@@ -91,23 +132,26 @@ class CompileAhead:
             item = self._queue.get()
             if item is None:
                 return
-            key, lower = item
+            key, lower, ev = item
             if self._closing:                 # closed: what is still queued is dropped
-                self._pending[key].set()
+                ev.set()
                 continue
             t0 = time.perf_counter()
+            ok = True
             try:
                 lower().compile()
-                self.done += 1
             except Exception as e:            # the step that needs it compiles it itself
-                self.failed += 1
+                ok = False
                 log.warning("compile ahead of %s failed: %s", key, e)
-            self.seconds += time.perf_counter() - t0
-            self._pending[key].set()
+            with self._lock:
+                self.done += ok
+                self.failed += not ok
+                self.seconds += time.perf_counter() - t0
+            ev.set()
 
     def wait_for(self, key) -> None:
-        """Engine thread, about to run `key`'s shape: if the compile thread is compiling it, wait for that compile
-        (it started earlier, so it ends sooner than a second compile of the same program on this thread)."""
+        """Engine thread, about to run `key`'s shape: if a compile thread is compiling it (or has it queued), wait for
+        that compile (it started earlier, so it ends sooner than a second compile of the same program here)."""
         ev = self._pending.get(key)
         if ev is None:
             return
@@ -118,14 +162,17 @@ class CompileAhead:
         del self._pending[key]
 
     def stats(self) -> dict[str, Any]:
-        return {"compiled": self.done, "failed": self.failed, "seconds": round(self.seconds, 3),
-                "waited_s": round(self.waited, 3)}
+        with self._lock:
+            return {"compiled": self.done, "failed": self.failed, "seconds": round(self.seconds, 3),
+                    "waited_s": round(self.waited, 3), "threads": self._n}
 
     def close(self, timeout: float = 120.0) -> None:
-        """Drop what is queued and wait for the compile in progress to end (a thread left inside XLA's compiler
+        """Drop what is queued and wait for the compiles in progress to end (a thread left inside XLA's compiler
         while the interpreter shuts down is not safe)."""
-        if self._thread is not None:
+        if self._threads:
             self._closing = True
-            self._queue.put(None)
-            self._thread.join(timeout)
-            self._thread = None
+            for _ in self._threads:
+                self._queue.put(None)
+            for t in self._threads:
+                t.join(timeout)
+            self._threads = []

@@ -43,6 +43,8 @@ from dsjax.config import ModelConfig
 from dsjax.model import embed_step, head_step, init_layer_cache, layer_step
 from dsjax.model.attention import MlaForm
 from dsjax.runtime.compile_ahead import CompileAhead, abstract, enabled, with_shape
+from dsjax.runtime.compile_ahead import compile_threads as compile_threads_of
+from dsjax.runtime.compile_ahead import start_thread as _start_thread
 from dsjax.runtime.config import routing_report
 from dsjax.runtime.kv_pool import PAGE_TOKENS, KVPool
 from dsjax.runtime.requests import Generation, PromptError, Request, RequestHandle, TokenEvent
@@ -106,22 +108,6 @@ def _select_rows(logits, idx):
     a power of two (padding repeats row 0): the program depends on the groups' shapes and N, not on how many rows of
     each group sample (one compile per such count was a stall on the engine thread whenever the running set changed)."""
     return jnp.concatenate([lg[:, 0] for lg in logits])[idx]
-
-
-ENGINE_STACK = 64 << 20        # XLA compiles on the engine thread; LLVM recurses deeply (pthread default: 8 MB or less)
-_stack_lock = threading.Lock()
-
-
-def _start_thread(target, args: tuple, name: str) -> threading.Thread:
-    """A daemon thread with ENGINE_STACK bytes of stack (threading.stack_size is process-wide: set, start, restore)."""
-    with _stack_lock:
-        old = threading.stack_size(ENGINE_STACK)
-        try:
-            t = threading.Thread(target=target, args=args, name=name, daemon=True)
-            t.start()
-        finally:
-            threading.stack_size(old)
-    return t
 
 
 # Programs JAX lowers (and compiles, or loads from the persistent cache) on a thread, for the threads registered here:
@@ -215,7 +201,8 @@ class Engine:
         self.scheduler = Scheduler(max_batch_size, step_tokens)
         # the decode shape admitted requests lead to, compiled on a thread of its own (compile_ahead.py; None: off)
         self.compile_ahead = CompileAhead() if enabled(compile_ahead) else None
-        self._decode_sites: dict[tuple, tuple] = {}     # call site -> (lower, abstract args, batch args, pages)
+        self._warm_pool: CompileAhead | None = None     # warmup's compile threads, while it runs
+        self._sites: dict[tuple, tuple] = {}            # call site -> (lower, abstract args, batch args, pages)
         self._sharding = jax.sharding.SingleDeviceSharding(self.device)
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Request] = []
@@ -255,8 +242,8 @@ class Engine:
         plain = type(self)._layer is Engine._layer
         for g in groups:
             x = self._embed(g.tokens)
-            # decode call sites noted this step (compile ahead)
-            noted = set() if self.compile_ahead is not None and g.tokens.shape[1] == 1 and plain else None
+            # call sites noted this step (compile ahead, the warm-up's compile pool)
+            noted = set() if self._ahead() is not None and plain else None
             if plain:
                 # committed to the engine's device, as the compile thread's abstract arguments are (one executable)
                 positions, pages = jax.device_put((g.positions, g.pages), self._sharding)
@@ -268,7 +255,7 @@ class Engine:
                 if noted is not None and (kind := self.config.layer_kind(i)) not in noted:
                     noted.add(kind)
                     cfg, fusion = self.config, self.enable_fusion
-                    self._note_decode_call(("layer", kind, g.form), lambda *a, pages, kind=kind, form=g.form:
+                    self._note_call(("layer", kind, g.form), lambda *a, pages, kind=kind, form=g.form:
                                            layer_step.lower(*a, cfg, kind, form, fusion=fusion, pages=pages),
                                            (w, x, caches[i], positions), (1, 3), pages)
                 x, caches[i], r = self._layer(i, w, x, caches[i], positions, g.form, pages)
@@ -278,33 +265,45 @@ class Engine:
             out.append(self._logits_of(x, g))
         return out
 
-    def _note_decode_call(self, key: tuple, lower: Callable, args: tuple, rows: tuple[int, ...], pages) -> None:
-        """Engine thread, before a decode call with page tables `pages` [B, W]: (B, W) is compiled for this call
-        site by the call itself; the site's abstract arguments are kept once, so `_compile_decode_ahead` can lower it
-        for other batch rows and widths (`rows`: the arguments whose leading axis is the batch)."""
-        ahead = self.compile_ahead
+    def _ahead(self) -> CompileAhead | None:
+        """The compile threads that call sites are handed to now: the warm-up's pool while it runs, else compile ahead
+        (None: neither)."""
+        return self._warm_pool if self._warm_pool is not None else self.compile_ahead
+
+    def _note_call(self, key: tuple, lower: Callable, args: tuple, rows: tuple[int, ...], pages) -> None:
+        """Engine thread, before a call with page tables `pages` [B, W] on inputs of B rows of T tokens: (B, T, W) is
+        compiled for this call site by the call itself (or was handed to the compile threads: then wait for it); the
+        site's abstract arguments are kept once, so `_lower_site` can lower it for other rows, tokens and widths
+        (`rows`: the arguments whose leading axes are [B, T])."""
+        ahead = self._ahead()
         if ahead is None or pages is None:
             return
-        ahead.wait_for(key + tuple(pages.shape))
-        ahead.submitted.add(key + tuple(pages.shape))
-        if key not in self._decode_sites:
-            self._decode_sites[key] = (lower, abstract(args), rows, abstract(pages))
+        B, T = args[rows[0]].shape[:2]
+        shape = key + (B, T, pages.shape[1])
+        ahead.wait_for(shape)
+        ahead.submitted.add(shape)
+        if key not in self._sites:
+            self._sites[key] = (lower, abstract(args), rows, abstract(pages))
+
+    def _lower_site(self, key: tuple, B: int, T: int, W: int) -> Callable[[], Any]:
+        """A thunk lowering call site `key` for B rows of T tokens and page tables W wide."""
+        lower, args, rows, pages = self._sites[key]
+        a = tuple(with_shape(x, (B, T) + x.shape[2:]) if j in rows else x for j, x in enumerate(args))
+        p = with_shape(pages, (B, W))
+        return lambda: lower(*a, pages=p)
 
     def _compile_decode_ahead(self) -> None:
         """Requests were admitted: the decode steps after their prefill run with the running set's rows and widest
         page table, a shape the batch may not have met. Have the compile thread build every decode call site for it
         while the prefill runs (compile_ahead.py), instead of the first such decode step compiling while every
         stream waits."""
-        if self.compile_ahead is None or not self._decode_sites or not self._running:
+        if self.compile_ahead is None or self._warm_pool is not None or not self._sites or not self._running:
             return
         B = self._batch_rows(len(self._running))
         W = pow2_bucket(max(len(r.pages) for r in self._running))
-        for key, (lower, args, rows, pages) in self._decode_sites.items():
-            if key + (B, W) in self.compile_ahead.submitted:
-                continue
-            a = tuple(with_shape(x, (B,) + x.shape[1:]) if j in rows else x for j, x in enumerate(args))
-            p = with_shape(pages, (B, W))
-            self.compile_ahead.submit(key + (B, W), lambda a=a, p=p, lower=lower: lower(*a, pages=p))
+        for key in self._sites:
+            if key[2] == "absorbed":                       # the decode rows' form (key: (what, kind, form, ...))
+                self.compile_ahead.submit(key + (B, 1, W), self._lower_site(key, B, 1, W))
 
     def _layer(self, i: int, w: dict, x, cache: dict, positions, form: MlaForm, pages):
         """Decoder layer i on its weights: (x, cache, routing or None). Expert parallelism replaces it."""
@@ -571,7 +570,8 @@ class Engine:
         return self._call(run)
 
     def warmup(self, max_prompt: int | None = None, max_new_tokens: int = 256,
-               progress: Callable[[int, int], None] | None = None, *, bursts: int = 1) -> dict[str, Any]:
+               progress: Callable[[int, int], None] | None = None, *, bursts: int = 1,
+               compile_threads: int | None = None) -> dict[str, Any]:
         """Compile now what requests of up to `max_prompt` prompt tokens (default: the context, at most 512) and
         `max_new_tokens` output tokens will meet, so that no compile lands in their steps: on the engine thread a
         compile stalls every running request (run 6, V3 slice on an H200: 36-73 s to a server's first tokens).
@@ -585,7 +585,15 @@ class Engine:
         count bucket up to `bursts` x prompt bucket; one prompt alone is always covered). Not covered: the rests of
         several prompts prefilled together after the running streams ended, and sampling with top_k / top_p /
         logprobs; those compile on first use. Safe while requests run (its steps go between theirs).
-        Returns {"steps", "programs" (compiled or loaded from the persistent cache), "seconds" (spent on them), "wall_s"}.
+
+        `compile_threads` threads (0: none; default: on the CPU backend one per CPU but the engine thread's, at most
+        8, and 0 on a GPU until measured there: compile_ahead.compile_threads) compile the attention programs of the
+        later steps (the call sites a step notes, lowered for every later step's rows, tokens
+        and page width; on the CPU backend 62% of the warm-up's compile time) while this engine's thread runs the steps
+        and compiles the rest.
+        Returns {"steps", "programs" (compiled or loaded from the persistent cache, on any thread), "seconds" (spent on
+        them, summed over threads), "wall_s", "threads", and "engine_thread" / "compile_threads": their programs and
+        seconds (and the seconds the engine thread waited for the compile threads)}.
 
         Example:
             >>> r = engine.warmup(max_prompt=512, max_new_tokens=128)     # before serving
@@ -599,7 +607,8 @@ class Engine:
             raise ValueError(f"bursts={bursts} must be >= 1 (1: a prompt alone)")
         limit = self.max_context
         max_prompt = min(limit, 512 if max_prompt is None else max_prompt)
-        return self._call(lambda: self._warmup(max_prompt, max_new_tokens, progress, bursts))
+        threads = compile_threads_of(compile_threads)
+        return self._call(lambda: self._warmup(max_prompt, max_new_tokens, progress, bursts, threads))
 
     def _warm_shapes(self, max_prompt: int, max_new_tokens: int,
                      bursts: int = 1) -> list[tuple[tuple, bool, frozenset[int]]]:
@@ -643,36 +652,69 @@ class Engine:
             prev, T = T, _prompt_bucket(T + 1)
         return shapes
 
-    def _warmup(self, max_prompt: int, max_new_tokens: int, progress, bursts: int = 1) -> dict[str, Any]:
+    def _warmup(self, max_prompt: int, max_new_tokens: int, progress, bursts: int = 1,
+                threads: int = 0) -> dict[str, Any]:
         t0, c0 = time.perf_counter(), dict(self.compiles)
         shapes = self._warm_shapes(max_prompt, max_new_tokens, bursts)
         page, params = self.kv.page_tokens, [SamplingParams()]
         prepared, sampled = set(), set()
-        for n, (groups, as_is, gathered) in enumerate(shapes):
-            if groups[0][1] == 1 and len(groups) == 1 and groups[0][0] not in prepared:
-                self._prepare_decode(groups[0][0])             # as _step does before a decode-only step
-                prepared.add(groups[0][0])
-            self._set_phase("warmup")
-            gs = []
-            for k, (B, T, W) in enumerate(groups):            # padding rows: pages past the pool, nothing valid
-                form = "absorbed" if (T == 1 and k == 0) else self.prefill_form
-                gs.append(Group(np.zeros((B, T), np.int32), np.full((B, T), W * page, np.int32),
-                                np.full((B, W), self.kv.pages, np.int32), np.zeros((B, T), bool),
-                                np.zeros(B, np.int32), form))
-            for logits in self._warm_forward(gs):
-                lgs = tuple(logits)                            # the sampler's programs, as _advance calls them
-                key = tuple(x.shape for x in lgs)
-                if as_is and (key, 0) not in sampled:
-                    sampled.add((key, 0))
-                    choose(lgs[0], params, [0], [0])
-                for M in sorted(gathered):
-                    if (key, M) not in sampled:
-                        sampled.add((key, M))
-                        choose(_select_rows(lgs, np.zeros(M, np.int32)), params, [0], [0])
-            if progress is not None:
-                progress(n + 1, len(shapes))
-        return {"steps": len(shapes), "programs": self.compiles["programs"] - c0["programs"],
-                "seconds": self.compiles["seconds"] - c0["seconds"], "wall_s": time.perf_counter() - t0}
+        # The call sites a step notes (attention: the most programs and most of the compile time) are handed to
+        # `threads` compile threads for every later step's groups, in step order, while this thread runs the steps
+        # (and compiles the other programs); a step waits for its own when it gets there.
+        forms = [[(B, T, W, "absorbed" if (T == 1 and k == 0) else self.prefill_form)
+                  for k, (B, T, W) in enumerate(groups)] for groups, _, _ in shapes]
+        pool = self._warm_pool = CompileAhead("dsjax-warmup-compile", threads) if threads else None
+        handed: set = set()
+        try:
+            if pool is not None:                                   # sites noted before (an engine that ran)
+                handed = self._hand_sites(pool, forms, handed)
+            for n, (groups, as_is, gathered) in enumerate(shapes):
+                if groups[0][1] == 1 and len(groups) == 1 and groups[0][0] not in prepared:
+                    self._prepare_decode(groups[0][0])             # as _step does before a decode-only step
+                    prepared.add(groups[0][0])
+                self._set_phase("warmup")
+                gs = []
+                for k, (B, T, W) in enumerate(groups):            # padding rows: pages past the pool, nothing valid
+                    gs.append(Group(np.zeros((B, T), np.int32), np.full((B, T), W * page, np.int32),
+                                    np.full((B, W), self.kv.pages, np.int32), np.zeros((B, T), bool),
+                                    np.zeros(B, np.int32), forms[n][k][3]))
+                for logits in self._warm_forward(gs):
+                    lgs = tuple(logits)                            # the sampler's programs, as _advance calls them
+                    key = tuple(x.shape for x in lgs)
+                    if as_is and (key, 0) not in sampled:
+                        sampled.add((key, 0))
+                        choose(lgs[0], params, [0], [0])
+                    for M in sorted(gathered):
+                        if (key, M) not in sampled:
+                            sampled.add((key, M))
+                            choose(_select_rows(lgs, np.zeros(M, np.int32)), params, [0], [0])
+                if pool is not None:
+                    handed = self._hand_sites(pool, forms[n + 1:], handed)
+                if progress is not None:
+                    progress(n + 1, len(shapes))
+        finally:
+            self._warm_pool = None
+            if pool is not None:
+                pool.close()
+        done = pool.stats() if pool is not None else {"compiled": 0, "seconds": 0.0, "waited_s": 0.0}
+        return {"steps": len(shapes), "programs": self.compiles["programs"] - c0["programs"] + done["compiled"],
+                "seconds": self.compiles["seconds"] - c0["seconds"] + done["seconds"],
+                "wall_s": time.perf_counter() - t0, "threads": threads,
+                "engine_thread": {"programs": self.compiles["programs"] - c0["programs"],
+                                  "seconds": self.compiles["seconds"] - c0["seconds"]},
+                "compile_threads": {"programs": done["compiled"], "seconds": done["seconds"],
+                                    "waited_s": done["waited_s"]}}
+
+    def _hand_sites(self, pool: CompileAhead, later: list[list[tuple]], handed: set) -> set:
+        """Hand the call sites noted since `handed` to the warm-up's compile threads for every group (B, T, W, form)
+        of the `later` steps, in their order; returns the sites handed so far."""
+        new = [site for site in self._sites if site not in handed]
+        for groups in later:
+            for B, T, W, form in groups:
+                for site in new:
+                    if site[2] == form:                        # (what, kind, form, ...)
+                        pool.submit(site + (B, T, W), self._lower_site(site, B, T, W))
+        return handed | set(new)
 
     def _warm_forward(self, groups: list[Group]) -> list[list[jax.Array]]:
         """The forward(s) of a warm-up step: each path a step of these shapes may take (here: the one)."""

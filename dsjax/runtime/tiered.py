@@ -379,8 +379,8 @@ class TieredEngine(Engine):
         self._step_rows = int(valid_flat.sum()) if all(g.tokens.shape[1] == 1 for g in groups) else 0
         routed = {}                                      # MoE layers whose experts all sit on the GPU: routing ids
         shapes = tuple(g.tokens.shape for g in groups)
-        # decode call sites noted this step (compile ahead; None: off)
-        noted: set | None = set() if self.compile_ahead is not None else None
+        # call sites noted this step (compile ahead, the warm-up's compile pool; None: neither)
+        noted: set | None = set() if self._ahead() is not None else None
         for i in range(cfg.num_hidden_layers):
             t0 = time.perf_counter()
             kind = cfg.layer_kind(i)
@@ -406,9 +406,9 @@ class TieredEngine(Engine):
             outs = []
             with m.host("dispatch"):
                 for k, g in enumerate(groups):
-                    if noted is not None and g.tokens.shape[1] == 1 and (kind, k) not in noted:   # once per kind
+                    if noted is not None and (kind, k) not in noted:   # once per kind and group
                         noted.add((kind, k))
-                        self._note_decode_call(
+                        self._note_call(
                             ("attn", kind, g.form, len(routers)),
                             lambda w_, x_, c_, p_, v_, r_, pages, kind=kind, form=g.form: self.sched.attn.lower(
                                 w_, x_, c_, p_, pages, v_, r_, kind=kind, form=form),

@@ -25,6 +25,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.warmup_bursts < 1:
         print(f"dsjax: error: --warmup-bursts {args.warmup_bursts} must be >= 1 (1: a prompt alone)", file=sys.stderr)
         return 2
+    if args.warmup_threads is not None and args.warmup_threads < 0:
+        print(f"dsjax: error: --warmup-threads {args.warmup_threads} must be >= 0 (0: every program on the engine "
+              "thread)", file=sys.stderr)
+        return 2
     import jax
 
     import dsjax
@@ -50,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("[dsjax serve] no warm-up over several processes (not built): programs compile on first use",
               file=sys.stderr, flush=True)
     elif warm > 0:
-        _warmup(engine, warm, args.warmup_tokens, args.warmup_bursts)
+        _warmup(engine, warm, args.warmup_tokens, args.warmup_bursts, args.warmup_threads)
     name = args.served_model_name or os.path.basename(os.path.normpath(path))
     app = create_app(engine, served_model_name=name, api_key=args.api_key or os.environ.get("DSJAX_API_KEY") or None,
                      max_queue=args.max_queue, request_timeout=args.request_timeout or None)
@@ -63,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warmup(engine, max_prompt: int, max_new_tokens: int, bursts: int = 1) -> None:
+def _warmup(engine, max_prompt: int, max_new_tokens: int, bursts: int = 1, threads: int | None = None) -> None:
     """Compile the step shapes of requests up to these lengths before the server answers (Engine.warmup)."""
     import time
     t0, last = time.perf_counter(), [0.0]
@@ -76,12 +80,15 @@ def _warmup(engine, max_prompt: int, max_new_tokens: int, bursts: int = 1) -> No
             left = f", ~{spent / done * (total - done):.0f} s left at this rate" if done < total else ""
             print(f"[dsjax serve] warm-up: {done}/{total} step shapes compiled ({spent:.0f} s{left})", file=sys.stderr,
                   flush=True)
-    r = engine.warmup(max_prompt=max_prompt, max_new_tokens=max_new_tokens, progress=progress, bursts=bursts)
+    r = engine.warmup(max_prompt=max_prompt, max_new_tokens=max_new_tokens, progress=progress, bursts=bursts,
+                      compile_threads=threads)
+    on_pool = (f" ({r['compile_threads']['programs']} of them on {r['threads']} compile threads)"
+               if r["threads"] else "")
     print(f"[dsjax serve] warm-up done: prompts up to {min(max_prompt, engine.max_context)} tokens, outputs up to "
           f"{max_new_tokens}{f', up to {bursts} prompts arriving at once' if bursts > 1 else ''}: {r['steps']} step "
-          f"shapes, {r['programs']} programs, {r['seconds']:.1f} s compiling, {r['wall_s']:.1f} s in all (longer "
-          "requests, larger bursts, and top_k / top_p / logprobs sampling, compile on first use)", file=sys.stderr,
-          flush=True)
+          f"shapes, {r['programs']} programs{on_pool}, {r['seconds']:.1f} s compiling, {r['wall_s']:.1f} s in all "
+          "(longer requests, larger bursts, and top_k / top_p / logprobs sampling, compile on first use)",
+          file=sys.stderr, flush=True)
 
 
 def add_parser(subparsers) -> None:
@@ -119,6 +126,10 @@ def add_parser(subparsers) -> None:
     s.add_argument("--warmup-bursts", type=int, default=1, metavar="N",
                    help="... and of up to N prompts arriving at once at an idle server, prefilled in one step (default "
                    "1: a prompt alone; each count bucket up to N adds a shape per prompt bucket to the warm-up)")
+    s.add_argument("--warmup-threads", type=int, default=None, metavar="N",
+                   help="threads compiling the warm-up's attention programs beside the engine thread (0: none; "
+                   "default: one per CPU but one, at most 8, on the CPU backend; 0 on a GPU, where side-by-side "
+                   "compiles may disturb XLA's kernel autotuning: not measured yet)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default info: one line per request)")
     from dsjax.cli import add_device_args
