@@ -22,6 +22,7 @@ from dsjax.runtime.engine import Engine
 from dsjax.store.reader import Store
 
 PROMPT = [5, 17, 33, 2, 9]
+LONG = 253                  # PROMPT + LONG - 1 = 257 positions written: 5 pages of 64
 
 
 class CompileLog:
@@ -75,10 +76,10 @@ def _check(engine: Engine, fun: str, decode_shapes: tuple):
     4-wide page table): its decode shape is new and must come from the compile thread."""
     engine.generate([PROMPT], max_new_tokens=3)
     with CompileLog() as log:
-        out = engine.generate([PROMPT], max_new_tokens=140)
+        out = engine.generate([PROMPT], max_new_tokens=LONG)
     assert out[0].token_ids           # (it may stop early: the pages are reserved for prompt + max_new_tokens)
     ahead = engine.stats()["steps"]["compile_ahead"]
-    # the decode shape [1 row, 4 pages] was lowered on the compile thread, never on the engine thread
+    # the decode shape [1 row, 8 pages] was lowered on the compile thread, never on the engine thread
     assert log.lowered_on("dsjax-compile-ahead", fun, *decode_shapes), log.lowered
     assert not log.lowered_on("dsjax-engine", fun, *decode_shapes), log.lowered
     assert ahead["compiled"] >= 1 and ahead["failed"] == 0
@@ -95,10 +96,10 @@ def test_in_memory_engine_decodes_a_new_shape_compiled_ahead(store):
     weights = st.load_weights(np.float32, "device")
     engine = Engine(st.config, weights, max_batch_size=3, max_context=320, name="shakespeare", compile_ahead="on")
     try:
-        out = _check(engine, "layer_step", ((1, 1), (1, 4)))       # positions [1, 1], page table [1, 4]
+        out = _check(engine, "layer_step", ((1, 1), (1, 8)))       # positions [1, 1], page table [1, 8]
         ref = Engine(st.config, weights, max_batch_size=3, max_context=320, compile_ahead=False)
         try:     # the same tokens without compile ahead
-            assert ref.generate([PROMPT], max_new_tokens=140)[0].token_ids == out[0].token_ids
+            assert ref.generate([PROMPT], max_new_tokens=LONG)[0].token_ids == out[0].token_ids
             assert "compile_ahead" not in ref.stats()["steps"]
         finally:
             ref.close()
@@ -112,7 +113,7 @@ def test_tiered_engine_decodes_a_new_shape_compiled_ahead(store):
     engine = dsjax.load(store, gpu_memory=int(b["gpu_memory"] * 1.5), host_memory="2GB", cpu_experts="off",
                         max_batch_size=3, max_context=320, compile_ahead="on")
     try:
-        _check(engine, "_attn", ((1, 1), (1, 4)))
+        _check(engine, "_attn", ((1, 1), (1, 8)))
     finally:
         engine.close()
 

@@ -172,3 +172,27 @@ def test_warmup_covers_prompts_arriving_together_up_to_its_bursts(store):
             e.warmup(max_prompt=8, compile_threads=-1)
     finally:
         e.close()
+
+
+def test_page_tables_are_at_least_min_table_tokens_wide_and_the_tokens_do_not_depend_on_it(store):
+    """A short request's steps run with page tables MIN_TABLE_TOKENS wide (4 pages: one shape where widths 1, 2 and 4
+    were three); the pages past its own are padding that attention masks, so its tokens equal those of an engine whose
+    tables follow each request's pages (min_table_tokens=64)."""
+    from dsjax.runtime.engine import MIN_TABLE_TOKENS, Engine
+    from dsjax.runtime.kv_pool import PAGE_TOKENS
+    from dsjax.store.reader import Store
+    assert MIN_TABLE_TOKENS == 4 * PAGE_TOKENS
+    st = Store(store)
+    weights = st.load_weights(np.float32, "device")
+    got = {}
+    for floor in (MIN_TABLE_TOKENS, PAGE_TOKENS):
+        e = Engine(st.config, weights, max_batch_size=2, max_context=312, step_tokens=64, min_table_tokens=floor)
+        try:
+            with Lowerings("dsjax-engine") as log:
+                got[floor] = [g.token_ids for g in e.generate([PROMPTS[3][0], PROMPTS[1][0]], max_new_tokens=6,
+                                                              stop_token_ids=())]
+            tables = {shapes[-1] for name, shapes in log.lowered if name == "jit(layer_step)"}
+            assert tables == ({(2, 4)} if floor == MIN_TABLE_TOKENS else {(2, 1)}), tables
+        finally:
+            e.close()
+    assert got[MIN_TABLE_TOKENS] == got[PAGE_TOKENS] and all(len(t) == 6 for t in got[PAGE_TOKENS])

@@ -56,6 +56,10 @@ from dsjax.runtime.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 DEFAULT_CONTEXT = 4096          # max_context when neither the caller nor the model's config says less
+# A row's page table is at least this many tokens wide (bucketed widths below it would be one more compiled shape of
+# every attention program each, for a few KB of KV read per row and layer: at the default warm-up, 512-token prompts
+# and 128-token outputs at max_batch_size 32, it drops widths 1 and 2 of 1-16 pages)
+MIN_TABLE_TOKENS = 4 * PAGE_TOKENS
 SEED_LIMIT = 2**64
 
 __all__ = ["Engine", "Generation", "PromptError", "TokenEvent", "RequestHandle"]
@@ -174,7 +178,7 @@ class Engine:
                  prefill_form: MlaForm = "naive", name: str = "", dtype=None, enable_fusion: bool = False,
                  max_batch_size: int = 32, min_batch_size: int = 1, dynamic_batch: bool = True,
                  max_context: int | None = None, step_tokens: int = 1024, kv_pages: int | None = None,
-                 device=None, mm=None, compile_ahead: bool | str = "off"):
+                 device=None, mm=None, compile_ahead: bool | str = "off", min_table_tokens: int = MIN_TABLE_TOKENS):
         self.config = cfg
         self.enable_fusion = enable_fusion      # FP4 weights through the fused kernels (GPU); else the references
         self.weights = weights
@@ -199,6 +203,8 @@ class Engine:
             raise PromptError(f"the KV pool holds {self.kv.capacity_tokens} tokens, less than one request of "
                               f"max_context={limit}; lower max_context or give the pool more memory")
         self.scheduler = Scheduler(max_batch_size, step_tokens)
+        # page tables are at least this many pages wide (a power of two, at most a max_context request's)
+        self.min_width = pow2_bucket(max(1, self.kv.pages_for(min(min_table_tokens, limit))))
         # the decode shape admitted requests lead to, compiled on a thread of its own (compile_ahead.py; None: off)
         self.compile_ahead = CompileAhead() if enabled(compile_ahead) else None
         self._warm_pool: CompileAhead | None = None     # warmup's compile threads, while it runs
@@ -300,7 +306,7 @@ class Engine:
         if self.compile_ahead is None or self._warm_pool is not None or not self._sites or not self._running:
             return
         B = self._batch_rows(len(self._running))
-        W = pow2_bucket(max(len(r.pages) for r in self._running))
+        W = self._width(max(len(r.pages) for r in self._running))
         for key in self._sites:
             if key[2] == "absorbed":                       # the decode rows' form (key: (what, kind, form, ...))
                 self.compile_ahead.submit(key + (B, 1, W), self._lower_site(key, B, 1, W))
@@ -617,8 +623,9 @@ class Engine:
         page, sched = self.kv.page_tokens, self.scheduler
         pages = lambda n: -(-n // page)                                                    # noqa: E731
         upto = lambda n: [1 << k for k in range(pow2_bucket(n).bit_length())]             # noqa: E731
-        widths = upto(pages(min(max_prompt + max_new_tokens - 1, self.max_context)))     # a reservation's table
-        chunk_widths = upto(pages(max_prompt))                                             # a chunk's, to its end
+        tables = lambda n: sorted({self._width(w) for w in upto(n)})                       # noqa: E731
+        widths = tables(pages(min(max_prompt + max_new_tokens - 1, self.max_context)))   # a reservation's table
+        chunk_widths = tables(pages(max_prompt))                                           # a chunk's, to its end
         running = {}                                           # decode rows B -> the running counts padded to B
         for n in range(1, sched.max_running + 1):
             running.setdefault(self._batch_rows(n), []).append(n)
@@ -632,19 +639,21 @@ class Engine:
             shapes += [(((B, 1, W),), as_is, gathered) for W in widths]
 
         def mixed(B, Bc, W):                                   # decode rows + the prompts a chunk completes
-            return (((B, 1, 1), (Bc, C, W)), False, frozenset(pow2_bucket(n + d) for n in running[B]
-                                                               for d in range(1, Bc + 1)))
+            # (each group's attention is its own program: the decode rows' are the decode-alone shapes', so they
+            # take the narrowest table here; the chunk's widths and the groups' rows together are what is new)
+            return (((B, 1, widths[0]), (Bc, C, W)), False, frozenset(pow2_bucket(n + d) for n in running[B]
+                                                                      for d in range(1, Bc + 1)))
         for Bc in chunk_rows:                                  # decode beside prompt chunks
             shapes += [mixed(batches[0], Bc, W) for W in chunk_widths]
-            shapes += [mixed(B, Bc, 1) for B in batches[1:]]
+            shapes += [mixed(B, Bc, chunk_widths[0]) for B in batches[1:]]
         T, prev = 16, 0                      # a prompt alone, whole (or its rest, after chunks): each bucket and width
         while True:
-            ws = [W for W in chunk_widths if W >= pow2_bucket(pages(min(prev + 1, max_prompt)))]
+            ws = [W for W in chunk_widths if W >= self._width(pages(min(prev + 1, max_prompt)))]
             shapes += [(((1, T, W),), True, frozenset()) for W in ws]
             # several new prompts at once, nobody decoding (_groups: count padded to a power of two, whole prompts from
             # position 0, so the width follows the longest one's length, which lies in (prev, T]); _advance samples
             # all their rows as they are (every prompt completes)
-            firsts = sorted({pow2_bucket(pages(min(n, max_prompt))) for n in range(prev + 1, T + 1)})
+            firsts = sorted({self._width(pages(min(n, max_prompt))) for n in range(prev + 1, T + 1)})
             for B in upto(min(bursts, sched.max_running))[1:]:      # 2, 4, ... (one prompt is the shapes above)
                 shapes += [(((B, T, W),), True, frozenset()) for W in firsts]
             if T >= max_prompt:
@@ -833,6 +842,10 @@ class Engine:
         size = min(max(pow2_bucket(n), b["min"]), b["max"]) if b["dynamic"] else b["max"]
         return max(size, n, b["min"])
 
+    def _width(self, pages: int) -> int:
+        """The page-table width of a group whose widest row needs `pages` pages: a power of two, >= min_width."""
+        return max(pow2_bucket(pages), self.min_width)
+
     def _groups(self, plan: StepPlan) -> list[Group]:
         page = self.kv.page_tokens
         groups = []
@@ -840,7 +853,7 @@ class Engine:
             reqs = plan.decode
             B = self._batch_rows(len(reqs))
             self.decode_batches.add(B)
-            W = pow2_bucket(max(len(r.pages) for r in reqs))
+            W = self._width(max(len(r.pages) for r in reqs))
             tokens = np.zeros((B, 1), np.int32)
             positions = np.full((B, 1), W * page, np.int32)
             pages = np.full((B, W), self.kv.pages, np.int32)
@@ -857,7 +870,7 @@ class Engine:
             # a chunk reads and writes positions before its end only: the pages through its end, not the request's
             # whole reservation (the width then follows the prompt, not max_tokens: fewer shapes to compile)
             need = [-(-(c.start + c.length) // page) for c in chunks]
-            W = pow2_bucket(max(need))
+            W = self._width(max(need))
             tokens = np.zeros((B, T), np.int32)
             positions = np.full((B, T), W * page, np.int32)
             pages = np.full((B, W), self.kv.pages, np.int32)
