@@ -196,3 +196,30 @@ def test_page_tables_are_at_least_min_table_tokens_wide_and_the_tokens_do_not_de
         finally:
             e.close()
     assert got[MIN_TABLE_TOKENS] == got[PAGE_TOKENS] and all(len(t) == 6 for t in got[PAGE_TOKENS])
+
+
+def test_warmup_covers_top_k_top_p_and_logprobs_unless_told_not_to(store):
+    """A server's first request with top_p (chat UIs send 0.9-0.95) or logprobs (lm-eval) compiles nothing on the
+    engine thread after warmup(); with sampling=False the same requests lower the sampler's other programs there (so
+    the check can fail)."""
+    from dsjax.runtime.engine import Engine
+    from dsjax.runtime.sampler import _choose
+    from dsjax.store.reader import Store
+    st = Store(store)
+    asks = [dict(temperature=0.8, top_p=0.9, seed=1), dict(temperature=1.0, top_k=5, seed=2), dict(logprobs=3),
+            dict(temperature=0.7, top_p=0.95, logprobs=1, seed=3)]
+    lowered = {}
+    for sampling in (False, True):
+        _choose.clear_cache()                 # programs an earlier test (or the loop's first engine) compiled
+        e = Engine(st.config, st.load_weights(np.float32, "device"), max_batch_size=2, max_context=40, step_tokens=64)
+        try:
+            e.warmup(max_prompt=16, max_new_tokens=4, compile_threads=0, sampling=sampling)
+            with Lowerings("dsjax-engine") as log:
+                for kw in asks:
+                    g = e.generate([PROMPTS[1][0][:12]], max_new_tokens=3, stop_token_ids=(), **kw)[0]
+                    assert len(g.token_ids) == 3
+            lowered[sampling] = log.names
+        finally:
+            e.close()
+    assert lowered[True] == [], f"compiled on the engine thread after warmup: {lowered[True]}"
+    assert lowered[False] and all(n.startswith("jit(_choose)") for n in lowered[False]), lowered[False]

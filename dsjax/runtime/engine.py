@@ -49,6 +49,7 @@ from dsjax.runtime.config import routing_report
 from dsjax.runtime.kv_pool import PAGE_TOKENS, KVPool
 from dsjax.runtime.requests import Generation, PromptError, Request, RequestHandle, TokenEvent
 from dsjax.runtime.sampler import MAX_LOGPROBS, choose
+from dsjax.runtime.sampler import VARIANTS as SAMPLER_VARIANTS
 from dsjax.runtime.sampling import SamplingParams
 from dsjax.runtime.scheduler import Scheduler, StepPlan
 from dsjax.runtime.tiers import pow2_bucket
@@ -577,7 +578,7 @@ class Engine:
 
     def warmup(self, max_prompt: int | None = None, max_new_tokens: int = 256,
                progress: Callable[[int, int], None] | None = None, *, bursts: int = 1,
-               compile_threads: int | None = None) -> dict[str, Any]:
+               compile_threads: int | None = None, sampling: bool = True) -> dict[str, Any]:
         """Compile now what requests of up to `max_prompt` prompt tokens (default: the context, at most 512) and
         `max_new_tokens` output tokens will meet, so that no compile lands in their steps: on the engine thread a
         compile stalls every running request (run 6, V3 slice on an H200: 36-73 s to a server's first tokens).
@@ -586,11 +587,13 @@ class Engine:
         requests lead to: decode rows (each batch bucket x each page-table width of their reservations), decode rows
         beside prompt chunks (chunk rows x widths, and each batch bucket beside each chunk-row count), a prompt alone
         (each prompt bucket x width: a new one, or the rest of one whose first chunks ran beside decoding rows), then
-        the sampler's programs for each row count. `bursts` > 1 also covers up to that many new prompts prefilled
+        the sampler's programs for each row count: plain (greedy or temperature), with top-k / top-p filters, each with
+        and without log-probabilities (`sampling=False`: plain only; the others then compile on a request's first
+        use). `bursts` > 1 also covers up to that many new prompts prefilled
         together with nobody decoding (requests arriving at once at an idle engine, a list given to generate(): each
         count bucket up to `bursts` x prompt bucket; one prompt alone is always covered). Not covered: the rests of
-        several prompts prefilled together after the running streams ended, and sampling with top_k / top_p /
-        logprobs; those compile on first use. Safe while requests run (its steps go between theirs).
+        several prompts prefilled together after the running streams ended; those compile on first use. Safe while
+        requests run (its steps go between theirs).
 
         `compile_threads` threads (0: none; default: on the CPU backend one per CPU but the engine thread's, at most
         8, and 0 on a GPU until measured there: compile_ahead.compile_threads) compile the attention programs of the
@@ -614,7 +617,7 @@ class Engine:
         limit = self.max_context
         max_prompt = min(limit, 512 if max_prompt is None else max_prompt)
         threads = compile_threads_of(compile_threads)
-        return self._call(lambda: self._warmup(max_prompt, max_new_tokens, progress, bursts, threads))
+        return self._call(lambda: self._warmup(max_prompt, max_new_tokens, progress, bursts, threads, sampling))
 
     def _warm_shapes(self, max_prompt: int, max_new_tokens: int,
                      bursts: int = 1) -> list[tuple[tuple, bool, frozenset[int]]]:
@@ -662,10 +665,11 @@ class Engine:
         return shapes
 
     def _warmup(self, max_prompt: int, max_new_tokens: int, progress, bursts: int = 1,
-                threads: int = 0) -> dict[str, Any]:
+                threads: int = 0, sampling: bool = True) -> dict[str, Any]:
         t0, c0 = time.perf_counter(), dict(self.compiles)
         shapes = self._warm_shapes(max_prompt, max_new_tokens, bursts)
-        page, params = self.kv.page_tokens, [SamplingParams()]
+        page = self.kv.page_tokens
+        variants = SAMPLER_VARIANTS if sampling else SAMPLER_VARIANTS[:1]
         prepared, sampled = set(), set()
         # The call sites a step notes (attention: the most programs and most of the compile time) are handed to
         # `threads` compile threads for every later step's groups, in step order, while this thread runs the steps
@@ -692,11 +696,14 @@ class Engine:
                     key = tuple(x.shape for x in lgs)
                     if as_is and (key, 0) not in sampled:
                         sampled.add((key, 0))
-                        choose(lgs[0], params, [0], [0])
+                        for params, lp in variants:
+                            choose(lgs[0], [params], [0], [0], [lp])
                     for M in sorted(gathered):
                         if (key, M) not in sampled:
                             sampled.add((key, M))
-                            choose(_select_rows(lgs, np.zeros(M, np.int32)), params, [0], [0])
+                            rows = _select_rows(lgs, np.zeros(M, np.int32))
+                            for params, lp in variants:
+                                choose(rows, [params], [0], [0], [lp])
                 if pool is not None:
                     handed = self._hand_sites(pool, forms[n + 1:], handed)
                 if progress is not None:

@@ -32,38 +32,39 @@ class Choice:
     top_logprobs: np.ndarray | None = None
 
 
-def _logprob_bucket(n: int) -> int:
-    return 0 if n <= 0 else (1 if n == 1 else (5 if n <= 5 else MAX_LOGPROBS))
-
-
-@functools.partial(jax.jit, static_argnames=("use_top_k", "use_top_p", "n_logprobs"))
-def _choose(logits, key_data, index, temperature, top_p, top_k, greedy, *, use_top_k: bool, use_top_p: bool,
-            n_logprobs: int):
-    # logits [N, V] (or [N, 1, V]) float32; key_data [N, 2] uint32 (a threefry key per row's seed); index [N] int32
+@functools.partial(jax.jit, static_argnames=("filtered", "logprobs"))
+def _choose(logits, key_data, index, temperature, top_p, top_k, greedy, *, filtered: bool, logprobs: bool):
+    # logits [N, V] (or [N, 1, V]) float32; key_data [N, 2] uint32 (a threefry key per row's seed); index [N] int32.
+    # Four programs per row count: with or without the top-k / top-p filter (each row applies its own, top_k 0 and
+    # top_p 1 leave a row as it is: exactly, so one program serves every mix of rows), with or without the top
+    # MAX_LOGPROBS log-probabilities (a request asking for fewer takes the first ones).
     logits = logits.reshape(logits.shape[0], -1)
     V = logits.shape[-1]
     keys = jax.vmap(lambda k, i: jax.random.fold_in(jax.random.wrap_key_data(k), i))(key_data, index)
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    if use_top_k or use_top_p:
+    if filtered:
         order = jnp.argsort(-scaled, axis=-1)                                   # [N, V] descending
         srt = jnp.take_along_axis(scaled, order, axis=-1)
         rank = jnp.arange(V)[None, :]
-        if use_top_k:                                       # top_k 0 = off; ties with the k-th value are kept
-            k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-            kth = jnp.take_along_axis(srt, (k - 1)[:, None], axis=-1)
-            srt = jnp.where((rank >= k[:, None]) & (srt < kth), -jnp.inf, srt)
-        if use_top_p:                                       # mass strictly above a token >= top_p drops it
-            probs = jax.nn.softmax(srt, axis=-1)
-            before = jnp.cumsum(probs, axis=-1) - probs
-            srt = jnp.where(before >= top_p[:, None], -jnp.inf, srt)       # always keeps the most likely token
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)  # top_k 0 = off; ties with the k-th value are kept
+        kth = jnp.take_along_axis(srt, (k - 1)[:, None], axis=-1)
+        srt = jnp.where((rank >= k[:, None]) & (srt < kth), -jnp.inf, srt)
+        probs = jax.nn.softmax(srt, axis=-1)                # mass strictly above a token >= top_p drops it
+        before = jnp.cumsum(probs, axis=-1) - probs         # (always keeps the most likely token; top_p 1 = off,
+        srt = jnp.where((top_p[:, None] < 1.0) & (before >= top_p[:, None]), -jnp.inf, srt)   # rounding aside)
         scaled = jnp.full_like(scaled, -jnp.inf).at[jnp.arange(scaled.shape[0])[:, None], order].set(srt)
     sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), sampled)
-    if not n_logprobs:
+    if not logprobs:
         return tokens, None, None, None
     logp = jax.nn.log_softmax(logits, axis=-1)
-    top_lp, top_ids = jax.lax.top_k(logp, n_logprobs)
+    top_lp, top_ids = jax.lax.top_k(logp, min(MAX_LOGPROBS, V))
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0], top_ids, top_lp
+
+
+# One request of each of _choose's programs (parameters, logprobs): what Engine.warmup compiles for each row count.
+VARIANTS = ((SamplingParams(), 0), (SamplingParams(temperature=1.0, top_p=0.5, top_k=2), 0),
+            (SamplingParams(), 1), (SamplingParams(temperature=1.0, top_p=0.5, top_k=2), 1))
 
 
 def seed_key_data(seed: int) -> np.ndarray:
@@ -83,11 +84,10 @@ def choose(logits: jax.Array, params: list[SamplingParams], seeds: list[int], in
     top_k = np.array([p.top_k for p in params] + [0] * pad, np.int32)
     keys = np.stack([seed_key_data(s) for s in seeds] + [seed_key_data(0)] * pad)
     idx = np.asarray(list(index) + [0] * pad, np.int32)
-    nlp = _logprob_bucket(max(logprobs or [0]))
-    tokens, lp, top_ids, top_lp = _choose(logits, keys, idx, temp, top_p, top_k, temp == 0.0,
-                                          use_top_k=bool((top_k[:n] > 0).any() and (temp[:n] > 0).any()),
-                                          use_top_p=bool((top_p[:n] < 1.0).any() and (temp[:n] > 0).any()),
-                                          n_logprobs=nlp)
+    filtered = bool((((top_k[:n] > 0) | (top_p[:n] < 1.0)) & (temp[:n] > 0)).any())
+    nlp = bool(max(logprobs or [0]) > 0)
+    tokens, lp, top_ids, top_lp = _choose(logits, keys, idx, temp, top_p, top_k, temp == 0.0, filtered=filtered,
+                                          logprobs=nlp)
     if not nlp:
         return Choice(np.asarray(tokens))
     return Choice(np.asarray(tokens), np.asarray(lp), np.asarray(top_ids), np.asarray(top_lp))

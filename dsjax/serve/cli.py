@@ -87,7 +87,7 @@ def _warmup(engine, max_prompt: int, max_new_tokens: int, bursts: int = 1, threa
     print(f"[dsjax serve] warm-up done: prompts up to {min(max_prompt, engine.max_context)} tokens, outputs up to "
           f"{max_new_tokens}{f', up to {bursts} prompts arriving at once' if bursts > 1 else ''}: {r['steps']} step "
           f"shapes, {r['programs']} programs{on_pool}, {r['seconds']:.1f} s compiling, {r['wall_s']:.1f} s in all "
-          "(longer requests, larger bursts, and top_k / top_p / logprobs sampling, compile on first use)",
+          "(longer requests and larger bursts compile on first use)",
           file=sys.stderr, flush=True)
 
 
