@@ -90,9 +90,10 @@ def test_warmed_engine_compiles_nothing_for_requests_within_its_lengths_and_give
         with Lowerings("dsjax-engine") as wlog, Lowerings("dsjax-warmup-compile") as plog:
             r = warm.warmup(max_prompt=MAX_PROMPT, max_new_tokens=MAX_NEW, compile_threads=2)
         assert r["engine_thread"]["programs"] == len(wlog.names) > 0 and r["steps"] > 0 and r["seconds"] > 0
-        # the compile threads took the attention programs of the later steps; each program was lowered once
+        # the compile threads took the attention programs of the later steps and the sampler's; each program was
+        # lowered once
         assert r["threads"] == 2 and r["compile_threads"]["programs"] == len(plog.names) > 0
-        assert {n.split(" ")[0] for n in plog.names} == {"jit(_attn)"}, plog.names
+        assert {n.split(" ")[0] for n in plog.names} == {"jit(_attn)", "jit(_choose)"}, plog.names
         assert r["programs"] == len(wlog.names) + len(plog.names)
         assert not set(wlog.names) & set(plog.names), set(wlog.names) & set(plog.names)
         # both ways a tiered step runs a layer's experts, for every rows shape: in one call with the combine
@@ -209,17 +210,18 @@ def test_warmup_covers_top_k_top_p_and_logprobs_unless_told_not_to(store):
     asks = [dict(temperature=0.8, top_p=0.9, seed=1), dict(temperature=1.0, top_k=5, seed=2), dict(logprobs=3),
             dict(temperature=0.7, top_p=0.95, logprobs=1, seed=3)]
     lowered = {}
-    for sampling in (False, True):
+    for sampling, threads in ((False, 0), (True, 0), (True, 2)):      # 2: the sampler's programs on compile threads
         _choose.clear_cache()                 # programs an earlier test (or the loop's first engine) compiled
         e = Engine(st.config, st.load_weights(np.float32, "device"), max_batch_size=2, max_context=40, step_tokens=64)
         try:
-            e.warmup(max_prompt=16, max_new_tokens=4, compile_threads=0, sampling=sampling)
+            e.warmup(max_prompt=16, max_new_tokens=4, compile_threads=threads, sampling=sampling)
             with Lowerings("dsjax-engine") as log:
                 for kw in asks:
                     g = e.generate([PROMPTS[1][0][:12]], max_new_tokens=3, stop_token_ids=(), **kw)[0]
                     assert len(g.token_ids) == 3
-            lowered[sampling] = log.names
+            lowered[sampling, threads] = log.names
         finally:
             e.close()
-    assert lowered[True] == [], f"compiled on the engine thread after warmup: {lowered[True]}"
-    assert lowered[False] and all(n.startswith("jit(_choose)") for n in lowered[False]), lowered[False]
+    for threads in (0, 2):
+        assert lowered[True, threads] == [], f"compiled on the engine thread after warmup: {lowered[True, threads]}"
+    assert lowered[False, 0] and all(n.startswith("jit(_choose)") for n in lowered[False, 0]), lowered[False, 0]

@@ -48,7 +48,7 @@ from dsjax.runtime.compile_ahead import start_thread as _start_thread
 from dsjax.runtime.config import routing_report
 from dsjax.runtime.kv_pool import PAGE_TOKENS, KVPool
 from dsjax.runtime.requests import Generation, PromptError, Request, RequestHandle, TokenEvent
-from dsjax.runtime.sampler import MAX_LOGPROBS, choose
+from dsjax.runtime.sampler import MAX_LOGPROBS, choose, lower_variant
 from dsjax.runtime.sampler import VARIANTS as SAMPLER_VARIANTS
 from dsjax.runtime.sampling import SamplingParams
 from dsjax.runtime.scheduler import Scheduler, StepPlan
@@ -598,8 +598,8 @@ class Engine:
         `compile_threads` threads (0: none; default: on the CPU backend one per CPU but the engine thread's, at most
         8, and 0 on a GPU until measured there: compile_ahead.compile_threads) compile the attention programs of the
         later steps (the call sites a step notes, lowered for every later step's rows, tokens
-        and page width; on the CPU backend 62% of the warm-up's compile time) while this engine's thread runs the steps
-        and compiles the rest.
+        and page width; on the CPU backend 62% of the warm-up's compile time) and the sampler's programs while this
+        engine's thread runs the steps and compiles the rest.
         Returns {"steps", "programs" (compiled or loaded from the persistent cache, on any thread), "seconds" (spent on
         them, summed over threads), "wall_s", "threads", and "engine_thread" / "compile_threads": their programs and
         seconds (and the seconds the engine thread waited for the compile threads)}.
@@ -678,6 +678,16 @@ class Engine:
                   for k, (B, T, W) in enumerate(groups)] for groups, _, _ in shapes]
         pool = self._warm_pool = CompileAhead("dsjax-warmup-compile", threads) if threads else None
         handed: set = set()
+        on_pool: list = []                 # the sampler's programs handed to the compile threads
+
+        def sample(logits):                # the sampler's programs for these logits (no step needs their tokens)
+            for v in variants:
+                if pool is None:
+                    choose(logits, [v[0]], [0], [0], [v[1]])
+                else:
+                    key = ("choose", logits.shape, str(logits.dtype), v)
+                    if pool.submit(key, lower_variant(abstract(logits), v)):
+                        on_pool.append(key)
         try:
             if pool is not None:                                   # sites noted before (an engine that ran)
                 handed = self._hand_sites(pool, forms, handed)
@@ -696,18 +706,17 @@ class Engine:
                     key = tuple(x.shape for x in lgs)
                     if as_is and (key, 0) not in sampled:
                         sampled.add((key, 0))
-                        for params, lp in variants:
-                            choose(lgs[0], [params], [0], [0], [lp])
+                        sample(lgs[0])
                     for M in sorted(gathered):
                         if (key, M) not in sampled:
                             sampled.add((key, M))
-                            rows = _select_rows(lgs, np.zeros(M, np.int32))
-                            for params, lp in variants:
-                                choose(rows, [params], [0], [0], [lp])
+                            sample(_select_rows(lgs, np.zeros(M, np.int32)))
                 if pool is not None:
                     handed = self._hand_sites(pool, forms[n + 1:], handed)
                 if progress is not None:
                     progress(n + 1, len(shapes))
+            for key in on_pool:                                    # closing the pool would drop what is queued
+                pool.wait_for(key)
         finally:
             self._warm_pool = None
             if pool is not None:

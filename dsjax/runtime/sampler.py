@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -72,11 +74,9 @@ def seed_key_data(seed: int) -> np.ndarray:
     return np.array([(seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF], np.uint32)
 
 
-def choose(logits: jax.Array, params: list[SamplingParams], seeds: list[int], index: list[int],
-           logprobs: list[int] | None = None) -> Choice:
-    """Tokens for logits [N, V]: row n follows params[n] with the key of (seeds[n], index[n]); rows past len(params)
-    are padding (sampled greedily, ignored). `logprobs[n]` > 0 asks for that many top alternatives."""
-    N = logits.shape[0]
+def _arguments(N: int, params: list[SamplingParams], seeds: list[int], index: list[int],
+               logprobs: list[int] | None) -> tuple[tuple, dict]:
+    """_choose's arguments after the logits for N rows (rows past len(params) are padding), and its static ones."""
     n = len(params)
     pad = N - n
     temp = np.array([p.temperature for p in params] + [0.0] * pad, np.float32)
@@ -85,9 +85,23 @@ def choose(logits: jax.Array, params: list[SamplingParams], seeds: list[int], in
     keys = np.stack([seed_key_data(s) for s in seeds] + [seed_key_data(0)] * pad)
     idx = np.asarray(list(index) + [0] * pad, np.int32)
     filtered = bool((((top_k[:n] > 0) | (top_p[:n] < 1.0)) & (temp[:n] > 0)).any())
-    nlp = bool(max(logprobs or [0]) > 0)
-    tokens, lp, top_ids, top_lp = _choose(logits, keys, idx, temp, top_p, top_k, temp == 0.0, filtered=filtered,
-                                          logprobs=nlp)
-    if not nlp:
+    return (keys, idx, temp, top_p, top_k, temp == 0.0), dict(filtered=filtered, logprobs=max(logprobs or [0]) > 0)
+
+
+def choose(logits: jax.Array, params: list[SamplingParams], seeds: list[int], index: list[int],
+           logprobs: list[int] | None = None) -> Choice:
+    """Tokens for logits [N, V]: row n follows params[n] with the key of (seeds[n], index[n]); rows past len(params)
+    are padding (sampled greedily, ignored). `logprobs[n]` > 0 asks for that many top alternatives."""
+    args, static = _arguments(logits.shape[0], params, seeds, index, logprobs)
+    tokens, lp, top_ids, top_lp = _choose(logits, *args, **static)
+    if not static["logprobs"]:
         return Choice(np.asarray(tokens))
     return Choice(np.asarray(tokens), np.asarray(lp), np.asarray(top_ids), np.asarray(top_lp))
+
+
+def lower_variant(logits: jax.ShapeDtypeStruct, variant: tuple[SamplingParams, int]) -> Callable[[], Any]:
+    """A thunk lowering the program `choose` runs for `variant` (one of VARIANTS) on logits of this abstract value
+    (for a compile thread: compile_ahead.CompileAhead; the call later finds it compiled)."""
+    params, lp = variant
+    args, static = _arguments(logits.shape[0], [params], [0], [0], [lp])
+    return lambda: _choose.lower(logits, *args, **static)
