@@ -100,6 +100,11 @@ case "${1:-}" in
     python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --configs on_demand,cpu --batches 1,8 --tokens 8 --prompt-len 32 \
       --no-trace --set overlap_io=false --out "$OUT/bench_cpu_on_demand_b1_8.json" 2>&1 | tail -6
     ;;
+  cpuauto)             # b1, b8: on_demand, the CPU path forced on, and under auto (the plan, then the CPU trial decide);
+    use_tree "${NEW_TREE:-.}" new    # a 40-token warm-up lets the trial reach its verdict before the measured 16
+    python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --configs on_demand,cpu,cpu_auto --batches 1,8 --tokens 16 \
+      --warmup-tokens 40 --prompt-len 32 --no-trace --set overlap_io=false --out "$OUT/bench_cpu_auto_b1_8.json" 2>&1 | tail -9
+    ;;
   warmthreads)         # Engine.warmup with 0 and 8 compile threads (fresh processes, no compile cache), then b1 decode
     use_tree "${NEW_TREE:-.}" new
     python3 bench/warmup_threads.py "$S" "${BUDGET[@]}" --threads "${2:-0,8}" --out "$OUT/warmup_threads.json" 2>&1 | tail -7
@@ -141,5 +146,5 @@ max_new_tokens=64); e.save_popularity('$OUT/pop.json'); e.close()" 2>&1 | tail -
     python3 -m pytest -q -p no:cacheprovider tests/test_cpu_experts.py 2>&1 | tail -2
     python3 bench/cpu_experts_bench.py --out "$OUT/cpu_experts.json" 2>&1 | tail -30
     ;;
-  *) echo "usage: $0 setup | slice | gputests | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY] | hot [N] | options | nopred | cpuod | warmthreads [T,T] | hbm | copies | copyjit | gaps | multi [N] | cpu | all"; exit 2 ;;
+  *) echo "usage: $0 setup | slice | gputests | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY] | hot [N] | options | nopred | cpuod | cpuauto | warmthreads [T,T] | hbm | copies | copyjit | gaps | multi [N] | cpu | all"; exit 2 ;;
 esac

@@ -323,6 +323,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = bench(args.path, gpu_memory=args.gpu_memory, host_memory=args.host_memory, preset=args.preset,
                    batches=[int(b) for b in args.batches.split(",")], prompt_len=args.prompt_len,
                    tokens=args.tokens, dtype=args.dtype, configs=configs.split(","), cold=args.cold, devices=devices,
+                   warmup_tokens=args.warmup_tokens,
                    trace=False if args.no_trace else tuple(args.trace_configs.split(",")) if args.trace_configs
                    else True, out=args.out, trace_dir=args.trace_dir, **parse_overrides(args.set))
     table = markdown(result)
@@ -416,12 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batches", default="1,8,32", help="decode batch sizes (default 1,8,32)")
     b.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per sequence (default 64)")
     b.add_argument("--tokens", type=int, default=16, help="tokens generated per sequence (default 16)")
+    b.add_argument("--warmup-tokens", type=int, default=2, help="tokens of the unmeasured generation before each "
+                   "row (default 2: it compiles the shapes; more lets the adaptive trials (copies ahead, the CPU "
+                   "path) reach their verdicts first)")
     b.add_argument("--configs", default=None,
                    help="which of budget (the given budgets), resident (no limit), on_demand (overlap_io off), hbm "
                         "(the whole store on the GPU as a plain in-memory model: the all-in-HBM reference; with "
                         "--devices N, every weight resident with the experts split over the N devices), cpu (the "
                         "given budgets with cpu_experts on: host-resident experts computed on the CPU beside the "
-                        "copies; budget and on_demand run with it off unless --set cpu_experts=... is given). "
+                        "copies; budget and on_demand run with it off unless --set cpu_experts=... is given), cpu_auto "
+                        "(the same with cpu_experts auto: the plan, then a trial of timed steps, decide). "
                         "Default budget,resident,on_demand; hbm with --devices N > 1 (budget and on_demand then run "
                         "tiered expert parallelism, resident runs on one device, cpu is one-device only)")
     b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])

@@ -67,6 +67,26 @@ def test_auto_stays_off_on_a_cpu_backend(store, tight, copied):
     assert stats["cpu_experts"]["reason"] == "a CPU backend"
 
 
+def test_the_cpu_trial_times_decode_steps_both_ways_and_keeps_the_tokens(store, tight):
+    """Under auto the policy's CPU trial (cpu_trial; auto itself stays off on a CPU backend, so it is switched on here
+    beside 'on') alternates decode steps with and without the CPU path once the copy-ahead trial has its verdict, and
+    reports both medians; the greedy tokens are the copy path's whichever way each step ran."""
+    runs = {}
+    for mode in ("off", "on"):
+        e = dsjax.load(store, dtype="float32", cpu_experts=mode, links=SLOW_LINK, **tight)
+        try:
+            e.policy.cpu_trial = mode == "on"
+            runs[mode] = e.generate([PROMPTS[0]], max_new_tokens=40, stop_token_ids=())[0].token_ids
+            stats = e.stats()["cpu_experts"]
+        finally:
+            e.close()
+    assert runs["on"] == runs["off"]
+    assert stats["experts"] > 0
+    tr = stats["trial"]["1"]
+    assert stats["trial_steps"]["with"] >= 3 and stats["trial_steps"]["without"] >= 3
+    assert tr["ms_with"] > 0 and tr["ms_without"] > 0 and tr["cpu_wins"] in (True, False)
+
+
 def test_the_config_keys_are_validated():
     with pytest.raises(RuntimeConfigError, match="cpu_experts"):
         RuntimeConfig.from_dict({}, cpu_experts="sometimes")

@@ -186,3 +186,55 @@ def test_a_buckets_first_step_is_not_timed():
     _run_trial(pol, step_s, 7)
     assert pol.trial()["1"]["ms_with"] == pytest.approx(22.5)            # the 9 s step is in neither median
     assert pol.trial()["1"]["copies_ahead_win"] is True
+
+
+def _run_cpu_trial(pol, step_s, steps: int, rows: int = 1):
+    """Feed `steps` decode steps, each run with the CPU path as pol.cpu_allowed(rows) says and copies ahead as
+    pol.copies_ahead says, timed by step_s(cpu, ahead); returns the (cpu, ahead) of each step as it ran."""
+    ran = []
+    for _ in range(steps):
+        cpu, ahead = pol.cpu_allowed(rows), pol.copies_ahead
+        ran.append((cpu, ahead))
+        pol.end_step(tp=0, fp=0, fn=0, disk_waited=False, link_busy=0.3,
+                     step=StepSample(rows, step_s(cpu, ahead), 8 * EXPERT, moe_layers=4, cpu=cpu))
+    return ran
+
+
+@pytest.mark.parametrize("cpu_wins", [True, False])
+def test_the_cpu_trial_keeps_the_cpu_path_only_where_it_makes_steps_faster(cpu_wins):
+    pol = PrefetchPolicy(0.4, 0, 0, overlap=False, link_bps=LINK, expert_bytes=EXPERT, probe_every=8)
+    pol.cpu_trial = True                       # (no copy-ahead trial without look-ahead: the CPU trial starts at once)
+    ran = [cpu for cpu, _ in _run_cpu_trial(pol, lambda cpu, _: 0.024 if cpu == cpu_wins else 0.032, 40)]
+    assert ran[:7] == [True, True, False, True, False, True, False]       # (a first step, untimed) 3 of each side
+    settled = ran[7:]
+    assert settled.count(cpu_wins) >= len(settled) - len(settled) // 8 - 1
+    assert settled.count(not cpu_wins) >= 3                               # the loser is re-checked now and then
+    rep = pol.cpu_trial_report()["1"]
+    assert rep["cpu_wins"] is cpu_wins
+    assert rep["ms_with" if cpu_wins else "ms_without"] == pytest.approx(24.0)
+    assert pol.cpu_trial_steps[True] + pol.cpu_trial_steps[False] == 39
+    assert pol.cpu_allowed(12) and pol.cpu_allowed(0)                     # past CPU_MAX_ROWS, prefill: no trial
+
+
+def test_the_cpu_trial_judges_buckets_apart_and_a_tie_turns_the_cpu_path_off():
+    pol = PrefetchPolicy(0.4, 0, 0, overlap=False, link_bps=LINK, expert_bytes=EXPERT)
+    pol.cpu_trial = True
+    _run_cpu_trial(pol, lambda cpu, _: 0.030 if cpu else 0.0301, 13, rows=1)     # within the 2% margin
+    _run_cpu_trial(pol, lambda cpu, _: 0.100 if cpu else 0.150, 13, rows=7)      # bucket 8: the CPU pays
+    rep = pol.cpu_trial_report()
+    assert rep["1"]["cpu_wins"] is False and rep["8"]["cpu_wins"] is True
+    assert not pol.cpu_allowed(1) and pol.cpu_allowed(5)                  # 5 rows: bucket 8's verdict
+
+
+def test_the_cpu_trial_waits_for_the_copy_ahead_verdict_and_the_two_never_mix_their_samples():
+    pol = PrefetchPolicy(0.4, 1, 1, link_bps=LINK, expert_bytes=EXPERT, probe_every=8)
+    pol.cpu_trial = True
+    # copies ahead cost 10 ms a step, the CPU path saves 5: each trial must find its own knob's effect
+    ran = _run_cpu_trial(pol, lambda cpu, ahead: 0.030 + 0.010 * ahead - 0.005 * cpu, 80)
+    assert all(cpu for cpu, _ in ran[:7])             # the copy-ahead trial runs first, the CPU path on throughout
+    assert not all(cpu for cpu, _ in ran[7:16])       # then the CPU trial
+    assert pol.trial()["1"]["copies_ahead_win"] is False and pol.cpu_trial_report()["1"]["cpu_wins"] is True
+    # every sample of each trial has the other knob at its settled value: the medians are exact
+    assert pol.trial()["1"]["ms_with"] == pytest.approx(35.0) and pol.trial()["1"]["ms_without"] == pytest.approx(25.0)
+    rep = pol.cpu_trial_report()["1"]
+    assert rep["ms_with"] == pytest.approx(25.0) and rep["ms_without"] == pytest.approx(30.0)

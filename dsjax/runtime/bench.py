@@ -205,7 +205,7 @@ def _busy(timeline: dict[str, Any] | None, wall_s: float) -> float | None:
 
 def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], prompt_len: int, tokens: int,
                ceilings: Ceilings, dtype: str, trace: bool, trace_dir: str | None = None,
-               on_row=None, cold: bool = False) -> list[dict[str, Any]]:
+               on_row=None, cold: bool = False, warmup_tokens: int = 2) -> list[dict[str, Any]]:
     import dsjax
     rows = []
     t0 = time.perf_counter()
@@ -218,7 +218,8 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
     for B in batches:
         prompts = [rng.integers(0, vocab, prompt_len).tolist() for _ in range(B)]
         t0 = time.perf_counter()
-        engine.generate(prompts, max_new_tokens=2, stop_token_ids=())             # compile this batch shape
+        # compile this batch shape; a longer warm-up lets the trials (copies ahead, the CPU path) reach their verdicts
+        engine.generate(prompts, max_new_tokens=warmup_tokens, stop_token_ids=())
         _log(f"{name} b{B}: warm-up (compiles) {time.perf_counter() - t0:.1f} s")
         if cold:
             drop_page_cache()        # each measured generation starts from a cold disk (host cache stays)
@@ -326,24 +327,35 @@ def _cpu_ms_cell(cpu_ms: dict, moe_layers: int) -> str:
     return f"{work:.1f}" + (f" ({work / moe_layers:.2f})" if moe_layers else "")
 
 
+def _cpu_trial_cell(cp: dict[str, Any], batch: int) -> str:
+    """'; trial W/O ms: cpu|copies' for the row's decode bucket under cpu_experts auto, else ''."""
+    tr = (cp.get("trial") or {}).get(str(1 << max(batch - 1, 0).bit_length()))
+    if not tr or not tr.get("ms_with") or not tr.get("ms_without"):
+        return ""
+    return f"; trial {tr['ms_with']:.1f}/{tr['ms_without']:.1f} ms: {'cpu' if tr['cpu_wins'] else 'copies'}"
+
+
 def _cpu_per_step(before: dict[str, Any], after: dict[str, Any], steps: int) -> dict[str, Any] | None:
     """The CPU expert path during the measured generation: experts per decode step, the kernel's GB/s and ms per
     step, the engine thread's wait for it per step; None when the path was off."""
     if not after.get("enabled"):
         return None
     d = {k: after.get(k, 0) - before.get(k, 0) for k in ("experts", "bytes", "seconds", "wait_seconds")}
+    trial_steps = {k: after.get("trial_steps", {}).get(k, 0) - before.get("trial_steps", {}).get(k, 0)
+                   for k in ("with", "without")}
     return {"experts_per_step": d["experts"] / steps, "GB_s": d["bytes"] / d["seconds"] / GB if d["seconds"] else None,
-            "ms_per_step": 1e3 * d["seconds"] / steps, "wait_ms_per_step": 1e3 * d["wait_seconds"] / steps}
+            "ms_per_step": 1e3 * d["seconds"] / steps, "wait_ms_per_step": 1e3 * d["wait_seconds"] / steps,
+            "mode": after.get("mode"), "trial": after.get("trial") or None, "trial_steps": trial_steps}
 
 
 def bench(store: str, *, gpu_memory=None, host_memory=None, preset: str | None = None,
           batches=(1, 8, 32), prompt_len: int = 64, tokens: int = 16, dtype: str = "bfloat16",
           configs=("budget", "resident", "on_demand"), cold: bool = False, trace: bool | tuple[str, ...] = True,
-          out: str | None = None, trace_dir: str | None = None, devices: int | None = None,
+          out: str | None = None, trace_dir: str | None = None, devices: int | None = None, warmup_tokens: int = 2,
           **overrides) -> dict[str, Any]:
     """Measure `store` under the budgets (config 'budget'), with no limit ('resident'), with overlap_io off
     ('on_demand'), under the budgets with cpu_experts on ('cpu'; budget and on_demand run with it off unless an
-    override sets it) or as a plain in-memory model ('hbm'); returns {'ceilings', 'rows', 'machine'}. With `out`, every row is written to that JSON file as it
+    override sets it) or auto ('cpu_auto': the plan and then the CPU trial decide) or as a plain in-memory model ('hbm'); returns {'ceilings', 'rows', 'machine'}. With `out`, every row is written to that JSON file as it
     is measured and a rerun with the same `out` resumes: rows already there are kept, not measured again (the
     ceilings are those of the first run). `trace`: profile every config (True), none, or the configs named. With
     `trace_dir`, each row's profiler trace is kept there. `devices` N > 1: config 'hbm' runs every weight resident
@@ -352,7 +364,7 @@ def bench(store: str, *, gpu_memory=None, host_memory=None, preset: str | None =
     host cache and link; the budgets apply to each device) and each row adds 'expert_devices' (per device: host->GPU
     bytes per step, GPU hit rate); 'resident' and 'cpu' run on one device."""
     several = devices if devices and devices > 1 else None
-    if several and "cpu" in configs:
+    if several and ("cpu" in configs or "cpu_auto" in configs):
         raise ValueError(f"bench over {devices} devices: config cpu (CPU-computed experts) runs on one device; "
                          "drop it from --configs")
     dev = jax.devices()[0]
@@ -390,7 +402,8 @@ def bench(store: str, *, gpu_memory=None, host_memory=None, preset: str | None =
     kws = {"budget": dict(budget, links=links, **gpu_only, **per_device), "resident": {"links": links},
            "on_demand": dict(budget, links=links, **dict(gpu_only, overlap_io=False), **per_device),
            "hbm": {"devices": devices} if devices and devices > 1 else {"in_memory": True},
-           "cpu": dict(budget, links=links, **dict(overrides, cpu_experts="on"))}
+           "cpu": dict(budget, links=links, **dict(overrides, cpu_experts="on")),
+           "cpu_auto": dict(budget, links=links, **dict(overrides, cpu_experts="auto"))}
     save()
     for name in configs:
         done = {r["batch"] for r in result["rows"] if r["config"] == name}
@@ -398,7 +411,7 @@ def bench(store: str, *, gpu_memory=None, host_memory=None, preset: str | None =
         if todo:
             traced = trace if isinstance(trace, bool) else name in trace
             run_config(store, name, kws[name], todo, prompt_len, tokens, ceilings, dtype, traced, trace_dir, save,
-                       cold)
+                       cold, warmup_tokens)
     order = {(c, b): i for i, (c, b) in enumerate((c, b) for c in configs for b in batches)}
     result["rows"].sort(key=lambda r: order.get((r["config"], r["batch"]), len(order)))
     save()
@@ -417,7 +430,7 @@ def markdown(result: dict[str, Any]) -> str:
              "| pred P/R (copied ahead: used/copies; trial ms/step with/without copies ahead: winner) | GPU busy "
              "| copy time under compute | host ms/step: routing sync / expert copies / dispatch "
              "| engine thread CPU ms/step (per MoE layer, CPU experts' kernel excluded) "
-             "| CPU experts/step (kernel GB/s, ms/step) "
+             "| CPU experts/step (kernel GB/s, ms/step; auto: trial ms/step with/without: winner) "
              "| process RSS GB (peak so far) | planned tok/s (batch 1, these ceilings) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -442,7 +455,7 @@ def markdown(result: dict[str, Any]) -> str:
                if (h := r.get("host_ms_per_step")) else "-") + " | "
             + (_cpu_ms_cell(c, r.get("moe_layers", 0)) if (c := r.get("host_cpu_ms_per_step")) else "-") + " | "
             + (f"{cp['experts_per_step']:.1f} ({cp['GB_s'] or 0:.1f}, {cp['ms_per_step']:.1f})"
-               if (cp := r.get("cpu_experts")) else "-") + " | "
+               + _cpu_trial_cell(cp, r["batch"]) if (cp := r.get("cpu_experts")) else "-") + " | "
             + (f"{m['rss'] / GB:.1f} ({m['peak_rss'] / GB:.1f})"
                if (m := r.get("process_memory")) and m.get("rss") and m.get("peak_rss") else "-") + " | "
             + (f"{r['predicted_tok_s']:.2f}" if r.get("predicted_tok_s") else "-") + " |")

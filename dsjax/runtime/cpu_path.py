@@ -68,11 +68,13 @@ class CpuJob:
 
 class CpuExpertPath:
     def __init__(self, layout: ExpertLayout, n_layers: int, threads: int = 0, prior_bps: float = CPU_PRIOR_BPS):
-        """threads 0: every CPU of the process (the engine thread is one of them; the GPU half is issued before)."""
+        """threads 0: every CPU of the process but one, at least 1 (the engine thread is one of the kernel's threads;
+        the CPU left over runs the GPU runtime's own threads, which issue the copies and kernels the engine thread
+        dispatched just before: with every core in the kernel they wait for a time slice)."""
         cpus = cpu_experts.default_threads()
         self.layout = layout
         self.expert_bytes = cpu_experts.expert_bytes(layout)     # what the kernel reads per expert (its GB/s)
-        self.threads = min(threads or cpus, cpus)
+        self.threads = min(threads or max(cpus - 1, 1), cpus)
         self.rates = CpuRates(prior_bps)
         self.counters = {"experts": 0, "bytes": 0, "seconds": 0.0, "wait_seconds": 0.0, "calls": 0}
         self._layer = np.zeros((n_layers, 3))                     # per layer: calls, kernel seconds, experts

@@ -6,7 +6,8 @@ FetchPlan: which experts to copy host->GPU for the next MoE layer (likeliest fir
 layers after it, and what it predicted (scored against the routing when the layer runs). `chunks` splits a layer's
 experts into groups the GPU slots can hold. `end_step` adapts the threshold, the look-ahead and the copies ahead
 from what a step observed (adaptive_schedule),
-including a trial per decode batch size that keeps copies ahead only while they make steps faster. The movers (tiers.py: GPU slot pool, host cache, disk reader) execute
+including a trial per decode batch size that keeps copies ahead only while they make steps faster (and one that
+keeps the CPU path only while it does). The movers (tiers.py: GPU slot pool, host cache, disk reader) execute
 plans; eviction within a cache is the cache's LRFU. `split_cpu` decides which of a decode step's host-resident
 misses the CPU computes in place while the link copies the others (issue 24), from the CPU kernel's rates that
 `CpuRates` keeps. Nothing here touches an array, a device or a file.
@@ -34,6 +35,7 @@ class StepSample:
     seconds: float            # the step's wall time
     h2d_bytes: int            # bytes the host->GPU link moved in it
     moe_layers: int           # MoE layers it ran
+    cpu: bool | None = None   # whether its host-resident misses could go to the CPU (None: no CPU path at its rows)
 
 
 class _Trial:
@@ -43,6 +45,21 @@ class _Trial:
         self.times = {True: collections.deque(maxlen=keep), False: collections.deque(maxlen=keep)}
         self.gap = collections.deque(maxlen=keep)     # idle link time per MoE layer of the steps without, in experts
         self.steps = 0
+        self.next = True                              # the mode the bucket's next step runs
+
+    def judge(self, ran: bool, seconds: float, margin: float, probe_every: int) -> bool:
+        """Record a step run in mode `ran` (but the bucket's first: its programs compile in it, H100 9.4 s at batch 8)
+        and return the mode of the bucket's next step: the other, then the same, ... until each mode has 3 steps;
+        then the winner, with one step of the loser every `probe_every` steps."""
+        if self.steps == 0:
+            self.steps = 1
+            return ran
+        self.times[ran].append(seconds)
+        self.steps += 1
+        verdict = self.verdict(margin)
+        if verdict is None:
+            return not ran if len(self.times[not ran]) < 3 else ran
+        return (not verdict) if self.steps % probe_every == 0 else verdict
 
     def median(self, ahead: bool) -> float | None:
         t = self.times[ahead]
@@ -53,6 +70,11 @@ class _Trial:
         if min(len(self.times[True]), len(self.times[False])) < 3:
             return None
         return self.median(True) < (1 - margin) * self.median(False)
+
+
+def _bucket(rows: int) -> int:
+    """A trial's bucket of decode rows: the next power of two."""
+    return 1 << max(rows - 1, 0).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +123,14 @@ class PrefetchPolicy:
         # the trial's last decode steps as measured: (rows, copies ahead, ms, host->GPU MB, timed), to explain a
         # verdict that contradicts another config's steps (GPU run 4: 'without' 73.6 ms vs on_demand's 35.1 ms)
         self.samples: collections.deque = collections.deque(maxlen=32)
+        self._ahead_probe = False                   # the step under way re-checks the copy-ahead trial's loser
+        # The CPU path's trial (issue 24; on under cpu_experts auto): per decode batch bucket, steps whose host-resident
+        # misses may go to the CPU and steps that copy them all, the same median rule. split_cpu's model assumes the
+        # kernel and the copies overlap completely; the H100 (run 7) measured the CPU path at 0.75x load-on-demand at
+        # batch 1 and 1.29x at batch 8, so the measured step time decides whether the path runs at all.
+        self.cpu_trial = False
+        self._cpu_trials: dict[int, _Trial] = {}
+        self.cpu_trial_steps = {True: 0, False: 0}  # timed decode steps with the CPU path on / off
 
     @property
     def trial_active(self) -> bool:
@@ -177,34 +207,74 @@ class PrefetchPolicy:
             self._link_ok = False
         elif not self._link_ok and link_busy < 0.75:
             self._link_ok = True
+        ahead_probe, self._ahead_probe = self._ahead_probe, False       # whether this step re-checked the loser
         if step is not None and self.trial_active:
             self._ahead_now = self._trial_step(step)
+        if step is not None and self.cpu_trial and step.cpu is not None:
+            self._cpu_trial_step(step, ahead_probe)
         self.copies_ahead = self._link_ok and self._ahead_now
         self.steps_without_copies_ahead += not self.copies_ahead
         self.steps_link_full += not self._link_ok
 
     def _trial_step(self, step: StepSample) -> bool:
         """Record the step under its mode (but the bucket's first); the mode of the next step of this bucket: off, on,
-        off, ... until each has 3 steps, then the winner, with one step of the loser every probe_every steps."""
-        t = self._trials.setdefault(1 << max(step.rows - 1, 0).bit_length(), _Trial())
+        off, ... until each has 3 steps, then the winner, with one step of the loser every probe_every steps. A step
+        whose CPU path ran other than the CPU trial's settled mode is not a sample (the two trials never compare
+        steps that differ in the other's knob)."""
+        t = self._trials.setdefault(_bucket(step.rows), _Trial())
         ran = self.copies_ahead
+        if step.cpu is not None and step.cpu != self._cpu_settled(step.rows):
+            return self._ahead_now
         self.samples.append((step.rows, ran, round(1e3 * step.seconds, 3), round(step.h2d_bytes / 1e6, 3),
                              t.steps > 0))
-        if t.steps == 0:            # a bucket's first step compiles its programs (H100: 9.4 s at batch 8): not timed
-            t.steps = 1
-            return ran
-        t.times[ran].append(step.seconds)
-        self.trial_steps[ran] += 1
-        if not ran and step.moe_layers:
+        if t.steps and not ran and step.moe_layers:
             idle = max(0.0, step.seconds - step.h2d_bytes / self.link_bps) / step.moe_layers
             t.gap.append(idle * self.link_bps / self.expert_bytes)
         if t.gap:
             self.ahead_limit = max(1, int(np.median(t.gap)))
-        t.steps += 1
+        self.trial_steps[ran] += t.steps > 0
+        nxt = t.judge(ran, step.seconds, self.margin, self.probe_every)
         verdict = t.verdict(self.margin)
-        if verdict is None:
-            return not ran if len(t.times[not ran]) < 3 else ran
-        return (not verdict) if t.steps % self.probe_every == 0 else verdict
+        self._ahead_probe = verdict is not None and nxt != verdict       # the next step re-checks the loser
+        return nxt
+
+    # ---- the CPU path's trial (issue 24) ---------------------------------------------------------------------------
+    def cpu_allowed(self, rows: int) -> bool:
+        """Whether a decode step of `rows` rows may send host-resident misses to the CPU (split_cpu then picks which):
+        the CPU trial's mode for its bucket; True where no trial runs (cpu_trial off, prefill or mixed steps (rows
+        0), more than CPU_MAX_ROWS rows) or the bucket has not started one."""
+        if not self.cpu_trial or not 0 < rows <= CPU_MAX_ROWS:
+            return True
+        t = self._cpu_trials.get(_bucket(rows))
+        return True if t is None else t.next
+
+    def _cpu_settled(self, rows: int) -> bool:
+        """The CPU trial's verdict for the bucket of `rows`, or True (the CPU path runs) while it has none."""
+        t = self._cpu_trials.get(_bucket(rows))
+        v = t.verdict(self.margin) if t is not None else None
+        return True if v is None else v
+
+    def _cpu_trial_step(self, step: StepSample, ahead_probe: bool) -> None:
+        """Record a decode step of the CPU path's rows under its mode; set its bucket's next mode. The trial starts in
+        a bucket once the copy-ahead trial there has its verdict (or runs none), and leaves out that trial's re-checks
+        of its loser: CPU steps are compared only against steps with the same copies ahead."""
+        b = _bucket(step.rows)
+        if self.trial_active:
+            ta = self._trials.get(b)
+            if ta is None or ta.verdict(self.margin) is None or ahead_probe:
+                return
+        t = self._cpu_trials.setdefault(b, _Trial())
+        self.cpu_trial_steps[step.cpu] += t.steps > 0
+        t.next = t.judge(step.cpu, step.seconds, self.margin, self.probe_every)
+
+    def cpu_trial_report(self) -> dict:
+        """The CPU path's trial per decode batch bucket: median step ms with and without the CPU path, the verdict."""
+        out = {}
+        for rows, t in sorted(self._cpu_trials.items()):
+            on, off = t.median(True), t.median(False)
+            out[str(rows)] = {"ms_with": 1e3 * on if on else None, "ms_without": 1e3 * off if off else None,
+                              "cpu_wins": t.verdict(self.margin)}
+        return out
 
     def trial(self) -> dict:
         """The copy-ahead trial per decode batch bucket: median step ms with and without, and the verdict."""

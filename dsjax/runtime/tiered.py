@@ -251,6 +251,9 @@ class TieredEngine(Engine):
         # decode step; a worker thread runs the kernel on the host cache's buffers while this thread drives the GPU
         self.cpu_path = CpuExpertPath(self.experts.layout, cfg.num_hidden_layers, cc.cpu_threads, cpu_rate) \
             if cpu_on else None
+        # under auto, decode steps with and without the path are timed and it runs only where it makes them faster
+        self.policy.cpu_trial = self.cpu_path is not None and cc.cpu_experts == "auto"
+        self._cpu_step = self.cpu_path is not None        # the step under way may send experts to the CPU path
         self._copy_in_write = cc.expert_copy == "jit"    # a layer's misses copied inside the slot write's executable
         self._step_start = (0.0, 0)                       # (perf_counter, host->GPU bytes) when the step began
         self._step_rows = 0                               # decode rows of the step under way (0: not decode-only)
@@ -377,6 +380,7 @@ class TieredEngine(Engine):
         valid_flat = np.concatenate([g.valid.reshape(-1) for g in groups])
         # decode rows of a decode-only step (the policy's copy-ahead trial compares such steps); 0 otherwise
         self._step_rows = int(valid_flat.sum()) if all(g.tokens.shape[1] == 1 for g in groups) else 0
+        self._cpu_step = self.cpu_path is not None and self.policy.cpu_allowed(self._step_rows)
         routed = {}                                      # MoE layers whose experts all sit on the GPU: routing ids
         shapes = tuple(g.tokens.shape for g in groups)
         # call sites noted this step (compile ahead, the warm-up's compile pool; None: neither)
@@ -439,7 +443,7 @@ class TieredEngine(Engine):
                     idx.copy_to_host_async()         # start the routing's device->host copy as soon as it exists,
                     for p_ in (preds if nxt else ()):   # so the sync below waits for one copy, not a round trip
                         p_.copy_to_host_async()
-                    if self.cpu_path and hn.shape[0] * hn.shape[1] <= CPU_MAX_ROWS:
+                    if self._cpu_step and hn.shape[0] * hn.shape[1] <= CPU_MAX_ROWS:
                         hn.copy_to_host_async()       # the CPU experts' input, beside the routing
                     x = self._moe_tiered(i, w, h, hn, idx, weight, shared, preds, nxt, valid_flat)
                 if len(groups) == 1:
@@ -473,7 +477,7 @@ class TieredEngine(Engine):
         self._release_prefetch_pins(i, routed)
         B, T, D = hn.shape
         cpu_job = None
-        if self.cpu_path and B * T <= CPU_MAX_ROWS:
+        if self._cpu_step and B * T <= CPU_MAX_ROWS:
             with m.host("cpu_experts"):
                 cpu_job = self._start_cpu_experts(i, hn, ids, valid, used)
             if cpu_job is not None:                   # their assignments get slot P: zero rows on the GPU
@@ -746,7 +750,8 @@ class TieredEngine(Engine):
         moved = m.link_bytes.get("host->GPU", 0) - b0
         busy = moved / max(self.links.h2d * seconds, 1e-9)
         rows = self._step_rows
-        sample = StepSample(rows, seconds, moved, len(self.moe_layers)) if rows else None
+        cpu = self._cpu_step if (self.cpu_path is not None and rows <= CPU_MAX_ROWS) else None
+        sample = StepSample(rows, seconds, moved, len(self.moe_layers), cpu) if rows else None
         self.policy.end_step(tp=m.pred_tp, fp=m.pred_fp, fn=m.pred_fn,
                              disk_waited=self.disk_waits > self._disk_waits_seen, link_busy=busy, step=sample)
         self._disk_waits_seen = self.disk_waits
@@ -853,7 +858,11 @@ class TieredEngine(Engine):
                             "in_write": self.experts.copied_in_write if self.experts is not None else 0},
             "cpu_experts": {"enabled": int(self.cpu_path is not None), "mode": self.runtime.compute_config.cpu_experts,
                             "reason": self.cpu_experts_reason, **(self.cpu_path.stats() if self.cpu_path else
-                                                                  {"experts": 0, "bytes": 0, "seconds": 0.0})},
+                                                                  {"experts": 0, "bytes": 0, "seconds": 0.0}),
+                            # under auto: per decode bucket, median step ms with and without the path, the verdict
+                            "trial": self.policy.cpu_trial_report(),
+                            "trial_steps": {"with": self.policy.cpu_trial_steps[True],
+                                            "without": self.policy.cpu_trial_steps[False]}},
             "process_memory": process_memory(),
             "expert_devices": self._devices_report(),
         }
