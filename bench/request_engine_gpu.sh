@@ -61,8 +61,13 @@ case "${1:-}" in
     ;;
   serve)
     use_tree "${NEW_TREE:-.}" new
+    # .whl/: the serve extra's wheels, no deps resolved there (the device has no index): fastapi uvicorn starlette h11
+    # anyio sniffio click typing-inspection annotated-types annotated-doc pydantic pydantic-core typing-extensions
+    # opentelemetry-api (FastAPI >= 0.16x imports it), e.g. `pip download --no-deps --only-binary=:all:
+    # --python-version 3.12 --platform manylinux2014_x86_64 -d .whl ...`
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$ROOT"/.whl/*.whl \
       && export PYTHONPATH="/tmp/site:$PYTHONPATH" || exit 1
+    python3 -c "import fastapi, uvicorn, pydantic" || exit 1      # a missing wheel: stop before loading anything
     python3 -m dsjax.cli serve "$S" "${BUDGET[@]}" --set max_batch_size=64 --max-queue 256 ${SERVE_ARGS:-} > "$OUT/serve.log" 2>&1 &
     P=$!
     health='import urllib.request; urllib.request.urlopen("http://127.0.0.1:8000/health", timeout=2)'
