@@ -188,14 +188,14 @@ def test_a_buckets_first_step_is_not_timed():
     assert pol.trial()["1"]["copies_ahead_win"] is True
 
 
-def _run_cpu_trial(pol, step_s, steps: int, rows: int = 1):
+def _run_cpu_trial(pol, step_s, steps: int, rows: int = 1, link_busy: float = 0.3):
     """Feed `steps` decode steps, each run with the CPU path as pol.cpu_allowed(rows) says and copies ahead as
     pol.copies_ahead says, timed by step_s(cpu, ahead); returns the (cpu, ahead) of each step as it ran."""
     ran = []
     for _ in range(steps):
         cpu, ahead = pol.cpu_allowed(rows), pol.copies_ahead
         ran.append((cpu, ahead))
-        pol.end_step(tp=0, fp=0, fn=0, disk_waited=False, link_busy=0.3,
+        pol.end_step(tp=0, fp=0, fn=0, disk_waited=False, link_busy=link_busy,
                      step=StepSample(rows, step_s(cpu, ahead), 8 * EXPERT, moe_layers=4, cpu=cpu))
     return ran
 
@@ -238,3 +238,14 @@ def test_the_cpu_trial_waits_for_the_copy_ahead_verdict_and_the_two_never_mix_th
     assert pol.trial()["1"]["ms_with"] == pytest.approx(35.0) and pol.trial()["1"]["ms_without"] == pytest.approx(25.0)
     rep = pol.cpu_trial_report()["1"]
     assert rep["ms_with"] == pytest.approx(25.0) and rep["ms_without"] == pytest.approx(30.0)
+
+
+def test_the_cpu_trial_runs_while_a_full_link_holds_copies_ahead_back():
+    """Batch 8 and 32 fill the link: the copy-ahead trial then never runs a step with copies ahead (no verdict), and
+    the CPU trial must not wait for one."""
+    pol = PrefetchPolicy(0.4, 1, 1, link_bps=LINK, expert_bytes=EXPERT)
+    pol.cpu_trial = True
+    ran = _run_cpu_trial(pol, lambda cpu, _: 0.100 if cpu else 0.150, 16, rows=8, link_busy=0.95)
+    assert not any(ahead for _, ahead in ran[1:])                       # the gate closed after the first step
+    assert pol.trial().get("8", {}).get("copies_ahead_win") is None
+    assert pol.cpu_trial_report()["8"]["cpu_wins"] is True and pol.cpu_trial_steps[False] >= 3

@@ -256,12 +256,14 @@ class PrefetchPolicy:
 
     def _cpu_trial_step(self, step: StepSample, ahead_probe: bool) -> None:
         """Record a decode step of the CPU path's rows under its mode; set its bucket's next mode. The trial starts in
-        a bucket once the copy-ahead trial there has its verdict (or runs none), and leaves out that trial's re-checks
-        of its loser: CPU steps are compared only against steps with the same copies ahead."""
+        a bucket once the copy-ahead trial there has its verdict (or runs none, or the link gate holds copies ahead
+        back: batch 8 and 32 fill the link, and that trial then never sees a step with copies ahead), and leaves out
+        that trial's re-checks of its loser: CPU steps are compared only against steps with the same copies ahead."""
         b = _bucket(step.rows)
         if self.trial_active:
             ta = self._trials.get(b)
-            if ta is None or ta.verdict(self.margin) is None or ahead_probe:
+            undecided = ta is None or ta.verdict(self.margin) is None
+            if (undecided and self._link_ok) or ahead_probe:   # (a full link holds copies ahead back: no wait)
                 return
         t = self._cpu_trials.setdefault(b, _Trial())
         self.cpu_trial_steps[step.cpu] += t.steps > 0
