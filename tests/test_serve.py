@@ -32,12 +32,8 @@ PROMPTS = ["Shall I compare", "Thou art more", "Rough winds do", "And summer's l
            "Nor shall death", "When in eternal", "So long as", "So long lives", "Shall I", "Thou art"]
 
 
-@pytest.fixture(scope="module")
-def server(store):
-    import dsjax
-    from dsjax.serve import create_app
-    engine = dsjax.load(store, dtype="float32", max_batch_size=16, dynamic_batch=False)
-    app = create_app(engine, served_model_name=MODEL, api_key=KEY, max_queue=64, request_timeout=120)
+def _serve(app):
+    """A uvicorn server of `app` on a free loopback port, started on a thread: (url, stop())."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -48,11 +44,23 @@ def server(store):
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.02)
-    url = f"http://127.0.0.1:{port}"
+
+    def stop():
+        srv.should_exit = True
+        thread.join(timeout=30)
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="module")
+def server(store):
+    import dsjax
+    from dsjax.serve import create_app
+    engine = dsjax.load(store, dtype="float32", max_batch_size=16, dynamic_batch=False)
+    app = create_app(engine, served_model_name=MODEL, api_key=KEY, max_queue=64, request_timeout=120)
+    url, stop = _serve(app)
     yield SimpleNamespace(url=url, engine=engine, state=app.state.server,
                           client=openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120))
-    srv.should_exit = True
-    thread.join(timeout=30)
+    stop()
     engine.close()
 
 
@@ -342,6 +350,68 @@ def test_serve_warmup_reports_progress_and_what_it_compiled(store, capsys):
     err = capsys.readouterr().err
     assert f"warm-up: {shapes}/{shapes} step shapes compiled" in err       # the last progress line, with no time left
     assert f"warm-up done: prompts up to 16 tokens, outputs up to 2: {shapes} step shapes" in err
+
+
+def test_a_warming_server_answers_503_with_its_progress_until_ready(server):
+    """`dsjax serve` listens during its warm-up (dsjax.serve.readiness): /health 503 with the progress and
+    Retry-After, the completion routes 503 (code warming_up), /v1/models and /metrics as usual; then 200 and the
+    same tokens as a server that was never warming."""
+    from dsjax.serve import create_app
+    from dsjax.serve.readiness import Readiness
+    r = Readiness()
+    r.progress(3, 10)
+    url, stop = _serve(create_app(server.engine, served_model_name=MODEL, api_key=KEY, readiness=r))
+    try:
+        warm = SimpleNamespace(url=url)
+        status, headers, body = raw(warm, "/health")
+        assert status == 503 and headers["Retry-After"] == "10" and body["status"] == "warming_up"
+        assert (body["warmup"]["step_shapes_done"], body["warmup"]["step_shapes"], body["warmup"]["ready"]) == \
+            (3, 10, False)
+        req = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
+        for path, b in (("/v1/completions", req),
+                        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]})):
+            status, headers, body = raw(warm, path, json.dumps(b).encode())
+            assert status == 503 and headers["Retry-After"] == "10", (path, body)
+            assert body["error"]["code"] == "warming_up" and "3/10 step shapes" in body["error"]["message"]
+        assert raw(warm, "/v1/models")[0] == 200
+        text = raw(warm, "/metrics")[2]
+        assert "dsjax_serve_ready 0" in text and "dsjax_serve_warmup_step_shapes_done 3" in text
+        r.progress(10, 10)
+        r.finish()
+        status, _, body = raw(warm, "/health")
+        assert status == 200 and body["status"] == "ok" and body["warmup"]["ready"] and body["warmup"]["error"] is None
+        status, _, body = raw(warm, "/v1/completions", json.dumps({**req, "return_token_ids": True}).encode())
+        assert status == 200 and body["choices"][0]["token_ids"] == ids(complete(server, PROMPTS[0]).choices[0])
+        assert "dsjax_serve_ready 1" in raw(warm, "/metrics")[2]
+    finally:
+        stop()
+
+
+def test_the_background_warmup_fills_readiness_stops_when_cancelled_and_reports_a_failure(store, capsys):
+    """dsjax serve's warm-up thread: progress into the readiness, ready at the end; cancelled (shutdown) after the
+    step shape under way, the engine serving afterwards; a warm-up that fails leaves the server ready with the error."""
+    from dsjax.runtime.engine import Engine
+    from dsjax.serve.cli import _warmup_in_background
+    from dsjax.serve.readiness import Readiness
+    from dsjax.store.reader import Store
+    st = Store(store)
+    e = Engine(st.config, st.load_weights(np.float32, "device"), max_batch_size=1, max_context=40, step_tokens=64)
+    try:
+        shapes = len(e._warm_shapes(16, 2))
+        r = Readiness()
+        _warmup_in_background(e, r, 16, 2, 1, None)
+        assert r.ready and r.error is None and r.done == r.total == shapes
+        r = Readiness()
+        r.cancel()
+        _warmup_in_background(e, r, 16, 2, 1, None)
+        assert r.ready and r.error.startswith("cancelled") and r.done == 1 < shapes
+        assert len(e.generate([[0, 5, 6]], max_new_tokens=3, stop_token_ids=())[0].token_ids) == 3   # serves on
+        r = Readiness()
+        _warmup_in_background(e, r, 16, 0, 1, None)                   # max_new_tokens 0: Engine.warmup refuses it
+        assert r.ready and r.error.startswith("ValueError") and "max_new_tokens" in r.error
+        assert "warm-up failed (ValueError" in capsys.readouterr().err
+    finally:
+        e.close()
 
 
 # ---- the text filters, over every way of cutting a text into tokens ----------------------------------------------

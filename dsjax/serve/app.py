@@ -4,7 +4,8 @@ Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /he
 Streaming answers are Server-Sent Events, one `data:` chunk per generated token (the chat stream's first chunk carries
 the role), then a usage chunk with `choices: []` when `stream_options.include_usage`, then `data: [DONE]`. Errors
 use OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 bad field (param names it), 401 wrong API key,
-404 unknown model, 429 queue full (with Retry-After), 500 a failed engine step, 504 the request timeout; an error after
+404 unknown model, 429 queue full (with Retry-After), 500 a failed engine step, 503 warming up (with Retry-After; GET
+/health answers 503 with the warm-up's progress until it ends: dsjax.serve.readiness), 504 the request timeout; an error after
 a stream began is sent as one `data: {"error": ...}` event before `[DONE]`.
 
 Example:
@@ -25,18 +26,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsjax.serve import protocol as P
 from dsjax.serve.bridge import Choice, Server, _Disconnected
+from dsjax.serve.readiness import Readiness
 from dsjax.serve.text import prompt_opens_thought
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16     # OpenAI's default for /v1/completions (chat: up to the context)
 
 
 def create_app(engine, *, served_model_name: str | None = None, api_key: str | None = None, max_queue: int = 64,
-               request_timeout: float | None = None) -> FastAPI:
+               request_timeout: float | None = None, readiness: Readiness | None = None) -> FastAPI:
     """An OpenAI-compatible app over `engine` (the request-level engine of dsjax.runtime).
 
     `served_model_name`: the only name `model` may take (default: the engine's name); `api_key`: required as
     `Authorization: Bearer KEY` on /v1/* when set; `max_queue`: requests that may wait for a free KV row beyond those
-    running before new ones get 429; `request_timeout`: seconds from arrival to the last token (None: no limit).
+    running before new ones get 429; `request_timeout`: seconds from arrival to the last token (None: no limit);
+    `readiness`: the warm-up under way (None: ready at once), until whose end /health and the completion routes
+    answer 503.
     """
     srv = Server(engine, served_model_name or getattr(engine, "name", "") or "dsjax", api_key, max_queue,
                  request_timeout)
@@ -69,9 +73,22 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
         srv.metrics.http[200] += 1
         return JSONResponse(body)
 
+    def check_ready() -> None:
+        if readiness is not None and not readiness.ready:
+            r = readiness.report()
+            of = f"{r['step_shapes_done']}/{r['step_shapes']}" if r["step_shapes"] else "0"
+            raise P.ApiError(503, f"the server is warming up ({of} step shapes compiled in {r['seconds']:.0f} s): "
+                             "retry later; GET /health answers 200 once it is ready", code="warming_up",
+                             headers={"Retry-After": "10"})
+
     @app.get("/health")
     async def health():
-        return ok({"status": "ok", "model": srv.model})
+        if readiness is not None and not readiness.ready:
+            srv.metrics.http[503] += 1
+            return JSONResponse({"status": "warming_up", "model": srv.model, "warmup": readiness.report()},
+                                status_code=503, headers={"Retry-After": "10"})
+        return ok({"status": "ok", "model": srv.model,
+                   **({"warmup": readiness.report()} if readiness is not None else {})})
 
     @app.get("/metrics")
     async def metrics():
@@ -83,6 +100,13 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
         except Exception as e:                   # the runtime's figures are a bonus; never fail the scrape on them
             stats, engine_text = {}, f"# engine.stats() failed: {type(e).__name__}: {e}\n"
         steps = stats.get("steps") if isinstance(stats.get("steps"), dict) else None
+        if readiness is not None:
+            r = readiness.report()
+            engine_text = (f"# HELP dsjax_serve_ready 1 once the warm-up has ended (the server answers requests)\n"
+                           f"# TYPE dsjax_serve_ready gauge\ndsjax_serve_ready {int(r['ready'])}\n"
+                           f"# HELP dsjax_serve_warmup_step_shapes_done step shapes the warm-up has compiled\n"
+                           f"# TYPE dsjax_serve_warmup_step_shapes_done gauge\n"
+                           f"dsjax_serve_warmup_step_shapes_done {r['step_shapes_done']}\n") + engine_text
         return PlainTextResponse(srv.metrics.prometheus(status, steps, engine_text),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -95,6 +119,7 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
     @app.post("/v1/completions", dependencies=[Depends(auth)])
     async def completions(request: Request):
         t0 = time.monotonic()
+        check_ready()
         body = P.parse(P.CompletionRequest, await request.body())
         srv.check_model(body.model)
         if body.max_tokens == 0 and not body.echo:
@@ -171,6 +196,7 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat_completions(request: Request):
         t0 = time.monotonic()
+        check_ready()
         body = P.parse(P.ChatRequest, await request.body())
         srv.check_model(body.model)
         ids = srv.encode(body.chat_messages(), chat=True, param="messages")

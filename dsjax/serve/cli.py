@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
         from dsjax.serve.app import create_app
+        from dsjax.serve.readiness import Readiness
     except ImportError as e:
         print(f"dsjax: error: `dsjax serve` needs FastAPI, uvicorn and pydantic ({e.name} is missing): "
               "pip install 'dsjax[serve]'", file=sys.stderr)
@@ -53,26 +55,60 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if warm > 0 and jax.process_count() > 1:
         print("[dsjax serve] no warm-up over several processes (not built): programs compile on first use",
               file=sys.stderr, flush=True)
-    elif warm > 0:
-        _warmup(engine, warm, args.warmup_tokens, args.warmup_bursts, args.warmup_threads)
+        warm = 0
+    # The server listens during the warm-up (minutes on a GPU with a cold compile cache): /health answers 503 with
+    # its progress, the completion routes 503 with Retry-After, until it ends
+    readiness = Readiness() if warm > 0 else None
     name = args.served_model_name or os.path.basename(os.path.normpath(path))
     app = create_app(engine, served_model_name=name, api_key=args.api_key or os.environ.get("DSJAX_API_KEY") or None,
-                     max_queue=args.max_queue, request_timeout=args.request_timeout or None)
+                     max_queue=args.max_queue, request_timeout=args.request_timeout or None, readiness=readiness)
+    warming = None
+    if readiness is not None:
+        warming = threading.Thread(target=_warmup_in_background, name="dsjax-serve-warmup", daemon=True,
+                                   args=(engine, readiness, warm, args.warmup_tokens, args.warmup_bursts,
+                                         args.warmup_threads))
+        warming.start()
     print(f"[dsjax serve] {name} (context {engine.max_context} tokens) at http://{args.host}:{args.port}/v1 "
-          f"(/health, /metrics); Ctrl-C stops", file=sys.stderr, flush=True)
+          f"(/health, /metrics{'; /health answers 503 until the warm-up ends' if warming else ''}); Ctrl-C stops",
+          file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     finally:
+        if warming is not None:
+            readiness.cancel()                      # the warm-up stops after the step shape under way
+            warming.join()
         engine.close()
     return 0
 
 
-def _warmup(engine, max_prompt: int, max_new_tokens: int, bursts: int = 1, threads: int | None = None) -> None:
-    """Compile the step shapes of requests up to these lengths before the server answers (Engine.warmup)."""
+def _warmup_in_background(engine, readiness, max_prompt: int, max_new_tokens: int, bursts: int,
+                          threads: int | None) -> None:
+    """The warm-up thread of `dsjax serve`: Engine.warmup (one call on the engine thread), its progress into
+    `readiness`, then the server ready; a warm-up that fails leaves the server ready all the same (what it did not
+    compile compiles on first use) with the error in /health's report, and one cancelled at shutdown just ends."""
+    from dsjax.serve.readiness import WarmupCancelled
+    try:
+        _warmup(engine, max_prompt, max_new_tokens, bursts, threads, on_progress=readiness.progress)
+    except WarmupCancelled:
+        readiness.finish("cancelled: the server is shutting down")
+    except Exception as e:                          # noqa: BLE001 - reported, and the server serves on
+        msg = f"{type(e).__name__}: {e}"
+        print(f"[dsjax serve] warm-up failed ({msg}); programs compile on first use", file=sys.stderr, flush=True)
+        readiness.finish(msg)
+    else:
+        readiness.finish()
+
+
+def _warmup(engine, max_prompt: int, max_new_tokens: int, bursts: int = 1, threads: int | None = None,
+            on_progress=None) -> None:
+    """Compile the step shapes of requests up to these lengths (Engine.warmup), printing its progress; `on_progress`
+    (done, total) is called after each step shape too (on the engine thread; what it raises stops the warm-up)."""
     import time
     t0, last = time.perf_counter(), [0.0]
 
     def progress(done: int, total: int) -> None:
+        if on_progress is not None:
+            on_progress(done, total)
         if time.perf_counter() - last[0] > 10 or done == total:
             last[0] = time.perf_counter()
             spent = last[0] - t0
@@ -119,8 +155,9 @@ def add_parser(subparsers) -> None:
     s.add_argument("--served-model-name", default=None, help="the model name clients send (default: the store "
                    "directory's name)")
     s.add_argument("--warmup-prompt", type=int, default=None, metavar="N",
-                   help="before answering, compile the step shapes of prompts up to N tokens (0: none; default 512 "
-                   "on a GPU, 0 on the CPU backend): a compile mid-run stalls every running request")
+                   help="before serving requests, compile the step shapes of prompts up to N tokens (0: none; "
+                   "default 512 on a GPU, 0 on the CPU backend): a compile mid-run stalls every running request. "
+                   "The server listens meanwhile: /health answers 503 with the progress, then 200")
     s.add_argument("--warmup-tokens", type=int, default=256, metavar="N",
                    help="... and of outputs up to N tokens (default 256)")
     s.add_argument("--warmup-bursts", type=int, default=1, metavar="N",
