@@ -71,7 +71,13 @@ case "${1:-}" in
     python3 -m dsjax.cli serve "$S" "${BUDGET[@]}" --set max_batch_size=64 --max-queue 256 ${SERVE_ARGS:-} > "$OUT/serve.log" 2>&1 &
     P=$!
     health='import urllib.request; urllib.request.urlopen("http://127.0.0.1:8000/health", timeout=2)'
-    until python3 -c "$health" 2> /dev/null; do kill -0 $P || { tail "$OUT/serve.log"; exit 1; }; sleep 2; done
+    # /health answers 503 with the warm-up's progress until it ends: logged every ~60 s (a cut-off run keeps it)
+    n=0
+    until python3 -c "$health" 2> /dev/null; do
+      kill -0 $P || { tail "$OUT/serve.log"; exit 1; }; sleep 2; n=$((n + 1))
+      [ $((n % 30)) -eq 0 ] && echo "$(date +%T) $(curl -s http://127.0.0.1:8000/health)"
+    done
+    grep "warm-up done" "$OUT/serve.log"
     python3 bench/serve_load.py --concurrency "${2:-1,8,32,64}" ${LOAD_LENS:---prompt-len 32:512 --output-len 16:128} \
       --requests-per-stream 1 --out "$OUT/serve_load.json" 2>&1 | tail -12
     python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:8000/metrics").read().decode())' \
