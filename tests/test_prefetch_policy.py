@@ -238,6 +238,13 @@ def test_the_cpu_trial_waits_for_the_copy_ahead_verdict_and_the_two_never_mix_th
     assert pol.trial()["1"]["ms_with"] == pytest.approx(35.0) and pol.trial()["1"]["ms_without"] == pytest.approx(25.0)
     rep = pol.cpu_trial_report()["1"]
     assert rep["ms_with"] == pytest.approx(25.0) and rep["ms_without"] == pytest.approx(30.0)
+    # the CPU trial's re-checks of its loser (CPU off, 30 ms) never reach the copy-ahead trial's log
+    assert any(not cpu for cpu, _ in ran[-32:])
+    assert all(x["ms"] in (pytest.approx(35.0), pytest.approx(25.0)) for x in pol.trial_samples())
+    # and the copy-ahead trial's re-checks (copies ahead on: 35 / 40 ms) never reach the CPU trial's samples
+    assert any(ahead for _, ahead in ran[16:])
+    kept = [t for side in pol._cpu_trials[1].times.values() for t in side]
+    assert kept and all(t in (pytest.approx(0.025), pytest.approx(0.030)) for t in kept)
 
 
 def test_the_cpu_trial_runs_while_a_full_link_holds_copies_ahead_back():
