@@ -163,3 +163,12 @@ def test_copy_paths_script_writes_the_same_bytes_by_every_path(tmp_path):
     for (p, n), x in rows.items():
         assert x["bytes"] == (n * B if p in "ABCD" else 0)
         assert x["total_ms"] > 0 and x["issue_cpu_ms"] >= 0
+
+
+def test_bench_refuses_no_warmup_before_measuring_or_writing(tmp_path):
+    """--warmup-tokens 0 (or --tokens 0) is refused before the ceilings are measured or --out is written."""
+    out = tmp_path / "b.json"
+    for kw in (dict(warmup_tokens=0), dict(tokens=0)):
+        with pytest.raises(ValueError, match="--tokens >= 1 and --warmup-tokens >= 1"):
+            bench(str(tmp_path / "no-store"), out=str(out), **kw)
+    assert not out.exists()

@@ -363,6 +363,8 @@ def bench(store: str, *, gpu_memory=None, host_memory=None, preset: str | None =
     the measured generation); budget and on_demand run tiered expert parallelism (each device its own expert slots,
     host cache and link; the budgets apply to each device) and each row adds 'expert_devices' (per device: host->GPU
     bytes per step, GPU hit rate); 'resident' and 'cpu' run on one device."""
+    if tokens < 1 or warmup_tokens < 1:           # before measuring or loading anything
+        raise ValueError(f"bench needs --tokens >= 1 and --warmup-tokens >= 1, got {tokens} and {warmup_tokens}")
     several = devices if devices and devices > 1 else None
     if several and ("cpu" in configs or "cpu_auto" in configs):
         raise ValueError(f"bench over {devices} devices: config cpu (CPU-computed experts) runs on one device; "
