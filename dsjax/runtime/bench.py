@@ -26,7 +26,7 @@ import numpy as np
 
 from dsjax.runtime.metrics import process_memory
 from dsjax.runtime.planner import Links
-from dsjax.runtime.tiers import shardings
+from dsjax.runtime.tiers import pow2_bucket, shardings
 
 GB = 1e9
 
@@ -251,7 +251,7 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
                       for k in ("copies", "used")},          # experts copied ahead during the measured generation
             steps_without_copies_ahead=(s.get("steps_without_copies_ahead", 0)     # adaptive: link saturated
                                         - s0.get("steps_without_copies_ahead", 0)),
-            copy_ahead_trial=s.get("copy_ahead_trial", {}).get(str(1 << max(B - 1, 0).bit_length())),
+            copy_ahead_trial=s.get("copy_ahead_trial", {}).get(str(pow2_bucket(B))),
             copy_ahead_limit=s.get("copy_ahead_limit"),
             copy_ahead_samples=[x for x in s.get("copy_ahead_samples", []) if x["rows"] <= B],   # last steps logged
             stall_s=stall, host_ms_per_step={k: 1e3 * (v - h0.get(k, 0.0)) / steps for k, v in h1.items()},
@@ -329,7 +329,7 @@ def _cpu_ms_cell(cpu_ms: dict, moe_layers: int) -> str:
 
 def _cpu_trial_cell(cp: dict[str, Any], batch: int) -> str:
     """'; trial W/O ms: cpu|copies' for the row's decode bucket under cpu_experts auto, else ''."""
-    tr = (cp.get("trial") or {}).get(str(1 << max(batch - 1, 0).bit_length()))
+    tr = (cp.get("trial") or {}).get(str(pow2_bucket(batch)))
     if not tr or not tr.get("ms_with") or not tr.get("ms_without"):
         return ""
     return f"; trial {tr['ms_with']:.1f}/{tr['ms_without']:.1f} ms: {'cpu' if tr['cpu_wins'] else 'copies'}"

@@ -22,6 +22,8 @@ import dataclasses
 
 import numpy as np
 
+from dsjax.runtime.tiers import pow2_bucket      # a trial's bucket of decode rows: the next power of two
+
 GPU, HOST, DISK, READING = 0, 1, 2, 3          # where an expert sits (READING: a disk read is in flight)
 CPU_MAX_ROWS = 8         # rows of a step past which no expert runs on the CPU: its work grows with rows, a copy's not
 CPU_PRIOR_BPS = 10e9     # the CPU kernel's assumed rate at 1 row before it is measured (issue 24 measured 18.6 GB/s
@@ -65,16 +67,16 @@ class _Trial:
         t = self.times[ahead]
         return float(np.median(t)) if t else None
 
+    def report(self) -> dict:
+        """Median step ms with the knob on and off (None: no step of that side yet)."""
+        on, off = self.median(True), self.median(False)
+        return {"ms_with": 1e3 * on if on else None, "ms_without": 1e3 * off if off else None}
+
     def verdict(self, margin: float) -> bool | None:
         """Copies ahead win (True), lose or tie (False), or not known yet (None: fewer than 3 steps of either)."""
         if min(len(self.times[True]), len(self.times[False])) < 3:
             return None
         return self.median(True) < (1 - margin) * self.median(False)
-
-
-def _bucket(rows: int) -> int:
-    """A trial's bucket of decode rows: the next power of two."""
-    return 1 << max(rows - 1, 0).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,10 +223,10 @@ class PrefetchPolicy:
         off, ... until each has 3 steps, then the winner, with one step of the loser every probe_every steps. A step
         whose CPU path ran other than the CPU trial's settled mode is not a sample (the two trials never compare
         steps that differ in the other's knob)."""
-        t = self._trials.setdefault(_bucket(step.rows), _Trial())
-        ran = self.copies_ahead
         if step.cpu is not None and step.cpu != self._cpu_settled(step.rows):
             return self._ahead_now
+        t = self._trials.setdefault(pow2_bucket(step.rows), _Trial())
+        ran = self.copies_ahead
         self.samples.append((step.rows, ran, round(1e3 * step.seconds, 3), round(step.h2d_bytes / 1e6, 3),
                              t.steps > 0))
         if t.steps and not ran and step.moe_layers:
@@ -245,12 +247,12 @@ class PrefetchPolicy:
         0), more than CPU_MAX_ROWS rows) or the bucket has not started one."""
         if not self.cpu_trial or not 0 < rows <= CPU_MAX_ROWS:
             return True
-        t = self._cpu_trials.get(_bucket(rows))
+        t = self._cpu_trials.get(pow2_bucket(rows))
         return True if t is None else t.next
 
     def _cpu_settled(self, rows: int) -> bool:
         """The CPU trial's verdict for the bucket of `rows`, or True (the CPU path runs) while it has none."""
-        t = self._cpu_trials.get(_bucket(rows))
+        t = self._cpu_trials.get(pow2_bucket(rows))
         v = t.verdict(self.margin) if t is not None else None
         return True if v is None else v
 
@@ -259,7 +261,7 @@ class PrefetchPolicy:
         a bucket once the copy-ahead trial there has its verdict (or runs none, or the link gate holds copies ahead
         back: batch 8 and 32 fill the link, and that trial then never sees a step with copies ahead), and leaves out
         that trial's re-checks of its loser: CPU steps are compared only against steps with the same copies ahead."""
-        b = _bucket(step.rows)
+        b = pow2_bucket(step.rows)
         if self.trial_active:
             ta = self._trials.get(b)
             undecided = ta is None or ta.verdict(self.margin) is None
@@ -271,22 +273,14 @@ class PrefetchPolicy:
 
     def cpu_trial_report(self) -> dict:
         """The CPU path's trial per decode batch bucket: median step ms with and without the CPU path, the verdict."""
-        out = {}
-        for rows, t in sorted(self._cpu_trials.items()):
-            on, off = t.median(True), t.median(False)
-            out[str(rows)] = {"ms_with": 1e3 * on if on else None, "ms_without": 1e3 * off if off else None,
-                              "cpu_wins": t.verdict(self.margin)}
-        return out
+        return {str(rows): {**t.report(), "cpu_wins": t.verdict(self.margin)}
+                for rows, t in sorted(self._cpu_trials.items())}
 
     def trial(self) -> dict:
         """The copy-ahead trial per decode batch bucket: median step ms with and without, and the verdict."""
-        out = {}
-        for rows, t in sorted(self._trials.items()):
-            on, off = t.median(True), t.median(False)
-            out[str(rows)] = {"ms_with": 1e3 * on if on else None, "ms_without": 1e3 * off if off else None,
-                              "copies_ahead_win": t.verdict(self.margin),
-                              "idle_experts_per_layer": float(np.median(t.gap)) if t.gap else None}
-        return out
+        return {str(rows): {**t.report(), "copies_ahead_win": t.verdict(self.margin),
+                            "idle_experts_per_layer": float(np.median(t.gap)) if t.gap else None}
+                for rows, t in sorted(self._trials.items())}
 
     def trial_samples(self) -> list[dict]:
         """The trial's last decode steps, oldest first: rows, copies ahead, ms, host->GPU MB, timed (False: the

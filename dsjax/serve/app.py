@@ -100,14 +100,8 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
         except Exception as e:                   # the runtime's figures are a bonus; never fail the scrape on them
             stats, engine_text = {}, f"# engine.stats() failed: {type(e).__name__}: {e}\n"
         steps = stats.get("steps") if isinstance(stats.get("steps"), dict) else None
-        if readiness is not None:
-            r = readiness.report()
-            engine_text = (f"# HELP dsjax_serve_ready 1 once the warm-up has ended (the server answers requests)\n"
-                           f"# TYPE dsjax_serve_ready gauge\ndsjax_serve_ready {int(r['ready'])}\n"
-                           f"# HELP dsjax_serve_warmup_step_shapes_done step shapes the warm-up has compiled\n"
-                           f"# TYPE dsjax_serve_warmup_step_shapes_done gauge\n"
-                           f"dsjax_serve_warmup_step_shapes_done {r['step_shapes_done']}\n") + engine_text
-        return PlainTextResponse(srv.metrics.prometheus(status, steps, engine_text),
+        warmup = readiness.report() if readiness is not None else None
+        return PlainTextResponse(srv.metrics.prometheus(status, steps, engine_text, warmup),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models", dependencies=[Depends(auth)])

@@ -75,13 +75,18 @@ class ServerMetrics:
         return dt / n, rows / n
 
     def prometheus(self, status: dict[str, Any] | None, steps: dict[str, Any] | None = None,
-                   engine_text: str = "") -> str:
+                   engine_text: str = "", warmup: dict[str, Any] | None = None) -> str:
         p = PREFIX
         lines: list[str] = []
 
         def metric(name: str, kind: str, help_: str, samples: list[str]) -> None:
             lines.extend([f"# HELP {p}_{name} {help_}", f"# TYPE {p}_{name} {kind}", *samples])
 
+        if warmup is not None:                   # Readiness.report() of a server that warms up
+            metric("ready", "gauge", "1 once the warm-up has ended (the server answers requests)",
+                   [f"{p}_ready {int(warmup['ready'])}"])
+            metric("warmup_step_shapes_done", "gauge", "step shapes the warm-up has compiled",
+                   [f"{p}_warmup_step_shapes_done {warmup['step_shapes_done']}"])
         if status is not None:
             metric("requests_running", "gauge", "requests in the engine's running batch",
                    [f"{p}_requests_running {status.get('running', 0)}"])
