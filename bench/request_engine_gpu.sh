@@ -82,7 +82,9 @@ case "${1:-}" in
       --requests-per-stream 1 --out "$OUT/serve_load.json" 2>&1 | tail -12
     python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:8000/metrics").read().decode())' \
       > "$OUT/metrics.txt"
-    kill $P
+    # wait for it to exit: its pinned host memory (~84 GB) is freed only then, and the next step's load needs it
+    # (run 10: the bench right after it aborted while loading, most likely for this)
+    kill $P; wait $P
     ;;
   all)
     # STEPS: ;-separated steps (default: every one, most wanted first)
@@ -111,10 +113,11 @@ case "${1:-}" in
     python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --configs on_demand,cpu --batches 1,8 --tokens 8 --prompt-len 32 \
       --no-trace --set overlap_io=false --out "$OUT/bench_cpu_on_demand_b1_8.json" 2>&1 | tail -6
     ;;
-  cpuauto)             # b1, b8: on_demand, the CPU path forced on, and under auto (the plan, then the CPU trial decide);
+  cpuauto)             # b1, b8: on_demand, the CPU path forced on, and under auto (the CPU trial decides per bucket);
     use_tree "${NEW_TREE:-.}" new    # a 40-token warm-up lets the trial reach its verdict before the measured 16
     python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --configs on_demand,cpu,cpu_auto --batches 1,8 --tokens 16 \
-      --warmup-tokens 40 --prompt-len 32 --no-trace --set overlap_io=false --out "$OUT/bench_cpu_auto_b1_8.json" 2>&1 | tail -9
+      --warmup-tokens 40 --prompt-len 32 --no-trace --set overlap_io=false --out "$OUT/bench_cpu_auto_b1_8.json" 2>&1 \
+      | tee "$OUT/cpuauto.log" | tail -9
     ;;
   warmthreads)         # Engine.warmup with 0 and 8 compile threads (fresh processes, no compile cache), then b1 decode
     use_tree "${NEW_TREE:-.}" new
