@@ -177,6 +177,22 @@ def test_in_memory_refuses_a_store_larger_than_the_gpu(store, monkeypatch):
     assert _load(store, in_memory=True).logits(np.asarray([PROMPTS[1]])).shape[1] == len(PROMPTS[1])
 
 
+def test_a_host_budget_past_the_free_ram_is_refused_before_anything_is_pinned(store, budgets, monkeypatch):
+    """Pinned allocations past the RAM free end the process on a GPU (run 10: an abort while a server still held its
+    84 GB): the plan's pinned bytes are checked against MemAvailable first."""
+    from dsjax.runtime import tiered
+    from dsjax.runtime.planner import BudgetError
+    monkeypatch.setattr(tiered, "host_available", lambda: 10**4)          # 10 kB free
+    with pytest.raises(BudgetError, match=r"pins .* of host memory \(host_memory=.* has 10\.00 KB available now "
+                                          r"\(MemAvailable.*--host-memory 0GB"):
+        _load(store, **budgets["tight"])
+    # every weight of the store pinned once at most: a machine with that much free loads it
+    monkeypatch.setattr(tiered, "host_available", lambda: model_bytes_from_store(Store(store)).total)
+    e = _load(store, **budgets["tight"])
+    assert e.stats()["pools"]["host_weights"]["used"] > 0
+    assert e.generate(PROMPTS[:1], max_new_tokens=2, stop_token_ids=())[0].token_ids
+
+
 # ---- the effect of each key ----------------------------------------------------------------------------------
 
 def test_overlap_io_off_loads_on_demand(store, budgets, reference):

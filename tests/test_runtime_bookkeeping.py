@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dsjax.runtime.cache_policy import SlotCache
-from dsjax.runtime.memory import MemoryManager
+from dsjax.runtime.memory import MemoryManager, check_host_room, host_available
 from dsjax.runtime.planner import BudgetError, Pools
 
 
@@ -267,3 +267,20 @@ def test_process_memory_tracks_resident_pages():
     assert after["peak_rss"] >= after["rss"]
     assert after["peak_rss"] >= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 * 0.99
     del block
+
+
+def test_host_available_reads_memavailable_and_the_check_names_both_sizes(tmp_path):
+    info = tmp_path / "meminfo"
+    info.write_text("MemTotal:       131072000 kB\nMemFree:         1000000 kB\nMemAvailable:   41943040 kB\n")
+    assert host_available(str(info)) == 41943040 * 1024
+    assert host_available(str(tmp_path / "missing")) is None               # no such file: unknown, no check
+    (tmp_path / "plain").write_text("x")
+    assert host_available(str(tmp_path / "plain" / "meminfo")) is None     # a path below a regular file
+    info.write_text("MemTotal: 1 kB\n")
+    assert host_available(str(info)) is None                               # an older kernel without the line
+    check_host_room(80 * 10**9, None)                                      # unknown: no check
+    check_host_room(80 * 10**9, 80 * 10**9)                                # exactly fits
+    with pytest.raises(BudgetError, match=r"pins 80\.00 GB of host memory \(host_memory=96\.00 GB\) but this machine "
+                                          r"has 40\.00 GB available.*--host-memory 36GB"):
+        check_host_room(80 * 10**9, 40 * 10**9, 96 * 10**9)
+    assert host_available() is None or host_available() > 0                # this machine's own file parses

@@ -59,8 +59,9 @@ class ComputeConfig:
     #                                  predicted host->GPU copies while steps saturate that link (V3 slice run 8 on
     #                                  the H200: 1.08x / 1.18x / 1.10x decode tok/s at batch 1 / 8 / 32, bench/RESULTS.md)
     cpu_experts: str = "auto"        # decode steps compute some host-resident experts that miss the GPU on the CPU
-    #                                  beside the copies (issue 24): auto (where the planner says it pays: a GPU
-    #                                  backend, an FP4 store), on (wherever the kernel runs, the CPU backend too), off
+    #                                  beside the copies (issue 24): auto (a GPU backend, an FP4 store: timed
+    #                                  steps per batch bucket keep it where it pays), on (wherever the kernel
+    #                                  runs, the CPU backend too), off
     cpu_threads: int = 0             # CPU threads of that path; 0 = every CPU of the process but the engine thread's
     compile_ahead: str = "off"       # when requests join, compile the decode shape they lead to (rows, page-table
     #                                  width) on a thread of its own while they prefill (runtime/compile_ahead.py):

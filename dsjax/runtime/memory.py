@@ -16,6 +16,35 @@ GPU_POOLS = ("reserve", "active_layers", "expert_cache", "compute")
 HOST_POOLS = ("host_weights", "host_layer_cache", "host_prefetch", "host_reserve")
 
 
+def host_available(meminfo: str = "/proc/meminfo") -> int | None:
+    """Bytes of RAM new allocations can take now without swapping (the kernel's MemAvailable), or None where the
+    system does not say (not Linux, an unreadable file)."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    value, unit = line.split()[1:3]
+                    return int(value) * {"kB": 1024, "mB": 2**20, "gB": 2**30}.get(unit, 1)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_host_room(need: int, available: int | None, host_memory: int | None = None) -> None:
+    """Refuse, before anything is pinned, an engine whose plan pins more host memory than the machine has free: the
+    GPU runtime's pinned allocations past free RAM end the process (an abort, no Python error) or swap. `need`: the
+    plan's pinned host bytes; `available`: host_available() (None: unknown, no check)."""
+    if available is None or need <= available:
+        return
+    budget = "no host_memory limit" if host_memory is None else f"host_memory={fmt_bytes(host_memory)}"
+    fit = max(available * 9 // 10, 0) // 10**9
+    raise BudgetError(
+        f"the plan pins {fmt_bytes(need)} of host memory ({budget}) but this machine has {fmt_bytes(available)} "
+        "available now (MemAvailable, /proc/meminfo): another process holds the rest (an engine or `dsjax serve` "
+        f"still running or shutting down?). Stop it, or pass a host budget that fits (host_memory='{fit}GB', "
+        f"--host-memory {fit}GB): the plan then leaves more experts on disk")
+
+
 @dataclasses.dataclass
 class PoolUse:
     capacity: int

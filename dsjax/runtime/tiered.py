@@ -29,7 +29,7 @@ from dsjax.runtime.cpu_path import CpuExpertPath, availability, take_rows
 from dsjax.runtime.engine import DEFAULT_CONTEXT, Engine, Group
 from dsjax.runtime.expert_layout import PROJ, ExpertLayout
 from dsjax.runtime.kv_pool import PAGE_TOKENS, kv_bytes_per_token
-from dsjax.runtime.memory import MemoryManager
+from dsjax.runtime.memory import MemoryManager, check_host_room, host_available
 from dsjax.runtime.metrics import Metrics, json_line, process_memory, prometheus_text
 from dsjax.runtime.planner import BudgetError, Links, ModelBytes, Pools, fmt_bytes, plan
 from dsjax.runtime.popularity import check_hot_room, engine_popularity, hot_set, layer_popularity, popularity_order
@@ -155,10 +155,20 @@ class TieredEngine(Engine):
             # The plan (and stats' predicted_tok_s) counts the CPU path at the kernel's rate (the prior until measured)
             with_cpu = plan(mb, gpu, host, links=dataclasses.replace(self.links, cpu_rate=cpu_rate), **plan_kw)
             if cc.cpu_experts == "auto" and with_cpu.t_token >= self.placement.t_token:
-                cpu_on, self.cpu_experts_reason = False, "the plan predicts no gain"
+                # The plan models batch 1 only, and larger decode batches are where the path paid on the H100 (run 7:
+                # 0.75x at batch 1, 1.29x at batch 8; run 10: auto, gated here, left batch 8 at on_demand's speed): the
+                # path is built anyway and the CPU trial times each bucket of rows; the plan's figure stays GPU-only
+                self.cpu_experts_reason = "the plan predicts no gain at batch 1; the CPU trial decides per batch"
             else:
                 self.placement = with_cpu
         p = self.placement
+        # what the plan pins on the host (the embedding, host layer cores, the host expert caches: at most every
+        # expert once over the devices), against the RAM free now: past it the GPU runtime aborts the process
+        streamed_experts = p.gpu_expert_slots < mb.n_experts
+        check_host_room(mb.embed + sum(mb.layer_core[i] for i in p.host_layers)
+                        + (min(mb.n_experts, p.host_experts * len(devs)) * len(mb.moe_layers) * mb.expert
+                           if streamed_experts else 0),
+                        host_available(), runtime.host_memory)
         moved = p.gpu_expert_pool - p.pools.expert_cache   # active-pool room the planner gave to experts
         self.mm = MemoryManager(p.pools, {"expert_cache": p.gpu_expert_pool,
                                           "active_layers": p.pools.active_layers - moved})
