@@ -136,17 +136,29 @@ def _run_trial(pol, step_s, steps: int, rows: int = 1, moved: int = 8 * EXPERT):
 def test_the_copy_ahead_trial_keeps_the_faster_side_and_rechecks_the_other(ahead_wins):
     pol = PrefetchPolicy(0.4, 1, 1, link_bps=LINK, expert_bytes=EXPERT, probe_every=8)
     fast, slow = 0.030, 0.040
-    ran = _run_trial(pol, lambda ahead: fast if ahead == ahead_wins else slow, 40)
+    ran = _run_trial(pol, lambda ahead: fast if ahead == ahead_wins else slow, 130)
     assert ran[:7] == [True, True, False, True, False, True, False]       # (a first step, untimed) 3 of each side
-    settled = ran[7:]
-    assert settled.count(ahead_wins) >= len(settled) - len(settled) // 8 - 1
-    assert settled.count(not ahead_wins) >= 3                             # the loser is re-checked now and then
+    # the loser is re-checked after 8 steps, then after twice as many each time it loses again
+    assert [k for k, a in enumerate(ran[7:]) if a != ahead_wins] == [7, 7 + 16, 7 + 16 + 32, 7 + 16 + 32 + 64]
     assert pol.trial()["1"]["copies_ahead_win"] is ahead_wins
-    assert pol.trial_steps[True] + pol.trial_steps[False] == 39
+    assert pol.trial_steps[True] + pol.trial_steps[False] == 129
     log = pol.trial_samples()                      # the last 32 steps as run: mode, time, bytes, timed
     assert len(log) == 32 and [x["ahead"] for x in log] == ran[-32:] and all(x["timed"] for x in log)
     assert all(x["ms"] == 1e3 * (fast if x["ahead"] == ahead_wins else slow) for x in log)
     assert all(x["h2d_MB"] == 8 * EXPERT / 1e6 and x["rows"] == 1 for x in log)
+
+
+def test_a_recheck_that_overturns_the_verdict_restarts_the_short_interval():
+    """The loser's re-checks back off (8, 16, 32 steps) while it keeps losing; when conditions change and a re-check
+    turns the verdict, the new loser is re-checked after 8 steps again."""
+    pol = PrefetchPolicy(0.4, 1, 1, link_bps=LINK, expert_bytes=EXPERT, probe_every=8)
+    ran = _run_trial(pol, lambda ahead: 0.030 if ahead else 0.040, 7 + 8 + 16)     # ahead wins; two re-checks
+    assert [k for k, a in enumerate(ran[7:]) if not a] == [7, 7 + 16]
+    ran = _run_trial(pol, lambda ahead: 0.050 if ahead else 0.040, 60)  # now it loses: the verdict turns
+    assert pol.trial()["1"]["copies_ahead_win"] is False
+    turned = next(k for k, a in enumerate(ran) if not a and k > 0 and not ran[k - 1])   # settled on "without"
+    probes = [k for k, a in enumerate(ran) if a and k > turned]
+    assert probes[:2] == [probes[0], probes[0] + 16] and probes[0] - turned <= 8
 
 
 def test_a_tie_goes_to_loading_on_demand_and_buckets_are_judged_apart():
@@ -204,15 +216,13 @@ def _run_cpu_trial(pol, step_s, steps: int, rows: int = 1, link_busy: float = 0.
 def test_the_cpu_trial_keeps_the_cpu_path_only_where_it_makes_steps_faster(cpu_wins):
     pol = PrefetchPolicy(0.4, 0, 0, overlap=False, link_bps=LINK, expert_bytes=EXPERT, probe_every=8)
     pol.cpu_trial = True                       # (no copy-ahead trial without look-ahead: the CPU trial starts at once)
-    ran = [cpu for cpu, _ in _run_cpu_trial(pol, lambda cpu, _: 0.024 if cpu == cpu_wins else 0.032, 40)]
+    ran = [cpu for cpu, _ in _run_cpu_trial(pol, lambda cpu, _: 0.024 if cpu == cpu_wins else 0.032, 70)]
     assert ran[:7] == [True, True, False, True, False, True, False]       # (a first step, untimed) 3 of each side
-    settled = ran[7:]
-    assert settled.count(cpu_wins) >= len(settled) - len(settled) // 8 - 1
-    assert settled.count(not cpu_wins) >= 3                               # the loser is re-checked now and then
+    assert [k for k, c in enumerate(ran[7:]) if c != cpu_wins] == [7, 7 + 16, 7 + 16 + 32]   # re-checks, backing off
     rep = pol.cpu_trial_report()["1"]
     assert rep["cpu_wins"] is cpu_wins
     assert rep["ms_with" if cpu_wins else "ms_without"] == pytest.approx(24.0)
-    assert pol.cpu_trial_steps[True] + pol.cpu_trial_steps[False] == 39
+    assert pol.cpu_trial_steps[True] + pol.cpu_trial_steps[False] == 69
     assert pol.cpu_allowed(12) and pol.cpu_allowed(0)                     # past CPU_MAX_ROWS, prefill: no trial
 
 

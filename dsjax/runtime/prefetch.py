@@ -48,11 +48,16 @@ class _Trial:
         self.gap = collections.deque(maxlen=keep)     # idle link time per MoE layer of the steps without, in experts
         self.steps = 0
         self.next = True                              # the mode the bucket's next step runs
+        self.every = 0                                # settled steps between re-checks of the loser (0: unsettled)
+        self.left = 0                                 # settled steps until the next re-check
+        self.held: bool | None = None                 # the verdict the last settled step saw
 
-    def judge(self, ran: bool, seconds: float, margin: float, probe_every: int) -> bool:
+    def judge(self, ran: bool, seconds: float, margin: float, probe_every: int, backoff: int = 8) -> bool:
         """Record a step run in mode `ran` (but the bucket's first: its programs compile in it, H100 9.4 s at batch 8)
         and return the mode of the bucket's next step: the other, then the same, ... until each mode has 3 steps;
-        then the winner, with one step of the loser every `probe_every` steps."""
+        then the winner, with one step of the loser after `probe_every` steps, and after twice as many each time a
+        re-check leaves the verdict as it was (at most `backoff` x probe_every: a loser 0.81x as fast re-checked
+        every 8th step costs a step 2.4%, every 64th 0.3%); a verdict that changes starts again at probe_every."""
         if self.steps == 0:
             self.steps = 1
             return ran
@@ -61,7 +66,14 @@ class _Trial:
         verdict = self.verdict(margin)
         if verdict is None:
             return not ran if len(self.times[not ran]) < 3 else ran
-        return (not verdict) if self.steps % probe_every == 0 else verdict
+        if self.held is None or verdict != self.held:
+            self.every = self.left = probe_every
+        elif ran != verdict:                          # a re-check of the loser that left the verdict as it was
+            self.every = min(2 * self.every, backoff * probe_every)
+            self.left = self.every
+        self.held = verdict
+        self.left -= 1
+        return (not verdict) if self.left <= 0 else verdict
 
     def median(self, ahead: bool) -> float | None:
         t = self.times[ahead]
@@ -111,9 +123,10 @@ class PrefetchPolicy:
         self.steps_without_copies_ahead = 0
         # Prediction that never loses (issue 20): per decode batch bucket, a trial of decode steps with copies ahead
         # and without (loading on demand) keeps copies ahead only while their median step time beats the other's by
-        # `margin`, re-checking the losing side every `probe_every` steps; copies ahead go out likeliest first, at most
-        # as many per layer as the link's idle time per MoE layer of the steps without them moves (a copy ahead beyond
-        # that queues before the next layer's demand copies: wrong, it delays them by its whole copy).
+        # `margin`, re-checking the losing side after `probe_every` steps (backing off to 8x that while it keeps
+        # losing); copies ahead go out likeliest first, at most as many per layer as the link's idle time per MoE
+        # layer of the steps without them moves (a copy ahead beyond that queues before the next layer's demand
+        # copies: wrong, it delays them by its whole copy).
         self.link_bps, self.expert_bytes = link_bps, expert_bytes
         self.probe_every, self.margin = probe_every, margin
         self._link_ok = True                        # the link gate (hysteresis below)
@@ -220,7 +233,7 @@ class PrefetchPolicy:
 
     def _trial_step(self, step: StepSample) -> bool:
         """Record the step under its mode (but the bucket's first); the mode of the next step of this bucket: off, on,
-        off, ... until each has 3 steps, then the winner, with one step of the loser every probe_every steps. A step
+        off, ... until each has 3 steps, then the winner, with a step of the loser now and then (_Trial.judge). A step
         whose CPU path ran other than the CPU trial's settled mode is not a sample (the two trials never compare
         steps that differ in the other's knob)."""
         if step.cpu is not None and step.cpu != self._cpu_settled(step.rows):
