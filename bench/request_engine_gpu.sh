@@ -4,8 +4,9 @@
 #   bash bench/request_engine_gpu.sh bench NEW|OLD BATCHES   # dsjax bench budget,on_demand 16GB/96GB (OLD: the tree in
 #                                                   # .old/, e.g. `git archive 7375483 dsjax kernels configs bench`)
 #   bash bench/request_engine_gpu.sh slice | gputests   # the slice alone | the CPU path's GPU tests
-#   bash bench/request_engine_gpu.sh arrivals       # bench/arrivals.py: 32 Poisson arrivals vs the static batch 32
-#   bash bench/request_engine_gpu.sh serve          # dsjax serve + bench/serve_load.py at 1, 8, 32, 64 streams
+#   bash bench/request_engine_gpu.sh arrivals [KEY=VALUE]   # bench/arrivals.py: 32 Poisson arrivals vs the static
+#                                                   # batch 32 (KEY=VALUE: a runtime option, e.g. step_tokens=4096)
+#   bash bench/request_engine_gpu.sh serve [CONC] [KEY=VALUE]  # dsjax serve + bench/serve_load.py at 1, 8, 32, 64 streams
 #                                                   # (SERVE_ARGS: more `dsjax serve` options, e.g. --set compile_ahead=on;
 #                                                   # LOAD_LENS: serve_load's lengths, default --prompt-len 32:512 --output-len 16:128)
 #   bash bench/request_engine_gpu.sh copies         # bench/copy_paths.py: issue time of expert copies by path
@@ -57,7 +58,8 @@ case "${1:-}" in
     use_tree "${NEW_TREE:-.}" new
     # outputs 16-96 (run 4: 16-256 ran past 15 minutes); progress in arrivals.log as it goes
     python3 bench/arrivals.py "$S" "${BUDGET[@]}" --requests 32 --rate 8 --prompt-len 32:512 --output-len 16:96 \
-      --static-batch 32 --static-prompt 32 --static-tokens 8 --out "$OUT/arrivals.json" 2>&1 | tee "$OUT/arrivals.log" | tail -8
+      --static-batch 32 --static-prompt 32 --static-tokens 8 ${2:+--set "$2"} --out "$OUT/arrivals${2:+_$2}.json" 2>&1 \
+      | tee "$OUT/arrivals${2:+_$2}.log" | tail -8
     ;;
   serve)
     use_tree "${NEW_TREE:-.}" new
@@ -68,20 +70,22 @@ case "${1:-}" in
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$ROOT"/.whl/*.whl \
       && export PYTHONPATH="/tmp/site:$PYTHONPATH" || exit 1
     python3 -c "import fastapi, uvicorn, pydantic" || exit 1      # a missing wheel: stop before loading anything
-    python3 -m dsjax.cli serve "$S" "${BUDGET[@]}" --set max_batch_size=64 --max-queue 256 ${SERVE_ARGS:-} > "$OUT/serve.log" 2>&1 &
+    T=${3:+_$3}                          # a third argument: one more runtime option (KEY=VALUE), in the file names too
+    python3 -m dsjax.cli serve "$S" "${BUDGET[@]}" --set max_batch_size=64 --max-queue 256 ${SERVE_ARGS:-} \
+      ${3:+--set "$3"} > "$OUT/serve$T.log" 2>&1 &
     P=$!
     health='import urllib.request; urllib.request.urlopen("http://127.0.0.1:8000/health", timeout=2)'
     # /health answers 503 with the warm-up's progress until it ends: logged every ~60 s (a cut-off run keeps it)
     n=0
     until python3 -c "$health" 2> /dev/null; do
-      kill -0 $P || { tail "$OUT/serve.log"; exit 1; }; sleep 2; n=$((n + 1))
+      kill -0 $P || { tail "$OUT/serve$T.log"; exit 1; }; sleep 2; n=$((n + 1))
       [ $((n % 30)) -eq 0 ] && echo "$(date +%T) $(curl -s http://127.0.0.1:8000/health)"
     done
-    grep "warm-up done" "$OUT/serve.log"
+    grep "warm-up done" "$OUT/serve$T.log"
     python3 bench/serve_load.py --concurrency "${2:-1,8,32,64}" ${LOAD_LENS:---prompt-len 32:512 --output-len 16:128} \
-      --requests-per-stream 1 --out "$OUT/serve_load.json" 2>&1 | tail -12
+      --requests-per-stream 1 --out "$OUT/serve_load$T.json" 2>&1 | tail -12
     python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:8000/metrics").read().decode())' \
-      > "$OUT/metrics.txt"
+      > "$OUT/metrics$T.txt"
     # wait for it to exit: its pinned host memory (~84 GB) is freed only then, and the next step's load needs it
     # (run 10: the bench right after it aborted while loading, most likely for this)
     kill $P; wait $P
