@@ -14,6 +14,7 @@
 #   bash bench/request_engine_gpu.sh warmthreads [0,8]  # bench/warmup_threads.py: warm-up wall by compile threads
 #   bash bench/request_engine_gpu.sh gaps           # bench/join_gaps.py: a joining request's stall, compile ahead on/off
 #   bash bench/request_engine_gpu.sh multi [N]      # on N GPUs (nvidia-h100-x2 ...): tiered expert parallelism vs one GPU
+#   bash bench/request_engine_gpu.sh pinlimit [GiB]  # b1 on_demand's RSS with XLA's pinned pool capped at GiB (48) vs not
 #   bash bench/request_engine_gpu.sh hot [N] | options | hbm   # b1 with N hot experts per layer (popularity measured
 #                                                   # first) | with active_experts 6 and 4 | the whole slice in HBM
 #   OUT=/tmp/res setsid nohup bash bench/request_engine_gpu.sh all > /tmp/res/pipeline.log 2>&1 &
@@ -127,6 +128,15 @@ case "${1:-}" in
     use_tree "${NEW_TREE:-.}" new
     python3 bench/warmup_threads.py "$S" "${BUDGET[@]}" --threads "${2:-0,8}" --out "$OUT/warmup_threads.json" 2>&1 | tail -7
     ;;
+  pinlimit)            # process RSS with the pinned host pool capped near what the plan pins (the slice at 96 GB:
+    use_tree "${NEW_TREE:-.}" new    # ~40 GB; XLA's BFC allocator grows by doubling regions up to
+    for lim in default "${2:-48}"; do    # XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB, GiB, dsjax's default 90% of RAM), one
+      # process each: RSS (peak) and tok/s are columns of the table; a cap too low fails the load with Out of host memory
+      pre=(); [ "$lim" = default ] || pre=("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=$lim")
+      env "${pre[@]}" python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --configs on_demand --batches 1 --tokens 8 --prompt-len 32 \
+        --no-trace --out "$OUT/bench_pinlimit_$lim.json" 2>&1 | tail -3
+    done
+    ;;
   hbm)                 # the whole slice in HBM at batch 1 (issue 20, item 4)
     use_tree "${NEW_TREE:-.}" new
     python3 -m dsjax.cli bench "$S" --configs hbm --batches 1 --tokens 16 --prompt-len 32 --no-trace \
@@ -164,5 +174,5 @@ max_new_tokens=64); e.save_popularity('$OUT/pop.json'); e.close()" 2>&1 | tail -
     python3 -m pytest -q -p no:cacheprovider tests/test_cpu_experts.py 2>&1 | tail -2
     python3 bench/cpu_experts_bench.py --out "$OUT/cpu_experts.json" 2>&1 | tail -30
     ;;
-  *) echo "usage: $0 setup | slice | gputests | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY] | hot [N] | options | nopred | cpuod | cpuauto | warmthreads [T,T] | hbm | copies | copyjit | gaps | multi [N] | cpu | all"; exit 2 ;;
+  *) echo "usage: $0 setup | slice | gputests | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY] | hot [N] | options | nopred | cpuod | cpuauto | warmthreads [T,T] | hbm | copies | copyjit | gaps | multi [N] | cpu | pinlimit [GB] | all"; exit 2 ;;
 esac
