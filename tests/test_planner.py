@@ -57,6 +57,19 @@ def test_bytes_per_token_by_hand():
     assert p.host_experts == 8 and p.disk_bytes_per_token == 0   # host 9600 holds everything
 
 
+def test_pinned_host_bytes_by_hand():
+    mb = _toy()
+    # GPU 480 (as above): no layer resident, 2 of 8 expert slots; host 9600 holds every expert and layer core
+    p = plan(mb, 480, 9600, max_gpu_layers=1, prefetch_layers=1, context_tokens=1)
+    assert p.host_experts == 8 and p.host_layers == (0, 1, 2, 3)
+    assert p.pinned_host_bytes(mb) == 40 + 4 * 100 + 8 * 3 * 10          # embed + cores + 8 experts x 3 MoE layers
+    assert p.pinned_host_bytes(mb, devices=2) == p.pinned_host_bytes(mb)  # each expert once over the devices
+    assert "pinned by this plan 680 B" in p.report(mb, Links())
+    # everything on the GPU: no host expert cache, no host cores; the embedding stays on the host
+    p = plan(mb, 1600, 9600, max_gpu_layers=1, prefetch_layers=1, context_tokens=1)
+    assert p.pinned_host_bytes(mb) == 40
+
+
 def test_more_memory_never_plans_slower():
     cfg = ModelConfig.from_dict(MODELS["v3"])
     mb = ModelBytes.from_config(cfg, "nvfp4", "mlp")

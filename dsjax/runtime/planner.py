@@ -190,6 +190,14 @@ class Placement:
     cpu_bytes_per_token: float = 0.0      # host-resident expert bytes the CPU computes in place (links.cpu_rate)
     t_cpu: float = 0.0
 
+    def pinned_host_bytes(self, mb: "ModelBytes", devices: int = 1) -> int:
+        """Host memory the plan pins: the embedding, the layer cores kept in host memory and the host expert caches
+        (each expert at most once over `devices` devices). A lower bound of the process's memory: XLA's pinned pool
+        grows in regions and the loaders' buffers come and go."""
+        streamed = self.gpu_expert_slots < mb.n_experts
+        experts = min(mb.n_experts, self.host_experts * devices) * len(mb.moe_layers) * mb.expert if streamed else 0
+        return mb.embed + sum(mb.layer_core[i] for i in self.host_layers) + experts
+
     @property
     def tokens_per_s(self) -> float:
         return 1.0 / self.t_token
@@ -208,7 +216,9 @@ class Placement:
             f"GPU pools: reserve {fmt_bytes(p.reserve)}, active layers {fmt_bytes(p.active_layers)}, expert cache "
             f"{fmt_bytes(p.expert_cache)}, compute {fmt_bytes(p.compute)}",
             f"host pools: model weights {fmt_bytes(p.host_weights)}, layer cache {fmt_bytes(p.host_layer_cache)}, "
-            f"prefetch {fmt_bytes(p.host_prefetch)}, reserve {fmt_bytes(p.host_reserve)}",
+            f"prefetch {fmt_bytes(p.host_prefetch)}, reserve {fmt_bytes(p.host_reserve)}; pinned by this plan "
+            f"{fmt_bytes(self.pinned_host_bytes(mb))} (embedding, host layer cores, host experts; the process takes "
+            "more)",
             f"placement: {len(self.resident_layers)}/{n_layers} layers resident on GPU, {self.ring_slots} GPU layer "
             f"slots stream the rest ({len(self.host_layers)} from pinned host, "
             f"{n_layers - len(self.resident_layers) - len(self.host_layers)} from disk)",

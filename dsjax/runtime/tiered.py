@@ -164,11 +164,7 @@ class TieredEngine(Engine):
         p = self.placement
         # what the plan pins on the host (the embedding, host layer cores, the host expert caches: at most every
         # expert once over the devices), against the RAM free now: past it the GPU runtime aborts the process
-        streamed_experts = p.gpu_expert_slots < mb.n_experts
-        check_host_room(mb.embed + sum(mb.layer_core[i] for i in p.host_layers)
-                        + (min(mb.n_experts, p.host_experts * len(devs)) * len(mb.moe_layers) * mb.expert
-                           if streamed_experts else 0),
-                        host_available(), runtime.host_memory)
+        check_host_room(p.pinned_host_bytes(mb, len(devs)), host_available(), runtime.host_memory)
         moved = p.gpu_expert_pool - p.pools.expert_cache   # active-pool room the planner gave to experts
         self.mm = MemoryManager(p.pools, {"expert_cache": p.gpu_expert_pool,
                                           "active_layers": p.pools.active_layers - moved})
