@@ -67,6 +67,33 @@ def test_auto_stays_off_on_a_cpu_backend(store, tight, copied):
     assert stats["cpu_experts"]["reason"] == "a CPU backend"
 
 
+def test_auto_builds_the_path_where_the_batch_1_plan_predicts_no_gain(store, tight, copied, monkeypatch):
+    """On a GPU the batch-1 plan can predict no gain where larger batches gain (H100 run 7: 0.75x at batch 1, 1.29x at
+    batch 8): under auto the path is built anyway and the CPU trial decides per batch bucket; the predicted tok/s stays
+    the GPU-only plan's. (auto is off on a CPU backend: availability is made to answer as on a GPU.)"""
+    from dsjax.runtime import tiered
+    monkeypatch.setattr(tiered, "availability", lambda mode, layout, platform: (mode != "off", mode))
+    # the default links: the plan's split gives the CPU a sliver of the bytes, a gain far under 2%: none
+    e = dsjax.load(store, dtype="float32", cpu_experts="auto", links=Links(), **tight)
+    try:
+        assert e.cpu_path is not None and e.policy.cpu_trial
+        assert e.placement.cpu_bytes_per_token == 0                      # the plan's figure: GPU only
+        tokens = [g.token_ids for g in e.generate(PROMPTS, max_new_tokens=8, stop_token_ids=())]
+        c = e.stats()["cpu_experts"]
+        assert c["reason"] == "the plan predicts no gain at batch 1; the CPU trial decides per batch"
+        assert c["enabled"] == 1
+    finally:
+        e.close()
+    assert tokens == copied[0]
+    # where the plan predicts a gain (a slow link), the plan counts the path
+    e = dsjax.load(store, dtype="float32", cpu_experts="auto", links=SLOW_LINK, **tight)
+    try:
+        assert e.cpu_path is not None and e.placement.cpu_bytes_per_token > 0
+        assert e.stats()["cpu_experts"]["reason"] == "auto"
+    finally:
+        e.close()
+
+
 def test_the_cpu_trial_times_decode_steps_both_ways_and_keeps_the_tokens(store, tight):
     """Under auto the policy's CPU trial (cpu_trial; auto itself stays off on a CPU backend, so it is switched on here
     beside 'on') alternates decode steps with and without the CPU path once the copy-ahead trial has its verdict, and
