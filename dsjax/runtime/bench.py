@@ -355,8 +355,9 @@ def bench(store: str, *, gpu_memory=None, host_memory=None, preset: str | None =
           **overrides) -> dict[str, Any]:
     """Measure `store` under the budgets (config 'budget'), with no limit ('resident'), with overlap_io off
     ('on_demand'), under the budgets with cpu_experts on ('cpu'; budget and on_demand run with it off unless an
-    override sets it) or auto ('cpu_auto': the plan and then the CPU trial decide) or as a plain in-memory model ('hbm'); returns {'ceilings', 'rows', 'machine'}. With `out`, every row is written to that JSON file as it
-    is measured and a rerun with the same `out` resumes: rows already there are kept, not measured again (the
+    override sets it) or auto ('cpu_auto': the CPU trial decides per batch bucket) or as a plain in-memory model
+    ('hbm'); returns {'ceilings', 'rows', 'machine'}. With `out`, every row is written to that JSON file as it is
+    measured and a rerun with the same `out` resumes: rows already there are kept, not measured again (the
     ceilings are those of the first run). `trace`: profile every config (True), none, or the configs named. With
     `trace_dir`, each row's profiler trace is kept there. `devices` N > 1: config 'hbm' runs every weight resident
     with the experts split over N devices and each row adds 'parallel' (per device: experts, bytes, assignments in
@@ -366,8 +367,8 @@ def bench(store: str, *, gpu_memory=None, host_memory=None, preset: str | None =
     if tokens < 1 or warmup_tokens < 1:           # before measuring or loading anything
         raise ValueError(f"bench needs --tokens >= 1 and --warmup-tokens >= 1, got {tokens} and {warmup_tokens}")
     several = devices if devices and devices > 1 else None
-    if several and ("cpu" in configs or "cpu_auto" in configs):
-        raise ValueError(f"bench over {devices} devices: config cpu (CPU-computed experts) runs on one device; "
+    if several and (cpu := [c for c in configs if c in ("cpu", "cpu_auto")]):
+        raise ValueError(f"bench over {devices} devices: config {cpu[0]} (CPU-computed experts) runs on one device; "
                          "drop it from --configs")
     dev = jax.devices()[0]
     result: dict[str, Any] = {}

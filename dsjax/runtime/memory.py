@@ -23,8 +23,7 @@ def host_available(meminfo: str = "/proc/meminfo") -> int | None:
         with open(meminfo) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    value, unit = line.split()[1:3]
-                    return int(value) * {"kB": 1024, "mB": 2**20, "gB": 2**30}.get(unit, 1)
+                    return int(line.split()[1]) * 1024          # the kernel writes it in kB (KiB)
     except (OSError, ValueError, IndexError):
         return None
     return None
@@ -39,7 +38,7 @@ def check_host_room(need: int, available: int | None, host_memory: int | None = 
     if available is None or need <= available:
         return
     budget = "no host_memory limit" if host_memory is None else f"host_memory={fmt_bytes(host_memory)}"
-    fit = max(available * 9 // 10, 0) // 10**9
+    fit = available * 9 // 10 // 10**9
     raise BudgetError(
         f"the plan pins {fmt_bytes(need)} of host memory ({budget}) but this machine has {fmt_bytes(available)} "
         "available now (MemAvailable, /proc/meminfo): another process holds the rest (an engine or `dsjax serve` "

@@ -25,6 +25,7 @@ import numpy as np
 from dsjax.runtime.tiers import pow2_bucket      # a trial's bucket of decode rows: the next power of two
 
 GPU, HOST, DISK, READING = 0, 1, 2, 3          # where an expert sits (READING: a disk read is in flight)
+TRIAL_MARGIN = 0.02      # a trial's side wins only if its median step is this much faster (a tie keeps the default)
 CPU_MAX_ROWS = 8         # rows of a step past which no expert runs on the CPU: its work grows with rows, a copy's not
 CPU_PRIOR_BPS = 10e9     # the CPU kernel's assumed rate at 1 row before it is measured (issue 24 measured 18.6 GB/s
 #                          untuned on the H100 machine's 16 cores): low, so the first decisions err towards the link
@@ -106,7 +107,7 @@ class PrefetchPolicy:
 
     def __init__(self, threshold: float, prefetch_layers: int, disk_prefetch_layers: int, *,
                  adaptive: bool = True, overlap: bool = True, link_bps: float = 0.0, expert_bytes: int = 0,
-                 probe_every: int = 8, margin: float = 0.02):
+                 probe_every: int = 8, margin: float = TRIAL_MARGIN):
         self.threshold = threshold
         self.depth = prefetch_layers
         # adaptive_schedule may look up to two MoE layers further, but never ahead at all when prefetch_layers is 0

@@ -33,7 +33,8 @@ from dsjax.runtime.memory import MemoryManager, check_host_room, host_available
 from dsjax.runtime.metrics import Metrics, json_line, process_memory, prometheus_text
 from dsjax.runtime.planner import BudgetError, Links, ModelBytes, Pools, fmt_bytes, plan
 from dsjax.runtime.popularity import check_hot_room, engine_popularity, hot_set, layer_popularity, popularity_order
-from dsjax.runtime.prefetch import CPU_MAX_ROWS, CPU_PRIOR_BPS, DISK, GPU, HOST, READING, PrefetchPolicy, StepSample
+from dsjax.runtime.prefetch import (CPU_MAX_ROWS, CPU_PRIOR_BPS, DISK, GPU, HOST, READING, TRIAL_MARGIN,
+                                    PrefetchPolicy, StepSample)
 from dsjax.runtime.programs import LayerPrograms
 from dsjax.runtime.tiers import DiskReader, ExpertCache, HostCache, LayerManager, shardings, tree_nbytes
 
@@ -154,8 +155,8 @@ class TieredEngine(Engine):
         if cpu_on:
             # The plan (and stats' predicted_tok_s) counts the CPU path at the kernel's rate (the prior until measured)
             with_cpu = plan(mb, gpu, host, links=dataclasses.replace(self.links, cpu_rate=cpu_rate), **plan_kw)
-            # (a gain under 2%, the trials' margin, is none: the planner's split always gives the CPU a sliver)
-            if cc.cpu_experts == "auto" and with_cpu.t_token >= 0.98 * self.placement.t_token:
+            # (a gain under the trials' margin is none: the planner's split always gives the CPU a sliver)
+            if cc.cpu_experts == "auto" and with_cpu.t_token >= (1 - TRIAL_MARGIN) * self.placement.t_token:
                 # The plan models batch 1 only, and larger decode batches are where the path paid on the H100 (run 7:
                 # 0.75x at batch 1, 1.29x at batch 8; run 10: auto, gated here, left batch 8 at on_demand's speed): the
                 # path is built anyway and the CPU trial times each bucket of rows; the plan's figure stays GPU-only
@@ -163,8 +164,7 @@ class TieredEngine(Engine):
             else:
                 self.placement = with_cpu
         p = self.placement
-        # what the plan pins on the host (the embedding, host layer cores, the host expert caches: at most every
-        # expert once over the devices), against the RAM free now: past it the GPU runtime aborts the process
+        # the plan's pinned host bytes against the RAM free now: past it the GPU runtime aborts the process
         check_host_room(p.pinned_host_bytes(mb, len(devs)), host_available(), runtime.host_memory)
         moved = p.gpu_expert_pool - p.pools.expert_cache   # active-pool room the planner gave to experts
         self.mm = MemoryManager(p.pools, {"expert_cache": p.gpu_expert_pool,

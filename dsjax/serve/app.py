@@ -4,9 +4,9 @@ Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /he
 Streaming answers are Server-Sent Events, one `data:` chunk per generated token (the chat stream's first chunk carries
 the role), then a usage chunk with `choices: []` when `stream_options.include_usage`, then `data: [DONE]`. Errors
 use OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 bad field (param names it), 401 wrong API key,
-404 unknown model, 429 queue full (with Retry-After), 500 a failed engine step, 503 warming up (with Retry-After; GET
-/health answers 503 with the warm-up's progress until it ends: dsjax.serve.readiness), 504 the request timeout; an error after
-a stream began is sent as one `data: {"error": ...}` event before `[DONE]`.
+404 unknown model, 429 queue full (with Retry-After), 500 a failed engine step, 503 warming up (with Retry-After;
+GET /health answers 503 with the warm-up's progress until it ends: dsjax.serve.readiness), 504 the request timeout;
+an error after a stream began is sent as one `data: {"error": ...}` event before `[DONE]`.
 
 Example:
     >>> app = create_app(dsjax.load(store), served_model_name="demo", max_queue=64)
@@ -30,6 +30,7 @@ from dsjax.serve.readiness import Readiness
 from dsjax.serve.text import prompt_opens_thought
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16     # OpenAI's default for /v1/completions (chat: up to the context)
+WARMING_UP_RETRY = {"Retry-After": "10"}  # seconds a client should wait before asking again during the warm-up
 
 
 def create_app(engine, *, served_model_name: str | None = None, api_key: str | None = None, max_queue: int = 64,
@@ -79,14 +80,14 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
             of = f"{r['step_shapes_done']}/{r['step_shapes']}" if r["step_shapes"] else "0"
             raise P.ApiError(503, f"the server is warming up ({of} step shapes compiled in {r['seconds']:.0f} s): "
                              "retry later; GET /health answers 200 once it is ready", code="warming_up",
-                             headers={"Retry-After": "10"})
+                             headers=WARMING_UP_RETRY)
 
     @app.get("/health")
     async def health():
         if readiness is not None and not readiness.ready:
             srv.metrics.http[503] += 1
             return JSONResponse({"status": "warming_up", "model": srv.model, "warmup": readiness.report()},
-                                status_code=503, headers={"Retry-After": "10"})
+                                status_code=503, headers=WARMING_UP_RETRY)
         return ok({"status": "ok", "model": srv.model,
                    **({"warmup": readiness.report()} if readiness is not None else {})})
 

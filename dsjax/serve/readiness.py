@@ -1,8 +1,8 @@
 """Readiness: the server's warm-up as a state the routes read, so `dsjax serve` listens while it compiles.
 
-On a GPU the default warm-up (prompts up to 512 tokens, outputs up to 128, batch buckets up to 32) compiled 21 of its
-59 step shapes in 389 s on an H100 with a cold compile cache (bench/RESULTS.md, run 9): a server that only starts
-listening afterwards is a closed port for ~18 minutes, with no sign of life a load balancer or a user can read. So
+On a GPU a warm-up of prompts up to 512 tokens, outputs up to 128 and batch buckets up to 32 (59 step shapes) took
+631 s on an H100 with a cold compile cache (bench/RESULTS.md, run 10): a server that only starts listening afterwards
+is a closed port for ten minutes, with no sign of life a load balancer or a user can read. So
 the server listens at once: GET /health answers 503 with the warm-up's progress until it ends (then 200), the
 completion routes answer 503 with Retry-After (a request would wait behind the whole warm-up: it runs as one call on
 the engine thread), and /v1/models and /metrics answer throughout.
