@@ -5,7 +5,7 @@
 #                                                   # .old/, e.g. `git archive 7375483 dsjax kernels configs bench`)
 #   bash bench/request_engine_gpu.sh slice | gputests   # the slice alone | the CPU path's GPU tests
 #   bash bench/request_engine_gpu.sh arrivals [KEY=VALUE]   # bench/arrivals.py: 32 Poisson arrivals vs the static
-#                                                   # batch 32 (KEY=VALUE: a runtime option, e.g. step_tokens=4096)
+#                                                   # batch 32 (KEY=VALUE: a runtime option, e.g. step_tokens=1024)
 #   bash bench/request_engine_gpu.sh serve [CONC] [KEY=VALUE]  # dsjax serve + bench/serve_load.py at 1, 8, 32, 64 streams
 #                                                   # (SERVE_ARGS: more `dsjax serve` options, e.g. --set compile_ahead=on;
 #                                                   # LOAD_LENS: serve_load's lengths, default --prompt-len 32:512 --output-len 16:128)

@@ -86,6 +86,25 @@ def test_scheduler_admits_in_order_while_pages_last_and_chunks_prompts_within_th
     assert [(c.start, c.length, c.completes_prompt) for c in plan.prefill] == [(0, 25, True), (0, 3, True)]
 
 
+def test_the_default_budget_starts_a_burst_of_31_prompts_beside_a_decoding_one_in_two_steps():
+    # the server's ramp (bench/RESULTS.md run 11): 31 prompts of up to 256 tokens waiting while one request decodes
+    from dsjax.runtime.config import MemoryConfig
+    from dsjax.runtime.scheduler import DEFAULT_STEP_TOKENS
+    assert MemoryConfig().step_tokens == DEFAULT_STEP_TOKENS       # the config and Engine's keyword share it
+    sched = Scheduler(max_running=32, step_tokens=MemoryConfig().step_tokens)
+    running = [_req(4, 8, pos=5, generated=[1])]
+    waiting = collections.deque(_req(32 + 7 * k, 64) for k in range(31))
+    steps = 0
+    while waiting or any(r.prefilling for r in running):
+        plan = sched.next_step(running, waiting, _Pages(10_000))
+        running += plan.admitted
+        assert plan.decode == [r for r in running if not r.prefilling]   # nobody decoding is held back
+        for c in plan.prefill:
+            c.request.pos += c.length
+        steps += 1
+    assert steps == 2 and len(running) == 32                     # 16 chunks a step (1,024 tokens: 4, ~8 steps)
+
+
 def test_scheduler_head_of_line_waits_for_pages():
     sched = Scheduler(max_running=8, step_tokens=64)
     waiting = collections.deque([_req(60, 10), _req(2, 2)])

@@ -16,6 +16,7 @@ import yaml
 
 from dsjax.config import ModelConfig
 from dsjax.runtime.planner import parse_bytes
+from dsjax.runtime.scheduler import DEFAULT_STEP_TOKENS
 
 PRESETS = ("low_latency", "high_throughput", "balanced")
 CPU_EXPERTS = ("auto", "on", "off")
@@ -37,7 +38,7 @@ class MemoryConfig:
     max_batch_size: int = 32         # requests running at once (more wait for a place)
     dynamic_batch: bool = True       # pad a step's rows to the next power of two (True) or always to max_batch_size
     max_context: int = 0             # prompt + output per request; 0 = min(model, 4096, what the KV pool holds)
-    step_tokens: int = 1024          # prompt tokens prefilled per step beside decoding rows (chunks of <= 256)
+    step_tokens: int = DEFAULT_STEP_TOKENS   # prompt tokens prefilled per step beside decoding rows (chunks of <= 256)
     preload_experts: bool = True     # fill the host expert cache and GPU expert slots from disk at load
     active_experts: int = 0          # route each token to its top k experts, 1..num_experts_per_tok (fewer bytes per
     #                                  token, at a quality cost: bench/RESULTS.md); 0 = the model's num_experts_per_tok

@@ -51,7 +51,7 @@ from dsjax.runtime.requests import Generation, PromptError, Request, RequestHand
 from dsjax.runtime.sampler import MAX_LOGPROBS, choose, lower_variant
 from dsjax.runtime.sampler import VARIANTS as SAMPLER_VARIANTS
 from dsjax.runtime.sampling import SamplingParams
-from dsjax.runtime.scheduler import Scheduler, StepPlan
+from dsjax.runtime.scheduler import DEFAULT_STEP_TOKENS, Scheduler, StepPlan
 from dsjax.runtime.tiers import pow2_bucket
 from dsjax.runtime.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 
@@ -178,7 +178,7 @@ class Engine:
     def __init__(self, cfg: ModelConfig, weights: dict, tokenizer: Tokenizer | None = None, *,
                  prefill_form: MlaForm = "naive", name: str = "", dtype=None, enable_fusion: bool = False,
                  max_batch_size: int = 32, min_batch_size: int = 1, dynamic_batch: bool = True,
-                 max_context: int | None = None, step_tokens: int = 1024, kv_pages: int | None = None,
+                 max_context: int | None = None, step_tokens: int = DEFAULT_STEP_TOKENS, kv_pages: int | None = None,
                  device=None, mm=None, compile_ahead: bool | str = "off", min_table_tokens: int = MIN_TABLE_TOKENS):
         self.config = cfg
         self.enable_fusion = enable_fusion      # FP4 weights through the fused kernels (GPU); else the references

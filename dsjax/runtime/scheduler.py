@@ -20,6 +20,15 @@ import dataclasses
 
 from dsjax.runtime.requests import Request
 
+# Prompt tokens a step prefills beside the decoding rows (16 chunks of 256). V3 slice on an H100, `dsjax serve` with 32
+# streams arriving at once (bench/RESULTS.md, runs 10 and 11): with 1,024 (4 chunks a step) the other 31 prompts took
+# ~8 steps of ~0.5-0.9 s to start, TTFT p50 4.2 s and 0.86x the static batch's tok/s; with 4,096 two steps, TTFT p50
+# 1.7 s and 0.92x. In a step bound by the experts' bytes the extra prompt rows ride on bytes that move anyway; the cost
+# is compute in a compute-bound step (the running streams wait for it) and more step shapes for a warm-up (chunk rows
+# 1..16: 73 shapes instead of 59 for prompts up to 512 and max_batch_size 32). vLLM's chunked prefill budgets
+# 2,048-8,192 tokens a step.
+DEFAULT_STEP_TOKENS = 4096
+
 
 @dataclasses.dataclass(frozen=True)
 class Chunk:
