@@ -7,6 +7,10 @@ thread at their arrival times, after Engine.warmup for their lengths (--warmup t
 the run measures steps, not compiles (the engine thread's compiles during it are reported). Reports aggregate output tok/s over the whole run and over the steady window (from the last
 arrival to the first finish: every request in), TTFT of each request against its own prefill time alone plus two
 decode steps of the static batch, one request joining a running batch of B-1 (the same bound), and bytes per step per link from the engine's counters.
+After the arrivals, static decode at batch 1 and 8 times a step by batch size, from which the occupancy reference
+follows: what an engine that prefilled for free would make of the same trace (every request decoding from its
+arrival, one token a step, a step of n rows taking the measured time, interpolated): how much of the gap to the static
+batch is the trace's (the batch shrinks as short requests end) and how much the engine's (prefill, scheduling).
 
     python bench/arrivals.py STORE --gpu-memory 16GB --host-memory 96GB --requests 32 --rate 8 \\
         --prompt-len 32:512 --output-len 16:256 --out arrivals.json
@@ -30,6 +34,38 @@ def _trace(n: int, rate: float, prompt: tuple[int, int], output: tuple[int, int]
     lens = rng.integers(prompt[0], prompt[1] + 1, n)
     outs = rng.integers(output[0], output[1] + 1, n)
     return [(float(t[i]), rng.integers(2, vocab, int(lens[i])).tolist(), int(outs[i])) for i in range(n)]
+
+
+def occupancy_reference(trace, step_s) -> tuple[int, float]:
+    """(tokens, seconds) of an engine that prefills for free on `trace` ([(arrival s, prompt, output tokens)]): a request
+    decodes from the first step that starts at or after its arrival, one token a step, and a step of n rows takes
+    step_s(n) seconds; seconds run from the first arrival to the last token."""
+    arrivals = sorted((a, out) for a, _, out in trace)
+    t, i, active, made = arrivals[0][0], 0, [], 0
+    while i < len(arrivals) or active:
+        while i < len(arrivals) and arrivals[i][0] <= t:
+            active.append(arrivals[i][1])
+            i += 1
+        if not active:                        # idle until the next arrival
+            t = arrivals[i][0]
+            continue
+        t += step_s(len(active))
+        made += len(active)
+        active = [left - 1 for left in active if left > 1]
+    return made, t - arrivals[0][0]
+
+
+def static_row(engine, prompts, tokens: int) -> dict:
+    """Decode of `prompts` together as `dsjax bench` measures it: a 2-token generation first, then `tokens`."""
+    engine.generate(prompts, max_new_tokens=2, stop_token_ids=())
+    s0 = engine.stats()
+    engine.generate(prompts, max_new_tokens=tokens, stop_token_ids=())
+    s1 = engine.stats()
+    g = s1.get("generation", s1)
+    return dict(batch=len(prompts), prompt=len(prompts[0]), tokens=tokens, decode_tok_s=g["decode_tok_s"],
+                step_ms=1e3 * g["decode_s"] / (tokens - 1),
+                h2d_MB_per_token_with_prefill=(s1["links"].get("host->GPU", {}).get("bytes", 0)
+                                               - s0["links"].get("host->GPU", {}).get("bytes", 0)) / tokens / 1e6)
 
 
 def run_trace(engine, trace, cap: int | None = None):
@@ -86,14 +122,7 @@ def main(argv=None) -> int:
     # (1) the static batch, as dsjax bench measures it
     B, P, T = args.static_batch, args.static_prompt, args.static_tokens
     prompts = [rng.integers(2, vocab, P).tolist() for _ in range(B)]
-    engine.generate(prompts, max_new_tokens=2, stop_token_ids=())
-    s0 = engine.stats()
-    engine.generate(prompts, max_new_tokens=T, stop_token_ids=())
-    s1 = engine.stats()
-    g = s1.get("generation", s1)
-    static = dict(batch=B, prompt=P, tokens=T, decode_tok_s=g["decode_tok_s"], step_ms=1e3 * g["decode_s"] / (T - 1),
-                  h2d_MB_per_token_with_prefill=(s1["links"].get("host->GPU", {}).get("bytes", 0)
-                                   - s0["links"].get("host->GPU", {}).get("bytes", 0)) / T / 1e6)
+    static = static_row(engine, prompts, T)
     log(f"static batch {B}: {static['decode_tok_s']:.1f} tok/s, {static['step_ms']:.1f} ms/step")
 
     # (2) prefill alone per prompt length (the TTFT a request would see with nothing else running)
@@ -145,6 +174,15 @@ def main(argv=None) -> int:
     c1 = b1["steps"]["compiles"]
     log(f"engine-thread compiles during the arrivals: {c1['programs'] - c0['programs']} programs, "
         f"{c1['seconds'] - c0['seconds']:.1f} s")
+    # (5) a step's time by batch size (shapes the warm-up compiled), and what the trace allows an engine that
+    # prefilled for free
+    steps_ms = {B: static["step_ms"]}
+    for b in sorted({1, 8} - {B}):
+        more = [rng.integers(2, vocab, P).tolist() for _ in range(b - B)]     # past the static batch's prompts
+        steps_ms[b] = static_row(engine, (prompts + more)[:b], T)["step_ms"]
+    log("decode step by batch: " + ", ".join(f"b{b} {ms:.1f} ms" for b, ms in sorted(steps_ms.items())))
+    rows = sorted(steps_ms)
+    made, wall = occupancy_reference(trace, lambda n: float(np.interp(n, rows, [steps_ms[b] for b in rows])) / 1e3)
     total = sum(r["tokens"] for r in recs)
     start, end = min(r["submit"] for r in recs), max(r["last"] for r in recs)
     last_arrival, first_finish = max(r["submit"] for r in recs), min(r["last"] for r in recs)
@@ -169,6 +207,10 @@ def main(argv=None) -> int:
                       steps=steps, h2d_MB_per_step=h2d / max(steps, 1) / 1e6,
                       max_running=b1["steps"]["max_running"], warmup=args.warmup,
                       engine_compiles={k: c1[k] - c0[k] for k in c1}),
+        step_ms_by_batch=steps_ms,
+        occupancy_reference=dict(tokens=made, wall_s=wall, tok_s=made / wall,
+                                 vs_static=made / wall / static["decode_tok_s"],
+                                 measured_vs_reference=total / (end - start) / (made / wall)),
         ttft=dict(p50_s=float(np.median([x["ttft_s"] for x in ttft])),
                   max_ratio=max(x["ttft_s"] / x["bound_s"] for x in ttft),
                   within_bound=sum(x["ttft_s"] <= x["bound_s"] for x in ttft), of=len(ttft), per_request=ttft),
@@ -176,12 +218,15 @@ def main(argv=None) -> int:
         command=" ".join(sys.argv))
     a = result["arrivals"]
     print(f"| static b{B} decode tok/s | arrivals tok/s (whole run) | steady window tok/s | vs static | "
-          f"TTFT p50 | TTFT within prefill + 2 steps | joining b{B - 1}: TTFT / bound |")
+          f"TTFT p50 | TTFT within prefill + 2 steps | joining b{B - 1}: TTFT / bound | free prefill's tok/s "
+          f"(vs static; arrivals vs it) |")
     print(f"| {static['decode_tok_s']:.1f} | {a['tok_s']:.1f} | "
           f"{(a['steady_tok_s'] or 0):.1f} ({a['steady_window_s']:.1f} s) | {a['vs_static']:.2f} / "
           f"{(a['steady_vs_static'] or 0):.2f} | {result['ttft']['p50_s'] * 1e3:.0f} ms | "
           f"{result['ttft']['within_bound']}/{result['ttft']['of']} (max {result['ttft']['max_ratio']:.2f}x) | "
-          + ", ".join(f"{j['prompt_len']}: {j['ttft_s']:.2f}/{j['bound_s']:.2f} s" for j in joins) + " |")
+          + ", ".join(f"{j['prompt_len']}: {j['ttft_s']:.2f}/{j['bound_s']:.2f} s" for j in joins) + " | "
+          f"{made / wall:.1f} ({result['occupancy_reference']['vs_static']:.2f}x; "
+          f"{result['occupancy_reference']['measured_vs_reference']:.2f}x) |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -172,3 +172,24 @@ def test_bench_refuses_no_warmup_before_measuring_or_writing(tmp_path):
         with pytest.raises(ValueError, match="--tokens >= 1 and --warmup-tokens >= 1"):
             bench(str(tmp_path / "no-store"), out=str(out), **kw)
     assert not out.exists()
+
+
+def _bench_script(name: str):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_occupancy_reference_decodes_each_request_from_its_arrival_one_token_a_step():
+    ref = _bench_script("arrivals").occupancy_reference
+    step = lambda n: 0.1 * n                                      # noqa: E731
+    # A (2 tokens) at 0 decodes alone for 0.1 s; B (1 token, arrived at 0.05) joins the next step, 2 rows: 0.2 s
+    assert ref([(0.0, [], 2), (0.05, [], 1)], step) == (3, pytest.approx(0.3))
+    # C arrives after both ended: idle until 1.0, then one step alone; order of the trace does not matter
+    assert ref([(1.0, [], 1), (0.05, [], 1), (0.0, [], 2)], step) == (4, pytest.approx(1.1))
+    # all at once: the batch shrinks as the short ones end (3 rows, then 2, then 1)
+    assert ref([(0.0, [], 1), (0.0, [], 2), (0.0, [], 3)], step) == (6, pytest.approx(0.3 + 0.2 + 0.1))
