@@ -145,3 +145,52 @@ def test_masked_groups_are_minus_inf_not_zero():
     r = route(x, router, bias, cfg)
     kept_groups = set(range(cfg.n_group - cfg.topk_group, cfg.n_group))
     assert {int(e) // per for e in np.asarray(r.idx[0])} <= kept_groups
+
+
+def test_query_block_halves_while_the_scores_pass_the_limit():
+    from dsjax.model.attention import SCORE_BLOCK_BYTES, query_block
+    assert query_block(1, 4096, 128, 4096) == 512                 # V3, a 4,096-token prompt: 8.6 GB -> 1.07 GB
+    assert query_block(16, 256, 128, 512) == 256                  # 16 chunk rows at a 512 width: one block
+    assert query_block(16, 256, 128, 1024) == 128
+    assert query_block(32, 1, 128, 4096) == 1                     # decode: nothing to split
+    assert query_block(2, 12, 4, 64, limit=2 * 4 * 3 * 64 * 4) == 3   # halved while even: 12 -> 6 -> 3
+    assert query_block(2, 12, 4, 64, limit=1) == 3                # odd: as small as it goes
+
+
+@pytest.mark.parametrize("form", ["naive", "absorbed"])
+@pytest.mark.parametrize("paged", [False, True])
+def test_attention_in_query_blocks_equals_one_block_and_holds_less(form, paged, monkeypatch):
+    """Blocks of queries give the one-block output and cache (each query's softmax is over its own row), and the
+    compiled program's temporaries shrink: XLA's memory analysis of the same call, limit lowered and not."""
+    from dsjax.model import attention as mla
+    cfg = config("v3")
+    w = _weights(cfg)["layers"][0]
+    rng = np.random.default_rng(5)
+    B, T, start, page = 2, 128, 64, 16                           # a chunk at positions 64..191 after 64 cached
+    S = start + T                                                # scores [2, 4, 128, 192] dominate the temporaries
+    x = jnp.asarray(rng.standard_normal((B, T, cfg.hidden_size)), jnp.float32)
+    positions = jnp.asarray(np.broadcast_to(np.arange(start, start + T), (B, T)))
+    if paged:                                                     # 2 rows x 12 pages of 16 positions, shuffled
+        n = 2 * S // page + 3
+        cache = {"c": jnp.asarray(rng.standard_normal((n, page, cfg.kv_lora_rank)), jnp.float32),
+                 "pe": jnp.asarray(rng.standard_normal((n, page, cfg.qk_rope_head_dim)), jnp.float32)}
+        pages = jnp.asarray(rng.permutation(n)[:2 * S // page].reshape(B, S // page))
+    else:
+        cache = {"c": jnp.asarray(rng.standard_normal((B, S, cfg.kv_lora_rank)), jnp.float32),
+                 "pe": jnp.asarray(rng.standard_normal((B, S, cfg.qk_rope_head_dim)), jnp.float32)}
+        pages = None
+    call = jax.jit(lambda w_, x_, c_, p_, pg: mla.attention(w_, x_, c_, p_, cfg, form, pg))
+    whole = call.lower(w, x, cache, positions, pages).compile()
+    out, new_cache = whole(w, x, cache, positions, pages)
+    # a limit of 1/8 of the whole call's scores: blocks of 16 queries
+    monkeypatch.setattr(mla, "SCORE_BLOCK_BYTES", B * cfg.num_attention_heads * T * S * 4 // 8)
+    assert mla.query_block(B, T, cfg.num_attention_heads, S) == 16
+    call = jax.jit(lambda w_, x_, c_, p_, pg: mla.attention(w_, x_, c_, p_, cfg, form, pg))
+    blocked = call.lower(w, x, cache, positions, pages).compile()
+    out_b, cache_b = blocked(w, x, cache, positions, pages)
+    np.testing.assert_allclose(np.asarray(out_b), np.asarray(out), rtol=1e-5, atol=1e-6)
+    for k in ("c", "pe"):
+        np.testing.assert_array_equal(np.asarray(cache_b[k]), np.asarray(new_cache[k]))
+    scores = B * cfg.num_attention_heads * T * S * 4
+    t_whole, t_blocked = (c.memory_analysis().temp_size_in_bytes for c in (whole, blocked))
+    assert t_whole >= scores and t_whole - t_blocked >= scores // 2, (t_whole, t_blocked, scores)

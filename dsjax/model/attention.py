@@ -22,6 +22,22 @@ from dsjax.model.layers import LATENT_NORM_EPS, apply_rope, rms_norm, rope_cos_s
 
 MlaForm = Literal["naive", "absorbed"]
 F32 = jnp.float32
+# A call whose f32 scores [B, H, T, S] would pass this many bytes attends its queries in blocks (a power-of-two divisor
+# of T), one block at a time: V3 (128 heads) prefilling a 4,096-token prompt alone holds 8.6 GB of scores (and as much
+# again in probabilities) at once, more than a 16 GB GPU has beside the weights; in blocks of 512 queries, 1.07 GB.
+# Each query's softmax is over its own row of S, so blocks change no value's math. Below it (decode at any width, 16
+# chunk rows of 256 queries up to a 512-position width) the program is the one-block program as before.
+SCORE_BLOCK_BYTES = 1 << 30
+
+
+def query_block(B: int, T: int, H: int, S: int, limit: int | None = None) -> int:
+    """Queries per block: T when [B, H, T, S] f32 scores fit `limit` (default SCORE_BLOCK_BYTES), else T halved
+    while it is even and they do not."""
+    limit = SCORE_BLOCK_BYTES if limit is None else limit
+    qb = T
+    while qb % 2 == 0 and B * H * qb * S * 4 > limit:
+        qb //= 2
+    return qb
 
 
 def init_layer_cache(batch: int, max_len: int, cfg: ModelConfig, dtype) -> dict[str, jax.Array]:
@@ -88,21 +104,31 @@ def attention(w: dict, x: jax.Array, cache: dict, positions: jax.Array, cfg: Mod
 
     kv_b = ops.materialize(w["kv_b"], x.dtype).reshape(H, N + V, C)  # per head [k_nope | v] rows
     w_uk, w_uv = kv_b[:, :N, :], kv_b[:, N:, :]                       # [H, N, C], [H, V, C]
-    if form == "absorbed":
-        q_abs = ops.einsum_f32("bthn,hnc->bthc", q_nope, w_uk)
-        scores = (ops.einsum_f32("bthc,bsc->bhts", q_abs, cc.astype(F32))
-                  + ops.einsum_f32("bthr,bsr->bhts", q_pe.astype(F32), cpe.astype(F32)))
-    else:
+    if form == "naive":                                               # keys and values once, for every block
         k_nope = ops.einsum_f32("bsc,hnc->bshn", cc, w_uk)                                  # [B, S, H, N]
-        scores = (ops.einsum_f32("bthn,bshn->bhts", q_nope.astype(F32), k_nope)
-                  + ops.einsum_f32("bthr,bsr->bhts", q_pe.astype(F32), cpe.astype(F32)))
-    scores = jnp.where(visible[:, None], scores * cfg.softmax_scale, -jnp.inf)
-    p = jax.nn.softmax(scores, axis=-1)                               # [B, H, T, S] float32
-    if form == "absorbed":
-        o_lat = ops.einsum_f32("bhts,bsc->bthc", p, cc.astype(F32))
-        o = ops.einsum_f32("bthc,hvc->bthv", o_lat, w_uv.astype(F32))
-    else:
         v = ops.einsum_f32("bsc,hvc->bshv", cc, w_uv)                                       # [B, S, H, V]
-        o = ops.einsum_f32("bhts,bshv->bthv", p, v)
+
+    def attend(q_nope, q_pe, visible):                                # one block of queries -> [B, t, H, V]
+        if form == "absorbed":
+            q_abs = ops.einsum_f32("bthn,hnc->bthc", q_nope, w_uk)
+            scores = (ops.einsum_f32("bthc,bsc->bhts", q_abs, cc.astype(F32))
+                      + ops.einsum_f32("bthr,bsr->bhts", q_pe.astype(F32), cpe.astype(F32)))
+        else:
+            scores = (ops.einsum_f32("bthn,bshn->bhts", q_nope.astype(F32), k_nope)
+                      + ops.einsum_f32("bthr,bsr->bhts", q_pe.astype(F32), cpe.astype(F32)))
+        scores = jnp.where(visible[:, None], scores * cfg.softmax_scale, -jnp.inf)
+        p = jax.nn.softmax(scores, axis=-1)                           # [B, H, t, S] float32
+        if form == "absorbed":
+            o_lat = ops.einsum_f32("bhts,bsc->bthc", p, cc.astype(F32))
+            return ops.einsum_f32("bthc,hvc->bthv", o_lat, w_uv.astype(F32))
+        return ops.einsum_f32("bhts,bshv->bthv", p, v)
+
+    qb = query_block(B, T, H, S)
+    if qb == T:
+        o = attend(q_nope, q_pe, visible)
+    else:                                                             # blocks of qb queries, one after another
+        blocks = lambda a: jnp.moveaxis(a.reshape(B, T // qb, qb, *a.shape[2:]), 1, 0)    # noqa: E731
+        o = jax.lax.map(lambda args: attend(*args), (blocks(q_nope), blocks(q_pe), blocks(visible)))
+        o = jnp.moveaxis(o, 0, 1).reshape(B, T, H, V)
     out = ops.linear(o.astype(x.dtype).reshape(B, T, H * V), w["o"])
     return out, cache
