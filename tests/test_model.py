@@ -157,8 +157,7 @@ def test_query_block_halves_while_the_scores_pass_the_limit():
     assert query_block(2, 12, 4, 64, limit=1) == 3                # odd: as small as it goes
 
 
-@pytest.mark.parametrize("form", ["naive", "absorbed"])
-@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("form,paged", [("naive", False), ("absorbed", True)])
 def test_attention_in_query_blocks_equals_one_block_and_holds_less(form, paged, monkeypatch):
     """Blocks of queries give the one-block output and cache (each query's softmax is over its own row), and the
     compiled program's temporaries shrink: XLA's memory analysis of the same call, limit lowered and not."""
