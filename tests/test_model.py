@@ -193,3 +193,34 @@ def test_attention_in_query_blocks_equals_one_block_and_holds_less(form, paged, 
     scores = B * cfg.num_attention_heads * T * S * 4
     t_whole, t_blocked = (c.memory_analysis().temp_size_in_bytes for c in (whole, blocked))
     assert t_whole >= scores and t_whole - t_blocked >= scores // 2, (t_whole, t_blocked, scores)
+
+
+def test_naive_attention_past_the_limit_runs_absorbed_and_holds_no_per_head_keys(monkeypatch):
+    """A naive call whose per-head keys and values would pass the limit computes in the absorbed form: the same output
+    as asking for it (bit for bit, one program), within the forms' tolerance of the naive one, with fewer temporaries."""
+    from dsjax.model import attention as mla
+    cfg = config("v3")
+    w = _weights(cfg)["layers"][0]
+    rng = np.random.default_rng(6)
+    B, T, S = 4, 8, 64                                            # few queries, many positions: keys dominate
+    H, N, V = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+    x = jnp.asarray(rng.standard_normal((B, T, cfg.hidden_size)), jnp.float32)
+    positions = jnp.asarray(np.broadcast_to(np.arange(S - T, S), (B, T)))
+    cache = {"c": jnp.asarray(rng.standard_normal((B, S, cfg.kv_lora_rank)), jnp.float32),
+             "pe": jnp.asarray(rng.standard_normal((B, S, cfg.qk_rope_head_dim)), jnp.float32)}
+
+    def compiled(form):
+        call = jax.jit(lambda w_, x_, c_, p_: mla.attention(w_, x_, c_, p_, cfg, form))
+        return call.lower(w, x, cache, positions).compile()
+    naive = compiled("naive")
+    keys = B * S * H * (N + V) * 4
+    assert mla.attention_form("naive", B, S, H, N, V) == "naive"
+    monkeypatch.setattr(mla, "SCORE_BLOCK_BYTES", keys - 1)       # keys pass it; the scores ([4, 4, 8, 64]) do not
+    assert mla.attention_form("naive", B, S, H, N, V) == "absorbed"
+    assert mla.query_block(B, T, H, S) == T
+    switched, absorbed = compiled("naive"), compiled("absorbed")
+    out_s, out_a, out_n = (np.asarray(c(w, x, cache, positions)[0]) for c in (switched, absorbed, naive))
+    np.testing.assert_array_equal(out_s, out_a)
+    assert_close(out_s, out_n, "mla_forms_f32", "switched vs naive")
+    t_naive, t_switched = (c.memory_analysis().temp_size_in_bytes for c in (naive, switched))
+    assert t_naive >= keys and t_naive - t_switched >= keys // 2, (t_naive, t_switched, keys)

@@ -25,9 +25,19 @@ F32 = jnp.float32
 # A call whose f32 scores [B, H, T, S] would pass this many bytes attends its queries in blocks (a power-of-two divisor
 # of T), one block at a time: V3 (128 heads) prefilling a 4,096-token prompt alone holds 8.6 GB of scores (and as much
 # again in probabilities) at once, more than a 16 GB GPU has beside the weights; in blocks of 512 queries, 1.07 GB.
-# Each query's softmax is over its own row of S, so blocks change no value's math. Below it (decode at any width, 16
-# chunk rows of 256 queries up to a 512-position width) the program is the one-block program as before.
+# Each query's softmax is over its own row of S, so blocks change no value's math. The same bound sends a naive call
+# whose per-head keys and values would pass it to the absorbed form (attention_form). Below it (decode at any width,
+# 16 chunk rows of 256 queries up to a 512-position width) the program is the one-block program as before.
 SCORE_BLOCK_BYTES = 1 << 30
+
+
+def attention_form(form: MlaForm, B: int, S: int, H: int, N: int, V: int) -> MlaForm:
+    """The form a call runs in: the naive form holds every position's per-head keys and values in f32 ([B, S, H, N + V],
+    whatever the number of queries); past SCORE_BLOCK_BYTES of them (16 chunk rows of V3 at a 4,096 width: 8.6 GB) the
+    call computes the same attention in the absorbed form, which holds none."""
+    if form == "naive" and B * S * H * (N + V) * 4 > SCORE_BLOCK_BYTES:
+        return "absorbed"
+    return form
 
 
 def query_block(B: int, T: int, H: int, S: int, limit: int | None = None) -> int:
@@ -104,6 +114,7 @@ def attention(w: dict, x: jax.Array, cache: dict, positions: jax.Array, cfg: Mod
 
     kv_b = ops.materialize(w["kv_b"], x.dtype).reshape(H, N + V, C)  # per head [k_nope | v] rows
     w_uk, w_uv = kv_b[:, :N, :], kv_b[:, N:, :]                       # [H, N, C], [H, V, C]
+    form = attention_form(form, B, S, H, N, V)
     if form == "naive":                                               # keys and values once, for every block
         k_nope = ops.einsum_f32("bsc,hnc->bshn", cc, w_uk)                                  # [B, S, H, N]
         v = ops.einsum_f32("bsc,hvc->bshv", cc, w_uv)                                       # [B, S, H, V]

@@ -26,9 +26,10 @@ from dsjax.runtime.requests import Request
 # 1.7 s and 0.92x. In a step bound by the experts' bytes the extra prompt rows ride on bytes that move anyway; the cost
 # is compute in a compute-bound step (the running streams wait for it) and more step shapes for a warm-up (chunk rows
 # 1..16: 73 shapes instead of 59 for prompts up to 512 and max_batch_size 32). Activations: a mixed step's attention
-# scores are [rows, heads, 256, width], at most what one 4,096-token prompt prefilled alone holds; attention splits
-# either into query blocks of at most 1 GiB of f32 scores (attention.SCORE_BLOCK_BYTES), which the plan's pools do
-# not count.
+# scores are [rows, heads, 256, width], at most what one 4,096-token prompt prefilled alone holds, and the naive
+# form's per-head keys [rows, width, heads, 256] grow with the rows (16 rows of V3 at a 4,096 width: 8.6 GB); attention
+# keeps both under 1 GiB a call (query blocks; the absorbed form past it: attention.SCORE_BLOCK_BYTES), which the
+# plan's pools do not count.
 # vLLM's chunked prefill budgets 2,048-8,192 tokens a step.
 DEFAULT_STEP_TOKENS = 4096
 
