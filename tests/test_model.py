@@ -147,14 +147,18 @@ def test_masked_groups_are_minus_inf_not_zero():
     assert {int(e) // per for e in np.asarray(r.idx[0])} <= kept_groups
 
 
-def test_query_block_halves_while_the_scores_pass_the_limit():
-    from dsjax.model.attention import SCORE_BLOCK_BYTES, query_block
-    assert query_block(1, 4096, 128, 4096) == 512                 # V3, a 4,096-token prompt: 8.6 GB -> 1.07 GB
-    assert query_block(16, 256, 128, 512) == 256                  # 16 chunk rows at a 512 width: one block
-    assert query_block(16, 256, 128, 1024) == 128
-    assert query_block(32, 1, 128, 4096) == 1                     # decode: nothing to split
-    assert query_block(2, 12, 4, 64, limit=2 * 4 * 3 * 64 * 4) == 3   # halved while even: 12 -> 6 -> 3
+def test_query_block_halves_while_a_block_passes_the_limit():
+    from dsjax.model.attention import query_block
+    GiB = 1 << 30
+    # V3, 128 heads, naive: scores + probabilities of a query at width S are 128 x 2S x 4 bytes
+    assert query_block(1, 4096, 128, 4096) == 256                 # a 4,096-token prompt: 4 MiB a query -> 1 GiB
+    assert query_block(16, 256, 128, 256) == 256                  # 16 chunk rows at a 256 width: one block of 1 GiB
+    assert query_block(16, 256, 128, 512) == 128
+    assert query_block(16, 256, 128, 4096, C=512) == 8            # absorbed: + queries and latent outputs (72 MiB)
+    assert query_block(32, 1, 128, 4096, C=512) == 1              # decode: nothing to split
+    assert query_block(2, 12, 4, 64, limit=3 * 2 * 4 * 128 * 4) == 3   # halved while even: 12 -> 6 -> 3
     assert query_block(2, 12, 4, 64, limit=1) == 3                # odd: as small as it goes
+    assert 256 * 128 * 8192 * 4 == GiB
 
 
 @pytest.mark.parametrize("form,paged", [("naive", False), ("absorbed", True)])
@@ -181,9 +185,12 @@ def test_attention_in_query_blocks_equals_one_block_and_holds_less(form, paged, 
     call = jax.jit(lambda w_, x_, c_, p_, pg: mla.attention(w_, x_, c_, p_, cfg, form, pg))
     whole = call.lower(w, x, cache, positions, pages).compile()
     out, new_cache = whole(w, x, cache, positions, pages)
-    # a limit of 1/8 of the whole call's scores: blocks of 16 queries
-    monkeypatch.setattr(mla, "SCORE_BLOCK_BYTES", B * cfg.num_attention_heads * T * S * 4 // 8)
-    assert mla.query_block(B, T, cfg.num_attention_heads, S) == 16
+    # a limit the naive keys and values just fit (1/4 of the whole call's scores): blocks of 16 queries (8 absorbed,
+    # whose blocks hold more a query)
+    H = cfg.num_attention_heads
+    monkeypatch.setattr(mla, "SCORE_BLOCK_BYTES", B * S * H * (cfg.qk_nope_head_dim + cfg.v_head_dim) * 4 + 1)
+    assert mla.attention_form(form, B, S, H, cfg.qk_nope_head_dim, cfg.v_head_dim) == form
+    assert mla.query_block(B, T, H, S, cfg.kv_lora_rank if form == "absorbed" else 0) == (8 if form == "absorbed" else 16)
     call = jax.jit(lambda w_, x_, c_, p_, pg: mla.attention(w_, x_, c_, p_, cfg, form, pg))
     blocked = call.lower(w, x, cache, positions, pages).compile()
     out_b, cache_b = blocked(w, x, cache, positions, pages)
@@ -217,7 +224,7 @@ def test_naive_attention_past_the_limit_runs_absorbed_and_holds_no_per_head_keys
     assert mla.attention_form("naive", B, S, H, N, V) == "naive"
     monkeypatch.setattr(mla, "SCORE_BLOCK_BYTES", keys - 1)       # keys pass it; the scores ([4, 4, 8, 64]) do not
     assert mla.attention_form("naive", B, S, H, N, V) == "absorbed"
-    assert mla.query_block(B, T, H, S) == T
+    assert mla.query_block(B, T, H, S, cfg.kv_lora_rank) == T
     switched, absorbed = compiled("naive"), compiled("absorbed")
     out_s, out_a, out_n = (np.asarray(c(w, x, cache, positions)[0]) for c in (switched, absorbed, naive))
     np.testing.assert_array_equal(out_s, out_a)

@@ -199,3 +199,24 @@ def test_quality_file_agrees_with_results_md():
         assert (ppl, inc, top1, kl) == (f"{r['perplexity']:.2f}", f"{100 * r['perplexity_increase']:+.1f}",
                                         f"{r['top1_agreement']:.3f}", f"{r['kl_nats']:.4f}"), (table, r)
         assert r["fraction"] == r["k"] / quality["top_k"]
+
+
+def test_attention_peak_by_hand_and_in_the_report():
+    from dsjax.runtime.planner import attention_peak_bytes
+    import dataclasses
+    GiB = 1 << 30
+    mb = dataclasses.replace(_toy(), attention=(128, 128, 128, 512))          # V3's MLA dims
+    # 4,096 context, 16 chunk rows: alone, naive (keys 4096 x 128 x 256 x 4 = 0.5 GiB) in blocks of 256 queries
+    # (128 x 2 x 4096 x 4 = 4 MiB a query: 1 GiB); the chunk rows' keys (8 GiB) send them absorbed, blocks of 8 queries
+    # (16 x 128 x (8192 + 1024) x 4 = 72 MiB a query: 0.56 GiB). The prompt alone is the larger.
+    assert attention_peak_bytes(mb, 4096, 4096) == GiB + GiB // 2
+    # 1,024 context, 4 chunk rows: alone 1 GiB of scores + 1/8 GiB of keys; the rows: keys 0.5 GiB (naive kept), one
+    # block of 256 queries at 4 x 128 x 2048 x 4 = 4 MiB each: 1 GiB. The rows are the larger.
+    assert attention_peak_bytes(mb, 1024, 1024) == GiB + GiB // 2
+    assert attention_peak_bytes(mb, 1024, 256) == GiB + GiB // 8   # one chunk row: 1/4 GiB + 1/8; alone: 1 + 1/8
+    assert attention_peak_bytes(_toy(), 4096) == 0                  # dims unknown: nothing claimed
+    # the report says it, and says when it is more than the GPU reserve (2/16 of the budget)
+    small = plan(mb, 64 << 10, 9600, max_gpu_layers=1, prefetch_layers=1, context_tokens=4096).report(mb, Links())
+    assert "attention: the largest call" in small and "1.61 GB" in small and "MORE than the reserve" in small
+    p = plan(mb, 16 * 2 * GiB, 9600, max_gpu_layers=1, prefetch_layers=1, context_tokens=4096)
+    assert p.attention_peak == GiB + GiB // 2 and "MORE than the reserve" not in p.report(mb, Links())

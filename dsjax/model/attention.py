@@ -22,30 +22,34 @@ from dsjax.model.layers import LATENT_NORM_EPS, apply_rope, rms_norm, rope_cos_s
 
 MlaForm = Literal["naive", "absorbed"]
 F32 = jnp.float32
-# A call whose f32 scores [B, H, T, S] would pass this many bytes attends its queries in blocks (a power-of-two divisor
-# of T), one block at a time: V3 (128 heads) prefilling a 4,096-token prompt alone holds 8.6 GB of scores (and as much
-# again in probabilities) at once, more than a 16 GB GPU has beside the weights; in blocks of 512 queries, 1.07 GB.
-# Each query's softmax is over its own row of S, so blocks change no value's math. The same bound sends a naive call
-# whose per-head keys and values would pass it to the absorbed form (attention_form). Below it (decode at any width,
-# 16 chunk rows of 256 queries up to a 512-position width) the program is the one-block program as before.
+# One attention call holds at most about this many bytes of f32 temporaries: its queries go in blocks (a power-of-two
+# divisor of T, one block at a time) whose scores and probabilities [B, H, t, S] (and the absorbed form's [B, t, H, C]
+# queries and latent outputs) fit, and a naive call whose per-head keys and values [B, S, H, N + V] would not fit runs
+# in the absorbed form, which holds none. V3 (128 heads) prefilling a 4,096-token prompt alone held 8.6 GB of scores
+# and as much in probabilities at once, more than a 16 GB GPU has beside the weights; 16 prompt chunks at a 4,096 width
+# held 8.6 GB of naive keys and values. Each query's softmax is over its own row of S, so neither changes the math
+# (the forms agree to rounding). Decode at any width and 16 chunk rows of 256 queries up to a 256-position width keep
+# the one-block naive program; wider chunk rows split in two or more.
 SCORE_BLOCK_BYTES = 1 << 30
 
 
 def attention_form(form: MlaForm, B: int, S: int, H: int, N: int, V: int) -> MlaForm:
-    """The form a call runs in: the naive form holds every position's per-head keys and values in f32 ([B, S, H, N + V],
+    """The form a call runs in: naive holds every position's per-head keys and values in f32 ([B, S, H, N + V],
     whatever the number of queries); past SCORE_BLOCK_BYTES of them (16 chunk rows of V3 at a 4,096 width: 8.6 GB) the
-    call computes the same attention in the absorbed form, which holds none."""
+    call computes the same attention in the absorbed form."""
     if form == "naive" and B * S * H * (N + V) * 4 > SCORE_BLOCK_BYTES:
         return "absorbed"
     return form
 
 
-def query_block(B: int, T: int, H: int, S: int, limit: int | None = None) -> int:
-    """Queries per block: T when [B, H, T, S] f32 scores fit `limit` (default SCORE_BLOCK_BYTES), else T halved
-    while it is even and they do not."""
+def query_block(B: int, T: int, H: int, S: int, C: int = 0, limit: int | None = None) -> int:
+    """Queries per block: T when a block's f32 scores and probabilities (B x H x S each per query) and, absorbed (C: the
+    kv latent rank; 0 for naive), its queries and latent outputs (B x H x C each per query) fit `limit` (default
+    SCORE_BLOCK_BYTES); else T halved while it is even and they do not."""
     limit = SCORE_BLOCK_BYTES if limit is None else limit
+    per_query = B * H * (2 * S + 2 * C) * 4
     qb = T
-    while qb % 2 == 0 and B * H * qb * S * 4 > limit:
+    while qb % 2 == 0 and qb * per_query > limit:
         qb //= 2
     return qb
 
@@ -134,7 +138,7 @@ def attention(w: dict, x: jax.Array, cache: dict, positions: jax.Array, cfg: Mod
             return ops.einsum_f32("bthc,hvc->bthv", o_lat, w_uv.astype(F32))
         return ops.einsum_f32("bhts,bshv->bthv", p, v)
 
-    qb = query_block(B, T, H, S)
+    qb = query_block(B, T, H, S, C if form == "absorbed" else 0)
     if qb == T:
         o = attend(q_nope, q_pe, visible)
     else:                                                             # blocks of qb queries, one after another

@@ -20,6 +20,7 @@ import re
 
 from dsjax.config import ModelConfig
 from dsjax.model.weights import F32_KEYS, global_shapes, layer_shapes
+from dsjax.runtime.scheduler import DEFAULT_STEP_TOKENS
 
 GB = 10**9
 GIB = 2**30
@@ -76,6 +77,7 @@ class ModelBytes:
     moe_layers: tuple[int, ...]
     kv_bytes_per_token: int         # compressed MLA cache over all layers
     model_top_k: int = 0            # the model's own top-k when active_experts routes to fewer (top_k); 0 = top_k
+    attention: tuple[int, int, int, int] = (0, 0, 0, 0)   # heads, qk_nope_head_dim, v_head_dim, kv_lora_rank (0: unknown)
 
     @property
     def total(self) -> int:
@@ -116,7 +118,31 @@ class ModelBytes:
         return cls(embed=nbytes("embed", g["embed"]), head=nbytes("final_norm", g["final_norm"])
                    + nbytes("lm_head", g["lm_head"]), layer_core=tuple(cores), expert=expert,
                    n_experts=cfg.n_routed_experts or 0, top_k=cfg.num_experts_per_tok or 0, moe_layers=tuple(moe),
-                   kv_bytes_per_token=cfg.num_hidden_layers * cfg.kv_cache_dim * dtype_bytes)
+                   kv_bytes_per_token=cfg.num_hidden_layers * cfg.kv_cache_dim * dtype_bytes,
+                   attention=attention_dims(cfg))
+
+
+def attention_dims(cfg: ModelConfig) -> tuple[int, int, int, int]:
+    return (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank)
+
+
+def attention_peak_bytes(mb: "ModelBytes", context_tokens: int, step_tokens: int = DEFAULT_STEP_TOKENS) -> int:
+    """f32 temporaries of the largest attention call an engine makes at this context (an estimate; no pool holds them):
+    a prompt of context_tokens prefilled alone, or the step's chunk rows (step_tokens // 256 rows of 256 queries) at
+    that width: one query block's scores and probabilities (and the absorbed form's queries and latent outputs;
+    attention.query_block), plus the naive form's per-head keys and values where attention.attention_form keeps it."""
+    from dsjax.model.attention import attention_form, query_block
+    H, N, V, C = mb.attention
+    if not H or context_tokens < 1:
+        return 0
+    S, chunk = context_tokens, min(step_tokens, 256)
+    worst = 0
+    for B, T in ((1, S), (max(1, step_tokens // chunk), min(chunk, S))):
+        naive = attention_form("naive", B, S, H, N, V) == "naive"
+        qb = query_block(B, T, H, S, 0 if naive else C)
+        held = qb * B * H * (2 * S + (0 if naive else 2 * C)) * 4 + (B * S * H * (N + V) * 4 if naive else 0)
+        worst = max(worst, held)
+    return worst
 
 
 # ---- budgets, links, placement ------------------------------------------------------------------------------------
@@ -189,6 +215,7 @@ class Placement:
     overlap_io: bool
     cpu_bytes_per_token: float = 0.0      # host-resident expert bytes the CPU computes in place (links.cpu_rate)
     t_cpu: float = 0.0
+    attention_peak: int = 0               # attention_peak_bytes: the largest attention call's temporaries
 
     def pinned_host_bytes(self, mb: "ModelBytes", devices: int = 1) -> int:
         """Host memory the plan pins: the embedding, the layer cores kept in host memory and the host expert caches
@@ -241,12 +268,19 @@ class Placement:
             f"predicted: {self.tokens_per_s:.2f} tok/s ({self.t_token * 1e3:.1f} ms/token, bound by {self.bound}"
             f"{', links overlapped' if self.overlap_io else ', no overlap (load on demand)'})",
         ]
+        if self.attention_peak:
+            over = self.attention_peak > p.reserve
+            lines.insert(-2, f"attention: the largest call (a {self.context_tokens}-token prompt alone, or a step's "
+                         f"prompt chunks at that width) holds ~{fmt_bytes(self.attention_peak)} of f32 temporaries, "
+                         f"in no pool; the GPU reserve is {fmt_bytes(p.reserve)}"
+                         + ("; MORE than the reserve: long prompts may not fit (lower --context / max_context or "
+                            "step_tokens, or give the GPU more)" if over else ""))
         return "\n".join(lines)
 
 
 def plan(mb: ModelBytes, gpu_memory: int | str, host_memory: int | str, *, max_gpu_layers: int = 3,
          prefetch_layers: int = 2, links: Links = Links(), overlap_io: bool = True,
-         context_tokens: int = 4096) -> Placement:
+         context_tokens: int = 4096, step_tokens: int = DEFAULT_STEP_TOKENS) -> Placement:
     """Decide placement for the budgets; raise BudgetError naming the minimum when the model cannot run at all."""
     gpu, host = parse_bytes(gpu_memory, "gpu_memory"), parse_bytes(host_memory, "host_memory")
     if max_gpu_layers < 1:
@@ -341,7 +375,8 @@ def plan(mb: ModelBytes, gpu_memory: int | str, host_memory: int | str, *, max_g
                      context_tokens=context_tokens, h2d_bytes_per_token=h2d,
                      disk_bytes_per_token=disk, hbm_bytes_per_token=hbm, t_h2d=t_h2d, t_disk=t_disk,
                      t_compute=t_compute, t_token=t_token, bound=bound, overlap_io=overlap_io,
-                     cpu_bytes_per_token=cpu, t_cpu=t_cpu)
+                     cpu_bytes_per_token=cpu, t_cpu=t_cpu,
+                     attention_peak=attention_peak_bytes(mb, context_tokens, step_tokens))
 
 
 def minimum_gpu_memory(mb: ModelBytes, *, max_gpu_layers: int = 3, prefetch_layers: int = 2,

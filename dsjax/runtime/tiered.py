@@ -31,7 +31,7 @@ from dsjax.runtime.expert_layout import PROJ, ExpertLayout
 from dsjax.runtime.kv_pool import PAGE_TOKENS, kv_bytes_per_token
 from dsjax.runtime.memory import MemoryManager, check_host_room, host_available
 from dsjax.runtime.metrics import Metrics, json_line, process_memory, prometheus_text
-from dsjax.runtime.planner import BudgetError, Links, ModelBytes, Pools, fmt_bytes, plan
+from dsjax.runtime.planner import BudgetError, Links, ModelBytes, Pools, attention_dims, fmt_bytes, plan
 from dsjax.runtime.popularity import check_hot_room, engine_popularity, hot_set, layer_popularity, popularity_order
 from dsjax.runtime.prefetch import (CPU_MAX_ROWS, CPU_PRIOR_BPS, DISK, GPU, HOST, READING, TRIAL_MARGIN,
                                     PrefetchPolicy, StepSample)
@@ -55,7 +55,8 @@ def model_bytes_from_store(store, dtype="bfloat16") -> ModelBytes:
     return ModelBytes(embed=core.get("embed", 0), head=core.get("head", 0),
                       layer_core=tuple(core[f"layer_{i:03d}"] for i in range(cfg.num_hidden_layers)),
                       expert=expert, n_experts=cfg.n_routed_experts or 0, top_k=cfg.num_experts_per_tok or 0,
-                      moe_layers=moe, kv_bytes_per_token=kv_bytes_per_token(cfg, jnp.dtype(dtype)))
+                      moe_layers=moe, kv_bytes_per_token=kv_bytes_per_token(cfg, jnp.dtype(dtype)),
+                      attention=attention_dims(cfg))
 
 
 def _first_moe(cfg) -> int:
@@ -141,7 +142,7 @@ class TieredEngine(Engine):
         budget_per_device = (gpu, host)                  # gpu_memory and host_memory apply to each device
         context = _context(cfg, mc.max_context, Pools.split(gpu, host).compute, mb.kv_bytes_per_token)
         plan_kw = dict(max_gpu_layers=mc.max_gpu_layers, prefetch_layers=mc.prefetch_layers,
-                       overlap_io=cc.overlap_io, context_tokens=context)
+                       overlap_io=cc.overlap_io, context_tokens=context, step_tokens=mc.step_tokens)
         self.placement = plan(mb, gpu, host, links=self.links, **plan_kw)
         streams = mb.moe_layers and self.placement.gpu_expert_slots < mb.n_experts
         cpu_on, self.cpu_experts_reason = availability(
