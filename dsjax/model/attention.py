@@ -47,11 +47,24 @@ def query_block(B: int, T: int, H: int, S: int, C: int = 0, limit: int | None = 
     kv latent rank; 0 for naive), its queries and latent outputs (B x H x C each per query) fit `limit` (default
     SCORE_BLOCK_BYTES); else T halved while it is even and they do not."""
     limit = SCORE_BLOCK_BYTES if limit is None else limit
-    per_query = B * H * (2 * S + 2 * C) * 4
+    per_query = _per_query_bytes(B, H, S, C)
     qb = T
     while qb % 2 == 0 and qb * per_query > limit:
         qb //= 2
     return qb
+
+
+def _per_query_bytes(B: int, H: int, S: int, C: int) -> int:
+    return B * H * (2 * S + 2 * C) * 4
+
+
+def held_bytes(form: MlaForm, B: int, T: int, S: int, H: int, N: int, V: int, C: int) -> int:
+    """f32 temporaries a call of B rows x T queries at width S holds at once, in the form and blocks it runs in: one
+    query block's share (query_block) plus the naive form's per-head keys and values (what the planner charges)."""
+    absorbed = attention_form(form, B, S, H, N, V) == "absorbed"
+    latent = C if absorbed else 0
+    return (query_block(B, T, H, S, latent) * _per_query_bytes(B, H, S, latent)
+            + (0 if absorbed else B * S * H * (N + V) * 4))
 
 
 def init_layer_cache(batch: int, max_len: int, cfg: ModelConfig, dtype) -> dict[str, jax.Array]:

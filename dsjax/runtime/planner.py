@@ -129,20 +129,14 @@ def attention_dims(cfg: ModelConfig) -> tuple[int, int, int, int]:
 def attention_peak_bytes(mb: "ModelBytes", context_tokens: int, step_tokens: int = DEFAULT_STEP_TOKENS) -> int:
     """f32 temporaries of the largest attention call an engine makes at this context (an estimate; no pool holds them):
     a prompt of context_tokens prefilled alone, or the step's chunk rows (step_tokens // 256 rows of 256 queries) at
-    that width: one query block's scores and probabilities (and the absorbed form's queries and latent outputs;
-    attention.query_block), plus the naive form's per-head keys and values where attention.attention_form keeps it."""
-    from dsjax.model.attention import attention_form, query_block
+    that width, each as attention runs it (attention.held_bytes: query blocks, the absorbed form past the limit)."""
+    from dsjax.model.attention import held_bytes
     H, N, V, C = mb.attention
     if not H or context_tokens < 1:
         return 0
     S, chunk = context_tokens, min(step_tokens, 256)
-    worst = 0
-    for B, T in ((1, S), (max(1, step_tokens // chunk), min(chunk, S))):
-        naive = attention_form("naive", B, S, H, N, V) == "naive"
-        qb = query_block(B, T, H, S, 0 if naive else C)
-        held = qb * B * H * (2 * S + (0 if naive else 2 * C)) * 4 + (B * S * H * (N + V) * 4 if naive else 0)
-        worst = max(worst, held)
-    return worst
+    return max(held_bytes("naive", B, T, S, H, N, V, C)
+               for B, T in ((1, S), (max(1, step_tokens // chunk), min(chunk, S))))
 
 
 # ---- budgets, links, placement ------------------------------------------------------------------------------------
