@@ -220,3 +220,5 @@ def test_attention_peak_by_hand_and_in_the_report():
     assert "attention: the largest call" in small and "1.61 GB" in small and "MORE than the reserve" in small
     p = plan(mb, 16 * 2 * GiB, 9600, max_gpu_layers=1, prefetch_layers=1, context_tokens=4096)
     assert p.attention_peak == GiB + GiB // 2 and "MORE than the reserve" not in p.report(mb, Links())
+    with pytest.raises(ValueError, match="step_tokens=0 must be >= 1"):
+        plan(mb, 16 * 2 * GiB, 9600, max_gpu_layers=1, prefetch_layers=1, context_tokens=4096, step_tokens=0)

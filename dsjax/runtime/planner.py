@@ -279,6 +279,8 @@ def plan(mb: ModelBytes, gpu_memory: int | str, host_memory: int | str, *, max_g
     gpu, host = parse_bytes(gpu_memory, "gpu_memory"), parse_bytes(host_memory, "host_memory")
     if max_gpu_layers < 1:
         raise ValueError(f"max_gpu_layers={max_gpu_layers} must be >= 1")
+    if step_tokens < 1:
+        raise ValueError(f"step_tokens={step_tokens} must be >= 1 (prompt tokens a step prefills)")
     pools = Pools.split(gpu, host)
     n = len(mb.layer_core)
     moe = len(mb.moe_layers)
