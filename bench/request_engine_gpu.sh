@@ -57,9 +57,10 @@ case "${1:-}" in
     ;;
   arrivals)
     use_tree "${NEW_TREE:-.}" new
-    # outputs 16-96 (run 4: 16-256 ran past 15 minutes); progress in arrivals.log as it goes
+    # outputs 16-96 (run 4: 16-256 ran past 15 minutes); progress in arrivals.log as it goes; ARRIVALS_ARGS: more
+    # arrivals.py options (--warmup trace: compile only the shapes the trace uses, not every bucket of its lengths)
     python3 bench/arrivals.py "$S" "${BUDGET[@]}" --requests 32 --rate 8 --prompt-len 32:512 --output-len 16:96 \
-      --static-batch 32 --static-prompt 32 --static-tokens 8 ${2:+--set "$2"} --out "$OUT/arrivals${2:+_$2}.json" 2>&1 \
+      --static-batch 32 --static-prompt 32 --static-tokens 8 ${ARRIVALS_ARGS:-} ${2:+--set "$2"} --out "$OUT/arrivals${2:+_$2}.json" 2>&1 \
       | tee "$OUT/arrivals${2:+_$2}.log" | tail -8
     ;;
   serve)
@@ -97,7 +98,7 @@ case "${1:-}" in
     for step in "${steps[@]}"; do
       echo "=== $step $(date +%T)"; bash "$ROOT/bench/request_engine_gpu.sh" $step
     done
-    echo "=== done $(date +%T)"
+    echo "=== done $(date +%T) (persistent compile cache: $(du -sh /tmp/xla-new 2> /dev/null | cut -f1))"
     ;;
   copies)              # bench/copy_paths.py: the engine thread's time per expert copy, by path
     use_tree "${NEW_TREE:-.}" new
