@@ -138,6 +138,11 @@ case "${1:-}" in
         --no-trace --out "$OUT/bench_pinlimit_$lim.json" 2>&1 | tail -3
     done
     ;;
+  longprefill)         # one 4,000-token prompt at batch 1: its prefill runs attention in query blocks (SCORE_BLOCK_BYTES)
+    use_tree "${NEW_TREE:-.}" new
+    python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --configs on_demand --batches 1 --tokens 2 --prompt-len 4000 \
+      --no-trace --out "$OUT/bench_prefill4000_b1.json" 2>&1 | tail -3
+    ;;
   hbm)                 # the whole slice in HBM at batch 1 (issue 20, item 4)
     use_tree "${NEW_TREE:-.}" new
     python3 -m dsjax.cli bench "$S" --configs hbm --batches 1 --tokens 16 --prompt-len 32 --no-trace \
