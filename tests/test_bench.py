@@ -98,6 +98,9 @@ def test_bench_on_a_store(demo_checkpoint, tmp_path):
     assert f"| {cpu['step']:.1f} ({cpu['step'] / n_moe:.2f}) |" in table
     mem = budget["process_memory"]
     assert 0 < mem["rss"] <= mem["peak_rss"] and f"{mem['rss'] / 1e9:.1f} ({mem['peak_rss'] / 1e9:.1f})" in table
+    # the GPU allocator's bytes: the CPU backend keeps none, so the row says nothing and the cell is "-"
+    assert budget["gpu_memory"] == {"in_use": None, "peak": None, "limit": None}
+    assert f"{mem['rss'] / 1e9:.1f} ({mem['peak_rss'] / 1e9:.1f}) | - |" in table
     # the all-in-HBM reference: the plain engine, no links, the same model
     h = bench(store, batches=(1,), configs=("hbm",), **dict(kw, out=None))["rows"][0]
     assert h["config"] == "hbm" and h["decode_tok_s"] > 0 and h["bytes_per_step"] == {}

@@ -269,6 +269,29 @@ def test_process_memory_tracks_resident_pages():
     del block
 
 
+def test_device_memory_says_nothing_where_the_backend_does_not():
+    """The CPU backend keeps no allocator statistics (memory_stats() is None): every field None, as with no device."""
+    from dsjax.runtime.metrics import device_memory
+    cpu = jax.devices("cpu")[0]
+    assert cpu.memory_stats() is None
+    assert device_memory(cpu) == device_memory(None) == {"in_use": None, "peak": None, "limit": None}
+
+
+@pytest.mark.gpu
+def test_device_memory_tracks_a_256_mb_array_on_the_gpu():
+    """device_memory() against an allocation of known size: a 256 MB array raises the bytes in use by at least that
+    (the allocator may round up), the peak is never below the bytes in use and the limit is above both."""
+    from dsjax.runtime.metrics import device_memory
+    gpu = next(d for d in jax.devices() if d.platform == "gpu")
+    before = device_memory(gpu)
+    a = jax.device_put(np.ones(256 << 20, np.uint8), gpu)
+    a.block_until_ready()
+    after = device_memory(gpu)
+    assert 256 << 20 <= after["in_use"] - before["in_use"] <= 260 << 20, (before, after)
+    assert after["limit"] > after["peak"] >= after["in_use"] and after["peak"] >= before["peak"]
+    del a
+
+
 def test_host_available_reads_memavailable_and_the_check_names_both_sizes(tmp_path):
     info = tmp_path / "meminfo"
     info.write_text("MemTotal:       131072000 kB\nMemFree:         1000000 kB\nMemAvailable:   41943040 kB\n")

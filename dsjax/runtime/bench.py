@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dsjax.runtime.metrics import process_memory
+from dsjax.runtime.metrics import device_memory, process_memory
 from dsjax.runtime.planner import Links
 from dsjax.runtime.tiers import pow2_bucket, shardings
 
@@ -261,6 +261,7 @@ def run_config(store: str, name: str, kw: dict[str, Any], batches: list[int], pr
             predicted_tok_s=s.get("predicted_tok_s") if B == 1 else None, trace=None,   # the plan is batch 1
             cpu_experts=_cpu_per_step(s0.get("cpu_experts", {}), s.get("cpu_experts", {}), steps),
             process_memory=process_memory(),         # resident now / at peak, against the host budget
+            gpu_memory=device_memory(getattr(engine, "device", None)),   # the GPU allocator's bytes now / peak
             parallel=_parallel_row(s0.get("parallel"), s.get("parallel")),
             expert_devices=_expert_devices_row(s0.get("expert_devices"), s.get("expert_devices"), steps)))
         if on_row:
@@ -434,8 +435,8 @@ def markdown(result: dict[str, Any]) -> str:
              "| copy time under compute | host ms/step: routing sync / expert copies / dispatch "
              "| engine thread CPU ms/step (per MoE layer, CPU experts' kernel excluded) "
              "| CPU experts/step (kernel GB/s, ms/step; auto: trial ms/step with/without: winner) "
-             "| process RSS GB (peak so far) | planned tok/s (batch 1, these ceilings) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| process RSS GB (peak so far) | GPU GB in use (peak so far) | planned tok/s (batch 1, these ceilings) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         b, a = r["bytes_per_step"], r["achieved_GB_s"]
         hit = r["hit_rates"]
@@ -461,6 +462,9 @@ def markdown(result: dict[str, Any]) -> str:
                + _cpu_trial_cell(cp, r["batch"]) if (cp := r.get("cpu_experts")) else "-") + " | "
             + (f"{m['rss'] / GB:.1f} ({m['peak_rss'] / GB:.1f})"
                if (m := r.get("process_memory")) and m.get("rss") and m.get("peak_rss") else "-") + " | "
+            + (f"{g['in_use'] / GB:.2f} ({g['peak'] / GB:.2f})"
+               if (g := r.get("gpu_memory")) and g.get("in_use") is not None and g.get("peak") is not None else "-")
+            + " | "
             + (f"{r['predicted_tok_s']:.2f}" if r.get("predicted_tok_s") else "-") + " |")
     tiered = [r for r in result["rows"] if r.get("expert_devices")]
     if tiered:
