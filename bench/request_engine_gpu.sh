@@ -138,6 +138,10 @@ case "${1:-}" in
         --no-trace --out "$OUT/bench_pinlimit_$lim.json" 2>&1 | tail -3
     done
     ;;
+  allocator)           # how much of the card a JAX process can allocate, by allocator setting (bench/gpu_allocator_limit.py)
+    use_tree "${NEW_TREE:-.}" new
+    python3 bench/gpu_allocator_limit.py --out "$OUT/allocator.json" 2>&1 | tail -6
+    ;;
   longprefill)         # one 4,000-token prompt at batch 1: its prefill runs attention in query blocks (SCORE_BLOCK_BYTES)
     use_tree "${NEW_TREE:-.}" new
     python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --configs on_demand --batches 1 --tokens 2 --prompt-len 4000 \
