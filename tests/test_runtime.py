@@ -11,7 +11,7 @@ import pytest
 
 import dsjax
 from dsjax.runtime.config import PRESETS, RuntimeConfig, RuntimeConfigError
-from dsjax.runtime.planner import minimum_gpu_memory, minimum_host_memory
+from dsjax.runtime.planner import fmt_bytes, minimum_gpu_memory, minimum_host_memory
 from dsjax.runtime.tiered import model_bytes_from_store
 from dsjax.store.manifest import StoreCorruptError
 from dsjax.store.reader import Store
@@ -450,6 +450,25 @@ def test_batching_keys(store, reference):
     assert [g.token_ids for g in e.generate(prompts, max_new_tokens=5, stop_token_ids=())] == out
     steps = e.stats()["steps"]
     assert steps["max_running"] == 4 and steps["decode_batches"] == [4]
+
+
+@pytest.mark.gpu
+def test_a_gpu_budget_past_what_jax_gives_the_process_is_refused_before_loading(store, budgets):
+    """A gpu_memory budget above the device's allocator limit less what is in use (JAX takes 75% of the card by
+    default) is a BudgetError naming both sizes and the two ways out, raised before the engine places anything: the
+    bytes in use are what they were."""
+    import jax
+    from dsjax.runtime.planner import BudgetError
+    gpu = next(d for d in jax.devices() if d.platform == "gpu")
+    stats = gpu.memory_stats()
+    over = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)) + 10**9
+    with pytest.raises(BudgetError, match="XLA_PYTHON_CLIENT_MEM_FRACTION") as err:
+        dsjax.load(store, dtype="float32", gpu_memory=over, host_memory=budgets["roomy"]["host_memory"])
+    assert f"gpu_memory={fmt_bytes(over)}" in str(err.value)
+    assert gpu.memory_stats()["bytes_in_use"] <= stats["bytes_in_use"]
+    e = _load(store, **budgets["roomy"])        # a budget that fits still loads
+    assert len(e.generate(PROMPTS[0], max_new_tokens=2, stop_token_ids=()).token_ids) == 2
+    e.close()
 
 
 @pytest.mark.gpu

@@ -292,6 +292,27 @@ def test_device_memory_tracks_a_256_mb_array_on_the_gpu():
     del a
 
 
+def test_a_gpu_budget_past_the_allocators_room_is_refused_with_both_sizes_and_the_fixes():
+    """check_gpu_room against memory_stats() as a 16 GB card reports it under JAX's default (a 75% limit): a 16 GB
+    budget is refused naming the budget, the room, the limit and what is in use, the environment variable and a
+    budget that fits (95% of the room, rounded down); a budget within the room passes, as does any budget where the
+    backend keeps no statistics (the CPU) or there is no budget."""
+    from dsjax.runtime.memory import check_gpu_room
+    card = {"bytes_limit": 12 * 10**9, "bytes_in_use": 2 * 10**9}          # 10 GB of room
+    with pytest.raises(BudgetError) as err:
+        check_gpu_room(16 * 10**9, card, "cuda:0")
+    msg = str(err.value)
+    for part in ("gpu_memory=16.00 GB", "on cuda:0: 10.00 GB (12.00 GB limit, 2.00 GB in use)",
+                 "XLA_PYTHON_CLIENT_MEM_FRACTION=.95", "gpu_memory='9.5GB'", "--gpu-memory 9.5GB"):
+        assert part in msg, (part, msg)
+    with pytest.raises(BudgetError):
+        check_gpu_room(10 * 10**9 + 1, card)                                # one byte past the room
+    check_gpu_room(10 * 10**9, card)                                        # exactly the room
+    check_gpu_room(16 * 10**9, None)                                        # the CPU backend: no statistics
+    check_gpu_room(16 * 10**9, {"bytes_in_use": 0})                         # no limit reported
+    check_gpu_room(None, card)                                              # no budget
+
+
 def test_host_available_reads_memavailable_and_the_check_names_both_sizes(tmp_path):
     info = tmp_path / "meminfo"
     info.write_text("MemTotal:       131072000 kB\nMemFree:         1000000 kB\nMemAvailable:   41943040 kB\n")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import gc
 import threading
 import time
 from typing import Any
@@ -29,7 +30,7 @@ from dsjax.runtime.cpu_path import CpuExpertPath, availability, take_rows
 from dsjax.runtime.engine import DEFAULT_CONTEXT, Engine, Group
 from dsjax.runtime.expert_layout import PROJ, ExpertLayout
 from dsjax.runtime.kv_pool import PAGE_TOKENS, kv_bytes_per_token
-from dsjax.runtime.memory import MemoryManager, check_host_room, host_available
+from dsjax.runtime.memory import MemoryManager, check_gpu_room, check_host_room, host_available
 from dsjax.runtime.metrics import Metrics, json_line, process_memory, prometheus_text
 from dsjax.runtime.planner import BudgetError, Links, ModelBytes, Pools, attention_dims, fmt_bytes, plan
 from dsjax.runtime.popularity import check_hot_room, engine_popularity, hot_set, layer_popularity, popularity_order
@@ -167,6 +168,12 @@ class TieredEngine(Engine):
         p = self.placement
         # the plan's pinned host bytes against the RAM free now: past it the GPU runtime aborts the process
         check_host_room(p.pinned_host_bytes(mb, len(devs)), host_available(), runtime.host_memory)
+        for d in devs:              # each device's budget against what JAX's allocator gives the process there
+            try:
+                check_gpu_room(runtime.gpu_memory, d.memory_stats(), str(d))
+            except BudgetError:     # arrays of a closed engine that only the cycle collector frees count as in use
+                gc.collect()
+                check_gpu_room(runtime.gpu_memory, d.memory_stats(), str(d))
         moved = p.gpu_expert_pool - p.pools.expert_cache   # active-pool room the planner gave to experts
         self.mm = MemoryManager(p.pools, {"expert_cache": p.gpu_expert_pool,
                                           "active_layers": p.pools.active_layers - moved})
