@@ -31,9 +31,9 @@ try:
 except Exception as e:           # XlaRuntimeError: RESOURCE_EXHAUSTED
     err = str(e).strip().splitlines()[0][:200]
 s1 = d.memory_stats() or {}
-print(json.dumps({"device": d.device_kind, "limit_before": s0.get("bytes_limit"), "in_use_before": s0.get("bytes_in_use"),
-                  "allocated_GiB": len(held), "limit_after": s1.get("bytes_limit"), "peak": s1.get("peak_bytes_in_use"),
-                  "error": err}))
+print(json.dumps({"device": d.device_kind, "limit_before": s0.get("bytes_limit"),
+                  "in_use_before": s0.get("bytes_in_use"), "allocated_GiB": len(held),
+                  "limit_after": s1.get("bytes_limit"), "peak": s1.get("peak_bytes_in_use"), "error": err}))
 """
 
 SETTINGS = {
@@ -49,8 +49,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rows = {}
     for name, env in SETTINGS.items():
-        base = {k: v for k, v in os.environ.items()
-                if k not in ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION")}
+        ours = ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION")
+        base = {k: v for k, v in os.environ.items() if k not in ours}
         r = subprocess.run([sys.executable, "-c", CHILD], env=base | env, capture_output=True, text=True, timeout=600)
         rows[name] = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"stderr": r.stderr[-500:]}
         print(name, rows[name], flush=True)

@@ -51,9 +51,8 @@ def check_gpu_room(gpu_memory: int | None, stats: dict | None, device: str = "th
     the load fails halfway with XLA's RESOURCE_EXHAUSTED. JAX's GPU allocator gives a process a fraction of the card,
     75% unless XLA_PYTHON_CLIENT_MEM_FRACTION (or XLA_CLIENT_MEM_FRACTION) says otherwise, set before JAX starts (some
     XLA versions let the default pool grow past it; its bytes_limit says which): on a 16 GB card a 12 GB limit, so
-    `--gpu-memory 16GB` cannot fit under it. `gpu_memory`: the budget (None: no
-    limit, no check); `stats`: the device's memory_stats() (None where the backend keeps none, e.g. the CPU: no
-    check)."""
+    `--gpu-memory 16GB` cannot fit under it. `gpu_memory`: the budget (None: no limit, no check); `stats`: the
+    device's memory_stats() (None where the backend keeps none, e.g. the CPU: no check)."""
     if gpu_memory is None or not stats or "bytes_limit" not in stats:
         return
     limit, in_use = int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))
@@ -63,10 +62,10 @@ def check_gpu_room(gpu_memory: int | None, stats: dict | None, device: str = "th
     fit = max(free, 0) * 95 // 100 // 10**8 / 10          # GB, one decimal, rounded down, a margin for XLA's own
     raise BudgetError(
         f"gpu_memory={fmt_bytes(gpu_memory)} is more than JAX's GPU allocator gives this process on {device}: "
-        f"{fmt_bytes(free)} ({fmt_bytes(limit)} limit, {fmt_bytes(in_use)} in use). JAX gives a process a fraction of the "
-        "card, 75% unless told otherwise: start the process with XLA_PYTHON_CLIENT_MEM_FRACTION=.95 in its environment (before JAX "
-        f"starts; dsjax's budget still bounds what it uses), or pass a budget that fits (gpu_memory='{fit}GB', "
-        f"--gpu-memory {fit}GB)")
+        f"{fmt_bytes(free)} ({fmt_bytes(limit)} limit, {fmt_bytes(in_use)} in use). JAX gives a process a fraction "
+        "of the card, 75% unless told otherwise: start the process with XLA_PYTHON_CLIENT_MEM_FRACTION=.95 in its "
+        "environment (before JAX starts; dsjax's budget still bounds what it uses), or pass a budget that fits "
+        f"(gpu_memory='{fit}GB', --gpu-memory {fit}GB)")
 
 
 @dataclasses.dataclass

@@ -131,9 +131,9 @@ def process_memory() -> dict[str, int | None]:
 
 def device_memory(device) -> dict[str, int | None]:
     """What `device`'s allocator holds now and at its peak so far, and its limit, bytes (None where the backend does
-    not say: the CPU, or no device). The GPU budget covers the pools the planner places; this is everything XLA allocated on the
-    device (pools, KV, every call's temporaries: attention's query blocks, a long step's MoE rows), to compare against
-    gpu_memory. JAX cannot reset the peak: it covers the process's life."""
+    not say: the CPU, or no device). The GPU budget covers the pools the planner places; this is everything XLA
+    allocated on the device (pools, KV, every call's temporaries: attention's query blocks, a long step's MoE rows),
+    to compare against gpu_memory. JAX cannot reset the peak: it covers the process's life."""
     stats = (device.memory_stats() if device is not None else None) or {}
     return {"in_use": stats.get("bytes_in_use"), "peak": stats.get("peak_bytes_in_use"),
             "limit": stats.get("bytes_limit")}
