@@ -26,8 +26,9 @@ s0 = d.memory_stats() or {}
 held, err = [], None
 try:
     for _ in range(512):
-        held.append(jnp.ones((1 << 28,), jnp.float32, device=d))   # 1 GiB each
-        held[-1].block_until_ready()
+        a = jnp.ones((1 << 28,), jnp.float32, device=d)            # 1 GiB each
+        a.block_until_ready()                                       # a failed allocation raises here
+        held.append(a)
 except Exception as e:           # XlaRuntimeError: RESOURCE_EXHAUSTED
     err = str(e).strip().splitlines()[0][:200]
 s1 = d.memory_stats() or {}

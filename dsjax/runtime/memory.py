@@ -49,9 +49,9 @@ def check_host_room(need: int, available: int | None, host_memory: int | None = 
 def check_gpu_room(gpu_memory: int | None, stats: dict | None, device: str = "the GPU") -> None:
     """Refuse, before anything is placed, a GPU budget larger than JAX's allocator will give this process: past it
     the load fails halfway with XLA's RESOURCE_EXHAUSTED. JAX's GPU allocator gives a process a fraction of the card,
-    75% unless XLA_PYTHON_CLIENT_MEM_FRACTION (or XLA_CLIENT_MEM_FRACTION) says otherwise, set before JAX starts (some
-    XLA versions let the default pool grow past it; its bytes_limit says which): on a 16 GB card a 12 GB limit, so
-    `--gpu-memory 16GB` cannot fit under it. `gpu_memory`: the budget (None: no limit, no check); `stats`: the
+    75% unless XLA_PYTHON_CLIENT_MEM_FRACTION (or XLA_CLIENT_MEM_FRACTION) says otherwise, set before JAX starts,
+    preallocated or not (jax 0.11.2 on an H100: 59.4 of 79.2 GiB, bench/RESULTS.md run 12): on a 16 GB card a 12 GB
+    limit, so `--gpu-memory 16GB` cannot fit under it. `gpu_memory`: the budget (None: no limit, no check); `stats`: the
     device's memory_stats() (None where the backend keeps none, e.g. the CPU: no check)."""
     if gpu_memory is None or not stats or "bytes_limit" not in stats:
         return
