@@ -222,3 +222,15 @@ def test_attention_peak_by_hand_and_in_the_report():
     assert p.attention_peak == GiB + GiB // 2 and "MORE than the reserve" not in p.report(mb, Links())
     with pytest.raises(ValueError, match="step_tokens=0 must be >= 1"):
         plan(mb, 16 * 2 * GiB, 9600, max_gpu_layers=1, prefetch_layers=1, context_tokens=4096, step_tokens=0)
+
+
+def test_the_report_names_the_card_a_gpu_budget_needs_under_jaxs_allocator_fraction():
+    """JAX gives a process 75% of the card unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise (bench/RESULTS.md run
+    12: 59.4 of 79.2 GiB on an H100): a 16 GB budget needs a 21.33 GB card as started, 16.84 GB at .95; no line
+    without a GPU budget."""
+    mb = _toy()
+    report = plan(mb, "16GB", 9600, max_gpu_layers=1, prefetch_layers=1).report(mb, Links())
+    line = next(ln for ln in report.splitlines() if ln.startswith("the card:"))
+    assert "needs a card of 21.33 GB, or 16.84 GB with XLA_PYTHON_CLIENT_MEM_FRACTION=.95" in line, line
+    unlimited = plan(mb, 2**60, 9600, max_gpu_layers=1, prefetch_layers=1).report(mb, Links())
+    assert "the card:" not in unlimited

@@ -236,6 +236,10 @@ class Placement:
                "experts')"] if mb.model_top_k and mb.model_top_k != mb.top_k else []),
             f"GPU pools: reserve {fmt_bytes(p.reserve)}, active layers {fmt_bytes(p.active_layers)}, expert cache "
             f"{fmt_bytes(p.expert_cache)}, compute {fmt_bytes(p.compute)}",
+            *([f"the card: JAX gives a process 75% of it by default, so this GPU budget needs a card of "
+               f"{fmt_bytes(gpu / 0.75)}, or {fmt_bytes(gpu / 0.95)} with XLA_PYTHON_CLIENT_MEM_FRACTION=.95 set "
+               "before starting (the load refuses a budget past what JAX gives)"]
+              if (gpu := p.reserve + p.active_layers + p.expert_cache + p.compute) < 2**59 else []),
             f"host pools: model weights {fmt_bytes(p.host_weights)}, layer cache {fmt_bytes(p.host_layer_cache)}, "
             f"prefetch {fmt_bytes(p.host_prefetch)}, reserve {fmt_bytes(p.host_reserve)}; pinned by this plan "
             f"{fmt_bytes(self.pinned_host_bytes(mb))} (embedding, host layer cores, host experts; the process takes "
