@@ -8,11 +8,15 @@ import dsjax
 from dsjax import PromptError, SamplingParams
 
 
-def _greedy_by_full_forward(engine, prompt, n):
-    """Oracle for the decode loop: recompute the whole sequence each step and take the argmax."""
+def _greedy_by_full_forward(engine, prompt, n, width=32):
+    """Oracle for the decode loop: recompute the whole sequence each step and take the argmax at its last position.
+    The sequence is right-padded to `width` tokens so that every step runs one forward shape (one compile, not one
+    per length): the model is causal, so what follows a position cannot change its logits."""
     seq = list(prompt)
+    assert len(seq) + n <= width
     for _ in range(n):
-        seq.append(int(engine.logits(np.asarray(seq)[None])[0, -1].argmax()))
+        padded = np.asarray(seq + [0] * (width - len(seq)))[None]
+        seq.append(int(engine.logits(padded)[0, len(seq) - 1].argmax()))
     return seq[len(prompt):]
 
 
