@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 
-from dsjax.runtime.planner import BudgetError, Pools, fmt_bytes
+from dsjax.runtime.planner import JAX_MEM_FRACTION, SUGGESTED_MEM_FRACTION, BudgetError, Pools, fmt_bytes
 
 GPU_POOLS = ("reserve", "active_layers", "expert_cache", "compute")
 HOST_POOLS = ("host_weights", "host_layer_cache", "host_prefetch", "host_reserve")
@@ -63,8 +63,9 @@ def check_gpu_room(gpu_memory: int | None, stats: dict | None, device: str = "th
     raise BudgetError(
         f"gpu_memory={fmt_bytes(gpu_memory)} is more than JAX's GPU allocator gives this process on {device}: "
         f"{fmt_bytes(free)} ({fmt_bytes(limit)} limit, {fmt_bytes(in_use)} in use). JAX gives a process a fraction "
-        "of the card, 75% unless told otherwise: start the process with XLA_PYTHON_CLIENT_MEM_FRACTION=.95 in its "
-        "environment (before JAX starts; dsjax's budget still bounds what it uses), or pass a budget that fits "
+        f"of the card, {JAX_MEM_FRACTION:.0%} unless told otherwise: start the process with "
+        f"XLA_PYTHON_CLIENT_MEM_FRACTION={SUGGESTED_MEM_FRACTION} in its environment (before JAX starts; dsjax's "
+        "budget still bounds what it uses), or pass a budget that fits "
         f"(gpu_memory='{fit}GB', --gpu-memory {fit}GB)")
 
 

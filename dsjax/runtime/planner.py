@@ -53,8 +53,20 @@ def parse_bytes(value: int | float | str, name: str = "budget") -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+# JAX's GPU allocator gives a process this fraction of the card unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise
+# (jax 0.11.2 on an H100, preallocated or not: 59.4 of 79.2 GiB, bench/RESULTS.md run 12); the setting dsjax suggests
+# where a budget needs more (75.2 GiB there).
+JAX_MEM_FRACTION = 0.75
+SUGGESTED_MEM_FRACTION = ".95"
+
+
+def is_unlimited(n: float) -> bool:
+    """A byte count that stands for "no limit" (the runtime's UNLIMITED, or anything near it)."""
+    return n >= 2**59
+
+
 def fmt_bytes(n: float) -> str:
-    if n >= 2**59:
+    if is_unlimited(n):
         return "unlimited"
     for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if abs(n) >= div:
@@ -236,10 +248,11 @@ class Placement:
                "experts')"] if mb.model_top_k and mb.model_top_k != mb.top_k else []),
             f"GPU pools: reserve {fmt_bytes(p.reserve)}, active layers {fmt_bytes(p.active_layers)}, expert cache "
             f"{fmt_bytes(p.expert_cache)}, compute {fmt_bytes(p.compute)}",
-            *([f"the card: JAX gives a process 75% of it by default, so this GPU budget needs a card of "
-               f"{fmt_bytes(gpu / 0.75)}, or {fmt_bytes(gpu / 0.95)} with XLA_PYTHON_CLIENT_MEM_FRACTION=.95 set "
-               "before starting (the load refuses a budget past what JAX gives)"]
-              if (gpu := p.reserve + p.active_layers + p.expert_cache + p.compute) < 2**59 else []),
+            *([f"the card: JAX gives a process {JAX_MEM_FRACTION:.0%} of it by default, so this GPU budget needs a "
+               f"card of {fmt_bytes(gpu / JAX_MEM_FRACTION)}, or {fmt_bytes(gpu / float(SUGGESTED_MEM_FRACTION))} "
+               f"with XLA_PYTHON_CLIENT_MEM_FRACTION={SUGGESTED_MEM_FRACTION} set before starting (the load refuses "
+               "a budget past what JAX gives)"]
+              if not is_unlimited(gpu := p.reserve + p.active_layers + p.expert_cache + p.compute) else []),
             f"host pools: model weights {fmt_bytes(p.host_weights)}, layer cache {fmt_bytes(p.host_layer_cache)}, "
             f"prefetch {fmt_bytes(p.host_prefetch)}, reserve {fmt_bytes(p.host_reserve)}; pinned by this plan "
             f"{fmt_bytes(self.pinned_host_bytes(mb))} (embedding, host layer cores, host experts; the process takes "
