@@ -6,6 +6,8 @@ the calling thread's wall and CPU time to issue the call (time.thread_time) and 
   B  the copy inside the slot write: one jit whose inputs are the pinned buffers (XLA issues the copies)
   C  jax.device_put of the list alone              D  jax.device_put of one pinned buffer holding all n
   E  the slot write alone (rows already on the GPU)  F  a trivial jitted call (dispatch floor)
+  G  one jax.device_put per expert, issued from --threads worker threads at once, then the slot write (does issuing
+     the copies in parallel cut the calling thread's wait? the issue CPU column here is the caller's, not the workers')
 
     python bench/copy_paths.py [--experts 1,8,16] [--reps 20] [--out copy_paths.json]
 
@@ -15,6 +17,7 @@ On the CPU backend the figures are only a smoke test (no link); run it on the GP
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import statistics
 import sys
@@ -65,6 +68,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--hidden", type=int, default=7168)
     ap.add_argument("--inter", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=4, help="worker threads of path G")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     dev = jax.devices()[0]
@@ -83,6 +87,7 @@ def main() -> None:
     fused_j = jax.jit(fused, donate_argnums=0)
     trivial = jax.jit(lambda x: x + 1)
     one = jnp.zeros((8,), jnp.float32)
+    workers = concurrent.futures.ThreadPoolExecutor(a.threads, thread_name_prefix="copy")
     rows = []
     for n in ns:
         idx = jax.device_put(np.arange(n, dtype=np.int32), s_dev)
@@ -99,24 +104,31 @@ def main() -> None:
             pool[0] = fused_j(pool[0], idx, tuple(bufs))
             return pool[0]
 
+        def path_g():
+            devs = list(workers.map(lambda b: jax.device_put(b, s_dev), bufs))
+            pool[0] = write(pool[0], idx, tuple(devs), layout)
+            return pool[0]
+
         def path_e():
             pool[0] = write(pool[0], idx, dev_rows, layout)
             return pool[0]
         paths = {"A list put + slot write": path_a, "B copy inside the slot write": path_b,
+                 f"G {a.threads} threads put + slot write": path_g,
                  "C list put alone": lambda: jax.device_put(bufs, s_dev),
                  "D one put of n experts": lambda: jax.device_put(big, s_dev),
                  "E slot write alone": path_e, "F trivial jit": lambda: trivial(one)}
         # the copy inside the slot write must write what today's path writes (every part, bit for bit)
         got = {}
-        for key, fn in (("A", path_a), ("B", path_b)):
+        for key, fn in (("A", path_a), ("B", path_b), ("G", path_g)):
             pool[0] = jax.tree.map(jnp.zeros_like, pool[0])
             got[key] = [np.asarray(x) for x in jax.tree.leaves(fn())]
         want = [np.asarray(x) for x in jax.tree.leaves(unflatten(jnp.stack([jnp.asarray(np.asarray(b)) for b in bufs]),
                                                                layout))]
-        for a_, b_, w in zip(got["A"], got["B"], want):
+        for a_, b_, g_, w in zip(got["A"], got["B"], got["G"], want):
             u8 = lambda x: np.ascontiguousarray(x).view(np.uint8)      # random bytes: NaNs among the floats
-            if not (np.array_equal(u8(a_), u8(b_)) and np.array_equal(u8(a_[:n]), u8(w))):
-                raise SystemExit(f"path B wrote other bytes than path A at {n} experts")
+            if not (np.array_equal(u8(a_), u8(b_)) and np.array_equal(u8(a_), u8(g_))
+                    and np.array_equal(u8(a_[:n]), u8(w))):
+                raise SystemExit(f"paths B or G wrote other bytes than path A at {n} experts")
         for name, fn in paths.items():
             r = timed(fn, a.reps)
             moved = 0 if name[0] in "EF" else n * B

@@ -102,7 +102,7 @@ case "${1:-}" in
     ;;
   copies)              # bench/copy_paths.py: the engine thread's time per expert copy, by path
     use_tree "${NEW_TREE:-.}" new
-    (cd /tmp && python3 "$ROOT/${NEW_TREE:-.}/bench/copy_paths.py" --experts 1,8,16 --reps 20 --out "$OUT/copy_paths.json" 2>&1 | tail -22)
+    (cd /tmp && python3 "$ROOT/${NEW_TREE:-.}/bench/copy_paths.py" --experts 1,6,16 --reps 20 --out "$OUT/copy_paths.json" 2>&1 | tail -28)
     ;;
   copyjit)             # b1 with a layer's misses copied inside the slot write (compute_config.expert_copy=jit)
     use_tree "${NEW_TREE:-.}" new
