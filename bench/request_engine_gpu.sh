@@ -14,7 +14,7 @@
 #   bash bench/request_engine_gpu.sh warmthreads [0,8]  # bench/warmup_threads.py: warm-up wall by compile threads
 #   bash bench/request_engine_gpu.sh gaps           # bench/join_gaps.py: a joining request's stall, compile ahead on/off
 #   bash bench/request_engine_gpu.sh multi [N]      # on N GPUs (nvidia-h100-x2 ...): tiered expert parallelism vs one GPU
-#   bash bench/request_engine_gpu.sh pinlimit [GiB]  # b1 on_demand's RSS with XLA's pinned pool capped at GiB (48) vs not
+#   bash bench/request_engine_gpu.sh pinlimit [GiB]  # b1 on_demand's RSS under dsjax's pinned-pool cap vs a limit of GiB (90% RAM)
 #   bash bench/request_engine_gpu.sh hot [N] | options | hbm   # b1 with N hot experts per layer (popularity measured
 #                                                   # first) | with active_experts 6 and 4 | the whole slice in HBM
 #   OUT=/tmp/res setsid nohup bash bench/request_engine_gpu.sh all > /tmp/res/pipeline.log 2>&1 &
@@ -129,10 +129,12 @@ case "${1:-}" in
     use_tree "${NEW_TREE:-.}" new
     python3 bench/warmup_threads.py "$S" "${BUDGET[@]}" --threads "${2:-0,8}" --out "$OUT/warmup_threads.json" 2>&1 | tail -7
     ;;
-  pinlimit)            # process RSS with the pinned host pool capped near what the plan pins (the slice at 96 GB:
-    use_tree "${NEW_TREE:-.}" new    # ~40 GB; XLA's BFC allocator grows by doubling regions up to
-    for lim in default "${2:-48}"; do    # XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB, GiB, dsjax's default 90% of RAM), one
-      # process each: RSS (peak) and tok/s are columns of the table; a cap too low fails the load with Out of host memory
+  pinlimit)            # process RSS with the pinned host pool capped near what the plan pins: dsjax's default now
+    use_tree "${NEW_TREE:-.}" new    # (the plan's pinned bytes + 10% + 2 GiB; the slice at 16/96 GB: 37.2 GiB -> 43)
+    # against a limit of GiB (default: 90% of RAM, the limit before that cap); XLA's BFC pool grows by doubling
+    old=$(python3 -c "import os; print(int(0.9 * os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30))")
+    for lim in default "${2:-$old}"; do    # regions up to XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB; one process each: RSS
+      # (peak) and tok/s are columns of the table; a cap too low fails the load with Out of host memory
       pre=(); [ "$lim" = default ] || pre=("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=$lim")
       env "${pre[@]}" python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --configs on_demand --batches 1 --tokens 8 --prompt-len 32 \
         --no-trace --out "$OUT/bench_pinlimit_$lim.json" 2>&1 | tail -3

@@ -13,10 +13,14 @@ import os as _os
 # PJRT caps pinned host memory (allocations fail at ~62 GiB on the H200 machine) unless the cap is raised before the
 # GPU backend starts. dsjax enforces its own host budget, so when the user has not set the cap it is lifted to 90% of
 # the machine's RAM; this must run before JAX creates its GPU client, i.e. before the first jax.devices().
+# The first tiered engine then lowers it to what its plan pins (runtime/memory.py, cap_pinned_host): the pool grows in
+# regions of doubling size, so a lifted limit alone lets it pin up to twice the plan.
+PINNED_LIMIT_SET_BY_DSJAX = False
 if "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB" not in _os.environ:
     try:
         _ram = _os.sysconf("SC_PAGE_SIZE") * _os.sysconf("SC_PHYS_PAGES")
         _os.environ["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"] = str(max(1, int(0.9 * _ram / 2**30)))
+        PINNED_LIMIT_SET_BY_DSJAX = True
     except (ValueError, OSError):
         pass
 

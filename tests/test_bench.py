@@ -140,9 +140,9 @@ def test_disk_ceiling_reads_every_file_whole_concurrently(tmp_path, monkeypatch)
 
 def test_copy_paths_script_writes_the_same_bytes_by_every_path(tmp_path):
     """bench/copy_paths.py (issue 20, item 1: where the engine thread's time goes per expert copy) on the CPU backend:
-    the copy inside the slot write (path B) must write the bytes today's list put + slot write (path A) writes, and
-    both the experts' own bytes (the script exits non-zero otherwise); every path is timed for every count, and the
-    copying paths report n x the layout's bytes."""
+    the copy inside the slot write (path B) and the puts from worker threads (path G) must write the bytes today's
+    list put + slot write (path A) writes, and all the experts' own bytes (the script exits non-zero otherwise); every
+    path is timed for every count, and the copying paths report n x the layout's bytes."""
     import json
     import subprocess
     import sys
@@ -162,9 +162,9 @@ def test_copy_paths_script_writes_the_same_bytes_by_every_path(tmp_path):
     scales = 128 * 256 // 16
     assert B == 3 * (packed + scales + 256)
     rows = {(x["path"][0], x["experts"]): x for x in d["rows"]}
-    assert set(rows) == {(p, n) for p in "ABCDEF" for n in (1, 3)}
+    assert set(rows) == {(p, n) for p in "ABCDEFG" for n in (1, 3)}
     for (p, n), x in rows.items():
-        assert x["bytes"] == (n * B if p in "ABCD" else 0)
+        assert x["bytes"] == (n * B if p in "ABCDG" else 0)
         assert x["total_ms"] > 0 and x["issue_cpu_ms"] >= 0
 
 

@@ -328,3 +328,90 @@ def test_host_available_reads_memavailable_and_the_check_names_both_sizes(tmp_pa
                                           r"has 40\.00 GB available.*--host-memory 36GB"):
         check_host_room(80 * 10**9, 40 * 10**9, 96 * 10**9)
     assert host_available() is None or host_available() > 0                # this machine's own file parses
+
+
+def test_the_pinned_pool_is_capped_near_the_plan_before_jax_starts_and_only_over_dsjaxs_own_default(monkeypatch):
+    """cap_pinned_host: XLA's pinned BFC pool grows in doubling regions up to XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB, so
+    the limit dsjax lifts at import is lowered to the plan's need + 10% + 2 GiB, in whole GiB (37.2 GiB, the V3
+    slice's plan at 16 GB / 96 GB: 43). Never once JAX's backends run (the variable is read at start), never over a
+    limit the user set, never upwards; no need, no change."""
+    import dsjax
+    from dsjax.runtime.memory import GIB, PINNED_LIMIT_ENV, cap_pinned_host, pinned_cap_gib
+    need = int(37.2 * GIB)
+    assert pinned_cap_gib(need) == 43 and pinned_cap_gib(0) == 2 and pinned_cap_gib(10 * GIB) == 13
+    monkeypatch.setattr(dsjax, "PINNED_LIMIT_SET_BY_DSJAX", True)
+    env = {PINNED_LIMIT_ENV: "115"}
+    assert cap_pinned_host(need, env, initialized=False) == 43 and env[PINNED_LIMIT_ENV] == "43"
+    assert cap_pinned_host(int(50 * GIB), env, initialized=False) is None and env[PINNED_LIMIT_ENV] == "43"
+    env = {PINNED_LIMIT_ENV: "115"}
+    assert cap_pinned_host(need, env, initialized=True) is None and env[PINNED_LIMIT_ENV] == "115"
+    assert cap_pinned_host(None, env, initialized=False) is None and env[PINNED_LIMIT_ENV] == "115"
+    assert cap_pinned_host(need, {}, initialized=False) is None                     # no limit set at all
+    monkeypatch.setattr(dsjax, "PINNED_LIMIT_SET_BY_DSJAX", False)                  # the user's own limit
+    assert cap_pinned_host(need, env, initialized=False) is None and env[PINNED_LIMIT_ENV] == "115"
+
+
+def test_a_plan_past_the_pinned_pools_limit_is_refused_naming_the_limit_and_the_fixes(monkeypatch):
+    """check_pinned_cap: a later engine whose plan outgrew the cap an earlier one set is refused before anything is
+    pinned (with the same margin the cap keeps); a limit the user set is held to the plan alone."""
+    import dsjax
+    from dsjax.runtime.memory import GIB, PINNED_LIMIT_ENV, check_pinned_cap
+    monkeypatch.setattr(dsjax, "PINNED_LIMIT_SET_BY_DSJAX", True)
+    env = {PINNED_LIMIT_ENV: "43"}
+    check_pinned_cap(int(37.2 * GIB), env)                                # the engine that set it
+    with pytest.raises(BudgetError) as err:
+        check_pinned_cap(40 * GIB, env)                                    # 40 GiB + 10% + 2 = 46 > 43
+    msg = str(err.value)
+    for part in ("pins 42.95 GB", "capped at 43 GiB", "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=46", "a new process",
+                 "smaller host budget"):
+        assert part in msg, (part, msg)
+    check_pinned_cap(40 * GIB, {})                                         # no limit: nothing to check
+    monkeypatch.setattr(dsjax, "PINNED_LIMIT_SET_BY_DSJAX", False)
+    check_pinned_cap(43 * GIB, env)                                        # the user's 43 GiB holds a 43 GiB plan
+    with pytest.raises(BudgetError, match="capped at 43 GiB"):
+        check_pinned_cap(43 * GIB + 1, env)
+
+
+def test_the_pinned_need_planned_before_jax_starts_is_the_engines_own(store):
+    """load.pinned_need (what load and bench cap the pool from, computed before any device is touched) equals the
+    loaded engine's placement.pinned_host_bytes, with and without overlap_io, under budgets that stream experts."""
+    import dsjax
+    from dsjax.demo import demo_budgets
+    from dsjax.runtime.load import pinned_need
+    b = demo_budgets(store)
+    for io in (True, False):
+        e = dsjax.load(store, dtype="float32", cpu_experts="off", overlap_io=io, **b)
+        try:
+            got = e.placement.pinned_host_bytes(e.model_bytes)
+            assert e.placement.gpu_expert_slots < e.model_bytes.n_experts and got > e.model_bytes.embed
+            assert pinned_need(store, "float32", overlap_io=io, **b) == got
+        finally:
+            e.close()
+
+
+def test_a_fresh_process_loads_with_the_pool_capped_and_a_users_limit_untouched(store, tmp_path):
+    """In a new process (JAX's backends not started), dsjax.load lowers dsjax's lifted limit to the cap of its plan's
+    pinned bytes before the engine starts JAX; a limit in the user's environment stays as set. (On the CPU backend the
+    variable is read by nothing: this checks what the GPU client would read.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from dsjax.demo import demo_budgets
+    from dsjax.runtime.memory import PINNED_LIMIT_ENV, pinned_cap_gib
+    child = ("import json, os, sys, dsjax\n"
+             "before = os.environ['" + PINNED_LIMIT_ENV + "']\n"
+             "e = dsjax.load(sys.argv[1], dtype='float32', cpu_experts='off', **json.loads(sys.argv[2]))\n"
+             "print(json.dumps([before, os.environ['" + PINNED_LIMIT_ENV + "'], "
+             "e.placement.pinned_host_bytes(e.model_bytes)]))\n"
+             "e.close()\n")
+    b = demo_budgets(store)
+    env = {k: v for k, v in os.environ.items() if k != PINNED_LIMIT_ENV}
+    env["JAX_PLATFORMS"] = "cpu"
+    run = lambda e: json.loads(subprocess.run([sys.executable, "-c", child, store, json.dumps(b)], env=e, check=True,
+                                              capture_output=True, text=True, timeout=600).stdout.splitlines()[-1])
+    before, after, need = run(env)
+    assert int(after) == pinned_cap_gib(need) < int(before)
+    before, after, _ = run(dict(env, **{PINNED_LIMIT_ENV: "7"}))
+    assert before == after == "7"

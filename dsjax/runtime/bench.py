@@ -371,6 +371,15 @@ def bench(store: str, *, gpu_memory=None, host_memory=None, preset: str | None =
     if several and (cpu := [c for c in configs if c in ("cpu", "cpu_auto")]):
         raise ValueError(f"bench over {devices} devices: config {cpu[0]} (CPU-computed experts) runs on one device; "
                          "drop it from --configs")
+    tiered = [c for c in configs if c in ("budget", "on_demand", "cpu", "cpu_auto")]
+    if tiered and not several and (gpu_memory is not None or host_memory is not None):
+        # before the first jax.devices() (the links are measured before any engine loads): the pinned pool capped
+        # near what the tiered configs' plan pins, as dsjax.load caps it for a process's first engine
+        from dsjax.runtime.load import pinned_need
+        from dsjax.runtime.memory import cap_pinned_host
+        opts = {k: v for k, v in overrides.items() if k not in ("cpu_experts", "overlap_io")}
+        cap_pinned_host(max(pinned_need(store, dtype, preset=preset, gpu_memory=gpu_memory, host_memory=host_memory,
+                                        overlap_io=io, **opts) for io in (True, False)))
     dev = jax.devices()[0]
     result: dict[str, Any] = {}
     if out and os.path.exists(out):

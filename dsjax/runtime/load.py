@@ -35,19 +35,43 @@ def _dtype(dtype) -> np.dtype:
 def _load_tiered(path: str, dt, preset, gpu_memory, host_memory, links, prefill_form, overrides: dict,
                  devices: list | None = None) -> Engine:
     """A store on the tiered runtime (one device, or `devices`: tiered expert parallelism)."""
-    from dsjax.runtime.config import RuntimeConfig
-    from dsjax.runtime.tiered import TieredEngine
+    from dsjax.runtime.memory import cap_pinned_host
+    from dsjax.runtime.tiered import TieredEngine, planned_pinned_bytes
     from dsjax.store.reader import Store
     tok = Tokenizer.from_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
     name = os.path.basename(os.path.normpath(path))
-    budgets = {k: v for k, v in (("gpu_memory", gpu_memory), ("host_memory", host_memory)) if v is not None}
     popularity = overrides.pop("popularity", None)     # a file path is a config key; counts go to the engine
     if isinstance(popularity, (str, os.PathLike)):
         overrides["popularity"], popularity = os.fspath(popularity), None
-    runtime = (RuntimeConfig.from_preset(preset, **budgets, **overrides) if preset
-               else RuntimeConfig.from_dict({}, **budgets, **overrides))
-    return TieredEngine(Store(path), runtime, dt, tok, prefill_form=prefill_form, name=name, links=links,
+    runtime = _runtime_config(preset, gpu_memory, host_memory, overrides)
+    store = Store(path)
+    if devices is None:          # the first engine of the process caps JAX's pinned pool near what its plan pins
+        cap_pinned_host(planned_pinned_bytes(store, runtime, dt))
+    return TieredEngine(store, runtime, dt, tok, prefill_form=prefill_form, name=name, links=links,
                         popularity=popularity, devices=devices)
+
+
+def _runtime_config(preset, gpu_memory, host_memory, overrides: dict):
+    from dsjax.runtime.config import RuntimeConfig
+    budgets = {k: v for k, v in (("gpu_memory", gpu_memory), ("host_memory", host_memory)) if v is not None}
+    return (RuntimeConfig.from_preset(preset, **budgets, **overrides) if preset
+            else RuntimeConfig.from_dict({}, **budgets, **overrides))
+
+
+def pinned_need(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None = None, gpu_memory=None,
+                host_memory=None, **overrides) -> int:
+    """The host bytes a one-device tiered engine of dsjax.load(path, dtype, ...) with these arguments pins (its plan's
+    pinned_host_bytes), without touching a device: for callers that start JAX's backends before they load (dsjax
+    bench measures the links first) and cap the pinned pool themselves (memory.cap_pinned_host), as load does."""
+    from dsjax.runtime.tiered import planned_pinned_bytes
+    from dsjax.store.reader import Store
+    pop = overrides.get("popularity")
+    if pop is not None:                   # a file is a config key (as in load); counts are the engine's, not the plan's
+        overrides = {k: v for k, v in overrides.items() if k != "popularity"}
+        if isinstance(pop, (str, os.PathLike)):
+            overrides["popularity"] = os.fspath(pop)
+    runtime = _runtime_config(preset, gpu_memory, host_memory, overrides)
+    return planned_pinned_bytes(Store(os.fspath(path)), runtime, _dtype(dtype))
 
 
 def load(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None = None,

@@ -8,6 +8,7 @@ the movers allocate, after the manager said yes.
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 
 from dsjax.runtime.planner import JAX_MEM_FRACTION, SUGGESTED_MEM_FRACTION, BudgetError, Pools, fmt_bytes
@@ -44,6 +45,65 @@ def check_host_room(need: int, available: int | None, host_memory: int | None = 
         "available now (MemAvailable, /proc/meminfo): another process holds the rest (an engine or `dsjax serve` "
         f"still running or shutting down?). Stop it, or pass a host budget that fits (host_memory='{fit}GB', "
         f"--host-memory {fit}GB): the plan then leaves more experts on disk")
+
+
+PINNED_LIMIT_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+GIB = 1 << 30
+
+
+def pinned_cap_gib(need: int) -> int:
+    """The cap, in whole GiB, that dsjax gives JAX's pinned host pool for a plan pinning `need` bytes: 10% and 2 GiB
+    over it (the loaders' staging buffers, the pool's rounding)."""
+    return -(-(need + need // 10 + 2 * GIB) // GIB)
+
+
+def cap_pinned_host(need: int | None, environ=None, initialized: bool | None = None) -> int | None:
+    """Cap JAX's pinned host pool near what the first engine's plan pins (`need` bytes); returns the cap set, in GiB,
+    or None where nothing changed.
+
+    XLA's GPU client allocates pinned host memory from a BFC pool that grows in regions of doubling size, each resident
+    in full, up to XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB; `import dsjax` lifts that limit to 90% of RAM (PJRT's own 64 GiB
+    default fails loads on big hosts). So a plan pinning 37 GiB leaves ~64 GiB pinned (the V3 slice: RSS ~2.2x its
+    pinned experts, bench/RESULTS.md), and one pinning 70 GiB on a 128 GB machine can take 115 GiB. With the cap at the
+    plan's need + 10% + 2 GiB the pool stops there. Only while JAX has not started its backends (the variable is read
+    once, when the GPU client starts), and only over dsjax's own default: a limit the user set is left alone
+    (dsjax.PINNED_LIMIT_SET_BY_DSJAX). No effect on other backends, which never read it."""
+    import dsjax
+    environ = os.environ if environ is None else environ
+    if initialized is None:
+        from jax._src import xla_bridge
+        initialized = xla_bridge.backends_are_initialized()
+    if need is None or initialized or not dsjax.PINNED_LIMIT_SET_BY_DSJAX:
+        return None
+    try:
+        current = int(environ[PINNED_LIMIT_ENV])
+    except (KeyError, ValueError):
+        return None
+    cap = pinned_cap_gib(need)
+    if cap >= current:
+        return None
+    environ[PINNED_LIMIT_ENV] = str(cap)
+    return cap
+
+
+def check_pinned_cap(need: int, environ=None) -> None:
+    """Refuse, before anything is pinned, a plan pinning more than the pinned pool's limit (less the margin that
+    pinned_cap_gib keeps, where dsjax set the limit): a later engine of the same process whose host budget outgrew the cap an earlier one set
+    (or a limit the user set too low) would fail with RESOURCE_EXHAUSTED halfway through its load. GPU only."""
+    import dsjax
+    environ = os.environ if environ is None else environ
+    try:
+        limit = int(environ[PINNED_LIMIT_ENV])
+    except (KeyError, ValueError):
+        return
+    # a limit dsjax set keeps its margin; one the user set is taken at its word (only the plan itself must fit)
+    if (pinned_cap_gib(need) if dsjax.PINNED_LIMIT_SET_BY_DSJAX else -(-need // GIB)) <= limit:
+        return
+    raise BudgetError(
+        f"the plan pins {fmt_bytes(need)} of host memory, but this process's pinned pool is capped at {limit} GiB "
+        f"({PINNED_LIMIT_ENV}, read once when JAX's GPU client started; dsjax sets it from the first engine's plan). "
+        f"Load this engine in a new process, or set {PINNED_LIMIT_ENV}={pinned_cap_gib(need)} (or more) in the "
+        "environment before JAX starts, or pass a smaller host budget")
 
 
 def check_gpu_room(gpu_memory: int | None, stats: dict | None, device: str = "the GPU") -> None:

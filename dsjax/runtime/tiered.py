@@ -30,7 +30,7 @@ from dsjax.runtime.cpu_path import CpuExpertPath, availability, take_rows
 from dsjax.runtime.engine import DEFAULT_CONTEXT, Engine, Group
 from dsjax.runtime.expert_layout import PROJ, ExpertLayout
 from dsjax.runtime.kv_pool import PAGE_TOKENS, kv_bytes_per_token
-from dsjax.runtime.memory import MemoryManager, check_gpu_room, check_host_room, host_available
+from dsjax.runtime.memory import MemoryManager, check_gpu_room, check_host_room, check_pinned_cap, host_available
 from dsjax.runtime.metrics import Metrics, json_line, process_memory, prometheus_text
 from dsjax.runtime.planner import BudgetError, Links, ModelBytes, Pools, attention_dims, fmt_bytes, plan
 from dsjax.runtime.popularity import check_hot_room, engine_popularity, hot_set, layer_popularity, popularity_order
@@ -141,9 +141,7 @@ class TieredEngine(Engine):
         gpu = UNLIMITED if runtime.gpu_memory is None else runtime.gpu_memory
         host = UNLIMITED if runtime.host_memory is None else runtime.host_memory
         budget_per_device = (gpu, host)                  # gpu_memory and host_memory apply to each device
-        context = _context(cfg, mc.max_context, Pools.split(gpu, host).compute, mb.kv_bytes_per_token)
-        plan_kw = dict(max_gpu_layers=mc.max_gpu_layers, prefetch_layers=mc.prefetch_layers,
-                       overlap_io=cc.overlap_io, context_tokens=context, step_tokens=mc.step_tokens)
+        context, plan_kw = _plan_args(cfg, runtime, mb)
         self.placement = plan(mb, gpu, host, links=self.links, **plan_kw)
         streams = mb.moe_layers and self.placement.gpu_expert_slots < mb.n_experts
         cpu_on, self.cpu_experts_reason = availability(
@@ -168,6 +166,8 @@ class TieredEngine(Engine):
         p = self.placement
         # the plan's pinned host bytes against the RAM free now: past it the GPU runtime aborts the process
         check_host_room(p.pinned_host_bytes(mb, len(devs)), host_available(), runtime.host_memory)
+        if self.device.platform == "gpu":      # and against the pinned pool's limit (an earlier engine's cap)
+            check_pinned_cap(p.pinned_host_bytes(mb, len(devs)))
         for d in devs:              # each device's budget against what JAX's allocator gives the process there
             try:
                 check_gpu_room(runtime.gpu_memory, d.memory_stats(), str(d))
@@ -934,6 +934,28 @@ def _merge_predictions(preds: list) -> np.ndarray:
     """The groups' predictions [depth, E] as one (the largest probability per expert): host arrays."""
     arrays = [np.asarray(p) for p in preds]
     return arrays[0] if len(arrays) == 1 else np.maximum.reduce(arrays)
+
+
+def _plan_args(cfg, runtime: RuntimeConfig, mb: ModelBytes) -> tuple[int, dict]:
+    """The context a request may hold and plan()'s keyword arguments (links aside) for a runtime config."""
+    mc, cc = runtime.memory_config, runtime.compute_config
+    gpu = UNLIMITED if runtime.gpu_memory is None else runtime.gpu_memory
+    host = UNLIMITED if runtime.host_memory is None else runtime.host_memory
+    context = _context(cfg, mc.max_context, Pools.split(gpu, host).compute, mb.kv_bytes_per_token)
+    return context, dict(max_gpu_layers=mc.max_gpu_layers, prefetch_layers=mc.prefetch_layers,
+                         overlap_io=cc.overlap_io, context_tokens=context, step_tokens=mc.step_tokens)
+
+
+def planned_pinned_bytes(store, runtime: RuntimeConfig, dtype) -> int:
+    """The host bytes a one-device TieredEngine of this store and runtime config will pin (its plan's
+    pinned_host_bytes), computed without touching a device: dsjax.load caps JAX's pinned pool from it before the GPU
+    client starts (memory.cap_pinned_host). Links do not move the placement, so the default ones plan it."""
+    cfg = active_experts_config(store.config, runtime.memory_config.active_experts)
+    mb = model_bytes_from_store(store, dtype).with_top_k(cfg.num_experts_per_tok or 0)
+    gpu = UNLIMITED if runtime.gpu_memory is None else runtime.gpu_memory
+    host = UNLIMITED if runtime.host_memory is None else runtime.host_memory
+    _, plan_kw = _plan_args(cfg, runtime, mb)
+    return plan(mb, gpu, host, links=Links(), **plan_kw).pinned_host_bytes(mb)
 
 
 def _context(cfg, max_context: int, compute_pool: int, kv_per_token: int) -> int:
