@@ -65,6 +65,10 @@ def test_pinned_host_bytes_by_hand():
     assert p.pinned_host_bytes(mb) == 40 + 4 * 100 + 8 * 3 * 10          # embed + cores + 8 experts x 3 MoE layers
     assert p.pinned_host_bytes(mb, devices=2) == p.pinned_host_bytes(mb)  # each expert once over the devices
     assert "pinned by this plan 680 B" in p.report(mb, Links())
+    # every expert on the host: nothing read from disk after the preload, so the peak is the caches; the cap adds
+    # 10% and 2 GiB, in whole GiB
+    assert p.pinned_host_peak(mb) == 680 and "at most 680 B with disk reads in flight" in p.report(mb, Links())
+    assert "caps JAX's pinned pool at 3 GiB" in p.report(mb, Links())
     # everything on the GPU: no host expert cache, no host cores; the embedding stays on the host
     p = plan(mb, 1600, 9600, max_gpu_layers=1, prefetch_layers=1, context_tokens=1)
     assert p.pinned_host_bytes(mb) == 40

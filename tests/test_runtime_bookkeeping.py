@@ -374,7 +374,8 @@ def test_a_plan_past_the_pinned_pools_limit_is_refused_naming_the_limit_and_the_
 
 def test_the_pinned_need_planned_before_jax_starts_is_the_engines_own(store):
     """load.pinned_need (what load and bench cap the pool from, computed before any device is touched) equals the
-    loaded engine's placement.pinned_host_bytes, with and without overlap_io, under budgets that stream experts."""
+    loaded engine's placement.pinned_host_peak, with and without overlap_io, under budgets that stream experts from
+    disk: the host caches plus the prefetch pool (disk reads staged in pinned buffers beside them)."""
     import dsjax
     from dsjax.demo import demo_budgets
     from dsjax.runtime.load import pinned_need
@@ -382,8 +383,10 @@ def test_the_pinned_need_planned_before_jax_starts_is_the_engines_own(store):
     for io in (True, False):
         e = dsjax.load(store, dtype="float32", cpu_experts="off", overlap_io=io, **b)
         try:
-            got = e.placement.pinned_host_bytes(e.model_bytes)
-            assert e.placement.gpu_expert_slots < e.model_bytes.n_experts and got > e.model_bytes.embed
+            p, mb = e.placement, e.model_bytes
+            got = p.pinned_host_peak(mb)
+            assert p.gpu_expert_slots < mb.n_experts and p.host_experts < mb.n_experts     # GPU and host both stream
+            assert got == p.pinned_host_bytes(mb) + p.pools.host_prefetch > mb.embed
             assert pinned_need(store, "float32", overlap_io=io, **b) == got
         finally:
             e.close()
@@ -404,7 +407,7 @@ def test_a_fresh_process_loads_with_the_pool_capped_and_a_users_limit_untouched(
              "before = os.environ['" + PINNED_LIMIT_ENV + "']\n"
              "e = dsjax.load(sys.argv[1], dtype='float32', cpu_experts='off', **json.loads(sys.argv[2]))\n"
              "print(json.dumps([before, os.environ['" + PINNED_LIMIT_ENV + "'], "
-             "e.placement.pinned_host_bytes(e.model_bytes)]))\n"
+             "e.placement.pinned_host_peak(e.model_bytes)]))\n"
              "e.close()\n")
     b = demo_budgets(store)
     env = {k: v for k, v in os.environ.items() if k != PINNED_LIMIT_ENV}
@@ -415,3 +418,20 @@ def test_a_fresh_process_loads_with_the_pool_capped_and_a_users_limit_untouched(
     assert int(after) == pinned_cap_gib(need) < int(before)
     before, after, _ = run(dict(env, **{PINNED_LIMIT_ENV: "7"}))
     assert before == after == "7"
+
+
+def test_the_pinned_peak_adds_the_prefetch_pool_only_where_experts_stream_from_disk():
+    """Placement.pinned_host_peak on the V3 slice's config (1 dense + 6 MoE layers at V3 width): at 16 GB / 96 GB the
+    host cache holds every expert (nothing read from disk after the preload: the caches alone); at 16 GB / 40 GB it
+    holds 189 of 256 per layer, so the prefetch pool's staged reads (16/96 of the host budget) come on top."""
+    from dsjax.config import ModelConfig
+    from dsjax.runtime.planner import ModelBytes, plan
+    from dsjax.store.synthetic import v3_slice_config
+    mb = ModelBytes.from_config(ModelConfig.from_dict(v3_slice_config(6)))
+    kw = dict(max_gpu_layers=3, prefetch_layers=2, context_tokens=4096)
+    whole = plan(mb, 16 * 10**9, 96 * 10**9, **kw)
+    assert whole.host_experts == mb.n_experts == 256
+    assert whole.pinned_host_peak(mb) == whole.pinned_host_bytes(mb)
+    part = plan(mb, 16 * 10**9, 40 * 10**9, **kw)
+    assert part.host_experts == 189
+    assert part.pinned_host_peak(mb) == part.pinned_host_bytes(mb) + 40 * 10**9 * 16 // 96

@@ -11,7 +11,8 @@ import dataclasses
 import os
 import threading
 
-from dsjax.runtime.planner import JAX_MEM_FRACTION, SUGGESTED_MEM_FRACTION, BudgetError, Pools, fmt_bytes
+from dsjax.runtime.planner import (GIB, JAX_MEM_FRACTION, SUGGESTED_MEM_FRACTION, BudgetError, Pools, fmt_bytes,
+                                   pinned_cap_gib)
 
 GPU_POOLS = ("reserve", "active_layers", "expert_cache", "compute")
 HOST_POOLS = ("host_weights", "host_layer_cache", "host_prefetch", "host_reserve")
@@ -48,13 +49,6 @@ def check_host_room(need: int, available: int | None, host_memory: int | None = 
 
 
 PINNED_LIMIT_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
-GIB = 1 << 30
-
-
-def pinned_cap_gib(need: int) -> int:
-    """The cap, in whole GiB, that dsjax gives JAX's pinned host pool for a plan pinning `need` bytes: 10% and 2 GiB
-    over it (the loaders' staging buffers, the pool's rounding)."""
-    return -(-(need + need // 10 + 2 * GIB) // GIB)
 
 
 def cap_pinned_host(need: int | None, environ=None, initialized: bool | None = None) -> int | None:

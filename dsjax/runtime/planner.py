@@ -35,6 +35,15 @@ GPU_SPLIT = dict(reserve=2, active_layers=8, expert_cache=4, compute=2)         
 HOST_SPLIT = dict(model_weights=40, layer_cache=32, prefetch=16, reserve=8)     # of 96 (seed §3.2)
 
 
+GIB = 1 << 30
+
+
+def pinned_cap_gib(need: int) -> int:
+    """The cap, in whole GiB, that dsjax gives JAX's pinned host pool for a plan pinning at most `need` bytes at once:
+    10% and 2 GiB over it (buffers outside the plan's pools, the pool's rounding; memory.cap_pinned_host)."""
+    return -(-(need + need // 10 + 2 * GIB) // GIB)
+
+
 class BudgetError(ValueError):
     """A budget too small to run the model; the message says what the minimum is."""
 
@@ -231,6 +240,14 @@ class Placement:
         experts = min(mb.n_experts, self.host_experts * devices) * len(mb.moe_layers) * mb.expert if streamed else 0
         return mb.embed + sum(mb.layer_core[i] for i in self.host_layers) + experts
 
+    def pinned_host_peak(self, mb: "ModelBytes", devices: int = 1) -> int:
+        """pinned_host_bytes plus, where experts stream from disk (the host caches cannot hold a layer's experts), the
+        prefetch pool: disk reads in flight are staged in pinned buffers beside the caches (HostCache.put), at most
+        that pool's bytes of them. What the pinned pool must hold at once (memory.cap_pinned_host)."""
+        streamed = self.gpu_expert_slots < mb.n_experts
+        from_disk = streamed and bool(mb.moe_layers) and self.host_experts * devices < mb.n_experts
+        return self.pinned_host_bytes(mb, devices) + (self.pools.host_prefetch if from_disk else 0)
+
     @property
     def tokens_per_s(self) -> float:
         return 1.0 / self.t_token
@@ -255,8 +272,10 @@ class Placement:
               if not is_unlimited(gpu := p.reserve + p.active_layers + p.expert_cache + p.compute) else []),
             f"host pools: model weights {fmt_bytes(p.host_weights)}, layer cache {fmt_bytes(p.host_layer_cache)}, "
             f"prefetch {fmt_bytes(p.host_prefetch)}, reserve {fmt_bytes(p.host_reserve)}; pinned by this plan "
-            f"{fmt_bytes(self.pinned_host_bytes(mb))} (embedding, host layer cores, host experts; the process takes "
-            "more)",
+            f"{fmt_bytes(self.pinned_host_bytes(mb))} (embedding, host layer cores, host experts), at most "
+            f"{fmt_bytes(peak := self.pinned_host_peak(mb))} with disk reads in flight: a load caps JAX's pinned "
+            f"pool at {pinned_cap_gib(peak)} GiB (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB, unless set); the process takes "
+            "more",
             f"placement: {len(self.resident_layers)}/{n_layers} layers resident on GPU, {self.ring_slots} GPU layer "
             f"slots stream the rest ({len(self.host_layers)} from pinned host, "
             f"{n_layers - len(self.resident_layers) - len(self.host_layers)} from disk)",

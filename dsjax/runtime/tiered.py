@@ -167,7 +167,7 @@ class TieredEngine(Engine):
         # the plan's pinned host bytes against the RAM free now: past it the GPU runtime aborts the process
         check_host_room(p.pinned_host_bytes(mb, len(devs)), host_available(), runtime.host_memory)
         if self.device.platform == "gpu":      # and against the pinned pool's limit (an earlier engine's cap)
-            check_pinned_cap(p.pinned_host_bytes(mb, len(devs)))
+            check_pinned_cap(p.pinned_host_peak(mb, len(devs)))
         for d in devs:              # each device's budget against what JAX's allocator gives the process there
             try:
                 check_gpu_room(runtime.gpu_memory, d.memory_stats(), str(d))
@@ -947,15 +947,15 @@ def _plan_args(cfg, runtime: RuntimeConfig, mb: ModelBytes) -> tuple[int, dict]:
 
 
 def planned_pinned_bytes(store, runtime: RuntimeConfig, dtype) -> int:
-    """The host bytes a one-device TieredEngine of this store and runtime config will pin (its plan's
-    pinned_host_bytes), computed without touching a device: dsjax.load caps JAX's pinned pool from it before the GPU
+    """The host bytes a one-device TieredEngine of this store and runtime config pins at most at once (its plan's
+    pinned_host_peak: caches and disk reads in flight), computed without touching a device: dsjax.load caps JAX's pinned pool from it before the GPU
     client starts (memory.cap_pinned_host). Links do not move the placement, so the default ones plan it."""
     cfg = active_experts_config(store.config, runtime.memory_config.active_experts)
     mb = model_bytes_from_store(store, dtype).with_top_k(cfg.num_experts_per_tok or 0)
     gpu = UNLIMITED if runtime.gpu_memory is None else runtime.gpu_memory
     host = UNLIMITED if runtime.host_memory is None else runtime.host_memory
     _, plan_kw = _plan_args(cfg, runtime, mb)
-    return plan(mb, gpu, host, links=Links(), **plan_kw).pinned_host_bytes(mb)
+    return plan(mb, gpu, host, links=Links(), **plan_kw).pinned_host_peak(mb)
 
 
 def _context(cfg, max_context: int, compute_pool: int, kv_per_token: int) -> int:
