@@ -15,11 +15,14 @@ import os as _os
 # the machine's RAM; this must run before JAX creates its GPU client, i.e. before the first jax.devices().
 # The first tiered engine then lowers it to what its plan pins (runtime/memory.py, cap_pinned_host): the pool grows in
 # regions of doubling size, so a lifted limit alone lets it pin up to twice the plan.
+# DSJAX_PINNED_LIMIT_GB marks a value dsjax set, so a child process (a notebook kernel, a CLI run from Python) that
+# inherits it starts from the default again instead of taking its parent's cap for the user's own setting.
 PINNED_LIMIT_SET_BY_DSJAX = False
-if "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB" not in _os.environ:
+if _os.environ.get("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB") in (None, _os.environ.get("DSJAX_PINNED_LIMIT_GB")):
     try:
         _ram = _os.sysconf("SC_PAGE_SIZE") * _os.sysconf("SC_PHYS_PAGES")
-        _os.environ["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"] = str(max(1, int(0.9 * _ram / 2**30)))
+        _os.environ["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"] = _os.environ["DSJAX_PINNED_LIMIT_GB"] = \
+            str(max(1, int(0.9 * _ram / 2**30)))
         PINNED_LIMIT_SET_BY_DSJAX = True
     except (ValueError, OSError):
         pass

@@ -342,6 +342,7 @@ def test_the_pinned_pool_is_capped_near_the_plan_before_jax_starts_and_only_over
     monkeypatch.setattr(dsjax, "PINNED_LIMIT_SET_BY_DSJAX", True)
     env = {PINNED_LIMIT_ENV: "115"}
     assert cap_pinned_host(need, env, initialized=False) == 43 and env[PINNED_LIMIT_ENV] == "43"
+    assert env["DSJAX_PINNED_LIMIT_GB"] == "43"                       # marked as dsjax's, for child processes
     assert cap_pinned_host(int(50 * GIB), env, initialized=False) is None and env[PINNED_LIMIT_ENV] == "43"
     env = {PINNED_LIMIT_ENV: "115"}
     assert cap_pinned_host(need, env, initialized=True) is None and env[PINNED_LIMIT_ENV] == "115"
@@ -402,7 +403,7 @@ def test_a_fresh_process_loads_with_the_pool_capped_and_a_users_limit_untouched(
     import sys
 
     from dsjax.demo import demo_budgets
-    from dsjax.runtime.memory import PINNED_LIMIT_ENV, pinned_cap_gib
+    from dsjax.runtime.memory import PINNED_LIMIT_ENV, PINNED_MARK_ENV, pinned_cap_gib
     child = ("import json, os, sys, dsjax\n"
              "before = os.environ['" + PINNED_LIMIT_ENV + "']\n"
              "e = dsjax.load(sys.argv[1], dtype='float32', cpu_experts='off', **json.loads(sys.argv[2]))\n"
@@ -410,14 +411,17 @@ def test_a_fresh_process_loads_with_the_pool_capped_and_a_users_limit_untouched(
              "e.placement.pinned_host_peak(e.model_bytes)]))\n"
              "e.close()\n")
     b = demo_budgets(store)
-    env = {k: v for k, v in os.environ.items() if k != PINNED_LIMIT_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in (PINNED_LIMIT_ENV, PINNED_MARK_ENV)}
     env["JAX_PLATFORMS"] = "cpu"
     run = lambda e: json.loads(subprocess.run([sys.executable, "-c", child, store, json.dumps(b)], env=e, check=True,
                                               capture_output=True, text=True, timeout=600).stdout.splitlines()[-1])
     before, after, need = run(env)
     assert int(after) == pinned_cap_gib(need) < int(before)
-    before, after, _ = run(dict(env, **{PINNED_LIMIT_ENV: "7"}))
-    assert before == after == "7"
+    users = run(dict(env, **{PINNED_LIMIT_ENV: "7"}))
+    assert users[0] == users[1] == "7"
+    # a value a parent dsjax process set (and marked) is its default, not the user's: the child starts afresh
+    inherited = run(dict(env, **{PINNED_LIMIT_ENV: "1", PINNED_MARK_ENV: "1"}))
+    assert inherited[0] == before and int(inherited[1]) == pinned_cap_gib(need)
 
 
 def test_the_pinned_peak_adds_the_prefetch_pool_only_where_experts_stream_from_disk():

@@ -49,6 +49,7 @@ def check_host_room(need: int, available: int | None, host_memory: int | None = 
 
 
 PINNED_LIMIT_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+PINNED_MARK_ENV = "DSJAX_PINNED_LIMIT_GB"        # the limit's value when dsjax set it (dsjax/__init__.py)
 
 
 def cap_pinned_host(need: int | None, environ=None, initialized: bool | None = None) -> int | None:
@@ -76,7 +77,7 @@ def cap_pinned_host(need: int | None, environ=None, initialized: bool | None = N
     cap = pinned_cap_gib(need)
     if cap >= current:
         return None
-    environ[PINNED_LIMIT_ENV] = str(cap)
+    environ[PINNED_LIMIT_ENV] = environ[PINNED_MARK_ENV] = str(cap)        # the mark: dsjax's value, not the user's
     return cap
 
 
