@@ -61,8 +61,9 @@ def _runtime_config(preset, gpu_memory, host_memory, overrides: dict):
 def pinned_need(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str | None = None, gpu_memory=None,
                 host_memory=None, **overrides) -> int:
     """The host bytes a one-device tiered engine of dsjax.load(path, dtype, ...) with these arguments pins at most at
-    once (its plan's pinned_host_peak), without touching a device: for callers that start JAX's backends before they load (dsjax
-    bench measures the links first) and cap the pinned pool themselves (memory.cap_pinned_host), as load does."""
+    once (its plan's pinned_host_peak), without touching a device: for callers that start JAX's backends before they
+    load (dsjax bench measures the links first) and cap the pinned pool themselves (memory.cap_pinned_host), as load
+    does."""
     from dsjax.runtime.tiered import planned_pinned_bytes
     from dsjax.store.reader import Store
     pop = overrides.get("popularity")

@@ -83,8 +83,9 @@ def cap_pinned_host(need: int | None, environ=None, initialized: bool | None = N
 
 def check_pinned_cap(need: int, environ=None) -> None:
     """Refuse, before anything is pinned, a plan pinning more than the pinned pool's limit (less the margin that
-    pinned_cap_gib keeps, where dsjax set the limit): a later engine of the same process whose host budget outgrew the cap an earlier one set
-    (or a limit the user set too low) would fail with RESOURCE_EXHAUSTED halfway through its load. GPU only."""
+    pinned_cap_gib keeps, where dsjax set the limit): a later engine of the same process whose host budget outgrew the
+    cap an earlier one set (or a limit the user set too low) would fail with RESOURCE_EXHAUSTED halfway through its
+    load. GPU only."""
     import dsjax
     environ = os.environ if environ is None else environ
     try:

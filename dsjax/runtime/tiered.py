@@ -948,8 +948,9 @@ def _plan_args(cfg, runtime: RuntimeConfig, mb: ModelBytes) -> tuple[int, dict]:
 
 def planned_pinned_bytes(store, runtime: RuntimeConfig, dtype) -> int:
     """The host bytes a one-device TieredEngine of this store and runtime config pins at most at once (its plan's
-    pinned_host_peak: caches and disk reads in flight), computed without touching a device: dsjax.load caps JAX's pinned pool from it before the GPU
-    client starts (memory.cap_pinned_host). Links do not move the placement, so the default ones plan it."""
+    pinned_host_peak: caches and disk reads in flight), computed without touching a device: dsjax.load caps JAX's
+    pinned pool from it before the GPU client starts (memory.cap_pinned_host). Links do not move the placement, so
+    the default ones plan it."""
     cfg = active_experts_config(store.config, runtime.memory_config.active_experts)
     mb = model_bytes_from_store(store, dtype).with_top_k(cfg.num_experts_per_tok or 0)
     gpu = UNLIMITED if runtime.gpu_memory is None else runtime.gpu_memory
