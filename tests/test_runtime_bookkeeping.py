@@ -352,25 +352,23 @@ def test_the_pinned_pool_is_capped_near_the_plan_before_jax_starts_and_only_over
     assert cap_pinned_host(need, env, initialized=False) is None and env[PINNED_LIMIT_ENV] == "115"
 
 
-def test_a_plan_past_the_pinned_pools_limit_is_refused_naming_the_limit_and_the_fixes(monkeypatch):
+def test_a_plan_past_the_pinned_pools_limit_is_refused_naming_the_limit_and_the_fixes():
     """check_pinned_cap: a later engine whose plan outgrew the cap an earlier one set is refused before anything is
-    pinned (with the same margin the cap keeps); a limit the user set is held to the plan alone."""
-    import dsjax
+    pinned, naming the limit and the fixes; one within the limit (another preset of about the first's size, using
+    the first's margin) loads, as under a limit the user set."""
     from dsjax.runtime.memory import GIB, PINNED_LIMIT_ENV, check_pinned_cap
-    monkeypatch.setattr(dsjax, "PINNED_LIMIT_SET_BY_DSJAX", True)
     env = {PINNED_LIMIT_ENV: "43"}
     check_pinned_cap(int(37.2 * GIB), env)                                # the engine that set it
+    check_pinned_cap(43 * GIB, env)                                        # exactly the limit
     with pytest.raises(BudgetError) as err:
-        check_pinned_cap(40 * GIB, env)                                    # 40 GiB + 10% + 2 = 46 > 43
+        check_pinned_cap(44 * GIB, env)                                    # past it: its own cap would be 51
     msg = str(err.value)
-    for part in ("pins 42.95 GB", "capped at 43 GiB", "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=46", "a new process",
+    for part in ("pins 47.24 GB", "capped at 43 GiB", "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=51", "a new process",
                  "smaller host budget"):
         assert part in msg, (part, msg)
-    check_pinned_cap(40 * GIB, {})                                         # no limit: nothing to check
-    monkeypatch.setattr(dsjax, "PINNED_LIMIT_SET_BY_DSJAX", False)
-    check_pinned_cap(43 * GIB, env)                                        # the user's 43 GiB holds a 43 GiB plan
     with pytest.raises(BudgetError, match="capped at 43 GiB"):
-        check_pinned_cap(43 * GIB + 1, env)
+        check_pinned_cap(43 * GIB + 1, env)                                # one byte past
+    check_pinned_cap(40 * GIB, {})                                         # no limit: nothing to check
 
 
 def test_the_pinned_need_planned_before_jax_starts_is_the_engines_own(store):

@@ -82,18 +82,16 @@ def cap_pinned_host(need: int | None, environ=None, initialized: bool | None = N
 
 
 def check_pinned_cap(need: int, environ=None) -> None:
-    """Refuse, before anything is pinned, a plan pinning more than the pinned pool's limit (less the margin that
-    pinned_cap_gib keeps, where dsjax set the limit): a later engine of the same process whose host budget outgrew the
-    cap an earlier one set (or a limit the user set too low) would fail with RESOURCE_EXHAUSTED halfway through its
-    load. GPU only."""
-    import dsjax
+    """Refuse, before anything is pinned, a plan pinning more than the pinned pool's limit: a later engine of the same
+    process whose host budget outgrew the cap an earlier one set (or a limit the user set too low) would fail with
+    RESOURCE_EXHAUSTED halfway through its load. Only what cannot fit is refused: a later engine of about the first's
+    size (another preset, say) may use the first's margin. GPU only."""
     environ = os.environ if environ is None else environ
     try:
         limit = int(environ[PINNED_LIMIT_ENV])
     except (KeyError, ValueError):
         return
-    # a limit dsjax set keeps its margin; one the user set is taken at its word (only the plan itself must fit)
-    if (pinned_cap_gib(need) if dsjax.PINNED_LIMIT_SET_BY_DSJAX else -(-need // GIB)) <= limit:
+    if need <= limit * GIB:
         return
     raise BudgetError(
         f"the plan pins {fmt_bytes(need)} of host memory, but this process's pinned pool is capped at {limit} GiB "
