@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,15 +41,23 @@ def _load_tiered(path: str, dt, preset, gpu_memory, host_memory, links, prefill_
     from dsjax.store.reader import Store
     tok = Tokenizer.from_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
     name = os.path.basename(os.path.normpath(path))
-    popularity = overrides.pop("popularity", None)     # a file path is a config key; counts go to the engine
-    if isinstance(popularity, (str, os.PathLike)):
-        overrides["popularity"], popularity = os.fspath(popularity), None
+    overrides, popularity = _split_popularity(overrides)
     runtime = _runtime_config(preset, gpu_memory, host_memory, overrides)
     store = Store(path)
     if devices is None:          # the first engine of the process caps JAX's pinned pool near what its plan pins
         cap_pinned_host(planned_pinned_bytes(store, runtime, dt))
     return TieredEngine(store, runtime, dt, tok, prefill_form=prefill_form, name=name, links=links,
                         popularity=popularity, devices=devices)
+
+
+def _split_popularity(overrides: dict) -> tuple[dict, Any]:
+    """(the runtime overrides, with `popularity` kept only as a file path: a config key; the popularity counts given
+    instead, which go to the engine, or None)."""
+    overrides = dict(overrides)
+    popularity = overrides.pop("popularity", None)
+    if isinstance(popularity, (str, os.PathLike)):
+        overrides["popularity"], popularity = os.fspath(popularity), None
+    return overrides, popularity
 
 
 def _runtime_config(preset, gpu_memory, host_memory, overrides: dict):
@@ -66,12 +75,7 @@ def pinned_need(path: str | os.PathLike, dtype: str = "bfloat16", *, preset: str
     does."""
     from dsjax.runtime.tiered import planned_pinned_bytes
     from dsjax.store.reader import Store
-    pop = overrides.get("popularity")
-    if pop is not None:                   # a file is a config key (as in load); counts are the engine's, not the plan's
-        overrides = {k: v for k, v in overrides.items() if k != "popularity"}
-        if isinstance(pop, (str, os.PathLike)):
-            overrides["popularity"] = os.fspath(pop)
-    runtime = _runtime_config(preset, gpu_memory, host_memory, overrides)
+    runtime = _runtime_config(preset, gpu_memory, host_memory, _split_popularity(overrides)[0])
     return planned_pinned_bytes(Store(os.fspath(path)), runtime, _dtype(dtype))
 
 

@@ -46,6 +46,7 @@ from dsjax.model.weights import F32_KEYS
 from dsjax.quant import QTensor
 from dsjax.runtime.engine import DEFAULT_CONTEXT, Engine
 from dsjax.runtime.kv_pool import PAGE_TOKENS, KVPool
+from dsjax.runtime.metrics import device_memory
 from dsjax.runtime.plan_devices import ACTIVATION_RESERVE, device_weight_bytes
 from dsjax.runtime.planner import BudgetError, fmt_bytes
 from dsjax.runtime.popularity import as_popularity, layer_popularity
@@ -400,11 +401,11 @@ def device_stats(engine: ExpertParallelEngine, activations: np.ndarray) -> list[
     for d, dev in enumerate(devs):
         n = sum(len(sh.experts[d]) for sh in engine.shards.values())
         a = int(sum(activations[i, sh.experts[d]].sum() for i, sh in engine.shards.items())) if activations.size else 0
-        mem = (dev.memory_stats() or {}) if dev.process_index == jax.process_index() else {}
+        mem = device_memory(dev if dev.process_index == jax.process_index() else None)   # another process's: None
         out.append({"device": str(dev), "process": dev.process_index, "experts": n, "expert_bytes": expert_bytes[d],
                     "weight_bytes": weight_bytes[d], "kv_bytes": engine.kv.nbytes, "assignments": a,
                     "assignment_share": a / assigned if assigned else None,
-                    "bytes_in_use": mem.get("bytes_in_use"), "peak_bytes_in_use": mem.get("peak_bytes_in_use")})
+                    "bytes_in_use": mem["in_use"], "peak_bytes_in_use": mem["peak"]})
     return out
 
 

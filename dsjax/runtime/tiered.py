@@ -31,7 +31,7 @@ from dsjax.runtime.engine import DEFAULT_CONTEXT, Engine, Group
 from dsjax.runtime.expert_layout import PROJ, ExpertLayout
 from dsjax.runtime.kv_pool import PAGE_TOKENS, kv_bytes_per_token
 from dsjax.runtime.memory import MemoryManager, check_gpu_room, check_host_room, check_pinned_cap, host_available
-from dsjax.runtime.metrics import Metrics, json_line, process_memory, prometheus_text
+from dsjax.runtime.metrics import Metrics, device_memory, json_line, process_memory, prometheus_text
 from dsjax.runtime.planner import BudgetError, Links, ModelBytes, Pools, attention_dims, fmt_bytes, plan
 from dsjax.runtime.popularity import check_hot_room, engine_popularity, hot_set, layer_popularity, popularity_order
 from dsjax.runtime.prefetch import (CPU_MAX_ROWS, CPU_PRIOR_BPS, DISK, GPU, HOST, READING, TRIAL_MARGIN,
@@ -89,10 +89,8 @@ def _expert_tree(store, layer: int, proj: str, parts: dict, sharding):
 
 def device_free_bytes(device) -> int | None:
     """Bytes `device` can still allocate (None where the backend does not say, e.g. the CPU)."""
-    stats = device.memory_stats() or {}
-    if "bytes_limit" not in stats:
-        return None
-    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    m = device_memory(device)
+    return None if m["limit"] is None else int(m["limit"]) - int(m["in_use"] or 0)
 
 
 def in_memory_engine(store, dtype, tokenizer=None, *, prefill_form="naive", name: str = "",
@@ -121,7 +119,7 @@ class TieredEngine(Engine):
 
     def __init__(self, store, runtime: RuntimeConfig, dtype, tokenizer=None, *, prefill_form="naive",
                  links: Links | None = None, name: str = "", device=None, popularity=None, devices=None):
-        cfg = active_experts_config(store.config, runtime.memory_config.active_experts)   # every program sees its k
+        cfg, mb = _model_bytes(store, runtime, dtype)      # every program sees active_experts' k
         # measured expert popularity (memory_config.popularity, or counts given here): the hot set and preload order
         self.popularity, self.popularity_source = engine_popularity(store, runtime.memory_config, popularity)
         self.store = store
@@ -135,13 +133,10 @@ class TieredEngine(Engine):
         self.device = devs[0]
         mc, cc = runtime.memory_config, runtime.compute_config
         self.metrics = Metrics(cfg.num_hidden_layers, cfg.n_routed_experts or 0)
-        self.model_bytes = mb = model_bytes_from_store(store, dtype).with_top_k(cfg.num_experts_per_tok or 0)
+        self.model_bytes = mb
         self.links = links or (measure_links(store, self.device) if cc.auto_tune else Links())
-        # None is "no limit"; 0 is a budget of zero bytes (the planner says it is too small and names the minimum)
-        gpu = UNLIMITED if runtime.gpu_memory is None else runtime.gpu_memory
-        host = UNLIMITED if runtime.host_memory is None else runtime.host_memory
+        gpu, host, context, plan_kw = _plan_args(cfg, runtime, mb)
         budget_per_device = (gpu, host)                  # gpu_memory and host_memory apply to each device
-        context, plan_kw = _plan_args(cfg, runtime, mb)
         self.placement = plan(mb, gpu, host, links=self.links, **plan_kw)
         streams = mb.moe_layers and self.placement.gpu_expert_slots < mb.n_experts
         cpu_on, self.cpu_experts_reason = availability(
@@ -936,14 +931,22 @@ def _merge_predictions(preds: list) -> np.ndarray:
     return arrays[0] if len(arrays) == 1 else np.maximum.reduce(arrays)
 
 
-def _plan_args(cfg, runtime: RuntimeConfig, mb: ModelBytes) -> tuple[int, dict]:
-    """The context a request may hold and plan()'s keyword arguments (links aside) for a runtime config."""
+def _model_bytes(store, runtime: RuntimeConfig, dtype) -> tuple:
+    """(the config with memory_config.active_experts' top-k, the planner's byte counts at that k)."""
+    cfg = active_experts_config(store.config, runtime.memory_config.active_experts)
+    return cfg, model_bytes_from_store(store, dtype).with_top_k(cfg.num_experts_per_tok or 0)
+
+
+def _plan_args(cfg, runtime: RuntimeConfig, mb: ModelBytes) -> tuple[int, int, int, dict]:
+    """(GPU budget, host budget, the context a request may hold, plan()'s other keyword arguments but links) for a
+    runtime config. A budget of None is "no limit" (UNLIMITED); 0 is a budget of zero bytes (the planner says it is
+    too small and names the minimum)."""
     mc, cc = runtime.memory_config, runtime.compute_config
     gpu = UNLIMITED if runtime.gpu_memory is None else runtime.gpu_memory
     host = UNLIMITED if runtime.host_memory is None else runtime.host_memory
     context = _context(cfg, mc.max_context, Pools.split(gpu, host).compute, mb.kv_bytes_per_token)
-    return context, dict(max_gpu_layers=mc.max_gpu_layers, prefetch_layers=mc.prefetch_layers,
-                         overlap_io=cc.overlap_io, context_tokens=context, step_tokens=mc.step_tokens)
+    return gpu, host, context, dict(max_gpu_layers=mc.max_gpu_layers, prefetch_layers=mc.prefetch_layers,
+                                    overlap_io=cc.overlap_io, context_tokens=context, step_tokens=mc.step_tokens)
 
 
 def planned_pinned_bytes(store, runtime: RuntimeConfig, dtype) -> int:
@@ -951,11 +954,8 @@ def planned_pinned_bytes(store, runtime: RuntimeConfig, dtype) -> int:
     pinned_host_peak: caches and disk reads in flight), computed without touching a device: dsjax.load caps JAX's
     pinned pool from it before the GPU client starts (memory.cap_pinned_host). Links do not move the placement, so
     the default ones plan it."""
-    cfg = active_experts_config(store.config, runtime.memory_config.active_experts)
-    mb = model_bytes_from_store(store, dtype).with_top_k(cfg.num_experts_per_tok or 0)
-    gpu = UNLIMITED if runtime.gpu_memory is None else runtime.gpu_memory
-    host = UNLIMITED if runtime.host_memory is None else runtime.host_memory
-    _, plan_kw = _plan_args(cfg, runtime, mb)
+    cfg, mb = _model_bytes(store, runtime, dtype)
+    gpu, host, _, plan_kw = _plan_args(cfg, runtime, mb)
     return plan(mb, gpu, host, links=Links(), **plan_kw).pinned_host_peak(mb)
 
 
