@@ -25,6 +25,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -98,20 +99,34 @@ def gil_ms(x, bufs, layout, threads, busy_s: float = 0.004, repeats: int = 15) -
     """ms from the start of a layer's host work to the CPU experts' rows, when the engine thread has `busy_s` of
     Python to do (issuing the GPU half): the kernel on a worker thread started first (it waits for the GIL while the
     engine thread runs Python: the interpreter's switch interval is 5 ms), or on the engine thread after its work
-    (what cpu_path does). Also the kernel alone."""
+    (what cpu_path does). Also the kernel alone, and the kernel while another Python thread runs Python throughout
+    (a server's or the disk reader's threads: the kernel's threads must not need the GIL to start or end)."""
     assign = np.arange(len(bufs), dtype=np.int32)[None]
     call = lambda: cpu_experts.cpu_expert_rows(x[:1], bufs, assign, layout, threads=threads)
     def python_work():
         t = time.perf_counter()
         while time.perf_counter() - t < busy_s:
             sum(range(100))
-    out = {"alone": [], "worker_thread": [], "engine_thread": []}
+    out = {"alone": [], "worker_thread": [], "engine_thread": [], "beside_python_thread": []}
     pool = concurrent.futures.ThreadPoolExecutor(1)
     for _ in range(repeats):
         t0 = time.perf_counter(); call(); out["alone"].append(time.perf_counter() - t0)
         t0 = time.perf_counter(); f = pool.submit(call); python_work(); f.result()
         out["worker_thread"].append(time.perf_counter() - t0)
         t0 = time.perf_counter(); python_work(); call(); out["engine_thread"].append(time.perf_counter() - t0)
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            sum(range(100))
+    spinner = threading.Thread(target=spin)
+    spinner.start()                     # another Python thread running Python (holding the GIL) throughout
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter(); call(); out["beside_python_thread"].append(time.perf_counter() - t0)
+    finally:
+        stop.set()
+        spinner.join()
     pool.shutdown()
     return {k: 1e3 * statistics.median(v) for k, v in out.items()} | {"busy_ms": 1e3 * busy_s}
 
@@ -182,7 +197,8 @@ def main(argv=None) -> dict:
     g = gil_ms(x, pool_bufs[:a.experts], layout, threads[-1])
     print(f"\n{a.experts} experts, 1 row, {threads[-1]} threads, beside {g['busy_ms']:.0f} ms of engine-thread Python: "
           f"kernel alone {g['alone']:.1f} ms; work + kernel on a worker thread {g['worker_thread']:.1f} ms, "
-          f"on the engine thread after its work {g['engine_thread']:.1f} ms")
+          f"on the engine thread after its work {g['engine_thread']:.1f} ms; kernel beside a Python thread running "
+          f"Python {g['beside_python_thread']:.1f} ms")
 
     report = dict(gil_ms=g, 
         machine=dict(processor=platform.processor(), machine=platform.machine(), cpus=cpus,

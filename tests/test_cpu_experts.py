@@ -3,6 +3,7 @@ QTensor reference path: dequantize, then a float32 grouped dot): NVFP4 and MXFP4
 are multiples of the block but not powers of two, 1-8 rows, top-k 2-8, experts shared between rows and repeated in a
 row, empty assignments (-1), float32 and bfloat16 activations, buffers given as numpy arrays or host jax.Arrays."""
 
+import concurrent.futures
 import math
 import os
 import subprocess
@@ -102,6 +103,44 @@ def test_buffer_subset_and_order(experts):
     want = _reference(x.astype(np.float32), np.where(local < 0, -1, np.array(picked)[local]), q)
     assert_close(got1, want, "cpu_experts_f32", f"{fmt} subset")
 
+
+
+def test_calls_from_several_threads_equal_the_sequential_ones(experts):
+    """Four Python threads calling the kernel at once (as engines of one process may) get what one caller gets."""
+    fmt, q, layout, rows = experts
+    d, _ = SHAPES[fmt]
+    xs = [np.random.default_rng(50 + i).standard_normal((4, d)).astype(np.float32) for i in range(4)]
+    assign = [_assignments(4, 4, seed=60 + i) for i in range(4)]
+    want = [cpu_expert_rows(x, list(rows), a, layout, threads=2) for x, a in zip(xs, assign)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: [cpu_expert_rows(xs[i], list(rows), assign[i], layout, threads=2)
+                                       for _ in range(5)], range(4)))
+    for i in range(4):
+        for g in got[i]:
+            np.testing.assert_array_equal(g, want[i])
+
+
+def test_concurrent_calls_under_numbas_workqueue_layer():
+    """numba's fallback threading layer aborts the process when two threads enter a parallel region at once; the
+    module's lock keeps concurrent callers apart (a child process forced onto that layer)."""
+    code = """
+import concurrent.futures, numpy as np
+from dsjax.runtime import cpu_experts
+layout = cpu_experts._tiny_layout()
+rng = np.random.default_rng(0)
+bufs = [rng.integers(0, 120, layout.nbytes, dtype=np.uint8) for _ in range(3)]   # codes and scales < 0x78: finite
+assign = np.array([[0, 1], [2, 0]], np.int32)
+xs = [rng.standard_normal((2, 64)).astype(np.float32) for _ in range(4)]
+want = [cpu_experts.cpu_expert_rows(x, bufs, assign, layout, threads=2) for x in xs]
+with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    got = list(pool.map(lambda i: [cpu_experts.cpu_expert_rows(xs[i], bufs, assign, layout, threads=2)
+                                   for _ in range(20)], range(4)))
+assert all(np.array_equal(g, want[i]) for i in range(4) for g in got[i])
+import numba; assert numba.threading_layer() == "workqueue", numba.threading_layer()
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "NUMBA_THREADING_LAYER": "workqueue"})
+    assert r.returncode == 0, r.stderr[-3000:]
 
 def test_jax_host_buffers(experts):
     """Host-memory jax.Arrays (here on the CPU device) are read in place like numpy buffers."""

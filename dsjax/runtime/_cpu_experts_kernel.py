@@ -1,8 +1,9 @@
 """The numba kernel behind cpu_experts.py (imported on first use, so `import dsjax` never pays numba's import).
 
 Nopython code over raw buffers; shapes, offsets and checks come from cpu_experts.py. Work is split over weight rows:
-gate_up_rows and down_rows each take a range of rows of the active experts and release the GIL, so Python threads
-run ranges side by side.
+gate_up_rows and down_rows each take a range of rows of the active experts; `expert_rows` runs both phases over equal
+ranges on numba's threads (parallel=True: its threading layer, OpenMP or TBB where present, starts the ranges without
+the GIL), the calling thread among them.
 
 The inner loop (one weight row against 1, 2 or 4 rows of x) is written in LLVM IR (`_fp4_rows_dot`), 16 packed bytes
 (32 elements) per step: the bytes widened to 16 x i32 lanes, the low and high nibbles (elements 2j and 2j + 1) looked
@@ -293,3 +294,18 @@ def down_rows(lo, hi, he, ho, addresses, nbytes, active, start, order, meta, tab
                     flat = order[a0 + i]
                     y[flat // K, flat % K, b0 + w] = gs_d * o_all[w, i]
         r += n1 - r % d_hidden
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def expert_rows(ranges_gu, ranges_d, xe, xo, addresses, nbytes, active, start, order, meta, tables, he, ho, y):
+    """Both phases for the active experts: gate_up_rows over `ranges_gu` equal contiguous ranges of their gate/up rows
+    side by side, then (the parallel loop's end is the barrier: h is complete) down_rows over `ranges_d` ranges of
+    their down rows. One range per thread: numba's static schedule gives each thread one contiguous block of a loop."""
+    gu = active.shape[0] * meta[0, 3]
+    for c in numba.prange(ranges_gu):
+        gate_up_rows(gu * c // ranges_gu, gu * (c + 1) // ranges_gu, xe, xo, addresses, nbytes, active, start, order,
+                     meta, tables, he, ho)
+    dd = active.shape[0] * meta[2, 3]
+    for c in numba.prange(ranges_d):
+        down_rows(dd * c // ranges_d, dd * (c + 1) // ranges_d, he, ho, addresses, nbytes, active, start, order, meta,
+                  tables, y)

@@ -3,7 +3,7 @@ that miss the GPU but sit in the pinned host cache are computed where their byte
 computes the others; their rows then cross to the GPU and take the places of those assignments before the combine,
 so the result is the same code in the same top-k order.
 
-Threads: the kernel runs on the engine thread itself (and the kernel's pool), after the engine thread has issued the
+Threads: the kernel runs on the engine thread itself (and numba's threads beside it), after the engine thread has issued the
 layer's GPU work (copies and the expert call return at once; the device runs them meanwhile). A worker thread of its
 own, started before the GPU work, lost ~5 ms a call waiting for the GIL while the engine thread ran Python (the
 interpreter's 5 ms switch interval; H100 run of 2026-12-06: 4.7 GB/s in the engine against 34.6 GB/s alone;
@@ -100,7 +100,7 @@ class CpuExpertPath:
         return CpuJob(frozenset(experts), assign, int(valid.sum()), np.asarray(x), tuple(buffers))
 
     def finish(self, layer: int, job: CpuJob) -> tuple[np.ndarray, np.ndarray]:
-        """Run the job on this thread (the kernel releases the GIL; its pool threads run beside); count it and feed
+        """Run the job on this thread (the kernel releases the GIL; numba's threads run beside); count it and feed
         its rate to the policy's rates. Returns (float32 rows [N, K, D], mask [N, K] of the assignments they hold)."""
         t0 = time.perf_counter()
         y = cpu_experts.cpu_expert_rows(job.x, list(job.buffers), job.assign, self.layout, self.threads)
@@ -127,7 +127,7 @@ class CpuExpertPath:
                 "rate_GB_per_s_by_rows": {str(r): v / 1e9 for r, v in sorted(self.rates.measured.items())}}
 
     def close(self) -> None:
-        """Nothing to stop (the kernel's pool threads are the process's, shared)."""
+        """Nothing to stop (numba's threads are the process's, shared)."""
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
