@@ -120,10 +120,11 @@ case "${1:-}" in
       --no-trace --set overlap_io=false --out "$OUT/bench_cpu_on_demand_b1_8.json" 2>&1 | tail -6
     ;;
   cpuauto)             # b1, b8: on_demand, the CPU path forced on, and under auto (the CPU trial decides per bucket);
-    use_tree "${NEW_TREE:-.}" new    # a 40-token warm-up lets the trial reach its verdict before the measured 16
+    # a 40-token warm-up lets the trial reach its verdict before the measured 16; `cpuauto OLD`: the tree in .old/
+    if [ "${2:-}" = OLD ]; then use_tree .old old; else use_tree "${NEW_TREE:-.}" new; fi
     python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --configs on_demand,cpu,cpu_auto --batches 1,8 --tokens 16 \
-      --warmup-tokens 40 --prompt-len 32 --no-trace --set overlap_io=false --out "$OUT/bench_cpu_auto_b1_8.json" 2>&1 \
-      | tee "$OUT/cpuauto.log" | tail -9
+      --warmup-tokens 40 --prompt-len 32 --no-trace --set overlap_io=false --out "$OUT/bench_cpu_auto${2:+_$2}_b1_8.json" \
+      2>&1 | tee "$OUT/cpuauto${2:+_$2}.log" | tail -9
     ;;
   warmthreads)         # Engine.warmup with 0 and 8 compile threads (fresh processes, no compile cache), then b1 decode
     use_tree "${NEW_TREE:-.}" new
@@ -181,10 +182,12 @@ max_new_tokens=64); e.save_popularity('$OUT/pop.json'); e.close()" 2>&1 | tail -
     use_tree "${NEW_TREE:-.}" new
     python3 bench/join_gaps.py "$S" "${BUDGET[@]}" --out "$OUT/join_gaps.json" 2>&1 | tail -4
     ;;
-  cpu)
-    use_tree "${NEW_TREE:-.}" new
-    python3 -m pytest -q -p no:cacheprovider tests/test_cpu_experts.py 2>&1 | tail -2
-    python3 bench/cpu_experts_bench.py --out "$OUT/cpu_experts.json" 2>&1 | tail -30
+  cpu)                 # the CPU expert kernel alone (tests, then GB/s by threads and rows, fixed cost, GIL lines);
+    # `cpu OLD`: the tree in .old/ (e.g. `git archive 5271fb8 dsjax kernels configs bench`: its pool of Python threads,
+    # before session 24's single numba parallel call), the same bench script run from there
+    if [ "${2:-}" = OLD ]; then use_tree .old old
+    else use_tree "${NEW_TREE:-.}" new; python3 -m pytest -q -p no:cacheprovider tests/test_cpu_experts.py 2>&1 | tail -2; fi
+    python3 bench/cpu_experts_bench.py --out "$OUT/cpu_experts${2:+_$2}.json" 2>&1 | tail -30
     ;;
-  *) echo "usage: $0 setup | slice | gputests | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY] | hot [N] | options | nopred | cpuod | cpuauto | warmthreads [T,T] | hbm | copies | copyjit | gaps | multi [N] | cpu | pinlimit [GB] | all"; exit 2 ;;
+  *) echo "usage: $0 setup | slice | gputests | bench NEW|OLD BATCHES | arrivals | serve [CONCURRENCY] | hot [N] | options | nopred | cpuod | cpuauto [OLD] | warmthreads [T,T] | hbm | copies | copyjit | gaps | multi [N] | cpu [OLD] | pinlimit [GB] | all"; exit 2 ;;
 esac
