@@ -128,6 +128,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         args.no_stream = True       # JSON describes whole generations: --json prints them, not a stream
     _check_budgets_with_devices(args, devices)
+    if not follower:                # sampling options are checked before the load, not after it and the prompt's echo
+        from dsjax.runtime.sampling import SamplingParams
+        SamplingParams(**_sampling(args))
     runtime = {k: v for k, v in (("preset", args.preset), ("gpu_memory", args.gpu_memory),
                                  ("host_memory", args.host_memory), ("devices", devices)) if v is not None}
     runtime.update(parse_overrides(args.set))
@@ -162,10 +165,14 @@ def _follower() -> bool:
     return jax.process_count() > 1 and jax.process_index() != 0
 
 
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                stop=tuple(args.stop), seed=args.seed)
+
+
 def _generate(engine, args: argparse.Namespace) -> int:
     prompts = args.prompt
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-              stop=tuple(args.stop), seed=args.seed)
+    kw = _sampling(args)
     if args.no_stream:
         for g in engine.generate(prompts, chat=args.chat, **kw):
             print(json.dumps({"prompt_ids": g.prompt_ids, "token_ids": g.token_ids, "text": g.text,

@@ -37,6 +37,12 @@ def test_errors_exit_2_with_message(tmp_path, capsys):
     assert "model_type 'llama' is not supported" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "no such checkpoint directory" in capsys.readouterr().err
+    # sampling options are checked before the model loads (this one would fail to) and before the prompt is echoed
+    for opt, msg in ((["--max-new-tokens", "0"], "max_new_tokens=0 must be >= 1"),
+                     (["--top-p", "1.5"], "top_p=1.5 must lie in (0, 1]"), (["--stop", ""], "an empty stop string")):
+        assert main(["generate", str(tmp_path), "--prompt", "x", *opt]) == 2
+        out, err = capsys.readouterr()
+        assert msg in err and out == "", (opt, out, err)
 
 
 def test_plan_v3_from_config(tmp_path, capsys):
