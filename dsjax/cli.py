@@ -258,6 +258,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     mb = mb.with_top_k(active_experts_config(cfg, args.active_experts).num_experts_per_tok or 0)
     links = Links(h2d=args.h2d_gbps * GB, disk=args.disk_gbps * GB, hbm=args.hbm_gbps * GB,
                   cpu_rate=args.cpu_gbps * GB)
+    context = _plan_context(args.context, cfg.max_position_embeddings)
     if args.devices < 1:
         raise ValueError(f"--devices {args.devices}: give a number of GPUs >= 1")
     if args.batch < 1:
@@ -266,7 +267,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from dsjax.runtime.plan_devices import plan_devices
         def budgets(v):
             return v.split(",") if "," in v else v
-        kw = dict(links=links, batch=args.batch, context_tokens=min(args.context, cfg.max_position_embeddings),
+        kw = dict(links=links, batch=args.batch, context_tokens=context,
                   max_gpu_layers=args.max_gpu_layers, prefetch_layers=args.prefetch_layers,
                   overlap_io=not args.no_overlap)
         # the layout that runs: every weight resident (layers replicated) when each GPU's share fits, else tiered
@@ -275,7 +276,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(pd.report(mb, links))
         return 0
     kw = dict(max_gpu_layers=args.max_gpu_layers, prefetch_layers=args.prefetch_layers, links=links,
-              overlap_io=not args.no_overlap, context_tokens=min(args.context, cfg.max_position_embeddings))
+              overlap_io=not args.no_overlap, context_tokens=context)
     p = plan(mb, args.gpu_memory, args.host_memory, **kw)
     print(p.report(mb, links))
     from dsjax.runtime.planner import active_experts_options, measured_active_experts_quality
@@ -285,6 +286,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if options:
         print(options_table(options, quality, mb.model_top_k or mb.top_k, args.active_experts))
     return 0
+
+
+def _plan_context(asked: int | None, model_max: int) -> int:
+    """The KV context `dsjax plan` plans for: --context (default 4096) up to the model's max_position_embeddings; a
+    --context given past it is planned at the model's length, with a note (the engine never holds more)."""
+    if asked is None:
+        return min(4096, model_max)
+    if asked < 1:
+        raise ValueError(f"--context {asked}: give a number of KV tokens >= 1")
+    if asked > model_max:
+        print(f"[dsjax plan] --context {asked} is past the model's max_position_embeddings ({model_max}); planning "
+              f"for {model_max}", file=sys.stderr)
+    return min(asked, model_max)
 
 
 def options_table(options, quality: dict, top_k: int, selected: int) -> str:
@@ -399,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="which tensors are FP4 (default mlp)")
     pl.add_argument("--max-gpu-layers", type=int, default=3, help="GPU layer slots for streamed layers")
     pl.add_argument("--prefetch-layers", type=int, default=2, help="layers of experts in flight ahead")
-    pl.add_argument("--context", type=int, default=4096, help="KV cache tokens the compute pool must hold")
+    pl.add_argument("--context", type=int, help="KV cache tokens the compute pool must hold (default 4096, or the "
+                    "model's max_position_embeddings where that is less)")
     pl.add_argument("--h2d-gbps", type=float, default=50.0, help="pinned host->GPU GB/s (default 50, PCIe 5)")
     pl.add_argument("--disk-gbps", type=float, default=12.0, help="NVMe read GB/s (default 12)")
     pl.add_argument("--hbm-gbps", type=float, default=3000.0, help="GPU memory GB/s (default 3000)")

@@ -53,6 +53,17 @@ def test_plan_v3_from_config(tmp_path, capsys):
     assert "58 MoE x 256 experts of 24.77 MB" in out and "predicted:" in out and "bound by disk->host" in out
     assert main(["plan", str(tmp_path / "config.json"), "--gpu-memory", "2GB"]) == 2
     assert "too small" in capsys.readouterr().err
+    # --context: planned up to the model's length, with a note past it; the KV line follows it
+    MAX = MODELS["v3"]["max_position_embeddings"]
+    assert main(["plan", str(tmp_path), "--gpu-memory", "16GB", "--host-memory", "96GB", "--context", "2048"]) == 0
+    at_2048 = capsys.readouterr()
+    assert "requests of 2048 tokens at once" in at_2048.out and "past the model's" not in at_2048.err
+    assert main(["plan", str(tmp_path), "--gpu-memory", "200GB", "--host-memory", "96GB", "--context", str(4 * MAX)]) == 0
+    past = capsys.readouterr()
+    assert f"--context {4 * MAX} is past the model's max_position_embeddings ({MAX}); planning for {MAX}" in past.err
+    assert f"requests of {MAX} tokens at once" in past.out
+    assert main(["plan", str(tmp_path), "--context", "0"]) == 2
+    assert "--context 0: give a number of KV tokens >= 1" in capsys.readouterr().err
 
 
 def test_plan_prints_active_experts_options(tmp_path, capsys):

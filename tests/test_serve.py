@@ -334,6 +334,29 @@ def test_serve_refuses_a_bad_warmup_length_before_loading(capsys, tmp_path):
     assert "--warmup-bursts 0 must be >= 1" in capsys.readouterr().err
 
 
+def test_serve_refuses_an_address_it_cannot_listen_on_before_loading(capsys, tmp_path):
+    """A port out of range, a host that does not resolve, a port another process listens on: refused in a second
+    with the fix, before the model loads (the path does not exist, so a load would fail with another message)."""
+    import socket
+
+    from dsjax.cli import main
+    absent = str(tmp_path / "absent")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, msg in ((["--port", "70000"], "--port 70000 must lie in 0..65535"),
+                          (["--host", "nosuchhost.invalid"], "--host 'nosuchhost.invalid' does not resolve"),
+                          (["--port", str(port)], f"cannot listen on 127.0.0.1:{port} (Address already in use)")):
+            assert main(["serve", absent, *args]) == 2
+            assert msg in capsys.readouterr().err, args
+    with socket.socket() as free:                   # and an address that is free passes the check (then the load fails)
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    assert main(["serve", absent, "--port", str(port)]) == 2
+    assert "no such" in capsys.readouterr().err
+
+
 def test_serve_warmup_reports_progress_and_what_it_compiled(store, capsys):
     """The warm-up `dsjax serve` runs before answering prints its progress (shapes done of all, seconds, the time left
     at the rate so far) and a summary with the engine's own counts."""

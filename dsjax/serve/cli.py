@@ -31,6 +31,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"dsjax: error: --warmup-threads {args.warmup_threads} must be >= 0 (0: every program on the engine "
               "thread)", file=sys.stderr)
         return 2
+    _check_listen(args.host, args.port)              # before the load: a taken port is known in a second, not minutes
     import jax
 
     import dsjax
@@ -79,6 +80,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
             warming.join()
         engine.close()
     return 0
+
+
+def _check_listen(host: str, port: int) -> None:
+    """A ValueError naming the fix when the server could not listen on host:port: a port out of range, a host that
+    does not resolve, or an address another process holds (bound once here and released; uvicorn binds it again)."""
+    import socket
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port} must lie in 0..65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r} does not resolve ({e.strerror}); give an address such as 127.0.0.1 "
+                         "(this machine only) or 0.0.0.0 (every interface)") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)       # as uvicorn binds it
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}): another process holds that port, or "
+                             "the address is not this machine's; stop the other server or choose --port / --host")
 
 
 def _warmup_in_background(engine, readiness, max_prompt: int, max_new_tokens: int, bursts: int,
