@@ -3,11 +3,11 @@ that miss the GPU but sit in the pinned host cache are computed where their byte
 computes the others; their rows then cross to the GPU and take the places of those assignments before the combine,
 so the result is the same code in the same top-k order.
 
-Threads: the kernel runs on the engine thread itself (and numba's threads beside it), after the engine thread has issued the
-layer's GPU work (copies and the expert call return at once; the device runs them meanwhile). A worker thread of its
-own, started before the GPU work, lost ~5 ms a call waiting for the GIL while the engine thread ran Python (the
-interpreter's 5 ms switch interval; H100 run of 2026-12-06: 4.7 GB/s in the engine against 34.6 GB/s alone;
-the last line of `bench/cpu_experts_bench.py` measures both orders).
+Threads: the kernel runs on the engine thread itself (and numba's threads beside it), after the engine thread has
+issued the layer's GPU work (copies and the expert call return at once; the device runs them meanwhile). A worker
+thread of its own, started before the GPU work, lost ~5 ms a call waiting for the GIL while the engine thread ran
+Python (the interpreter's 5 ms switch interval; H100 run of 2026-12-06: 4.7 GB/s in the engine against 34.6 GB/s
+alone; the last line of `bench/cpu_experts_bench.py` measures both orders).
 
 Owns the kernel's measured rates (prefetch.CpuRates, which the policy's split_cpu reads) and the path's counters. It
 does not decide which experts run here (prefetch.split_cpu does), look into the caches or hold a device array: the

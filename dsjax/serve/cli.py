@@ -31,12 +31,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"dsjax: error: --warmup-threads {args.warmup_threads} must be >= 0 (0: every program on the engine "
               "thread)", file=sys.stderr)
         return 2
-    _check_listen(args.host, args.port)              # before the load: a taken port is known in a second, not minutes
     import jax
 
     import dsjax
     from dsjax.cli import _check_budgets_with_devices, _follower, parse_overrides, start_devices
     devices = start_devices(args)
+    if not _follower():          # before the load: a taken port is known in a second, not after minutes of loading
+        _check_listen(args.host, args.port)
     _check_budgets_with_devices(args, devices)
     path, dtype = args.path, args.dtype
     if path is None:                                  # a fresh install serves the embedded model, as `dsjax demo`
@@ -100,7 +101,7 @@ def _check_listen(host: str, port: int) -> None:
             sock.bind(address)
         except OSError as e:
             raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}): another process holds that port, or "
-                             "the address is not this machine's; stop the other server or choose --port / --host")
+                             "the address is not this machine's; stop the other server or choose --port / --host") from None
 
 
 def _warmup_in_background(engine, readiness, max_prompt: int, max_new_tokens: int, bursts: int,
