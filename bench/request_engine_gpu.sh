@@ -120,11 +120,14 @@ case "${1:-}" in
       --no-trace --set overlap_io=false --out "$OUT/bench_cpu_on_demand_b1_8.json" 2>&1 | tail -6
     ;;
   cpuauto)             # b1, b8: on_demand, the CPU path forced on, and under auto (the CPU trial decides per bucket);
-    # a 40-token warm-up lets the trial reach its verdict before the measured 16; `cpuauto OLD`: the tree in .old/
+    # a 40-token warm-up lets the trial reach its verdict before the measured 16; `cpuauto OLD`: the tree in .old/;
+    # OMP_WAIT_POLICY=passive (in the environment) parks numba's OpenMP threads at once after each kernel call
+    # instead of letting them spin a while (the default), tagged in the file names
     if [ "${2:-}" = OLD ]; then use_tree .old old; else use_tree "${NEW_TREE:-.}" new; fi
+    tag=${2:+_$2}${OMP_WAIT_POLICY:+_omp_$OMP_WAIT_POLICY}
     python3 -m dsjax.cli bench "$S" "${BUDGET[@]}" --configs on_demand,cpu,cpu_auto --batches 1,8 --tokens 16 \
-      --warmup-tokens 40 --prompt-len 32 --no-trace --set overlap_io=false --out "$OUT/bench_cpu_auto${2:+_$2}_b1_8.json" \
-      2>&1 | tee "$OUT/cpuauto${2:+_$2}.log" | tail -9
+      --warmup-tokens 40 --prompt-len 32 --no-trace --set overlap_io=false --out "$OUT/bench_cpu_auto${tag}_b1_8.json" \
+      2>&1 | tee "$OUT/cpuauto$tag.log" | tail -9
     ;;
   warmthreads)         # Engine.warmup with 0 and 8 compile threads (fresh processes, no compile cache), then b1 decode
     use_tree "${NEW_TREE:-.}" new
