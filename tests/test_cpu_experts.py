@@ -136,7 +136,7 @@ with concurrent.futures.ThreadPoolExecutor(4) as pool:
     got = list(pool.map(lambda i: [cpu_experts.cpu_expert_rows(xs[i], bufs, assign, layout, threads=2)
                                    for _ in range(20)], range(4)))
 assert all(np.array_equal(g, want[i]) for i in range(4) for g in got[i])
-import numba; assert numba.threading_layer() == "workqueue", numba.threading_layer()
+assert cpu_experts.threading_layer() == "workqueue", cpu_experts.threading_layer()
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "JAX_PLATFORMS": "cpu", "NUMBA_THREADING_LAYER": "workqueue"})

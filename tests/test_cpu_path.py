@@ -54,6 +54,8 @@ def test_cpu_experts_give_the_tokens_of_the_copy_path(store, tight, copied):
     moe = [i for i, n in enumerate(c["layer_experts"]) if n]
     assert moe and all(c["layer_ms"][i] > 0 for i in moe) and c["layer_ms"][0] is None      # layer 0 is dense
     assert c["rate_GB_per_s_by_rows"]                                                       # measured rates
+    import numba
+    assert c["threading_layer"] == numba.threading_layer()                 # where the kernel's threads came from
     assert on["links"]["cpu->GPU"]["bytes"] > 0
     # the host->GPU link moved fewer expert bytes than with the copies alone
     assert on["links"]["host->GPU"]["bytes"] < copied[1]["links"]["host->GPU"]["bytes"]

@@ -115,6 +115,13 @@ def warm_up() -> None:
                     layout, threads=1)
 
 
+def threading_layer() -> str:
+    """numba's threading layer the kernel's threads come from ('omp', 'tbb' or 'workqueue'): numba picks the first
+    it can load (NUMBA_THREADING_LAYER chooses), at the first call."""
+    warm_up()
+    return _kernel().numba.threading_layer()
+
+
 def default_threads() -> int:
     """The CPUs this process may run on (the default thread count)."""
     return len(os.sched_getaffinity(0))

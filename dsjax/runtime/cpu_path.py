@@ -79,6 +79,7 @@ class CpuExpertPath:
         self.counters = {"experts": 0, "bytes": 0, "seconds": 0.0, "wait_seconds": 0.0, "calls": 0}
         self._layer = np.zeros((n_layers, 3))                     # per layer: calls, kernel seconds, experts
         cpu_experts.warm_up()                                     # compile at load, not in the first decode step
+        self.threading_layer = cpu_experts.threading_layer()      # numba's, which the kernel's threads come from
 
     def choose(self, host_missing: list[int], ids: np.ndarray, valid: np.ndarray, link_bps: float,
                copied_anyway: int) -> list[int]:
@@ -117,11 +118,13 @@ class CpuExpertPath:
         return y, job.assign >= 0
 
     def stats(self) -> dict[str, Any]:
-        """Experts and bytes computed on the CPU, the kernel's seconds and GB/s, the engine thread's time in it
-        (wait_seconds), per layer the kernel's ms per call and the experts it computed, the rates the policy uses."""
+        """numba's threading layer, experts and bytes computed on the CPU, the kernel's seconds and GB/s, the engine
+        thread's time in it (wait_seconds), per layer the kernel's ms per call and the experts it computed, the rates
+        the policy uses."""
         c = self.counters
         calls, seconds, experts = self._layer.T
-        return {"threads": self.threads, **c, "GB_per_s": c["bytes"] / c["seconds"] / 1e9 if c["seconds"] else None,
+        return {"threads": self.threads, "threading_layer": self.threading_layer, **c,
+                "GB_per_s": c["bytes"] / c["seconds"] / 1e9 if c["seconds"] else None,
                 "layer_ms": [float(1e3 * s / n) if n else None for n, s in zip(calls, seconds)],
                 "layer_experts": [int(e) for e in experts],
                 "rate_GB_per_s_by_rows": {str(r): v / 1e9 for r, v in sorted(self.rates.measured.items())}}
