@@ -158,8 +158,9 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     cpu_experts.warm_up()
     compile_s = time.perf_counter() - t0
+    layer = cpu_experts.threading_layer()
     print(f"{platform.processor() or platform.machine()}, {cpus} CPUs; numba kernel ready in {compile_s:.1f} s "
-          f"(threading layer {cpu_experts.threading_layer()}); "
+          f"(threading layer {layer}); "
           f"{a.fmt} experts [{a.inter}, {a.hidden}]: {per_expert / 1e6:.2f} MB of codes + scales each, "
           f"{a.experts} per call, pool of {pool_n}", flush=True)
 
@@ -204,7 +205,7 @@ def main(argv=None) -> dict:
     report = dict(gil_ms=g, 
         machine=dict(processor=platform.processor(), machine=platform.machine(), cpus=cpus,
                      numba=__import__("numba").__version__, numpy=np.__version__,
-                     threading_layer=cpu_experts.threading_layer()),
+                     threading_layer=layer),
         config=dict(fmt=a.fmt, hidden=a.hidden, inter=a.inter, experts=a.experts, pool=pool_n, ram_gb=ram_gb,
                     repeats=repeats, expert_bytes=per_expert, quick=a.quick),
         compile_seconds=compile_s, ram_read_gbps={str(t): g for t, g in ram_gbps.items()},

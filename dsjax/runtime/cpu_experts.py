@@ -73,6 +73,7 @@ def cpu_expert_rows(x, buffers, assign, layout: ExpertLayout, threads: int | Non
     if assign.size and (assign.min() < -1 or assign.max() >= len(buffers)):
         raise ValueError(f"assign holds {assign.min()}..{assign.max()}, outside -1..{len(buffers) - 1} "
                          f"({len(buffers)} buffers)")
+    threads = _check_threads(threads)
     addresses = np.array([_address(b, layout.nbytes) for b in buffers], dtype=np.int64)
     xe, xo = np.ascontiguousarray(x32[:, 0::2]), np.ascontiguousarray(x32[:, 1::2])
     # Assignments grouped by expert (stable: top-k order within an expert): order[start[u]:start[u + 1]].
@@ -84,7 +85,6 @@ def cpu_expert_rows(x, buffers, assign, layout: ExpertLayout, threads: int | Non
     meta = np.concatenate([meta, [[assign.shape[1], 0, 0, 0, 0, 0, 0]]])     # row 3: top-k, for (t, k) = divmod
     he, ho = (np.empty((len(order), n_inter // 2), np.float32) for _ in range(2))
     y = np.zeros(assign.shape + (d_hidden,), np.float32)
-    threads = _check_threads(threads)
     k = _kernel()
     with _LOCK:
         k.numba.set_num_threads(min(threads, k.numba.config.NUMBA_NUM_THREADS))
@@ -116,9 +116,8 @@ def warm_up() -> None:
 
 
 def threading_layer() -> str:
-    """numba's threading layer the kernel's threads come from ('omp', 'tbb' or 'workqueue'): numba picks the first
-    it can load (NUMBA_THREADING_LAYER chooses), at the first call."""
-    warm_up()
+    """numba's threading layer the kernel's threads come from ('omp', 'tbb' or 'workqueue'), after the first call
+    (warm_up): numba picks the first it can load then (NUMBA_THREADING_LAYER chooses)."""
     return _kernel().numba.threading_layer()
 
 
